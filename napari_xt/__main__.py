@@ -1,0 +1,5 @@
+import sys
+
+from napari_xt.cli import main
+
+sys.exit(main())
