@@ -1,0 +1,1 @@
+"""Models: tokenizer, region encoders, context encoders, heads and the xT assembly."""
