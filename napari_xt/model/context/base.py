@@ -69,7 +69,7 @@ class ContextConfig:
     conv_bias: bool = True
     bidirectional: bool = True
     prenorm_residual: bool = False
-    scan_chunk: int = 64
+    scan_chunk: int = 16
     use_kernels: bool = True
 
     def __post_init__(self) -> None:

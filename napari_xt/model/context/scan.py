@@ -39,7 +39,7 @@ def selective_scan_reference(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = True,
     initial_state: torch.Tensor | None = None,
-    chunk: int = 64,
+    chunk: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure PyTorch scan.
 
@@ -61,17 +61,29 @@ def selective_scan_reference(
         if initial_state is not None
         else x.new_zeros(bsz, di, n, dtype=dtype)
     )
+    track_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, delta, A, B, C, initial_state, delta_bias)
+    )
+    # time-major chunks (T, B, Di, N) keep every step's slice contiguous
+    dt_t = dt.permute(2, 0, 1)[..., None]  # (L, B, Di, 1)
+    x_t = xf.permute(2, 0, 1)[..., None]  # (L, B, Di, 1)
+    b_t = Bf.permute(2, 0, 1)[:, :, None, :]  # (L, B, 1, N)
     ys = []
     for s in range(0, length, chunk):
         e = min(s + chunk, length)
-        dt_c = dt[:, :, s:e, None]  # (B, Di, T, 1)
-        decay = torch.exp(dt_c * Af[:, None, :])  # (B, Di, T, N)
-        inp = dt_c * Bf[:, None, :, s:e].transpose(-1, -2) * xf[:, :, s:e, None]  # (B,Di,T,N)
-        states = torch.empty_like(decay)
-        for t in range(e - s):
-            h = torch.addcmul(inp[:, :, t], decay[:, :, t], h)
-            states[:, :, t] = h
-        ys.append(torch.einsum("bdtn,bnt->bdt", states, Cf[:, :, s:e]))
+        decay = torch.exp(dt_t[s:e] * Af)  # (T, B, Di, N)
+        inp = dt_t[s:e] * x_t[s:e] * b_t[s:e]  # (T, B, Di, N)
+        if track_grad:
+            steps = []
+            for t in range(e - s):
+                h = torch.addcmul(inp[t], decay[t], h)
+                steps.append(h)
+            states = torch.stack(steps)
+        else:  # write each step straight into its slot
+            states = torch.empty_like(decay)
+            for t in range(e - s):
+                h = torch.addcmul(inp[t], decay[t], h, out=states[t])
+        ys.append(torch.einsum("tbdn,bnt->bdt", states, Cf[:, :, s:e]))
     y = torch.cat(ys, dim=-1) if ys else xf.new_zeros(bsz, di, 0)
     if D is not None:
         y = y + D.to(dtype)[:, None] * xf
@@ -96,7 +108,7 @@ def selective_scan(
     delta_bias=None,
     delta_softplus=True,
     initial_state=None,
-    chunk: int = 64,
+    chunk: int = 16,
     use_kernels: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch: the CUDA kernel when usable and no initial state is carried, else pure."""
