@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import napari_xt.model.context.scan as scan_mod
 from napari_xt.model.context import ContextConfig, MambaContextEncoder, MambaState
 from napari_xt.model.context.scan import (
     KERNELS_AVAILABLE,
@@ -31,8 +32,9 @@ def _naive_scan(x, delta, A, B, C, D, z, delta_bias, h0):
     return y * F.silu(z), h
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 64])
-def test_scan_equals_naive_recurrence_float64(chunk):
+@pytest.mark.parametrize(("chunk", "parallel"), [(1, False), (5, False), (64, False), (5, True)])
+def test_scan_equals_naive_recurrence_float64(chunk, parallel, monkeypatch):
+    monkeypatch.setattr(scan_mod, "PARALLEL_CHUNK", 4)  # several doubling chunks of 5 steps
     g = torch.Generator().manual_seed(0)
     b, di, n, length = 2, 6, 4, 23
 
@@ -42,7 +44,9 @@ def test_scan_equals_naive_recurrence_float64(chunk):
     x, delta, z = r(b, di, length), r(b, di, length), r(b, di, length)
     A = -torch.rand(di, n, generator=g, dtype=torch.float64) * 3
     B, C, D, bias, h0 = r(b, n, length), r(b, n, length), r(di), r(di), r(b, di, n)
-    y, last = selective_scan_reference(x, delta, A, B, C, D, z, bias, True, h0, chunk=chunk)
+    y, last = selective_scan_reference(
+        x, delta, A, B, C, D, z, bias, True, h0, chunk=chunk, parallel=parallel
+    )
     y_ref, last_ref = _naive_scan(x, delta, A, B, C, D, z, bias, h0)
     assert y.dtype == torch.float64
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)

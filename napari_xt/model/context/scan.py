@@ -6,8 +6,9 @@ Recurrence per channel c and state n, for t = 0 .. L-1:
     y_t   = sum_n C_t[n] * h_t + D[c] * x_t,  then  y_t *= silu(z_t)   (if z is given)
 
 The pure path precomputes the decays and inputs of `chunk` steps at once (vectorised over
-batch, channels and states) and runs a short loop inside each chunk; it is exact (no
-log-space tricks that could overflow) and computes in float32 (float64 stays float64).
+batch, channels and states) and runs a short loop inside each chunk (best on CPU) or, on
+CUDA, a log-depth doubling scan over chunks of 256 steps (few kernel launches). Both are
+exact (no log-space tricks that could overflow) and compute in float32 (float64 stays).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ except Exception:
     _kernel_conv = None
 
 KERNELS_AVAILABLE = _kernel_scan is not None
+PARALLEL_CHUNK = 256
 
 
 def selective_scan_reference(
@@ -40,13 +42,19 @@ def selective_scan_reference(
     delta_softplus: bool = True,
     initial_state: torch.Tensor | None = None,
     chunk: int = 16,
+    parallel: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure PyTorch scan.
 
     x, delta, z (B, Di, L); A (Di, N); B, C (B, N, L); D, delta_bias (Di,);
     initial_state (B, Di, N). Returns y (B, Di, L) in x's dtype and the last state
-    (B, Di, N) in the compute dtype.
+    (B, Di, N) in the compute dtype. `parallel` (default: on CUDA) scans chunks of
+    `PARALLEL_CHUNK` steps with a log-depth doubling scan instead of a step loop.
     """
+    if parallel is None:
+        parallel = x.is_cuda
+    if parallel:
+        chunk = max(chunk, PARALLEL_CHUNK)
     dtype = torch.promote_types(x.dtype, torch.float32)
     bsz, di, length = x.shape
     n = A.shape[-1]
@@ -73,7 +81,10 @@ def selective_scan_reference(
         e = min(s + chunk, length)
         decay = torch.exp(dt_t[s:e] * Af)  # (T, B, Di, N)
         inp = dt_t[s:e] * x_t[s:e] * b_t[s:e]  # (T, B, Di, N)
-        if track_grad:
+        if parallel:
+            states = _doubling_scan(decay, inp, h)
+            h = states[-1]
+        elif track_grad:
             steps = []
             for t in range(e - s):
                 h = torch.addcmul(inp[t], decay[t], h)
@@ -90,6 +101,21 @@ def selective_scan_reference(
     if z is not None:
         y = y * F.silu(z.to(dtype))
     return y.to(x.dtype), h
+
+
+def _doubling_scan(decay: torch.Tensor, inp: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """All states of h_t = decay_t * h_{t-1} + inp_t for one chunk, (T, B, Di, N).
+
+    Hillis-Steele inclusive scan over the pairs (a, b) with (a1, b1) then (a2, b2) =
+    (a1 * a2, a2 * b1 + b2); only products of decays (<= 1) appear, so it is stable.
+    """
+    a, b = decay, inp
+    offset = 1
+    while offset < a.shape[0]:
+        b = torch.cat([b[:offset], torch.addcmul(b[offset:], a[offset:], b[:-offset])])
+        a = torch.cat([a[:offset], a[offset:] * a[:-offset]])
+        offset *= 2
+    return torch.addcmul(b, a, h0)
 
 
 def kernels_usable(x: torch.Tensor, enabled: bool = True) -> bool:
