@@ -281,3 +281,17 @@ def test_transformer_xl_streams_across_calls_with_detached_bounded_memory():
     assert state.seen == 40 and all(m.shape[1] <= cfg.mem_len for m in state.memory)
     y2.sum().backward()  # gradients stop at the memory
     assert x.grad[:, :16].abs().sum() == 0 and x.grad[:, 16:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["hyper", "transformer_xl", "mamba"])
+def test_bfloat16_weights_run_and_stay_close_to_float32(kind):
+    cfg = ContextConfig(
+        kind=kind, lsh_threshold=64, lsh_block_size=16, chunk_len=32, mem_len=32, **SMALL
+    )
+    enc = build_context_encoder(cfg)
+    x = torch.randn(1, 200, 32)
+    ref, _ = enc(x)
+    y, _ = enc.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    err = (y.float() - ref).norm() / ref.norm()
+    assert err < 0.05, err

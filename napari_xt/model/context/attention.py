@@ -27,13 +27,14 @@ def attention_lse(
 
     q (..., Nq, d), k/v (..., Nk, d), bias additive and broadcastable to (..., Nq, Nk).
     With `causal_offset` c, query i sees key j only when j <= i + c.
-    Returns out (..., Nq, d) and lse (..., Nq); a query that sees no key gets 0 and -inf.
+    Returns out (..., Nq, d) and lse (..., Nq), both float32 (the softmax statistics stay in
+    float32 under bf16 autocast too); a query that sees no key gets 0 and -inf.
     """
     nq, nk = q.shape[-2], k.shape[-2]
     out = lse = None
     for start in range(0, max(nk, 1), key_block):
         stop = min(start + key_block, nk)
-        s = torch.matmul(q, k[..., start:stop, :].transpose(-1, -2)) * scale
+        s = torch.matmul(q, k[..., start:stop, :].transpose(-1, -2)).float() * scale
         if bias is not None:
             s = s + bias[..., start:stop]
         if causal_offset is not None:
@@ -44,7 +45,8 @@ def attention_lse(
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = torch.exp(s - m)
         denom = p.sum(-1, keepdim=True)
-        o = torch.matmul(p, v[..., start:stop, :]) / torch.where(denom > 0, denom, 1.0)
+        vb = v[..., start:stop, :]
+        o = torch.matmul(p.to(vb.dtype), vb).float() / torch.where(denom > 0, denom, 1.0)
         part_lse = (m + torch.log(denom)).squeeze(-1)
         out, lse = (o, part_lse) if out is None else merge_attention(out, lse, o, part_lse)
     return out, lse

@@ -68,7 +68,8 @@ class HyperSelfAttention(SelfAttention):
         scale = self.head_dim**-0.5
         proj = self.lsh_projections
         if not self.causal:
-            return lsh_attention(q, k, v, proj, scale, self.block_size, self.sample_size)[0]
+            out = lsh_attention(q, k, v, proj, scale, self.block_size, self.sample_size)[0]
+            return out.to(q.dtype)
         out, lse = causal_lsh_attention(
             q,
             k[:, :, n_past:],
@@ -90,7 +91,7 @@ class HyperSelfAttention(SelfAttention):
                 self.sample_size,
             )
             out, lse = merge_attention(out, lse, past_out, past_lse)
-        return out
+        return out.to(q.dtype)
 
 
 class HyperContextEncoder(ContextEncoder):

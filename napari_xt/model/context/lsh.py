@@ -72,7 +72,7 @@ def lsh_attention(
     qs = torch.nn.functional.pad(_gather_rows(q, q_order), (0, 0, 0, q_pad))
     ks = torch.nn.functional.pad(_gather_rows(k, k_order), (0, 0, 0, k_pad))
     vs = torch.nn.functional.pad(_gather_rows(v, k_order), (0, 0, 0, k_pad))
-    key_bias = torch.zeros(n_blocks * block_size, device=q.device, dtype=q.dtype)
+    key_bias = torch.zeros(n_blocks * block_size, device=q.device, dtype=torch.float32)
     key_bias[nk:] = float("-inf")
     out, lse = attention_lse(
         qs.view(b, h, n_blocks, q_block, d),
@@ -91,7 +91,7 @@ def lsh_attention(
         sample_block = k_rank[..., sample] // block_size  # (B, H, S)
         query_block = torch.arange(nq, device=q.device) // q_block  # (Nq,)
         same = query_block[None, None, :, None] == sample_block[:, :, None, :]  # (B,H,Nq,S)
-        bias = torch.zeros(same.shape, device=q.device, dtype=q.dtype)
+        bias = torch.zeros(same.shape, device=q.device, dtype=torch.float32)
         bias = bias.masked_fill(same, float("-inf"))
         out_res, lse_res = attention_lse(
             qs[:, :, :nq], k[:, :, sample], v[:, :, sample], scale, bias=bias
