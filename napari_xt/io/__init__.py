@@ -1,0 +1,49 @@
+"""Image input/output: open any supported image lazily, build pyramids, convert to OME-Zarr,
+write and read results (labels, detection tables, classification records).
+
+This package never imports Qt or napari.
+"""
+
+from .convert import convert, iter_convert
+from .errors import ImageIOError
+from .image import MultiscaleImage
+from .open import from_arrays, open_image
+from .progress import ProgressCallback, ProgressEvent
+from .pyramid import build_pyramid, downsample, pyramid_shapes
+from .results import (
+    LabelsResult,
+    list_results,
+    read_classification,
+    read_detections,
+    read_labels,
+    write_classification,
+    write_detections,
+    write_labels,
+)
+from .stats import ImageStats, check_finite, contrast_limits, image_stats
+
+__all__ = [
+    "ImageIOError",
+    "ImageStats",
+    "LabelsResult",
+    "MultiscaleImage",
+    "ProgressCallback",
+    "ProgressEvent",
+    "build_pyramid",
+    "check_finite",
+    "contrast_limits",
+    "convert",
+    "downsample",
+    "from_arrays",
+    "image_stats",
+    "iter_convert",
+    "list_results",
+    "open_image",
+    "pyramid_shapes",
+    "read_classification",
+    "read_detections",
+    "read_labels",
+    "write_classification",
+    "write_detections",
+    "write_labels",
+]

@@ -1,0 +1,73 @@
+"""Dask arrays over chunked stores, chunked like the store, with errors that name the chunk.
+
+`lazy_array(arr, where)` wraps any array-like with `shape`, `dtype`, `chunks` and
+`__getitem__` (a zarr array, tifffile's zarr view of a TIFF level) as a dask array whose
+chunks are the store's own chunks (TIFF tiles), so a region read decodes only the tiles it
+covers. A chunk that fails to decode raises `ImageIOError` naming the level and chunk index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+
+from .errors import ImageIOError
+
+
+class ChunkReader:
+    """Array-like view of a store array whose reads report the failing chunk by index."""
+
+    def __init__(self, array: Any, where: str, chunks: Sequence[int]):
+        self.array = array
+        self.where = where
+        self.chunk_shape = tuple(int(c) for c in chunks)
+        self.shape = tuple(int(s) for s in array.shape)
+        self.dtype = np.dtype(array.dtype)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        try:
+            return np.asarray(self.array[key])
+        except ImageIOError:
+            raise
+        except Exception as err:  # decoding failures come in many types
+            raise ImageIOError(
+                f"{self.where}: cannot read chunk {self._chunk_index(key)} "
+                f"(chunk shape {self.chunk_shape}): {type(err).__name__}: {err}"
+            ) from err
+
+    def _chunk_index(self, key: Any) -> tuple[int, ...]:
+        if not isinstance(key, tuple):
+            key = (key,)
+        index = []
+        for k, c in zip(key, self.chunk_shape):
+            start = (k.start or 0) if isinstance(k, slice) else int(k)
+            index.append(int(start) // max(c, 1))
+        return tuple(index)
+
+
+def lazy_array(array: Any, where: str, chunks: Sequence[int] | None = None) -> da.Array:
+    """A dask array reading `array` chunk by chunk (chunks default to `array.chunks`)."""
+    if 0 in tuple(array.shape):
+        raise ImageIOError(f"{where}: array has zero size (shape {tuple(array.shape)})")
+    chunk_shape = tuple(chunks) if chunks is not None else tuple(array.chunks)
+    reader = ChunkReader(array, where, chunk_shape)
+    name = "xt-read-" + tokenize(where, id(array), reader.shape, reader.dtype.str, chunk_shape)
+    return da.from_array(
+        reader,
+        chunks=chunk_shape,
+        name=name,
+        lock=False,
+        asarray=False,
+        fancy=False,
+        meta=np.empty((0,) * reader.ndim, dtype=reader.dtype),
+    )
+
+
+def default_chunks(shape: Sequence[int], axes: str, size: int = 1024) -> tuple[int, ...]:
+    """Chunks for arrays with no native tiling: `size` along Y and X, whole other axes."""
+    return tuple(min(int(s), size) if a in "YX" else int(s) for s, a in zip(shape, axes))

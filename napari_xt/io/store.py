@@ -1,0 +1,154 @@
+"""Writing helpers shared by the converter and the results writer.
+
+- `atomic_directory`: build a directory under a temporary sibling name and rename it into
+  place only when everything succeeded; an existing target is kept unless `overwrite=True`.
+- `write_blocks`: fill a zarr array from a lazily read source one output block at a time
+  (a few blocks in flight), so memory stays bounded whatever the image size.
+- `write_pyramid_level`: the same for a downsampled level, read from the level above it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from .errors import ImageIOError
+from .pyramid import downsample_block
+
+
+@contextmanager
+def atomic_directory(dst: str | os.PathLike, *, overwrite: bool, what: str) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside `dst`; rename it to `dst` on success.
+
+    On any error the temporary directory is removed and `dst` is untouched. With
+    `overwrite=False` an existing `dst` is an `ImageIOError` (checked before and after).
+    """
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise ImageIOError(f"{dst}: {what} already exists; pass overwrite=True to replace it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if dst.exists():
+            if not overwrite:
+                raise ImageIOError(
+                    f"{dst}: {what} appeared while writing; pass overwrite=True to replace it"
+                )
+            trash = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:12]}"
+            os.replace(dst, trash)
+            os.replace(tmp, dst)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def block_grid(shape: tuple[int, int], block: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """(y0, y1, x0, x1) of every output block, raster order."""
+    h, w = shape
+    bh, bw = block
+    return [
+        (y0, min(y0 + bh, h), x0, min(x0 + bw, w))
+        for y0 in range(0, h, bh)
+        for x0 in range(0, w, bw)
+    ]
+
+
+def _run_blocks(
+    boxes: list[tuple[int, int, int, int]],
+    job: Callable[[tuple[int, int, int, int]], None],
+    workers: int,
+) -> Iterator[int]:
+    """Run `job(box)` for every box with at most 2*workers in flight; yield after each."""
+    if workers <= 1:
+        for box in boxes:
+            job(box)
+            yield 1
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: set = set()
+        it = iter(boxes)
+        try:
+            for box in it:
+                pending.add(pool.submit(job, box))
+                if len(pending) >= 2 * workers:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        fut.result()
+                        yield 1
+            for fut in list(pending):
+                fut.result()
+                pending.discard(fut)
+                yield 1
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+
+def write_blocks(
+    source: Any, target: zarr.Array, axes: str, *, block: tuple[int, int], workers: int = 2
+) -> Iterator[int]:
+    """Copy `source` (dask/numpy/zarr-like, same shape) into `target` block by block."""
+    iy, ix = axes.index("Y"), axes.index("X")
+    shape = (target.shape[iy], target.shape[ix])
+
+    def job(box):
+        y0, y1, x0, x1 = box
+        index = [slice(None)] * len(axes)
+        index[iy], index[ix] = slice(y0, y1), slice(x0, x1)
+        region = source[tuple(index)]
+        if hasattr(region, "compute"):
+            region = region.compute(scheduler="synchronous")
+        target[tuple(index)] = np.asarray(region)
+
+    yield from _run_blocks(block_grid(shape, block), job, workers)
+
+
+def write_pyramid_level(
+    above: zarr.Array,
+    target: zarr.Array,
+    axes: str,
+    *,
+    block: tuple[int, int],
+    factor: int = 2,
+    method: str = "mean",
+    workers: int = 2,
+) -> Iterator[int]:
+    """Fill `target` (level k+1) by downsampling the already written `above` (level k)."""
+    iy, ix = axes.index("Y"), axes.index("X")
+    shape = (target.shape[iy], target.shape[ix])
+
+    def job(box):
+        y0, y1, x0, x1 = box
+        src = [slice(None)] * len(axes)
+        src[iy], src[ix] = slice(y0 * factor, y1 * factor), slice(x0 * factor, x1 * factor)
+        region = downsample_block(np.asarray(above[tuple(src)]), iy, ix, factor, method)
+        dst = [slice(None)] * len(axes)
+        dst[iy], dst[ix] = slice(y0, y1), slice(x0, x1)
+        target[tuple(dst)] = region
+
+    yield from _run_blocks(block_grid(shape, block), job, workers)
+
+
+def codec(name: str, level: int = 3):
+    """A zarr v3 compressor: `zstd` (default) or `blosc` (blosc-zstd with shuffle)."""
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if name == "zstd":
+        return ZstdCodec(level=level)
+    if name == "blosc":
+        return BloscCodec(cname="zstd", clevel=level, shuffle="shuffle")
+    raise ImageIOError(f"unknown compressor {name!r}; use 'zstd' or 'blosc'")
