@@ -295,3 +295,14 @@ def test_bfloat16_weights_run_and_stay_close_to_float32(kind):
     assert y.dtype == torch.bfloat16
     err = (y.float() - ref).norm() / ref.norm()
     assert err < 0.05, err
+
+
+def test_attention_lse_without_visible_keys():
+    q, k, v = torch.randn(1, 3, 4), torch.randn(1, 5, 4), torch.randn(1, 5, 6)
+    out, lse = attention_lse(q, k[:, :0], v[:, :0], 0.5)
+    assert out.shape == (1, 3, 6) and torch.count_nonzero(out) == 0
+    assert torch.isinf(lse).all()
+    out, lse = attention_lse(q, k, v, 0.5, causal_offset=-1)  # query 0 sees nothing
+    assert torch.count_nonzero(out[:, 0]) == 0 and torch.isinf(lse[:, 0])
+    expected = torch.softmax(q[0, 2] @ k[0, :2].T * 0.5, -1) @ v[0, :2]
+    torch.testing.assert_close(out[0, 2], expected)

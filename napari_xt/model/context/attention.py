@@ -31,8 +31,13 @@ def attention_lse(
     float32 under bf16 autocast too); a query that sees no key gets 0 and -inf.
     """
     nq, nk = q.shape[-2], k.shape[-2]
+    if causal_offset is not None:
+        nk = min(nk, max(nq + causal_offset, 0))  # later keys are masked for every query
+    if nk == 0:
+        out = q.new_zeros(*q.shape[:-1], v.shape[-1], dtype=torch.float32)
+        return out, torch.full(q.shape[:-1], float("-inf"), device=q.device)
     out = lse = None
-    for start in range(0, max(nk, 1), key_block):
+    for start in range(0, nk, key_block):
         stop = min(start + key_block, nk)
         s = torch.matmul(q, k[..., start:stop, :].transpose(-1, -2)).float() * scale
         if bias is not None:
