@@ -1,0 +1,323 @@
+"""xT: region encoder + long-context encoder + head, with the stages a streaming engine needs.
+
+Which official forward this reproduces
+--------------------------------------
+The official xT iNaturalist classifier (``cls_head: xl``, e.g. Swin-T <xT> Hyper 512/256):
+
+1. a 512 px crop (B, 3, 512, 512) is cut into 2 x 2 regions of 256 px, in raster order;
+2. the region encoder (timm ``swinv2_*_window16_256``, ``features_only``) runs on every region;
+   its deepest map (B*4, C, 8, 8) is stitched back into the global grid (B, C, 16, 16);
+3. the grid is flattened row-major over the WHOLE grid (global row, then global column; not
+   region by region) to (B, 256, C) and projected by ``input_proj`` Linear(C -> 768);
+4. a fixed 2-D sin-cos position of each token's global (row, col) is added: for width D the
+   first D/2 channels encode the column and the last D/2 the row, each as
+   [sin(p * w_k), cos(p * w_k)] with w_k = 10000 ** (-k / (D / 4)), k = 0 .. D/4 - 1;
+5. a learned ``cls_token`` (1, 1, 768) is appended LAST (B, 257, 768);
+6. the context layers run over the sequence: Hyper blocks are causal (RMSNorm -> attention with
+   128-wide heads -> residual -> RMSNorm -> gated GELU MLP -> residual; exact attention up to
+   4096 keys), Mamba blocks are ``h = LN(h); h = h + Mamba(h)`` with layers 0, 2, ... scanning
+   the reversed sequence; there is no final norm;
+7. the head ``cls`` = LayerNorm -> Linear(768 -> K) on the last token (the cls token).
+
+Baselines (``cls_head: naive``, context "none"): the deepest map is averaged over all its
+positions and ``mlp`` = Linear(C -> 4C) -> GELU -> LayerNorm(4C) -> Linear(4C -> K).
+`XT.forward` runs exactly this on images of any size (all regions in one sequence); models
+trained on k x k region crops record k in `XTConfig.crop_regions` for the engine.
+
+Segmentation/detection: the contextualized tokens (D channels) are put back on each region's
+h x w grid and replace the deepest feature level; the UNet head decodes every region to stride
+1 and `forward` stitches the regions and crops the padding (region-only models decode the raw
+features).
+
+Layouts: images (B, C, H, W); regions (N, C, S, S); region features [(N, C_l, S/s_l, S/s_l)];
+tokens (B, N, D); positions (B, N, 2) int64 global (row, col) on the token grid.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .context import ContextConfig, build_context_encoder
+from .heads import HeadConfig, build_head
+from .region import RegionEncoder, RegionEncoderConfig
+from .tokenizer import TokenizerConfig, merge_regions, split_regions
+
+
+def _tupleize(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tupleize(v) for v in value)
+    return value
+
+
+def _from_dict(cls: type, data: dict[str, Any]) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}: expected a dict, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in data.items():
+        is_list = typing.get_origin(hints.get(key)) is list or hints.get(key) is list
+        values[key] = value if is_list else _tupleize(value)
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class XTConfig:
+    """A whole xT model as data; saved in every checkpoint (`to_dict` / `from_dict`)."""
+
+    name: str = "xt"
+    in_chans: int = 3
+    num_classes: int = 1000
+    region: RegionEncoderConfig = field(default_factory=RegionEncoderConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
+    head: HeadConfig = field(default_factory=lambda: HeadConfig(num_classes=1000))
+    crop_regions: int | None = None
+    baseline_mlp_ratio: int = 4
+
+    def __post_init__(self) -> None:
+        if self.region.in_chans != self.in_chans:
+            raise ValueError(
+                f"region.in_chans ({self.region.in_chans}) != in_chans ({self.in_chans})"
+            )
+        if self.region.region_size != self.tokenizer.region_size:
+            raise ValueError(
+                f"region.region_size ({self.region.region_size}) != tokenizer.region_size "
+                f"({self.tokenizer.region_size})"
+            )
+        if self.head.num_classes != self.num_classes:
+            raise ValueError(
+                f"head.num_classes ({self.head.num_classes}) != num_classes ({self.num_classes})"
+            )
+        if self.crop_regions is not None and self.crop_regions < 1:
+            raise ValueError(f"crop_regions must be None or >= 1, got {self.crop_regions}")
+        if self.context.kind != "none":
+            if self.context.dim % 4:
+                raise ValueError(f"context.dim must be a multiple of 4, got {self.context.dim}")
+            if self.head.dim != self.context.dim:  # the head reads context tokens
+                object.__setattr__(self, "head", replace(self.head, dim=self.context.dim))
+
+    @property
+    def crop_size(self) -> int | None:
+        """Pixels per side of the crops the model was trained on (None: not recorded)."""
+        return None if self.crop_regions is None else self.crop_regions * self.region.region_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (tuples become lists); `from_dict` restores an equal config."""
+        return {
+            f.name: asdict(v) if is_dataclass(v) else v
+            for f in fields(self)
+            for v in (getattr(self, f.name),)
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> XTConfig:
+        nested = {
+            "region": RegionEncoderConfig,
+            "tokenizer": TokenizerConfig,
+            "context": ContextConfig,
+            "head": HeadConfig,
+        }
+        values = dict(data)
+        for key, sub in nested.items():
+            if key in values:
+                values[key] = _from_dict(sub, values[key])
+        return _from_dict(cls, values)
+
+
+def sincos_2d(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos embedding: positions (..., 2) (row, col) -> (..., dim) float64.
+
+    Channels: [sin(col w), cos(col w), sin(row w), cos(row w)], w_k = 10000^(-k / (dim/4)).
+    """
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64, device=positions.device)
+                            / quarter)
+    pos = positions.to(torch.float64)
+    col = pos[..., 1:2] * omega
+    row = pos[..., 0:1] * omega
+    return torch.cat([col.sin(), col.cos(), row.sin(), row.cos()], dim=-1)
+
+
+def token_layout(
+    region_rc: torch.Tensor | np.ndarray, h: int, w: int, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global order of the tokens of regions `region_rc` (R, 2), each an h x w token map.
+
+    Returns `order` (R*h*w,): sequence position t holds region-major token order[t] (region r,
+    local (i, j) -> r*h*w + i*w + j), sorted row-major over the global grid; and `positions`
+    (R*h*w, 2) int64, the global (row, col) of each token in sequence order.
+    """
+    rc = torch.as_tensor(np.asarray(region_rc), dtype=torch.int64, device=device).reshape(-1, 2)
+    if len(torch.unique(rc, dim=0)) != len(rc):
+        raise ValueError("region_rc lists a region more than once")
+    rows = rc[:, 0, None, None] * h + torch.arange(h, device=device)[None, :, None]
+    cols = rc[:, 1, None, None] * w + torch.arange(w, device=device)[None, None, :]
+    rows, cols = torch.broadcast_tensors(rows, cols)  # (R, h, w)
+    rows, cols = rows.reshape(-1), cols.reshape(-1)
+    order = torch.argsort(rows * (int(cols.max()) + 1) + cols, stable=True)
+    return order, torch.stack([rows[order], cols[order]], dim=-1)
+
+
+class PooledMLPHead(nn.Module):
+    """Official xT baseline head: mean over tokens -> Linear(C, rC) -> GELU -> LN -> Linear(K)."""
+
+    def __init__(self, dim: int, num_classes: int, ratio: int = 4) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, dim * ratio),
+            nn.GELU(),
+            nn.LayerNorm(dim * ratio),
+            nn.Linear(dim * ratio, num_classes),
+        )
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.mlp(pooled)  # (B, C) -> (B, K)
+
+
+class XT(nn.Module):
+    """The xT model. Stages: `encode_regions` -> `region_tokens` -> `contextualize` -> `decode`."""
+
+    def __init__(self, cfg: XTConfig, region_weights: str | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.region_encoder = RegionEncoder(cfg.region, weights=region_weights)
+        channels = self.region_encoder.num_features
+        self.classification = cfg.head.kind == "classification"
+        self.has_context = cfg.context.kind != "none"
+        self.input_proj: nn.Linear | None = None
+        self.context: nn.Module | None = None
+        self.cls_token: nn.Parameter | None = None
+        self.token_dim = cfg.context.dim if self.has_context else channels
+        if self.has_context:
+            self.input_proj = nn.Linear(channels, cfg.context.dim)
+            self.context = build_context_encoder(cfg.context)
+            if self.classification:
+                self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.context.dim))
+                nn.init.normal_(self.cls_token, std=1e-6)
+        if self.classification and not self.has_context:
+            self.head = PooledMLPHead(channels, cfg.num_classes, cfg.baseline_mlp_ratio)
+        else:
+            self.head = build_head(
+                cfg.head,
+                self.region_encoder.feature_channels,
+                dim=self.token_dim,
+                feature_strides=self.region_encoder.feature_strides,
+            )
+
+    # ------------------------------------------------------------------ stages
+
+    def encode_regions(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x (N, C, S, S) -> multi-level features [(N, C_l, S/s_l, S/s_l)], shallow to deep."""
+        self._check_channels(x, dim=1)
+        return self.region_encoder(x)
+
+    def region_tokens(
+        self, last: torch.Tensor, region_rc: torch.Tensor | np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Deepest features of R regions -> tokens on the global grid.
+
+        last (B, R, C, h, w) with region_rc (R, 2) global (row, col) of each region
+        -> tokens (B, R*h*w, D) row-major over the global grid (projected + 2-D sin-cos
+        position when there is a context encoder; raw features otherwise) and
+        positions (B, R*h*w, 2) int64 global (row, col).
+        """
+        b, r, c, h, w = last.shape
+        order, pos = token_layout(region_rc, h, w, device=last.device)
+        if len(pos) != r * h * w:
+            raise ValueError(f"region_rc has {len(pos) // (h * w)} regions, features {r}")
+        x = last.permute(0, 1, 3, 4, 2).reshape(b, r * h * w, c)[:, order]  # (B, N, C)
+        if self.input_proj is not None:
+            x = self.input_proj(x)
+            x = x + sincos_2d(pos, self.token_dim).to(x.dtype)
+        return x, pos.unsqueeze(0).expand(b, -1, -1)
+
+    def contextualize(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        state: Any = None,
+        append_cls: bool = True,
+    ) -> tuple[torch.Tensor, Any]:
+        """tokens (B, N, D) -> (tokens (B, N[+1], D), state); causal, streaming-capable.
+
+        Classification models append the cls token LAST (when `append_cls`; stream the image
+        with append_cls=False and pass it on the final piece); its position is (-1, -1).
+        Region-only models (context "none") return the tokens unchanged and no state.
+        """
+        if self.context is None:
+            return tokens, None
+        if self.cls_token is not None and append_cls:
+            b = tokens.shape[0]
+            tokens = torch.cat([tokens, self.cls_token.expand(b, -1, -1).to(tokens.dtype)], 1)
+            if positions is not None:
+                pad = positions.new_full((b, 1, 2), -1)
+                positions = torch.cat([positions, pad], dim=1)
+        return self.context(tokens, positions, state)
+
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        features: list[torch.Tensor] | None = None,
+        region_rc: torch.Tensor | np.ndarray | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Head outputs.
+
+        Classification: tokens (B, N+1, D) with the cls token last (or (B, N, C) region-only,
+        averaged) -> {"logits": (B, K)}.
+        Segmentation/detection: tokens (B, R*h*w, D) in global order, `features` the regions'
+        multi-level maps [(B*R, C_l, ...)] and `region_rc` (R, 2) -> {name: (B, R, K, S, S)}.
+        """
+        if self.classification:
+            pooled = tokens[:, -1] if self.cls_token is not None else tokens.mean(dim=1)
+            return {"logits": self.head(pooled)}
+        if features is None or region_rc is None:
+            raise ValueError("segmentation decode needs the region features and region_rc")
+        deep = features[-1]  # (B*R, C, h, w)
+        n, _, h, w = deep.shape
+        b = tokens.shape[0]
+        r = n // b
+        if self.context is not None:
+            order, _ = token_layout(region_rc, h, w, device=tokens.device)
+            seq = tokens[:, : r * h * w][:, torch.argsort(order)]  # region-major (B, R*h*w, D)
+            deep = seq.reshape(n, h, w, -1).permute(0, 3, 1, 2)  # (B*R, D, h, w)
+        maps = self.head([*features[:-1], deep])
+        return {k: v.reshape(b, r, *v.shape[1:]) for k, v in maps.items()}
+
+    # ------------------------------------------------------------------ whole image
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x (B, C, H, W), any H, W -> {"logits": (B, K)} or {name: (B, K_i, H, W)}."""
+        self._check_channels(x, dim=1, image=True)
+        height, width = x.shape[-2:]
+        regions, _, grid = split_regions(x, self.cfg.region.region_size)  # (B, R, C, S, S)
+        b, r = regions.shape[:2]
+        feats = self.encode_regions(regions.flatten(0, 1))
+        last = feats[-1]
+        rc = grid.order("raster")
+        tokens, pos = self.region_tokens(last.reshape(b, r, *last.shape[1:]), rc)
+        tokens, _ = self.contextualize(tokens, pos)
+        out = self.decode(tokens, feats, rc)
+        if self.classification:
+            return out
+        return {
+            k: merge_regions(v, grid.rows, grid.cols)[..., :height, :width] for k, v in out.items()
+        }
+
+    def _check_channels(self, x: torch.Tensor, dim: int, image: bool = False) -> None:
+        if x.ndim != 4:
+            what = "image (B, C, H, W)" if image else "regions (N, C, S, S)"
+            raise ValueError(f"expected a 4-D {what}, got shape {tuple(x.shape)}")
+        if x.shape[dim] != self.cfg.in_chans:
+            raise ValueError(
+                f"model expects {self.cfg.in_chans} channels, image has {x.shape[dim]}"
+            )
