@@ -9,12 +9,16 @@ The pure path precomputes the decays and inputs of `chunk` steps at once (vector
 batch, channels and states) and runs a short loop inside each chunk (best on CPU) or, on
 CUDA, a log-depth doubling scan over chunks of 256 steps (few kernel launches). Both are
 exact (no log-space tricks that could overflow) and compute in float32 (float64 stays).
+When gradients are tracked each chunk is checkpointed: only its inputs are kept and the
+(T, B, Di, N) states are recomputed in the backward pass, so memory grows with L * Di,
+not L * Di * N.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 try:  # optional CUDA kernels
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _kernel_scan
@@ -79,28 +83,39 @@ def selective_scan_reference(
     ys = []
     for s in range(0, length, chunk):
         e = min(s + chunk, length)
-        decay = torch.exp(dt_t[s:e] * Af)  # (T, B, Di, N)
-        inp = dt_t[s:e] * x_t[s:e] * b_t[s:e]  # (T, B, Di, N)
-        if parallel:
-            states = _doubling_scan(decay, inp, h)
-            h = states[-1]
-        elif track_grad:
-            steps = []
-            for t in range(e - s):
-                h = torch.addcmul(inp[t], decay[t], h)
-                steps.append(h)
-            states = torch.stack(steps)
-        else:  # write each step straight into its slot
-            states = torch.empty_like(decay)
-            for t in range(e - s):
-                h = torch.addcmul(inp[t], decay[t], h, out=states[t])
-        ys.append(torch.einsum("tbdn,bnt->bdt", states, Cf[:, :, s:e]))
+        args = (dt_t[s:e], x_t[s:e], b_t[s:e], Cf[:, :, s:e], Af, h, parallel, track_grad)
+        if track_grad:  # keep only the chunk inputs; recompute the (T, B, Di, N) states
+            y_c, h = checkpoint(_scan_chunk, *args, use_reentrant=False)
+        else:
+            y_c, h = _scan_chunk(*args)
+        ys.append(y_c)
     y = torch.cat(ys, dim=-1) if ys else xf.new_zeros(bsz, di, 0)
     if D is not None:
         y = y + D.to(dtype)[:, None] * xf
     if z is not None:
         y = y * F.silu(z.to(dtype))
     return y.to(x.dtype), h
+
+
+def _scan_chunk(dt_c, x_c, b_c, c_c, A, h, parallel: bool, track_grad: bool):
+    """One chunk: dt_c, x_c (T, B, Di, 1), b_c (T, B, 1, N), c_c (B, N, T), A (Di, N),
+    h (B, Di, N) -> y (B, Di, T) without the D and z terms, last state (B, Di, N)."""
+    decay = torch.exp(dt_c * A)  # (T, B, Di, N)
+    inp = dt_c * x_c * b_c  # (T, B, Di, N)
+    if parallel:
+        states = _doubling_scan(decay, inp, h)
+        h = states[-1]
+    elif track_grad:  # unbind: one backward node per chunk instead of one per step
+        steps = []
+        for inp_t, decay_t in zip(inp.unbind(0), decay.unbind(0)):
+            h = torch.addcmul(inp_t, decay_t, h)
+            steps.append(h)
+        states = torch.stack(steps)
+    else:  # write each step straight into its slot
+        states = torch.empty_like(decay)
+        for t in range(decay.shape[0]):
+            h = torch.addcmul(inp[t], decay[t], h, out=states[t])
+    return torch.einsum("tbdn,bnt->bdt", states, c_c), h
 
 
 def _doubling_scan(decay: torch.Tensor, inp: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
