@@ -248,8 +248,6 @@ class RegionEncoder(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"region encoder weights not found: {path}")
-        if any(p.is_meta for p in self.parameters()):
-            raise ValueError("cannot load weights into a region encoder built on the meta device")
         state = _read_state_dict(path)
         ours = self.state_dict()
         optional: set[str] = set()
@@ -284,4 +282,6 @@ class RegionEncoder(nn.Module):
                 f"(in_chans={self.cfg.in_chans}, region_size={self.cfg.region_size}): "
                 + "; ".join(parts)
             )
+        if any(p.is_meta for p in self.parameters()):
+            raise ValueError("cannot load weights into a region encoder built on the meta device")
         self.load_state_dict(state, strict=not optional)
