@@ -41,34 +41,31 @@ def downsample_block(
         raise ImageIOError(f"unknown downsampling method {method!r}; use one of {METHODS}")
     f = int(factor)
     h, w = x.shape[iy] // f, x.shape[ix] // f
-    index = [slice(None)] * x.ndim
-    if method == "nearest":
-        index[iy] = slice(0, h * f, f)
-        index[ix] = slice(0, w * f, f)
-        return np.ascontiguousarray(x[tuple(index)])
-    index[iy] = slice(0, h * f)
-    index[ix] = slice(0, w * f)
-    x = x[tuple(index)]
-    # split Y and X into (out, f) pairs, then move the two f axes to the end
-    shape = []
-    for axis, size in enumerate(x.shape):
-        shape.extend([size // f, f] if axis in (iy, ix) else [size])
-    blocks = x.reshape(shape)
-    first, second = iy + (1 if ix < iy else 0), ix + (1 if iy < ix else 0)
-    fy_axis, fx_axis = first + 1, second + 1
-    blocks = np.moveaxis(blocks, (fy_axis, fx_axis), (-2, -1))
-    flat = blocks.reshape(*blocks.shape[:-2], f * f)
+    parts = []  # the f*f samples of every block, each an array of the output shape
+    for dy in range(f):
+        for dx in range(f):
+            index = [slice(None)] * x.ndim
+            index[iy], index[ix] = slice(dy, h * f, f), slice(dx, w * f, f)
+            parts.append(x[tuple(index)])
+            if method == "nearest":
+                return np.ascontiguousarray(parts[0])
     if method == "mean":
-        out = flat.mean(axis=-1, dtype=np.float64)
+        small_int = x.dtype.kind in "iu" and x.dtype.itemsize <= 2
+        acc_dtype = np.float32 if small_int or x.dtype == np.float32 else np.float64
+        acc = np.zeros(parts[0].shape, dtype=acc_dtype)
+        for part in parts:
+            acc += part
+        acc /= f * f
         if x.dtype.kind in "iu":
             info = np.iinfo(x.dtype)
-            return np.clip(np.rint(out), info.min, info.max).astype(x.dtype)
-        return out.astype(x.dtype)
-    counts = np.zeros(flat.shape, dtype=np.int16)
-    for k in range(f * f):
-        counts[..., k] = (flat == flat[..., k : k + 1]).sum(axis=-1)
-    best = counts.argmax(axis=-1)[..., None]
-    return np.take_along_axis(flat, best, axis=-1)[..., 0]
+            return np.clip(np.rint(acc), info.min, info.max).astype(x.dtype)
+        return acc.astype(x.dtype, copy=False)
+    counts = np.zeros((len(parts), *parts[0].shape), dtype=np.int16)
+    for k, ref in enumerate(parts):
+        for other in parts:
+            counts[k] += other == ref
+    best = counts.argmax(axis=0)  # first of the most frequent: ties go to the top-left
+    return np.choose(best, parts) if len(parts) <= 32 else np.stack(parts)[best]
 
 
 def downsample(arr: da.Array, axes: str, *, factor: int = 2, method: str = "mean") -> da.Array:
