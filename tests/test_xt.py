@@ -32,6 +32,30 @@ def _rms(x, w, eps):
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
+def _naive_mamba_mixer(x, sd, p):
+    """Selective SSM written as its recurrence, one time step at a time. x (B, L, D)."""
+    b, length, _ = x.shape
+    xi, z = F.linear(x, sd[p + "in_proj.weight"]).chunk(2, dim=-1)  # (B, L, Di) each
+    w = sd[p + "conv1d.weight"][:, 0]  # (Di, K): causal depthwise convolution
+    k = w.shape[1]
+    padded = F.pad(xi, (0, 0, k - 1, 0))
+    u = sum(padded[:, j : j + length] * w[:, j] for j in range(k)) + sd[p + "conv1d.bias"]
+    u = F.silu(u)
+    a = -torch.exp(sd[p + "A_log"])  # (Di, N)
+    n = a.shape[1]
+    rank = sd[p + "dt_proj.weight"].shape[1]
+    dt, bb, cc = F.linear(u, sd[p + "x_proj.weight"]).split([rank, n, n], dim=-1)
+    dt = F.softplus(F.linear(dt, sd[p + "dt_proj.weight"], sd[p + "dt_proj.bias"]))
+    state = x.new_zeros(b, u.shape[-1], n)
+    ys = []
+    for t in range(length):
+        decay = torch.exp(dt[:, t, :, None] * a)
+        state = decay * state + dt[:, t, :, None] * bb[:, t, None, :] * u[:, t, :, None]
+        ys.append((state * cc[:, t, None, :]).sum(-1) + sd[p + "D"] * u[:, t])
+    y = torch.stack(ys, dim=1) * F.silu(z)
+    return F.linear(y, sd[p + "out_proj.weight"])
+
+
 def _reference_forward(model: XT, x: torch.Tensor) -> torch.Tensor:
     """Official iNat forward, step by step, reading weights by name (no XT stage methods)."""
     cfg = model.cfg
@@ -64,6 +88,13 @@ def _reference_forward(model: XT, x: torch.Tensor) -> torch.Tensor:
     heads, eps = d // cfg.context.head_dim, cfg.context.norm_eps
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     for i in range(cfg.context.depth):
+        if cfg.context.kind == "mamba":  # official: layers 0, 2, ... scan the reversed sequence
+            p = f"context.layers.{i}."
+            h = seq.flip(1) if i % 2 == 0 else seq
+            h = F.layer_norm(h, (d,), sd[p + "norm.weight"], sd[p + "norm.bias"], eps)
+            h = h + _naive_mamba_mixer(h, sd, p + "mixer.")
+            seq = h.flip(1) if i % 2 == 0 else h
+            continue
         p = f"context.layers.{i}."
         hdn = _rms(seq, sd[p + "input_layernorm.weight"], eps)
         qkv = F.linear(hdn, sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"])
@@ -89,9 +120,16 @@ def _randomize(model):
     return model.eval()
 
 
-@pytest.mark.parametrize("shape", [(256, 256), (128, 384)])
-def test_forward_matches_naive_official_hyper(shape):
-    model = _randomize(create_model("xt_tiny_demo"))
+@pytest.mark.parametrize(
+    "name, shape",
+    [
+        ("xt_tiny_demo", (256, 256)),
+        ("xt_tiny_demo", (128, 384)),
+        ("xt_tiny_demo_mamba", (256, 256)),
+    ],
+)
+def test_forward_matches_naive_official(name, shape):
+    model = _randomize(create_model(name))
     x = torch.randn(2, 3, *shape)
     with torch.no_grad():
         got = model(x)["logits"]
