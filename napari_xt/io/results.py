@@ -125,11 +125,16 @@ def _result_dir(store: str | os.PathLike, kind: str, name: str, overwrite: bool)
             with atomic_directory(tmp_root / kind / name, overwrite=False, what=what) as tmp:
                 yield tmp, 3, "0.5"
         return
+    version = "0.5" if fmt == 3 else "0.4"
     parent = root / kind
-    if not parent.exists():
-        _write_group(parent, fmt, {})
+    if not parent.exists():  # the parent group appears together with its first result
+        with atomic_directory(parent, overwrite=False, what=f"{kind} group") as tmp_parent:
+            _write_group(tmp_parent, fmt, {})
+            with atomic_directory(tmp_parent / name, overwrite=False, what=what) as tmp:
+                yield tmp, fmt, version
+        return
     with atomic_directory(parent / name, overwrite=overwrite, what=what) as tmp:
-        yield tmp, fmt, "0.5" if fmt == 3 else "0.4"
+        yield tmp, fmt, version
 
 
 def _root_image(root: Path):
