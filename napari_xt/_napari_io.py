@@ -75,14 +75,19 @@ def _stem(path: Any) -> str:
     return name
 
 
-def image_layers(image: MultiscaleImage, name: str) -> list[LayerData]:
-    """Image layer data for a `MultiscaleImage` (one layer; napari splits `channel_axis`)."""
+def image_layers(image: MultiscaleImage, name: str, *, units: bool = True) -> list[LayerData]:
+    """Image layer data for a `MultiscaleImage` (one layer; napari splits `channel_axis`).
+
+    `units=False` leaves the physical unit out (the scale stays): napari converts layers with
+    different units to one, and a metre-scale scene beside a micrometre slide then spans more
+    slider steps than Qt can count.
+    """
     kwargs: dict[str, Any] = {"name": name, "metadata": {"source": image.source}}
     scale = image.pixel_size or (1.0, 1.0)
     kwargs["scale"] = tuple(float(s) for s in scale)
     if image.translation is not None and any(image.translation):
         kwargs["translate"] = tuple(float(t) for t in image.translation)
-    if image.unit and image.pixel_size:
+    if units and image.unit and image.pixel_size:
         kwargs["units"] = (image.unit, image.unit)
     if image.is_rgb or _rgb_channels(image):
         levels = [image.to_yxc(i) for i in range(image.num_levels)]
@@ -223,9 +228,9 @@ def _as_dask(data: Any):
 # ------------------------------------------------------------------------------ samples
 def sample_slide() -> list[LayerData]:
     """A lazily generated 32768 x 32768 RGB slide-like scene (0.5 um pixels)."""
-    return image_layers(slide_scene(32768, 32768, seed=0), "synthetic slide")
+    return image_layers(slide_scene(32768, 32768, seed=0), "synthetic slide", units=False)
 
 
 def sample_sar() -> list[LayerData]:
     """A lazily generated 16384 x 16384 two-channel (VV, VH) SAR-like scene in dB."""
-    return image_layers(sar_scene(16384, 16384, seed=0), "synthetic SAR")
+    return image_layers(sar_scene(16384, 16384, seed=0), "synthetic SAR", units=False)
