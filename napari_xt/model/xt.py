@@ -46,7 +46,7 @@ from torch import nn
 from .context import ContextConfig, build_context_encoder
 from .heads import HeadConfig, build_head
 from .region import RegionEncoder, RegionEncoderConfig
-from .tokenizer import TokenizerConfig, merge_regions, split_regions
+from .tokenizer import TokenizerConfig, merge_regions, split_regions, split_subregions
 
 
 def _tupleize(value: Any) -> Any:
@@ -89,10 +89,12 @@ class XTConfig:
             raise ValueError(
                 f"region.in_chans ({self.region.in_chans}) != in_chans ({self.in_chans})"
             )
-        if self.region.region_size != self.tokenizer.region_size:
+        encoder_size = self.tokenizer.sub_region_size or self.tokenizer.region_size
+        if self.region.region_size != encoder_size:
+            what = "sub_region_size" if self.tokenizer.sub_region_size else "region_size"
             raise ValueError(
-                f"region.region_size ({self.region.region_size}) != tokenizer.region_size "
-                f"({self.tokenizer.region_size})"
+                f"region.region_size ({self.region.region_size}) != tokenizer.{what} "
+                f"({encoder_size})"
             )
         if self.head.num_classes != self.num_classes:
             raise ValueError(
@@ -109,7 +111,9 @@ class XTConfig:
     @property
     def crop_size(self) -> int | None:
         """Pixels per side of the crops the model was trained on (None: not recorded)."""
-        return None if self.crop_regions is None else self.crop_regions * self.region.region_size
+        if self.crop_regions is None:
+            return None
+        return self.crop_regions * self.tokenizer.region_size
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (tuples become lists); `from_dict` restores an equal config."""
@@ -217,9 +221,22 @@ class XT(nn.Module):
     # ------------------------------------------------------------------ stages
 
     def encode_regions(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """x (N, C, S, S) -> multi-level features [(N, C_l, S/s_l, S/s_l)], shallow to deep."""
+        """x (N, C, S, S) -> multi-level features [(N, C_l, S/s_l, S/s_l)], shallow to deep.
+
+        With a second nesting level (`tokenizer.sub_region_size` = s), every region is cut
+        into (S/s)**2 sub-regions that the region encoder sees one by one; their features are
+        stitched back into each region's maps, so later stages see the same layout.
+        """
         self._check_channels(x, dim=1)
-        return self.region_encoder(x)
+        sub = self.cfg.tokenizer.sub_region_size
+        if sub is None:
+            return self.region_encoder(x)
+        n = x.shape[0]
+        parts = split_subregions(x.unsqueeze(1), sub)  # (N, 1, P, C, s, s)
+        p = parts.shape[2]
+        side = x.shape[-1] // sub
+        feats = self.region_encoder(parts.reshape(n * p, *parts.shape[3:]))
+        return [merge_regions(f.reshape(n, p, *f.shape[1:]), side, side) for f in feats]
 
     def region_tokens(
         self, last: torch.Tensor, region_rc: torch.Tensor | np.ndarray
