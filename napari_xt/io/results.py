@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,9 +33,18 @@ from .errors import ImageIOError
 from .ngff import has_multiscales, multiscale_metadata, ome_attrs, parse_image, wrap_ome
 from .progress import ProgressCallback, ProgressEvent
 from .pyramid import pyramid_shapes
-from .store import atomic_directory, block_grid, write_blocks, write_pyramid_level
+from .result_store import (
+    NAME_PATTERN,
+    check_name,
+    group_attrs,
+    json_default,
+    register,
+    result_dir,
+    write_group,
+    zarr_format,
+)
+from .store import block_grid, write_blocks, write_pyramid_level
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 DETECTION_COLUMNS = ("y", "x", "class", "score", "size")
 
 
@@ -55,94 +62,12 @@ class LabelsResult:
     path: str
 
 
-# --------------------------------------------------------------------------- store helpers
-def _zarr_format(root: Path) -> int | None:
-    if (root / "zarr.json").is_file():
-        return 3
-    if (root / ".zgroup").is_file() or (root / ".zattrs").is_file():
-        return 2
-    return None
-
-
-def _check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ImageIOError(
-            f"result name {name!r} must be letters, digits, '.', '_' or '-' (not starting "
-            "with '.' or '-')"
-        )
-    return name
-
-
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def _group_attrs(path: Path, fmt: int) -> dict[str, Any]:
-    if fmt == 3:
-        meta = path / "zarr.json"
-        return json.loads(meta.read_text()).get("attributes", {}) if meta.is_file() else {}
-    meta = path / ".zattrs"
-    return json.loads(meta.read_text()) if meta.is_file() else {}
-
-
-def _write_group(path: Path, fmt: int, attrs: Mapping[str, Any]) -> None:
-    """Write (or rewrite) a group's metadata file(s) atomically."""
-    path.mkdir(parents=True, exist_ok=True)
-    if fmt == 3:
-        _write_json(path / "zarr.json",
-                    {"zarr_format": 3, "node_type": "group", "attributes": dict(attrs)})
-    else:
-        _write_json(path / ".zgroup", {"zarr_format": 2})
-        _write_json(path / ".zattrs", dict(attrs))
-
-
-@contextmanager
-def _result_dir(store: str | os.PathLike, kind: str, name: str, overwrite: bool):
-    """Yield (temporary result directory, zarr format, NGFF version); commit on success.
-
-    A store that does not exist is created as a whole, atomically, with the result in it.
-    """
-    root = Path(store)
-    name = _check_name(name)
-    what = f"{kind.rstrip('s')} result {name!r}"
-    fmt = _zarr_format(root)
-    if root.exists() and fmt is None:
-        raise ImageIOError(f"{root}: exists but is not a zarr store")
-    if fmt is None:
-        with atomic_directory(root, overwrite=False, what="store") as tmp_root:
-            _write_group(tmp_root, 3, {})
-            _write_group(tmp_root / kind, 3, {})
-            with atomic_directory(tmp_root / kind / name, overwrite=False, what=what) as tmp:
-                yield tmp, 3, "0.5"
-        return
-    version = "0.5" if fmt == 3 else "0.4"
-    parent = root / kind
-    if not parent.exists():  # the parent group appears together with its first result
-        with atomic_directory(parent, overwrite=False, what=f"{kind} group") as tmp_parent:
-            _write_group(tmp_parent, fmt, {})
-            with atomic_directory(tmp_parent / name, overwrite=False, what=what) as tmp:
-                yield tmp, fmt, version
-        return
-    with atomic_directory(parent / name, overwrite=overwrite, what=what) as tmp:
-        yield tmp, fmt, version
-
-
 def _root_image(root: Path):
     """(height, width, pixel_size, unit) of the store's image, or None."""
-    fmt = _zarr_format(root)
+    fmt = zarr_format(root)
     if fmt is None:
         return None
-    attrs = _group_attrs(root, fmt)
+    attrs = group_attrs(root, fmt)
     if not has_multiscales(attrs):
         return None
     meta = parse_image(attrs, str(root))
@@ -190,7 +115,7 @@ def write_labels(
             )
         pixel_size = pixel_size or image_px
         unit = unit or image_unit
-    with _result_dir(store, "labels", name, overwrite) as (tmp, fmt, version):
+    with result_dir(store, "labels", name, overwrite) as (tmp, fmt, version):
         group = zarr.open_group(str(tmp), mode="w", zarr_format=fmt)
         shapes = pyramid_shapes(*labels.shape, min_size=min_size)
         arrays = [
@@ -219,7 +144,7 @@ def write_labels(
         block = {"multiscales": [ms], "image-label": _image_label(
             colors, properties, source_image, version)}
         group.attrs.update(wrap_ome(block, version))
-    _register(root, "labels", name, "labels")
+    register(root, "labels", name, "labels")
     return root / "labels" / name
 
 
@@ -246,7 +171,7 @@ def _image_label(colors, properties, source_image, version) -> dict[str, Any]:
         out["colors"] = [{"label-value": int(k), "rgba": _rgba(v)} for k, v in colors.items()]
     if properties:
         out["properties"] = [
-            {"label-value": int(k), **json.loads(json.dumps(dict(v), default=_json_default))}
+            {"label-value": int(k), **json.loads(json.dumps(dict(v), default=json_default))}
             for k, v in properties.items()
         ]
     if source_image:
@@ -266,11 +191,11 @@ def _rgba(value: Any) -> list[int]:
 
 
 def read_labels(store: str | os.PathLike, name: str) -> LabelsResult:
-    path = Path(store) / "labels" / _check_name(name)
-    fmt = _zarr_format(path)
+    path = Path(store) / "labels" / check_name(name)
+    fmt = zarr_format(path)
     if fmt is None:
         raise ImageIOError(f"{path}: no label result {name!r} in {store}")
-    attrs = _group_attrs(path, fmt)
+    attrs = group_attrs(path, fmt)
     meta = parse_image(attrs, str(path))
     block, _ = ome_attrs(attrs)
     label_meta = block.get("image-label", {})
@@ -304,7 +229,7 @@ def write_detections(
             import pyarrow  # noqa: F401
         except ImportError as err:
             raise ImageIOError("parquet=True needs pyarrow (pip install pyarrow)") from err
-    with _result_dir(store, "tables", name, overwrite) as (tmp, fmt, version):
+    with result_dir(store, "tables", name, overwrite) as (tmp, fmt, version):
         group = zarr.open_group(str(tmp), mode="w", zarr_format=fmt)
         categories = {}
         for col, values in columns.items():
@@ -320,14 +245,14 @@ def write_detections(
             "napari-xt": {"kind": "detections", "columns": list(columns),
                           "categories": categories, "rows": _rows(columns),
                           "coordinates": "level-0 pixels (y, x)",
-                          **json.loads(json.dumps(dict(attrs or {}), default=_json_default))},
+                          **json.loads(json.dumps(dict(attrs or {}), default=json_default))},
         })
         if parquet:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
             pq.write_table(pa.table({k: v for k, v in columns.items()}), tmp / "table.parquet")
-    _register(Path(store), "tables", name, "tables")
+    register(Path(store), "tables", name, "tables")
     return Path(store) / "tables" / name
 
 
@@ -345,7 +270,7 @@ def _columns(table: Mapping[str, Any]) -> dict[str, np.ndarray]:
         raise ImageIOError(f"a detection table needs columns y and x (missing: {missing})")
     out: dict[str, np.ndarray] = {}
     for col, values in table.items():
-        _check_name(str(col))
+        check_name(str(col))
         arr = np.asarray(values)
         if arr.ndim != 1:
             raise ImageIOError(f"detection column {col!r} must be 1-D, not shape {arr.shape}")
@@ -360,11 +285,11 @@ def _columns(table: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 def read_detections(store: str | os.PathLike, name: str) -> dict[str, np.ndarray]:
     """The table as a dict of numpy columns (string columns decoded)."""
-    path = Path(store) / "tables" / _check_name(name)
-    fmt = _zarr_format(path)
+    path = Path(store) / "tables" / check_name(name)
+    fmt = zarr_format(path)
     if fmt is None:
         raise ImageIOError(f"{path}: no detection table {name!r} in {store}")
-    meta = _group_attrs(path, fmt).get("napari-xt", {})
+    meta = group_attrs(path, fmt).get("napari-xt", {})
     group = zarr.open_group(str(path), mode="r")
     out = {}
     for col in meta.get("columns", []):
@@ -383,21 +308,21 @@ def write_classification(
     if not isinstance(record, Mapping):
         raise ImageIOError(f"a classification record is a mapping, not {type(record).__name__}")
     try:
-        clean = json.loads(json.dumps(dict(record), default=_json_default))
+        clean = json.loads(json.dumps(dict(record), default=json_default))
     except (TypeError, ValueError) as err:
         raise ImageIOError(f"classification record is not JSON-compatible: {err}") from err
-    with _result_dir(store, "classifications", name, overwrite) as (tmp, fmt, _):
-        _write_group(tmp, fmt, {"napari-xt": {"kind": "classification", "record": clean}})
-    _register(Path(store), "classifications", name, "classifications")
+    with result_dir(store, "classifications", name, overwrite) as (tmp, fmt, _):
+        write_group(tmp, fmt, {"napari-xt": {"kind": "classification", "record": clean}})
+    register(Path(store), "classifications", name, "classifications")
     return Path(store) / "classifications" / name
 
 
 def read_classification(store: str | os.PathLike, name: str) -> dict[str, Any]:
-    path = Path(store) / "classifications" / _check_name(name)
-    fmt = _zarr_format(path)
+    path = Path(store) / "classifications" / check_name(name)
+    fmt = zarr_format(path)
     if fmt is None:
         raise ImageIOError(f"{path}: no classification {name!r} in {store}")
-    return dict(_group_attrs(path, fmt)["napari-xt"]["record"])
+    return dict(group_attrs(path, fmt)["napari-xt"]["record"])
 
 
 # --------------------------------------------------------------------------- listing
@@ -410,24 +335,6 @@ def list_results(store: str | os.PathLike) -> dict[str, list[str]]:
         names = []
         if folder.is_dir():
             names = sorted(p.name for p in folder.iterdir()
-                           if p.is_dir() and _NAME.match(p.name) and _zarr_format(p))
+                           if p.is_dir() and NAME_PATTERN.match(p.name) and zarr_format(p))
         out[kind] = names
     return out
-
-
-def _register(root: Path, kind: str, name: str, key: str) -> None:
-    """List the result in its parent group's attributes (NGFF `labels` list for labels)."""
-    parent = root / kind
-    fmt = _zarr_format(root) or 3
-    attrs = _group_attrs(parent, fmt)
-    version = "0.5" if fmt == 3 else "0.4"
-    if kind == "labels":
-        block, _ = ome_attrs(attrs)
-        names = [n for n in block.get("labels", []) if (parent / n).is_dir()]
-        if name not in names:
-            names.append(name)
-        _write_group(parent, fmt, wrap_ome({"labels": names}, version))
-    else:
-        names = sorted(set(attrs.get("napari-xt", {}).get(key, [])) | {name})
-        _write_group(parent, fmt, {"napari-xt": {key: names}})
-

@@ -1,0 +1,120 @@
+"""Layout of the results inside an OME-Zarr store: result names, group metadata files,
+atomic creation of a result folder (and of its parent group / the store itself when they do
+not exist yet), and the listing of results in the parent groups' attributes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ImageIOError
+from .ngff import ome_attrs, wrap_ome
+from .store import atomic_directory
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def zarr_format(root: Path) -> int | None:
+    if (root / "zarr.json").is_file():
+        return 3
+    if (root / ".zgroup").is_file() or (root / ".zattrs").is_file():
+        return 2
+    return None
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise ImageIOError(
+            f"result name {name!r} must be letters, digits, '.', '_' or '-' (not starting "
+            "with '.' or '-')"
+        )
+    return name
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=json_default))
+    os.replace(tmp, path)
+
+
+def json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def group_attrs(path: Path, fmt: int) -> dict[str, Any]:
+    if fmt == 3:
+        meta = path / "zarr.json"
+        return json.loads(meta.read_text()).get("attributes", {}) if meta.is_file() else {}
+    meta = path / ".zattrs"
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+def write_group(path: Path, fmt: int, attrs: Mapping[str, Any]) -> None:
+    """Write (or rewrite) a group's metadata file(s) atomically."""
+    path.mkdir(parents=True, exist_ok=True)
+    if fmt == 3:
+        write_json(path / "zarr.json",
+                    {"zarr_format": 3, "node_type": "group", "attributes": dict(attrs)})
+    else:
+        write_json(path / ".zgroup", {"zarr_format": 2})
+        write_json(path / ".zattrs", dict(attrs))
+
+
+@contextmanager
+def result_dir(store: str | os.PathLike, kind: str, name: str, overwrite: bool):
+    """Yield (temporary result directory, zarr format, NGFF version); commit on success.
+
+    A store that does not exist is created as a whole, atomically, with the result in it.
+    """
+    root = Path(store)
+    name = check_name(name)
+    what = f"{kind.rstrip('s')} result {name!r}"
+    fmt = zarr_format(root)
+    if root.exists() and fmt is None:
+        raise ImageIOError(f"{root}: exists but is not a zarr store")
+    if fmt is None:
+        with atomic_directory(root, overwrite=False, what="store") as tmp_root:
+            write_group(tmp_root, 3, {})
+            write_group(tmp_root / kind, 3, {})
+            with atomic_directory(tmp_root / kind / name, overwrite=False, what=what) as tmp:
+                yield tmp, 3, "0.5"
+        return
+    version = "0.5" if fmt == 3 else "0.4"
+    parent = root / kind
+    if not parent.exists():  # the parent group appears together with its first result
+        with atomic_directory(parent, overwrite=False, what=f"{kind} group") as tmp_parent:
+            write_group(tmp_parent, fmt, {})
+            with atomic_directory(tmp_parent / name, overwrite=False, what=what) as tmp:
+                yield tmp, fmt, version
+        return
+    with atomic_directory(parent / name, overwrite=overwrite, what=what) as tmp:
+        yield tmp, fmt, version
+
+
+def register(root: Path, kind: str, name: str, key: str) -> None:
+    """List the result in its parent group's attributes (NGFF `labels` list for labels)."""
+    parent = root / kind
+    fmt = zarr_format(root) or 3
+    attrs = group_attrs(parent, fmt)
+    version = "0.5" if fmt == 3 else "0.4"
+    if kind == "labels":
+        block, _ = ome_attrs(attrs)
+        names = [n for n in block.get("labels", []) if (parent / n).is_dir()]
+        if name not in names:
+            names.append(name)
+        write_group(parent, fmt, wrap_ome({"labels": names}, version))
+    else:
+        names = sorted(set(attrs.get("napari-xt", {}).get(key, [])) | {name})
+        write_group(parent, fmt, {"napari-xt": {key: names}})
