@@ -1,0 +1,77 @@
+"""Streaming inference: any image size, flat memory, resumable, with typed progress events.
+
+Public API: `run(image, model, store=None, **options) -> Iterator[Event]` (see `run.py`),
+the events in `events.py`, `RegionPlan` (`plan.py`), `EmbeddingCache` (`cache.py`),
+`PredictionStore` (`store.py`), `pick_device` (`device.py`). The core never imports Qt or
+napari; zarr and dask are needed only for persistent stores and the embedding cache
+(`store=None` with a numpy / np.memmap image runs with torch and numpy alone).
+
+Files: plan.py (grid, crops, windows, orders), source.py (region reads, tile cache,
+identity), pipeline.py (reader thread, feature LRU), stages.py (the compute loop),
+outputs.py (blending, finalisation, writer thread), finish.py (published results),
+cache.py, store.py, device.py, events.py, run.py (validation and options).
+
+Design choices where the engine departs from the first sketch, and why:
+
+- Decoding is per region, as the model defines it. `XT.decode` (and `XT.forward`, which
+  training uses) runs the UNet head on each region's own feature maps; the head's
+  GroupNorm statistics and zero padding are per region. Decoding a stitched crop-level map
+  would give outputs the model was never trained to produce and would break
+  "engine == model forward" on an image that fits one crop. The engine therefore calls
+  `model.decode` once per crop with all of that crop's unfinished regions (their
+  contextualized tokens and features) and blends the per-region maps across overlapping
+  crops. Seams at region boundaries are then those of the model itself, reduced by the
+  blending (tests compare against the model's own forward); a crop-level decoder mode in
+  the model would be picked up through `model.decode` unchanged.
+- Token positions are crop-local (the crop's top-left region is (0, 0)), as in training on
+  k x k crops; global positions on a 100 x 100 region grid would be far outside the
+  sin-cos range the model has seen.
+- Default crop stride is max(1, k // 2) regions, not 1: every interior region boundary is
+  still strictly inside some crop, but each region is decoded at most 4 times instead of k^2
+  times (16 for k = 4). `crop_stride=1` gives the densest blending.
+- Per-region scratch accumulators live in memory (on the device), not in a `_work` zarr
+  array: scratch of unfinished regions is discarded at resume anyway, so persisting it buys
+  nothing, and strip order bounds it: about (strip_width * stride + k) * k regions inside a
+  strip plus the (k - stride) boundary columns of the grid's height waiting for the next
+  strip (xView3 at 256 px: about 100 regions, ~100 MB for a 2-class head with centre map).
+- When the embedding cache is on, features are rounded to fp16 (what the cache stores)
+  before use, so a resumed or re-run prediction equals an uninterrupted one exactly.
+- Regions whose pixels cannot be read are never zero-filled: with on_error="continue" the
+  crops around them run without their tokens and the region stays "failed" (label 0) until
+  a rerun resumes it.
+"""
+
+from .events import (
+    Cancelled,
+    ContextStep,
+    Event,
+    Failed,
+    Finished,
+    Notice,
+    Planned,
+    RegionDecoded,
+    RegionEncoded,
+    RegionFailed,
+    Written,
+)
+from .plan import ORDERS, Crop, RegionPlan
+from .run import EngineInputError, run
+
+__all__ = [
+    "ORDERS",
+    "Cancelled",
+    "ContextStep",
+    "Crop",
+    "EngineInputError",
+    "Event",
+    "Failed",
+    "Finished",
+    "Notice",
+    "Planned",
+    "RegionDecoded",
+    "RegionEncoded",
+    "RegionFailed",
+    "RegionPlan",
+    "Written",
+    "run",
+]

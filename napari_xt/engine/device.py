@@ -1,0 +1,91 @@
+"""Device choice, autocast policy and out-of-memory back-off.
+
+- `pick_device("auto")`: cuda -> mps -> cpu; any torch device string is accepted as is.
+- `autocast(device)`: bf16 autocast on CUDA (fp16 on MPS), plain fp32 on the CPU.
+- `BatchRunner`: runs a function on slices of a batch; on `torch.OutOfMemoryError` it halves
+  the batch size, empties the CUDA cache, reports a notice and retries, down to one item
+  (then the error propagates). The smaller batch size is kept for the rest of the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device != "auto":
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but CUDA is not available")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Mixed precision for inference: bf16 on CUDA, fp16 on MPS, none (fp32) on the CPU."""
+    if not enabled or device.type == "cpu":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def is_oom(err: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(err, oom) or "out of memory" in str(err).lower()
+
+
+def release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class BatchRunner:
+    """`run(items, fn)`: fn(sub-batch) -> list of per-item results, with OOM halving."""
+
+    def __init__(self, batch_size: int, device: torch.device,
+                 notify: Callable[[str], None] | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = int(batch_size)
+        self.device = device
+        self.notify = notify or (lambda message: None)
+
+    def chunks(self, n: int) -> Iterator[tuple[int, int]]:
+        start = 0
+        while start < n:
+            yield start, min(n, start + self.batch_size)
+            start += self.batch_size
+
+    def run(self, items: Sequence[Any], fn: Callable[[Sequence[Any]], list[Any]]) -> list[Any]:
+        out: list[Any] = []
+        start = 0
+        while start < len(items):
+            stop = min(len(items), start + self.batch_size)
+            try:
+                out.extend(fn(items[start:stop]))
+            except Exception as err:
+                if not is_oom(err) or stop - start == 1:
+                    raise
+                old = self.batch_size
+                self.batch_size = max(1, (stop - start) // 2)
+                release(self.device)
+                self.notify(f"{_device_name(self.device)} out of memory: batch {old} -> "
+                            f"{self.batch_size}")
+                continue
+            start = stop
+        return out
+
+
+def _device_name(device: torch.device) -> str:
+    return {"cuda": "CUDA", "mps": "MPS", "cpu": "CPU"}.get(device.type, device.type)

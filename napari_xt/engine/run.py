@@ -1,0 +1,167 @@
+"""`run`: stream a model over an image of any size, region by region, crop by crop.
+
+    for event in run(image, model, "out.zarr"):
+        ...  # Planned, RegionEncoded, ContextStep, RegionDecoded, Written, Notice, ...
+
+Bad input (channels that do not match the model, an unknown option, an output store that
+holds another run or cannot be written, a mismatched embedding cache) raises before any work:
+`EngineInputError` (a ValueError), `StoreError` (an OSError) or `CacheMismatchError`.
+Everything after that is reported as events; the stream ends with exactly one of
+`Finished`, `Failed`, `Cancelled`. The stages themselves live in `stages.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from .cache import EmbeddingCache
+from .events import Event
+from .outputs import OUTPUT_KINDS, map_layout
+from .plan import ORDERS, RegionPlan
+from .source import ImageSource
+from .store import PredictionStore
+
+
+class EngineInputError(ValueError):
+    """The image, model or options cannot make a run (raised before any work)."""
+
+
+def _cancel_check(cancel: Any) -> Callable[[], bool]:
+    if cancel is None:
+        return lambda: False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set
+    if callable(cancel):
+        return lambda: bool(cancel())
+    raise EngineInputError(f"cancel must be a threading.Event or a callable, not {cancel!r}")
+
+
+def default_outputs(head_kind: str) -> tuple[str, ...]:
+    return {"classification": ("classification",), "segmentation": ("labels",),
+            "detection": ("detections",)}[head_kind]
+
+
+def run(
+    image: Any,
+    model: Any,
+    store: str | os.PathLike | None = None,
+    *,
+    device: str = "auto",
+    batch_size: int = 8,
+    order: str = "raster",
+    priority: Callable[[], tuple[float, float] | None] | None = None,
+    cancel: threading.Event | Callable[[], bool] | None = None,
+    resume: bool = True,
+    cache: bool | str | os.PathLike = True,
+    outputs: Sequence[str] | None = None,
+    on_error: str = "stop",
+    overwrite: bool = False,
+    level: int = 0,
+    axes: str | None = None,
+    normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+    crop_stride: int | None = None,
+    strip_width: int = 16,
+    carry_state: bool = False,
+    threshold: float = 0.5,
+    min_distance: int = 2,
+    name: str = "prediction",
+    point: tuple[float, float] | None = None,
+) -> Iterator[Event]:
+    """Predict `image` with `model` (an `XT`) into `store` (an OME-Zarr path; None keeps the
+    results in memory: `Finished.summary["arrays"]`). Returns an iterator of events.
+
+    image: path, `MultiscaleImage` or array (YX / YXC / CYX; `axes` if not guessable);
+      `level` picks the pyramid level. normalize: per-channel (mean, std) applied to pixels.
+    device: "auto" (cuda -> mps -> cpu) or a torch device; batch_size regions per encoder
+      batch (halved on out-of-memory with a Notice).
+    order: "raster" | "zigzag" (vertical strips of `strip_width` crop columns) | "viewport"
+      (nearest to `point` first; `priority()` may return a new (y, x) point between crops).
+    cancel: threading.Event or callable checked between batches and crops.
+    resume: continue a store holding the same run (regions finished before are neither
+      encoded, with the cache, nor decoded again); False starts it again.
+    cache: True (embeddings in `<store>/_embeddings`), a path, "rebuild" (replace a
+      mismatched cache with a Notice) or False.
+    outputs: any of "labels", "probabilities", "detections" (dense models) or
+      "classification"; default by head kind.
+    on_error: "stop" (first unreadable region ends the run with Failed) or "continue" (the
+      region is marked failed, its crops run without it; a rerun retries it).
+    overwrite: replace a store holding another run's results.
+    crop_stride: regions between crop starts (default max(1, k // 2)).
+    carry_state: pass the context encoder's state from crop to crop in visiting order.
+    threshold, min_distance: detection peaks (score >= threshold, NMS window radius).
+    """
+    from napari_xt import __version__
+    from napari_xt.model.checkpoint import model_hash
+
+    from .stages import Execution
+
+    cfg = getattr(model, "cfg", None)
+    if cfg is None:
+        raise EngineInputError(f"model must be an XT model, not {type(model).__name__}")
+    if order not in ORDERS:
+        raise EngineInputError(f"unknown order {order!r}; expected one of {ORDERS}")
+    if on_error not in ("stop", "continue"):
+        raise EngineInputError(f"on_error must be 'stop' or 'continue', not {on_error!r}")
+    if batch_size < 1:
+        raise EngineInputError(f"batch_size must be >= 1, got {batch_size}")
+    try:
+        source = ImageSource(image, level=level, axes=axes, normalize=normalize)
+    except ValueError as err:
+        raise EngineInputError(str(err)) from err
+    if source.channels != cfg.in_chans:
+        raise EngineInputError(
+            f"the image has {source.channels} channel(s) ({source.axes}, shape "
+            f"{tuple(source.array.shape)}); model {cfg.name!r} expects {cfg.in_chans}")
+    kind = cfg.head.kind
+    outputs = tuple(outputs) if outputs else default_outputs(kind)
+    allowed = {"classification": ("classification",),
+               "segmentation": ("labels", "probabilities", "detections"),
+               "detection": ("detections",)}[kind]
+    bad = [o for o in outputs if o not in allowed]
+    if bad:
+        raise EngineInputError(f"outputs {bad} are not available from a {kind} model "
+                               f"(choose from {allowed}; known kinds {OUTPUT_KINDS})")
+    layout = None if kind == "classification" else map_layout(cfg.head)
+    if "detections" in outputs and (layout is None or layout.heat is None):
+        raise EngineInputError("detections need a model with a 'heatmap' or 'centre' map")
+    try:
+        plan = RegionPlan(source.height, source.width, cfg.region.region_size,
+                          cfg.crop_regions, crop_stride, strip_width)
+    except ValueError as err:
+        raise EngineInputError(str(err)) from err
+    encoder_sig = {
+        "image": source.identity(), "normalize": _listify(normalize),
+        "model_hash": model_hash(model), "region_size": plan.region_size,
+        "version": __version__,
+    }
+    run_sig = {**encoder_sig, "model": cfg.name, "crop_regions": plan.k,
+               "crop_stride": plan.stride, "outputs": list(outputs), "threshold": threshold,
+               "min_distance": min_distance, "carry_state": carry_state, "name": name,
+               "order": order if carry_state else None}
+    pstore = PredictionStore(store, run_sig, overwrite=overwrite, restart=not resume)
+    emb = None
+    if cache is not False and cache is not None:
+        if cache is True or cache == "rebuild":
+            where = None if pstore.path is None else pstore.path / "_embeddings"
+        else:
+            where = cache
+        if where is not None:
+            emb = EmbeddingCache(where, encoder_sig, plan.grid, rebuild=cache == "rebuild")
+    return Execution(
+        source=source, model=model, plan=plan, store=pstore, cache=emb, layout=layout,
+        outputs=outputs, device=device, batch_size=batch_size, order=order,
+        priority=priority, cancelled=_cancel_check(cancel), on_error=on_error,
+        carry_state=carry_state, detect={"threshold": threshold, "min_distance": min_distance},
+        name=name, point=point, signature=run_sig,
+    ).events()
+
+
+def _listify(value: Any) -> Any:
+    if value is None:
+        return None
+    return [np.asarray(v, dtype=float).reshape(-1).tolist() for v in value]

@@ -1,0 +1,175 @@
+"""`ImageSource`: one level of an image as (C, H, W) float32 region reads, plus its identity.
+
+Accepts a `MultiscaleImage` (any axes; `level` picks the pyramid level), a path (opened with
+`napari_xt.io.open_image`), or a bare numpy / np.memmap / dask array laid out `YX`, `YXC` or
+`CYX` (`axes` when it cannot be guessed: a 3-D array whose last axis is <= 4 is `YXC`). Bare
+numpy arrays need neither zarr nor dask.
+
+`read(row, col)` returns the region padded with zeros to `S x S` (layout (C, S, S) float32,
+normalised `(x - mean) / std` when given) and a (S, S) bool mask of non-finite pixels, which
+are replaced by 0 before the model sees them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+class ImageSource:
+    def __init__(
+        self,
+        image: Any,
+        level: int = 0,
+        axes: str | None = None,
+        normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+    ) -> None:
+        self.path: str | None = None
+        if isinstance(image, (str, os.PathLike)):
+            from napari_xt.io import open_image
+
+            self.path = os.path.abspath(os.fspath(image))
+            image = open_image(image)
+        levels = getattr(image, "levels", None)
+        if levels is not None:  # a MultiscaleImage
+            if not 0 <= level < len(levels):
+                raise ValueError(f"level {level} does not exist ({len(levels)} levels)")
+            self.array, self.axes = levels[level], image.axes
+            self.path = self.path or str(getattr(image, "source", "array"))
+            self.pixel_size = getattr(image, "pixel_size", None)
+            self.unit = getattr(image, "unit", None)
+            base = levels[0].shape
+        else:
+            if level != 0:
+                raise ValueError("a bare array has only level 0")
+            self.array = image
+            self.axes = axes or _guess_axes(tuple(image.shape))
+            self.pixel_size = self.unit = None
+            base = image.shape
+        self.level = int(level)
+        if self.axes not in ("YX", "YXC", "CYX") or len(self.axes) != len(self.array.shape):
+            raise ValueError(f"image of shape {tuple(self.array.shape)} with axes {self.axes!r}: "
+                             "expected YX, YXC or CYX")
+        shape = tuple(int(n) for n in self.array.shape)
+        self.height, self.width = shape[self.axes.index("Y")], shape[self.axes.index("X")]
+        self.channels = shape[self.axes.index("C")] if "C" in self.axes else 1
+        self.dtype = np.dtype(self.array.dtype)
+        iy, ix = self.axes.index("Y"), self.axes.index("X")
+        # level-0 pixels per pixel of this level, (y, x)
+        self.scale = (base[iy] / self.height, base[ix] / self.width)
+        if self.dtype.kind not in "uif":
+            raise ValueError(f"image dtype {self.dtype} is not numeric")
+        self.mean = self.std = None
+        self.tile_cache_bytes = 256 * 2**20
+        self._tiles: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._tile_bytes = 0
+        self._lock = threading.Lock()
+        self._tile = _regular_tile(self.array, self.axes)
+        if normalize is not None:
+            mean, std = normalize
+            self.mean = np.resize(np.asarray(mean, np.float32), self.channels)[:, None, None]
+            self.std = np.resize(np.asarray(std, np.float32), self.channels)[:, None, None]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.height, self.width
+
+    def read_box(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
+        """Pixels [y0:y1, x0:x1] as (C, h, w) in the source dtype (through the tile cache
+        when the source is chunked in tiles larger than the box)."""
+        if self._tile is None or (y1 - y0 >= self._tile[0] and x1 - x0 >= self._tile[1]):
+            return self._read_raw(y0, x0, y1, x1)
+        ty, tx = self._tile
+        out = np.empty((self.channels, y1 - y0, x1 - x0), self.dtype)
+        for by in range(y0 // ty, (y1 - 1) // ty + 1):
+            for bx in range(x0 // tx, (x1 - 1) // tx + 1):
+                tile = self._tile_block(by, bx)
+                ya, yb = max(y0, by * ty), min(y1, (by + 1) * ty)
+                xa, xb = max(x0, bx * tx), min(x1, (bx + 1) * tx)
+                out[:, ya - y0:yb - y0, xa - x0:xb - x0] = \
+                    tile[:, ya - by * ty:yb - by * ty, xa - bx * tx:xb - bx * tx]
+        return out
+
+    def _tile_block(self, by: int, bx: int) -> np.ndarray:
+        with self._lock:
+            tile = self._tiles.get((by, bx))
+            if tile is not None:
+                self._tiles.move_to_end((by, bx))
+                return tile
+        ty, tx = self._tile
+        tile = self._read_raw(by * ty, bx * tx, min((by + 1) * ty, self.height),
+                              min((bx + 1) * tx, self.width))
+        with self._lock:
+            self._tiles[(by, bx)] = tile
+            self._tile_bytes += tile.nbytes
+            while self._tile_bytes > self.tile_cache_bytes and len(self._tiles) > 1:
+                _, old = self._tiles.popitem(last=False)
+                self._tile_bytes -= old.nbytes
+        return tile
+
+    def _read_raw(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
+        if self.axes == "YX":
+            block = self.array[y0:y1, x0:x1][None]
+        elif self.axes == "YXC":
+            block = np.moveaxis(np.asarray(self.array[y0:y1, x0:x1, :]), -1, 0)
+        else:
+            block = self.array[:, y0:y1, x0:x1]
+        if hasattr(block, "compute"):
+            block = block.compute()
+        return np.asarray(block)
+
+    def read(self, box: tuple[int, int, int, int], size: int) -> tuple[np.ndarray, np.ndarray]:
+        """A region box (y0, x0, y1, x1) -> ((C, S, S) float32 zero-padded, (S, S) bool
+        mask of non-finite pixels)."""
+        y0, x0, y1, x1 = box
+        block = self.read_box(y0, x0, y1, x1).astype(np.float32, copy=False)
+        out = np.zeros((self.channels, size, size), np.float32)
+        out[:, : y1 - y0, : x1 - x0] = block
+        bad = np.zeros((size, size), bool)
+        if self.dtype.kind == "f":
+            finite = np.isfinite(out)
+            if not finite.all():
+                bad = ~finite.all(axis=0)
+                out[~finite] = 0.0
+        if self.mean is not None:
+            out[:, : y1 - y0, : x1 - x0] -= self.mean
+            out[:, : y1 - y0, : x1 - x0] /= self.std
+            out[:, bad] = 0.0
+        return out, bad
+
+    def identity(self, samples: int = 4, size: int = 64) -> dict[str, Any]:
+        """Path, shape, dtype, level and a SHA-256 fingerprint of a few sampled patches
+        (corners and centre, `size` px), so a changed file is not mistaken for the old one."""
+        h = hashlib.sha256()
+        s = min(size, self.height, self.width)
+        ys = [0, self.height - s, (self.height - s) // 2, 0][:samples]
+        xs = [0, self.width - s, (self.width - s) // 2, self.width - s][:samples]
+        for y, x in zip(ys, xs):
+            h.update(np.ascontiguousarray(self.read_box(y, x, y + s, x + s)).tobytes())
+        return {"path": self.path or "array", "shape": [self.height, self.width, self.channels],
+                "dtype": self.dtype.str, "level": self.level, "fingerprint": h.hexdigest()[:32]}
+
+
+def _regular_tile(array: Any, axes: str) -> tuple[int, int] | None:
+    """(ty, tx) of a dask array's chunks when regular, else None (read boxes directly)."""
+    chunks = getattr(array, "chunks", None)
+    if not isinstance(chunks, tuple) or not chunks or not isinstance(chunks[0], tuple):
+        return None
+    cy, cx = chunks[axes.index("Y")], chunks[axes.index("X")]
+    if len(cy) < 1 or len(cx) < 1 or len(set(cy[:-1])) > 1 or len(set(cx[:-1])) > 1:
+        return None
+    return int(cy[0]), int(cx[0])
+
+
+def _guess_axes(shape: tuple[int, ...]) -> str:
+    if len(shape) == 2:
+        return "YX"
+    if len(shape) == 3:
+        return "YXC" if shape[-1] <= 4 else "CYX"
+    raise ValueError(f"cannot guess the axes of an array of shape {shape}; pass axes=")
