@@ -1,0 +1,179 @@
+"""Training configuration: a YAML file mapped onto frozen dataclasses (configs are data).
+
+Top-level sections: `model`, `data`, `optim`, `loss`, `run`, `eval` (see the dataclasses).
+The model is either a zoo name with overrides (`model: {zoo: NAME, overrides: {...}}`) or a
+whole `XTConfig` as a dict (`model: {config: {...}}`). Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .data import Normalization
+from .losses import LossConfig
+from .synthetic import SceneConfig
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    zoo: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] | None = None
+
+    def build_config(self):
+        """The `XTConfig` this spec names."""
+        from napari_xt.model.xt import XTConfig
+
+        if (self.zoo is None) == (self.config is None):
+            raise ValueError("model: give exactly one of 'zoo' (a zoo name) or 'config'")
+        if self.config is not None:
+            return XTConfig.from_dict(self.config)
+        from dataclasses import replace
+
+        from napari_xt.model.zoo import get_config
+
+        overrides = dict(self.overrides)
+        name = overrides.pop("name", None)  # get_config's first argument is the zoo name
+        cfg = get_config(self.zoo, **overrides)
+        return cfg if name is None else replace(cfg, name=name)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """`kind: synthetic` (scenes of `scene`, seeds from `train_seed`) or `kind: zarr`
+    (`train_paths` / `val_paths`: folders of pair stores or lists of stores, `crop_size`)."""
+
+    kind: str = "synthetic"
+    scene: SceneConfig = field(default_factory=SceneConfig)
+    train_seed: int = 0
+    train_count: int = 1_000_000
+    val_seed: int = 1_000_000_000
+    val_count: int = 8
+    train_paths: list[str] = field(default_factory=list)
+    val_paths: list[str] = field(default_factory=list)
+    crop_size: int = 256
+    normalize: Normalization = field(default_factory=Normalization)
+    heatmap_sigma: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("synthetic", "zarr"):
+            raise ValueError(f"data.kind must be 'synthetic' or 'zarr', got {self.kind!r}")
+        if self.kind == "zarr" and not self.train_paths:
+            raise ValueError("data.kind 'zarr' needs train_paths")
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    steps: int = 1000
+    batch_size: int = 4
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = 1.0
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """How to run: device, threads, seeds, memory options, checkpoint and log cadence.
+
+    `grad_ratio`: fraction of regions whose encoder activations keep gradients (the others
+    run under no_grad). `stream_rows`: region rows per streamed piece for context encoders
+    that carry state (transformer_xl); None runs the whole crop at once. `checkpointing`:
+    recompute region encoder activations in the backward pass.
+    """
+
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = 2
+    grad_ratio: float = 1.0
+    stream_rows: int | None = None
+    checkpointing: bool = False
+    checkpoint_every: int = 200
+    eval_every: int = 200
+    log_every: int = 10
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.grad_ratio <= 1.0:
+            raise ValueError(f"grad_ratio must be in (0, 1], got {self.grad_ratio}")
+        if self.stream_rows is not None and self.stream_rows < 1:
+            raise ValueError("stream_rows must be None or >= 1")
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    radius: float = 4.0
+    threshold: float = 0.3
+    min_distance: int = 3
+    context_classes: tuple[int, ...] = (1, 2)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    loss: LossConfig = field(default_factory=LossConfig)
+    run: RunSpec = field(default_factory=RunSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return _build(cls, data or {}, "config")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+_NESTED = {
+    (TrainConfig, "model"): ModelSpec,
+    (TrainConfig, "data"): DataSpec,
+    (TrainConfig, "optim"): OptimSpec,
+    (TrainConfig, "loss"): LossConfig,
+    (TrainConfig, "run"): RunSpec,
+    (TrainConfig, "eval"): EvalSpec,
+    (DataSpec, "normalize"): Normalization,
+}
+_TUPLES = {"betas", "class_weights", "context_classes", "mean", "std"}
+
+
+def _build(cls: type, data: dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
+    values = {}
+    for key, value in data.items():
+        sub = _NESTED.get((cls, key))
+        if sub is not None:
+            values[key] = _build(sub, value or {}, f"{where}.{key}")
+        elif cls is DataSpec and key == "scene":
+            values[key] = SceneConfig.from_dict(value or {})
+        elif key in _TUPLES and value is not None:
+            values[key] = tuple(value)
+        else:
+            values[key] = value
+    return cls(**values)
+
+
+def load_config(path: str | os.PathLike) -> TrainConfig:
+    """Read a training YAML file."""
+    text = Path(path).read_text()
+    return TrainConfig.from_dict(yaml.safe_load(text) or {})

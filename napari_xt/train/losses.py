@@ -1,0 +1,88 @@
+"""Training losses: cross-entropy for classes, focal heatmap loss and L1 size for detection.
+
+Every loss returns a (sum, count) pair so that a scene streamed in pieces adds up to exactly
+the loss of the whole scene: the caller divides the summed sums by the summed counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .data import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights of the loss terms; `class_weights` (K,) or None; focal exponents as CenterNet."""
+
+    class_weights: tuple[float, ...] | None = None
+    heatmap_weight: float = 1.0
+    size_weight: float = 0.1
+    focal_alpha: float = 2.0
+    focal_beta: float = 4.0
+    centre_prior: float = 0.01  # initial centre probability (bias of the centre map at start)
+    logits_map: str = "logits"
+    centre_map: str = "centre"
+    size_map: str = "size"
+
+
+def focal_heatmap_sum(logits: torch.Tensor, target: torch.Tensor, alpha: float, beta: float):
+    """Penalty-reduced pixel focal loss; logits/target (N, 1, H, W) -> (sum, number of centres).
+
+    Centres are pixels where target == 1; elsewhere the loss is down-weighted by
+    (1 - target) ** beta near a centre.
+    """
+    prob = torch.sigmoid(logits.float())
+    log_p = F.logsigmoid(logits.float())
+    log_not_p = F.logsigmoid(-logits.float())
+    centre = target >= 1.0
+    pos = -((1 - prob) ** alpha) * log_p
+    neg = -((1 - target) ** beta) * (prob**alpha) * log_not_p
+    total = torch.where(centre, pos, neg).sum()
+    return total, centre.sum()
+
+
+def loss_terms(
+    maps: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], cfg: LossConfig
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """maps {name: (N, K, h, w)} against batch targets of the same layout -> {term: (sum, n)}.
+
+    batch: "mask" (N, h, w) int64, and when the model predicts them "centre", "size",
+    "size_weight" (N, 1, h, w) float32.
+    """
+    terms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    logits = maps[cfg.logits_map]
+    mask = batch["mask"]
+    weight = None
+    if cfg.class_weights is not None:
+        weight = torch.tensor(cfg.class_weights, dtype=torch.float32, device=logits.device)
+    ce = F.cross_entropy(
+        logits.float(), mask, weight=weight, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    valid = mask != IGNORE_INDEX
+    if weight is not None:
+        count = weight[mask.clamp(max=len(weight) - 1)][valid].sum()
+    else:
+        count = valid.sum().to(torch.float32)
+    terms["ce"] = (ce.sum(), count)
+    if cfg.centre_map in maps and cfg.heatmap_weight > 0:
+        s, n = focal_heatmap_sum(maps[cfg.centre_map], batch["centre"], cfg.focal_alpha,
+                                 cfg.focal_beta)
+        terms["heatmap"] = (cfg.heatmap_weight * s, n.to(torch.float32))
+    if cfg.size_map in maps and cfg.size_weight > 0:
+        w = batch["size_weight"]
+        l1 = (maps[cfg.size_map].float() - batch["size"]).abs() * w
+        terms["size"] = (cfg.size_weight * l1.sum(), w.sum())
+    return terms
+
+
+def combine(totals: dict[str, tuple[torch.Tensor, torch.Tensor]], counts: dict[str, float]):
+    """Scalar loss: sum over terms of sum / max(count, 1), with counts of the whole scene."""
+    loss = None
+    for name, (s, _) in totals.items():
+        part = s / max(float(counts[name]), 1.0)
+        loss = part if loss is None else loss + part
+    return loss
