@@ -27,12 +27,14 @@ from .result_layers import class_color
 
 
 @contextlib.contextmanager
-def virtual_display(timeout: float = 10.0) -> Iterator[str | None]:
-    """Yield a usable $DISPLAY (the current one, or a fresh Xvfb); None when impossible."""
-    if os.environ.get("DISPLAY"):
-        yield os.environ["DISPLAY"]
-        return
+def virtual_display(timeout: float = 10.0, private: bool = False) -> Iterator[str | None]:
+    """Yield a usable $DISPLAY: the current one, or a fresh Xvfb (also when `private`, so
+    windows shown for rendering stay off the user's screen); None when impossible."""
     xvfb = shutil.which("Xvfb")
+    current = os.environ.get("DISPLAY")
+    if current and (not private or xvfb is None):
+        yield current
+        return
     if xvfb is None:
         yield None
         return
@@ -54,7 +56,10 @@ def virtual_display(timeout: float = 10.0) -> Iterator[str | None]:
     try:
         yield os.environ["DISPLAY"]
     finally:
-        os.environ.pop("DISPLAY", None)
+        if current:
+            os.environ["DISPLAY"] = current
+        else:
+            os.environ.pop("DISPLAY", None)
         proc.terminate()
         try:
             proc.wait(timeout=5)

@@ -1,0 +1,171 @@
+"""Result layers of a run, filled progressively and completed from the store at the end.
+
+While a run streams, finished regions arrive as preview tiles (`run_job.ResultTiles`): they
+are copied into small in-memory mirrors and pushed to the layers at most a few times a
+second. At the end the labels layer switches to the store's multiscale label pyramid and
+the points to the final detection table. All layers keep the source image's world transform
+(for a pyramid level: the layer's scale times the level's factor, same translate).
+Main thread only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+CLASS_COLORS = (
+    (0.95, 0.35, 0.2, 1.0), (0.2, 0.65, 1.0, 1.0), (1.0, 0.85, 0.15, 1.0),
+    (0.6, 0.3, 0.9, 1.0), (0.2, 0.85, 0.45, 1.0), (1.0, 0.45, 0.75, 1.0),
+    (0.55, 0.9, 0.9, 1.0), (0.9, 0.6, 0.3, 1.0), (0.7, 0.7, 0.7, 1.0), (0.4, 0.4, 1.0, 1.0),
+)
+FEATURES = ("class", "score", "size")
+
+
+def class_color(k: int) -> tuple[float, float, float, float]:
+    return CLASS_COLORS[int(k) % len(CLASS_COLORS)]
+
+
+def layer_names(image_name: str) -> dict[str, str]:
+    return {"labels": f"{image_name} xT labels", "points": f"{image_name} xT detections",
+            "probability": f"{image_name} xT p(class {{k}})"}
+
+
+class LiveResults:
+    """Mirrors and layers of one run's outputs."""
+
+    def __init__(self, viewer, image_name: str, height: int, width: int, stride: int,
+                 scale: Sequence[float], translate: Sequence[float]) -> None:
+        self.viewer = viewer
+        self.names = layer_names(image_name)
+        self.stride = int(stride)
+        self.scale = tuple(float(s) for s in scale)
+        self.translate = tuple(float(t) for t in translate)
+        self.shape = (-(-height // stride), -(-width // stride))
+        self.labels: np.ndarray | None = None
+        self.probs: np.ndarray | None = None
+        self._points: list[np.ndarray] = []
+        self.labels_layer = self.points_layer = None
+        self.prob_layers: list = []
+        self._dirty = {"labels": False, "probs": False, "points": False}
+        self.final = False
+        self._remove_old()
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def preview_scale(self) -> tuple[float, float]:
+        return self.scale[0] * self.stride, self.scale[1] * self.stride
+
+    def _remove_old(self) -> None:
+        for layer in list(self.viewer.layers):
+            if layer.name in (self.names["labels"], self.names["points"]) or layer.name.startswith(
+                    self.names["probability"].split("{")[0]):
+                self.viewer.layers.remove(layer)
+
+    def _owned(self, layer) -> bool:
+        return layer is not None and layer in self.viewer.layers
+
+    def layers(self) -> list:
+        return [lay for lay in (self.labels_layer, self.points_layer, *self.prob_layers)
+                if self._owned(lay)]
+
+    # ------------------------------------------------------------------ live updates
+    def add(self, tiles) -> None:
+        """Copy a `ResultTiles` into the mirrors (cheap; drawn at the next `flush`)."""
+        for (ys, xs, tile) in tiles.labels.values():
+            if self.labels is None:
+                self.labels = np.zeros(self.shape, dtype=tile.dtype)
+            self.labels[ys, xs] = tile
+            self._dirty["labels"] = True
+        for (ys, xs, tile) in tiles.probabilities.values():
+            if self.probs is None:
+                self.probs = np.zeros((tile.shape[0], *self.shape), dtype=np.float32)
+            self.probs[:, ys, xs] = tile
+            self._dirty["probs"] = True
+        if tiles.points is not None and len(tiles.points):
+            self._points.append(tiles.points)
+            self._dirty["points"] = True
+
+    def flush(self) -> None:
+        """Push changed mirrors to their layers (creating the layers when first needed)."""
+        if self._dirty["labels"] and self.labels is not None:
+            self._set_labels(self.labels.copy(), self.preview_scale)
+        if self._dirty["probs"] and self.probs is not None:
+            self._set_probabilities(self.probs)
+        if self._dirty["points"]:
+            self._set_points(np.concatenate(self._points))
+        self._dirty = dict.fromkeys(self._dirty, False)
+
+    def _set_labels(self, data, scale, multiscale: bool = False, colors=None) -> None:
+        from napari.utils.colormaps import DirectLabelColormap
+
+        palette = {k: class_color(k) for k in range(1, 256)}
+        if colors:
+            palette.update({int(k): tuple(np.asarray(v, float) / 255.0) for k, v in colors.items()})
+        palette.update({0: (0.0, 0.0, 0.0, 0.0), None: (0.0, 0.0, 0.0, 0.0)})
+        if self._owned(self.labels_layer) and not multiscale and not self.labels_layer.multiscale:
+            self.labels_layer.data = data
+            self.labels_layer.scale = scale
+            return
+        if self._owned(self.labels_layer):
+            self.viewer.layers.remove(self.labels_layer)
+        self.labels_layer = self.viewer.add_labels(
+            data, name=self.names["labels"], scale=scale, translate=self.translate,
+            multiscale=multiscale, opacity=0.5,
+            colormap=DirectLabelColormap(color_dict=palette),
+        )
+        self.labels_layer.editable = False
+
+    def _set_probabilities(self, probs: np.ndarray) -> None:
+        cmaps = ("red", "blue", "yellow", "magenta", "green", "cyan")
+        for k in range(probs.shape[0]):
+            name = self.names["probability"].format(k=k)
+            if k < len(self.prob_layers) and self._owned(self.prob_layers[k]):
+                self.prob_layers[k].data = probs[k].copy()
+                continue
+            layer = self.viewer.add_image(
+                probs[k].copy(), name=name, scale=self.preview_scale, translate=self.translate,
+                colormap=cmaps[k % len(cmaps)], contrast_limits=(0.0, 1.0), opacity=0.6,
+                blending="additive", visible=False,
+            )
+            self.prob_layers.append(layer)
+
+    def _set_points(self, table) -> None:
+        import pandas as pd
+
+        coords = np.stack([np.asarray(table["y"], float), np.asarray(table["x"], float)], 1)
+        features = pd.DataFrame({
+            "class": np.asarray(table["class"], np.int64),
+            "score": np.asarray(table["score"], np.float32),
+            "size": np.asarray(table["size"], np.float32),
+        })
+        size = np.nan_to_num(features["size"].to_numpy(float), nan=0.0)
+        size = np.clip(size, 6.0, None)
+        colors = np.array([class_color(k) for k in features["class"]]).reshape(-1, 4)
+        if self._owned(self.points_layer):
+            self.viewer.layers.remove(self.points_layer)
+        self.points_layer = self.viewer.add_points(
+            coords, features=features, name=self.names["points"], scale=self.scale,
+            translate=self.translate, size=size, face_color=colors, border_color="white",
+            border_width=0.1, opacity=0.9,
+        )
+        self.points_layer.editable = False
+
+    # ------------------------------------------------------------------ end of run
+    def finish(self, store: str) -> None:
+        """Replace the previews by the store's final results (labels pyramid, table)."""
+        from napari_xt.io import list_results, read_detections, read_labels
+
+        self.flush()
+        results = list_results(store)
+        if results["labels"]:
+            lab = read_labels(store, results["labels"][0])
+            levels = lab.levels
+            multiscale = len(levels) > 1
+            self._set_labels(levels if multiscale else levels[0], self.scale,
+                             multiscale=multiscale, colors=lab.colors)
+        if results["tables"]:
+            table = read_detections(store, results["tables"][0])
+            if len(table["y"]):
+                self._set_points(table)
+        self.final = True

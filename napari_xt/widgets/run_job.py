@@ -1,0 +1,200 @@
+"""The worker side of a widget run (no Qt, no napari): load the model, stream the engine's
+events, and read back what each `Written` event made final, as small preview tiles.
+
+Reading the store here, in the worker thread, keeps the main thread to cheap array copies:
+labels and probabilities are subsampled with a fixed integer stride (`preview_stride`) so
+the live layers of a 100k-pixel image stay a few megabytes; at the end the widget swaps the
+labels for the store's own multiscale pyramid.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PREVIEW_MAX = 2048  # live layers are at most this many pixels per side
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """Everything a run needs, captured on the main thread before it starts."""
+
+    image: Any  # lazy array of the chosen level
+    axes: str  # YX | YXC | CYX
+    level: int
+    name: str
+    model: str  # widget model choice (see models.py)
+    device: str
+    batch_size: int
+    crop_stride: int | None  # regions between crop starts (None: the engine's default)
+    carry_state: bool  # pass the context encoder's state from crop to crop
+    probabilities: bool  # also write per-class probability maps
+    threshold: float  # detection score threshold
+    order: str  # raster | zigzag | viewport
+    store: str
+    cache: bool
+    resume: bool
+    scale: tuple[float, float]  # world size of one pixel of the level
+    translate: tuple[float, float]
+    channels: int
+    normalize: tuple | None = None  # per-channel (mean, std), as the engine applies it
+
+
+@dataclass(frozen=True)
+class ModelLoaded:
+    """First item of a run: the model the engine will use (kept for inspection)."""
+
+    model: Any
+    description: str
+
+
+@dataclass(frozen=True)
+class ResultTiles:
+    """Preview tiles of regions made final by one `Written` event (worker-read)."""
+
+    indices: tuple[tuple[int, int], ...]
+    labels: dict[tuple[int, int], tuple[slice, slice, np.ndarray]]
+    probabilities: dict[tuple[int, int], tuple[slice, slice, np.ndarray]]
+    points: np.ndarray | None  # new detections (structured: y, x, class, score, size)
+
+
+def preview_stride(height: int, width: int, limit: int = PREVIEW_MAX) -> int:
+    return max(1, math.ceil(max(height, width) / limit))
+
+
+def preview_shape(height: int, width: int, stride: int) -> tuple[int, int]:
+    return -(-height // stride), -(-width // stride)
+
+
+class StoreTileReader:
+    """Reads finished regions' outputs from a prediction store (worker thread)."""
+
+    def __init__(self, store: str, height: int, width: int, region_size: int,
+                 stride: int) -> None:
+        self.root = Path(store)
+        self.height, self.width, self.size, self.stride = height, width, region_size, stride
+        self._arrays: dict[str, Any] = {}
+        self._seen_points: set[str] = set()
+
+    def _array(self, key: str):
+        if key not in self._arrays:
+            import zarr
+
+            try:
+                group = zarr.open_group(str(self.root), mode="r")
+                self._arrays[key] = group[key] if key in group else None
+            except (FileNotFoundError, KeyError, ValueError):
+                return None
+        return self._arrays[key]
+
+    def _tile(self, arr, row: int, col: int):
+        s, f = self.size, self.stride
+        y0, x0 = row * s, col * s
+        y1, x1 = min(y0 + s, self.height), min(x0 + s, self.width)
+        fy, fx = -(-y0 // f) * f, -(-x0 // f) * f  # first sampled pixel inside the box
+        if fy >= y1 or fx >= x1:
+            return None
+        index = (slice(fy, y1, f), slice(fx, x1, f))
+        tile = np.asarray(arr[(Ellipsis, *index)])
+        dst = (slice(fy // f, fy // f + tile.shape[-2]), slice(fx // f, fx // f + tile.shape[-1]))
+        return dst[0], dst[1], tile
+
+    def read(self, indices) -> ResultTiles:
+        labels, probs = {}, {}
+        lab = self._array("_work/labels")
+        prob_group = self._array("probabilities")
+        prob = None
+        if prob_group is not None:
+            names = sorted(prob_group.array_keys())
+            prob = prob_group[names[0]] if names else None
+        for row, col in indices:
+            for arr, out in ((lab, labels), (prob, probs)):
+                if arr is not None:
+                    tile = self._tile(arr, row, col)
+                    if tile is not None:
+                        out[(row, col)] = tile
+        return ResultTiles(tuple(indices), labels, probs, self._new_points())
+
+    def read_finished(self, batch: int = 256) -> Iterator[ResultTiles]:
+        """Tiles of the regions an earlier run already finished (resume)."""
+        from napari_xt.engine.store import STATE_DONE
+
+        state = self._array("_progress/region_state")
+        if state is None:
+            return
+        done = [(int(r), int(c)) for r, c in np.argwhere(np.asarray(state) == STATE_DONE)]
+        for i in range(0, len(done), batch):
+            yield self.read(done[i:i + batch])
+
+    def _new_points(self) -> np.ndarray | None:
+        folder = self.root / "_progress" / "points"
+        if not folder.is_dir():
+            return None
+        new = sorted(p for p in folder.glob("*.npy") if p.name not in self._seen_points)
+        parts = []
+        for p in new:
+            try:
+                parts.append(np.load(p))
+            except (OSError, ValueError):
+                continue  # being replaced right now; read at the next event
+            self._seen_points.add(p.name)
+        return np.concatenate(parts) if parts else None
+
+
+def run_outputs(model, probabilities: bool) -> tuple[str, ...]:
+    """Everything the model's head can give: labels (+ probabilities) and detections."""
+    head = model.cfg.head
+    if head.kind == "classification":
+        return ("classification",)
+    names = {name for name, _ in head.maps}
+    heat = bool(names & {"heatmap", "centre", "center"})
+    if head.kind == "detection":
+        return ("detections",)
+    return ("labels",) + (("probabilities",) if probabilities else ()) + (
+        ("detections",) if heat else ())
+
+
+def run_events(
+    request: RunRequest,
+    cancel: threading.Event,
+    priority: Callable[[], tuple[float, float] | None] | None = None,
+) -> Iterator[Any]:
+    """Generator run in the worker: ModelLoaded, then every engine event, each `Written`
+    followed by the `ResultTiles` it made readable."""
+    from napari_xt.engine.events import Cancelled, Planned, Written
+    from napari_xt.engine.run import run
+
+    from .models import load_model
+
+    model, what = load_model(request.model, in_chans=request.channels)
+    yield ModelLoaded(model, what)
+    if cancel.is_set():
+        yield Cancelled()
+        return
+    reader: StoreTileReader | None = None
+    viewport = request.order == "viewport" and priority is not None
+    events = run(
+        request.image, model, request.store, axes=request.axes, device=request.device,
+        batch_size=request.batch_size, order=request.order, cancel=cancel,
+        priority=priority if viewport else None, point=priority() if viewport else None,
+        resume=request.resume, cache=request.cache, overwrite=not request.resume,
+        outputs=run_outputs(model, request.probabilities), normalize=request.normalize,
+        crop_stride=request.crop_stride, carry_state=request.carry_state,
+        threshold=request.threshold,
+    )
+    for event in events:
+        yield event
+        if isinstance(event, Planned):
+            h, w = event.image_shape
+            reader = StoreTileReader(event.store or request.store, h, w, event.region_size,
+                                     preview_stride(h, w))
+            if event.resumed:
+                yield from reader.read_finished()
+        elif isinstance(event, Written) and reader is not None:
+            yield reader.read(event.indices)

@@ -1,0 +1,276 @@
+"""One run of the run widget, on the main thread: worker, progress, grid, layers, errors.
+
+Items from the worker are only queued when they arrive; a `QTimer` handles the queue and
+pushes the changes to napari at most `REFRESH_HZ` times a second, so the event loop stays
+free however fast regions finish. Handling is guarded against re-entry: napari's progress
+bars and notifications spin the event loop (`processEvents`), so a handler can be called
+again while it runs; the nested call returns at once and the outer one finishes the queue.
+
+Cancel sets the engine's cancel `Event`: the engine stops at the next region, writes what
+is finished, reports `Cancelled` and the worker ends by itself (its generator is never
+abandoned half-way, so the store is always resumable); a worker that does not end within
+`QUIT_AFTER_S` of a cancel is also asked to quit.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import Counter, deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .region_grid import (
+    CONTEXTUALIZED,
+    DECODED,
+    ENCODED,
+    FAILED,
+    QUEUED,
+    RegionGridPainter,
+)
+from .result_layers import LiveResults
+from .run_job import ModelLoaded, ResultTiles, RunRequest, preview_stride, run_events
+from .viewport import ViewportPriority
+
+REFRESH_HZ = 10
+QUIT_AFTER_S = 10.0
+_LAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def last_session(viewer) -> RunSession | None:
+    """The most recent run started in `viewer` (for the inspection widget)."""
+    ref = _LAST.get(viewer)
+    return ref
+
+
+class RunSession:
+    """Drives one run; `outcome` becomes "finished", "cancelled" or "failed"."""
+
+    def __init__(self, viewer, request: RunRequest, on_done: Callable[[RunSession], None],
+                 on_status: Callable[[str], None] | None = None) -> None:
+        self.viewer = viewer
+        self.request = request
+        self.on_done = on_done
+        self.on_status = on_status or (lambda text: None)
+        self.cancel_event = threading.Event()
+        self.outcome: str | None = None
+        self.model = None
+        self.model_description = ""
+        self.planned = None
+        self.summary: dict[str, Any] = {}
+        self.store = request.store
+        self.counts: Counter = Counter()
+        self.painter: RegionGridPainter | None = None
+        self.results: LiveResults | None = None
+        self.priority: ViewportPriority | None = None
+        self.progress = None
+        self.worker = None
+        self.failed_regions = 0
+        self.decoded: set[tuple[int, int]] = set()  # regions decoded by this run
+        self.context_steps: list[tuple[tuple[int, int], ...]] = []  # crops, in order
+        self._progress_pending = 0
+        self._timer = None
+        self._quit_timer = None
+        self._queue: deque = deque()
+        self._busy = False
+        self._worker_ended = False
+        _LAST[viewer] = self
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        from napari.qt.threading import create_worker
+        from qtpy.QtCore import QTimer
+
+        shape = _yx_shape(self.request)
+        if self.request.order == "viewport":
+            self.priority = ViewportPriority(self.viewer, self.request.scale,
+                                             self.request.translate, shape)
+        self.worker = create_worker(run_events, self.request, self.cancel_event, self.priority,
+                                    _start_thread=False, _ignore_errors=True)
+        self.worker.yielded.connect(self._queue.append)
+        self.worker.errored.connect(lambda err: self._queue.append(_WorkerError(err)))
+        self.worker.finished.connect(self._on_worker_finished)
+        self._timer = QTimer()
+        self._timer.setInterval(1000 // REFRESH_HZ)
+        self._timer.timeout.connect(self.pump)
+        self._timer.start()
+        self.on_status("loading the model…")
+        self.worker.start()
+
+    def cancel(self) -> None:
+        from qtpy.QtCore import QTimer
+
+        self.cancel_event.set()
+        if self._quit_timer is None and self.worker is not None:
+            self._quit_timer = QTimer()
+            self._quit_timer.setSingleShot(True)
+            self._quit_timer.timeout.connect(self.worker.quit)
+            self._quit_timer.start(int(QUIT_AFTER_S * 1000))
+
+    @property
+    def done(self) -> bool:
+        return self.outcome is not None and self.worker is None
+
+    def normalization(self):
+        """Per-channel (mean, std) the engine applied to the pixels (None: raw pixels)."""
+        return self.request.normalize
+
+    def region_states(self) -> np.ndarray:
+        """(rows, cols) uint8 region states recorded in the store (engine STATE_* values)."""
+        import zarr
+
+        group = zarr.open_group(str(self.store), mode="r")
+        return np.asarray(group["_progress/region_state"])
+
+    # ------------------------------------------------------------------ events
+    def _on_worker_finished(self) -> None:
+        from qtpy.QtCore import QTimer
+
+        self._worker_ended = True
+        QTimer.singleShot(0, self.pump)
+
+    def pump(self) -> None:
+        """Handle queued items, draw, and close the run once the worker has ended."""
+        if self._busy or self.done:
+            return
+        self._busy = True
+        try:
+            while self._queue:
+                self._on_item(self._queue.popleft())
+            self._draw()
+            if self._worker_ended and not self._queue:
+                self._close()
+        finally:
+            self._busy = False
+
+    def _on_item(self, item: Any) -> None:
+        from napari_xt.engine import events as ev
+
+        self.counts[type(item).__name__] += 1
+        if isinstance(item, _WorkerError):
+            self._fail(f"{type(item.error).__name__}: {item.error}")
+        elif isinstance(item, ResultTiles):
+            if self.results is not None:
+                self.results.add(item)
+            if self.painter is not None:
+                self.painter.mark(item.indices, DECODED)
+        elif isinstance(item, ModelLoaded):
+            self.model, self.model_description = item.model, item.description
+            self.on_status(f"model: {item.description}")
+        elif isinstance(item, ev.Planned):
+            self._on_planned(item)
+        elif isinstance(item, ev.RegionEncoded):
+            self._mark(item.indices, ENCODED)
+        elif isinstance(item, ev.ContextStep):
+            self.context_steps.append(tuple(item.regions))
+            self._mark(item.regions, CONTEXTUALIZED)
+        elif isinstance(item, (ev.RegionDecoded, ev.Written)):
+            self._mark(item.indices, DECODED)
+            if isinstance(item, ev.RegionDecoded):
+                self.decoded.update(tuple(i) for i in item.indices)
+            if isinstance(item, ev.Written):
+                self._progress_pending += len(item.indices)
+        elif isinstance(item, ev.RegionFailed):
+            self._mark(item.indices, FAILED)
+            self.failed_regions += len(item.indices)
+        elif isinstance(item, ev.Notice):
+            self._on_notice(item)
+        elif isinstance(item, ev.Finished):
+            self.outcome, self.summary = "finished", dict(item.summary)
+            self.store = item.store or self.store
+        elif isinstance(item, ev.Cancelled):
+            self.outcome = "cancelled"
+        elif isinstance(item, ev.Failed):
+            self._fail(item.message.strip().splitlines()[0] if item.message.strip() else
+                       "unknown error")
+
+    def _mark(self, indices, state: int) -> None:
+        if self.painter is not None:
+            self.painter.mark(indices, state)
+
+    def _on_planned(self, plan) -> None:
+        from napari.utils import progress
+
+        self.planned = plan
+        self.store = plan.store or self.store
+        rows, cols = plan.grid
+        h, w = plan.image_shape
+        self.painter = RegionGridPainter(self.viewer, rows, cols, plan.region_size,
+                                         self.request.scale, self.request.translate,
+                                         max_rate=REFRESH_HZ)
+        self.painter.mark_all(QUEUED)
+        self.results = LiveResults(self.viewer, self.request.name, h, w, preview_stride(h, w),
+                                   self.request.scale, self.request.translate)
+        self.progress = progress(total=max(1, plan.todo_regions), desc="xT regions")
+        resumed = f", resuming ({plan.total_regions - plan.todo_regions} done)" if plan.resumed \
+            else ""
+        self.on_status(f"{rows} x {cols} regions of {plan.region_size} px, {plan.crops} crops, "
+                       f"{plan.order} order{resumed}")
+
+    def _on_notice(self, notice) -> None:
+        from napari.utils.notifications import show_warning
+
+        self.on_status(notice.message)
+        if notice.kind in ("warning", "oom", "nan"):
+            show_warning(f"Run xT: {notice.message}")
+
+    def _fail(self, message: str) -> None:
+        from napari.utils.notifications import show_error
+
+        self.outcome = "failed"
+        show_error(f"Run xT failed: {message}")
+        self.on_status(f"failed: {message}")
+
+    # ------------------------------------------------------------------ drawing
+    def _draw(self) -> None:
+        """Push recorded progress to napari (main thread)."""
+        if self.progress is not None and self._progress_pending:
+            n, self._progress_pending = self._progress_pending, 0
+            self.on_status(f"{self.progress.n + n} / {self.progress.total} regions written")
+            self.progress.update(n)
+        if self.results is not None:
+            self.results.flush()
+
+    def _close(self) -> None:
+        from napari.utils.notifications import show_error, show_warning
+
+        for timer in (self._timer, self._quit_timer):
+            if timer is not None:
+                timer.stop()
+        if self.outcome is None:  # worker quit or ended without a final event
+            self.outcome = "cancelled" if self.cancel_event.is_set() else "failed"
+        self.worker = None
+        try:
+            if self.outcome == "finished" and self.results is not None:
+                self.results.finish(self.store)
+        except Exception as err:  # keep the previews; they match the written regions
+            show_error(f"Run xT: results written to {self.store} but not shown: {err}")
+        if self.painter is not None:
+            self.painter.stop()
+        if self.progress is not None:
+            self.progress.close()
+        if self.priority is not None:
+            self.priority.disconnect()
+        if self.failed_regions:
+            show_warning(f"Run xT: {self.failed_regions} region(s) failed; see the red "
+                         "regions of the grid layer")
+        if self.outcome == "finished":
+            self.on_status(f"finished; results in {self.store}")
+        elif self.outcome == "cancelled":
+            self.on_status(f"cancelled; finished regions kept in {self.store} (Run resumes)")
+        self.on_done(self)
+
+
+class _WorkerError:
+    """An exception raised in the worker, queued like the events."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _yx_shape(request: RunRequest) -> tuple[int, int]:
+    shape = tuple(int(n) for n in request.image.shape)
+    iy, ix = request.axes.index("Y"), request.axes.index("X")
+    return shape[iy], shape[ix]

@@ -1,0 +1,331 @@
+"""The "Run xT" dock widget: pick an image, a model and options; run; watch; cancel.
+
+A thin shell over `napari_xt.engine.run`: the engine's event generator runs in a napari
+thread worker (`run_job.run_events`); every event comes back to the main thread through the
+worker's `yielded` signal and is handed to `RunSession`, which paints the region grid,
+updates the progress bar and the result layers. Nothing here computes a prediction.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSizePolicy,
+    QSpinBox,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .image_choice import ImageChoice, image_choices
+from .models import CHECKPOINT_FILTER, DEMO_MODEL, LOAD_CHECKPOINT, zoo_names
+from .run_job import RunRequest
+from .run_session import RunSession
+from .settings import WidgetSettings
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+ORDERS = {"raster": "raster", "zigzag": "zigzag", "viewport-first": "viewport"}
+DEFAULTS = {"model": DEMO_MODEL, "device": "auto", "batch_size": 4, "order": "viewport-first",
+            "crop_stride": 0, "carry_state": False, "probabilities": True, "threshold": 0.5,
+            "cache": True, "resume": True, "checkpoints": []}
+
+
+class RunWidget(QWidget):
+    """Dock widget running xT on an image layer of `viewer`."""
+
+    def __init__(self, viewer, settings_path: str | None = None, parent=None) -> None:
+        super().__init__(parent)
+        self.viewer = viewer
+        self.settings = WidgetSettings("run", settings_path)
+        self.session: RunSession | None = None
+        self._choices: list[ImageChoice] = []
+        self._store_edited = False
+        self._build()
+        self._restore()
+        self.refresh_images()
+        for name in ("inserted", "removed", "reordered"):
+            getattr(viewer.layers.events, name).connect(self.refresh_images)
+
+    # ------------------------------------------------------------------ building
+    def _build(self) -> None:
+        form = QFormLayout()
+        self.image_combo = QComboBox()
+        self.image_combo.setToolTip("Image layer to process (2-D grey or RGB; channel layers "
+                                    "split from one file can be run together as a stack).")
+        self.level_combo = QComboBox()
+        self.level_combo.setToolTip("Pyramid level of a multiscale image: 0 is full "
+                                    "resolution, higher levels are faster and coarser.")
+        self.model_combo = QComboBox()
+        self.model_combo.setToolTip("Model: the built-in demo model, a zoo model (random "
+                                    "weights) or a checkpoint file (Load checkpoint…).")
+        self.model_combo.addItem(DEMO_MODEL)
+        self.model_combo.addItems(zoo_names())
+        self.model_combo.addItem(LOAD_CHECKPOINT)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(DEVICES)
+        self.device_combo.setToolTip("Where the model runs; auto picks CUDA, then MPS, "
+                                     "then the CPU.")
+        self.batch_spin = QSpinBox()
+        self.batch_spin.setRange(1, 512)
+        self.batch_spin.setToolTip("Regions encoded together; lower it if the device runs "
+                                   "out of memory (the run also backs off by itself).")
+        self.stride_spin = QSpinBox()
+        self.stride_spin.setRange(0, 64)
+        self.stride_spin.setSpecialValueText("default (k / 2)")
+        self.stride_spin.setToolTip("Regions between the starts of neighbouring context crops "
+                                    "(crops hold k x k regions, k from the model): 1 overlaps "
+                                    "most, k not at all.")
+        self.carry_check = QCheckBox("carry context between crops")
+        self.carry_check.setToolTip("Pass the context encoder's state (e.g. Transformer-XL "
+                                    "memory) from one crop to the next in visiting order.")
+        self.probs_check = QCheckBox("probability maps")
+        self.probs_check.setToolTip("Also write and show per-class probability heatmaps.")
+        self.threshold_spin = QDoubleSpinBox()
+        self.threshold_spin.setRange(0.01, 0.99)
+        self.threshold_spin.setSingleStep(0.05)
+        self.threshold_spin.setToolTip("Detection score threshold (models with a centre "
+                                       "heatmap).")
+        self.order_combo = QComboBox()
+        self.order_combo.addItems(list(ORDERS))
+        self.order_combo.setToolTip("Region order: raster or zigzag strips, or viewport-first "
+                                    "(regions around the camera centre first, following the "
+                                    "camera while it runs).")
+        self.cache_check = QCheckBox("cache region embeddings")
+        self.cache_check.setToolTip("Keep region embeddings in the store so a rerun with "
+                                    "another context setting skips the region encoder.")
+        self.resume_check = QCheckBox("resume a matching store")
+        self.resume_check.setToolTip("Continue an interrupted run in the same store: finished "
+                                     "regions are kept, not recomputed. Off: start afresh.")
+        self.store_edit = QLineEdit()
+        self.store_edit.setToolTip("Output OME-Zarr store. Default: beside the image file, "
+                                   "or a temporary folder for images without a file.")
+        self.store_edit.textEdited.connect(self._on_store_edited)
+        browse = QToolButton()
+        browse.setText("…")
+        browse.setToolTip("Choose the output store folder.")
+        browse.clicked.connect(self._browse_store)
+        store_row = QHBoxLayout()
+        store_row.addWidget(self.store_edit)
+        store_row.addWidget(browse)
+        for label, w in (("image", self.image_combo), ("level", self.level_combo),
+                         ("model", self.model_combo), ("device", self.device_combo),
+                         ("batch size", self.batch_spin), ("crop stride", self.stride_spin),
+                         ("", self.carry_check), ("", self.probs_check),
+                         ("detection threshold", self.threshold_spin),
+                         ("order", self.order_combo), ("", self.cache_check),
+                         ("", self.resume_check)):
+            form.addRow(label, w)
+        form.addRow("output", store_row)
+        self.run_button = QPushButton("Run")
+        self.run_button.setToolTip("Start the run in the background; results appear as they "
+                                   "are written.")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("Stop at the next region; finished regions stay in the "
+                                      "store and a rerun resumes from them.")
+        self.cancel_button.setEnabled(False)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        self.status = QLabel("ready")
+        self.status.setWordWrap(True)
+        # long paths must not widen the dock (and shrink the canvas): clip instead
+        self.status.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
+        self.status.setMinimumWidth(50)
+        self.status.setToolTip("State of the current or last run.")
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+        self.image_combo.currentIndexChanged.connect(self._on_image_changed)
+        self.model_combo.activated.connect(self._on_model_activated)
+        self.run_button.clicked.connect(self.start)
+        self.cancel_button.clicked.connect(self.cancel)
+
+    # ------------------------------------------------------------------ settings
+    def _restore(self) -> None:
+        values = {**DEFAULTS, **self.settings.load()}
+        for path in values.get("checkpoints") or []:
+            if Path(path).is_file():
+                self._add_checkpoint_item(path)
+        self._select(self.model_combo, values["model"])
+        self._select(self.device_combo, values["device"])
+        self._select(self.order_combo, values["order"])
+        self.batch_spin.setValue(int(values["batch_size"]))
+        self.stride_spin.setValue(int(values["crop_stride"]))
+        self.carry_check.setChecked(bool(values["carry_state"]))
+        self.probs_check.setChecked(bool(values["probabilities"]))
+        self.threshold_spin.setValue(float(values["threshold"]))
+        self.cache_check.setChecked(bool(values["cache"]))
+        self.resume_check.setChecked(bool(values["resume"]))
+
+    def save_settings(self) -> None:
+        items = [self.model_combo.itemText(i) for i in range(self.model_combo.count())]
+        self.settings.save({
+            "model": self.model_combo.currentText(), "device": self.device_combo.currentText(),
+            "order": self.order_combo.currentText(), "batch_size": self.batch_spin.value(),
+            "crop_stride": self.stride_spin.value(), "carry_state": self.carry_check.isChecked(),
+            "probabilities": self.probs_check.isChecked(),
+            "threshold": self.threshold_spin.value(), "cache": self.cache_check.isChecked(),
+            "resume": self.resume_check.isChecked(),
+            "checkpoints": [t for t in items if t not in (DEMO_MODEL, LOAD_CHECKPOINT)
+                            and Path(t).is_file()],
+        })
+
+    @staticmethod
+    def _select(combo: QComboBox, text: str) -> None:
+        i = combo.findText(str(text))
+        if i >= 0:
+            combo.setCurrentIndex(i)
+
+    # ------------------------------------------------------------------ images and models
+    def refresh_images(self, event=None) -> None:
+        current = self.image_combo.currentText()
+        self._choices = image_choices(self.viewer.layers)
+        self.image_combo.blockSignals(True)
+        self.image_combo.clear()
+        self.image_combo.addItems([c.label for c in self._choices])
+        self._select(self.image_combo, current)
+        self.image_combo.blockSignals(False)
+        if self.image_combo.currentText() != current or not current:
+            self._on_image_changed()
+        else:
+            self.run_button.setEnabled(self.session is None)
+
+    def current_image(self) -> ImageChoice | None:
+        i = self.image_combo.currentIndex()
+        return self._choices[i] if 0 <= i < len(self._choices) else None
+
+    def select_image(self, label: str) -> None:
+        self._select(self.image_combo, label)
+
+    def _on_image_changed(self, index: int | None = None) -> None:
+        choice = self.current_image()
+        self.level_combo.clear()
+        if choice is not None:
+            for i, (h, w) in enumerate(choice.level_shapes()):
+                self.level_combo.addItem(f"{i}: {w} x {h}")
+        self.level_combo.setEnabled(choice is not None and choice.multiscale)
+        if not self._store_edited:
+            self.store_edit.setText(self.default_store(choice))
+        self.run_button.setEnabled(choice is not None and self.session is None)
+
+    def default_store(self, choice: ImageChoice | None) -> str:
+        """Beside the image file if it has one, else in a temporary folder."""
+        if choice is None:
+            return ""
+        name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in choice.layer.name)
+        path = choice.source_path()
+        if path:
+            p = Path(path)
+            stem = p.name.split(".")[0] or name
+            return str(p.parent / f"{stem}.xt.zarr")
+        return str(Path(tempfile.gettempdir()) / "napari-xt" / f"{name}.xt.zarr")
+
+    def _on_store_edited(self, text: str) -> None:
+        self._store_edited = bool(text)
+
+    def _browse_store(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Output store folder")
+        if folder:
+            self.store_edit.setText(str(Path(folder) / Path(self.store_edit.text()).name))
+            self._store_edited = True
+
+    def _on_model_activated(self, index: int) -> None:
+        if self.model_combo.itemText(index) != LOAD_CHECKPOINT:
+            return
+        path, _ = QFileDialog.getOpenFileName(self, "Load an xT checkpoint", "", CHECKPOINT_FILTER)
+        if path:
+            self.set_checkpoint(path)
+        else:
+            self._select(self.model_combo, DEMO_MODEL)
+
+    def _add_checkpoint_item(self, path: str) -> None:
+        if self.model_combo.findText(path) < 0:
+            self.model_combo.insertItem(self.model_combo.count() - 1, path)
+
+    def set_checkpoint(self, path: str) -> None:
+        """Use a checkpoint file as the model (what "Load checkpoint…" does after its dialog)."""
+        self._add_checkpoint_item(str(path))
+        self._select(self.model_combo, str(path))
+
+    # ------------------------------------------------------------------ running
+    def request(self) -> RunRequest:
+        """The run the controls describe (main thread: reads layers)."""
+        choice = self.current_image()
+        if choice is None:
+            raise ValueError("no image layer to run on")
+        model = self.model_combo.currentText()
+        if model == LOAD_CHECKPOINT:
+            raise ValueError("choose a checkpoint file first")
+        level = max(0, self.level_combo.currentIndex())
+        array, axes = choice.level_array(level)
+        scale, translate = choice.level_transform(level)
+        return RunRequest(
+            image=array, axes=axes, level=level, name=choice.layer.name, model=model,
+            device=self.device_combo.currentText(), batch_size=self.batch_spin.value(),
+            crop_stride=self.stride_spin.value() or None,
+            carry_state=self.carry_check.isChecked(), probabilities=self.probs_check.isChecked(),
+            threshold=self.threshold_spin.value(),
+            order=ORDERS[self.order_combo.currentText()], store=self.store_edit.text().strip(),
+            cache=self.cache_check.isChecked(), resume=self.resume_check.isChecked(),
+            scale=scale, translate=translate, channels=choice.channels,
+        )
+
+    def start(self) -> RunSession | None:
+        """Start a run with the current controls; returns its session (None if refused)."""
+        if self.session is not None:
+            return None
+        from napari.utils.notifications import show_error
+
+        try:
+            request = self.request()
+            if not request.store:
+                raise ValueError("choose an output store")
+        except ValueError as err:
+            show_error(f"Run xT: {err}")
+            return None
+        self.save_settings()
+        self.session = RunSession(self.viewer, request, on_done=self._on_done,
+                                  on_status=self.status.setText)
+        self._set_running(True)
+        self.session.start()
+        return self.session
+
+    def cancel(self) -> None:
+        if self.session is not None:
+            self.cancel_button.setEnabled(False)
+            self.status.setText("cancelling at the next region…")
+            self.session.cancel()
+
+    def _on_done(self, session: RunSession) -> None:
+        self.last_session = session
+        self.session = None
+        self._set_running(False)
+
+    def _set_running(self, running: bool) -> None:
+        self.run_button.setEnabled(not running and self.current_image() is not None)
+        self.cancel_button.setEnabled(running)
+        for w in (self.image_combo, self.level_combo, self.model_combo, self.device_combo,
+                  self.batch_spin, self.stride_spin, self.carry_check, self.probs_check,
+                  self.threshold_spin, self.order_combo, self.cache_check, self.resume_check,
+                  self.store_edit):
+            w.setEnabled(not running)
+        if not running:
+            choice = self.current_image()
+            self.level_combo.setEnabled(choice is not None and choice.multiscale)
+
+    @property
+    def running(self) -> bool:
+        return self.session is not None
