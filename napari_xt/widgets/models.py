@@ -2,19 +2,23 @@
 
 Choices are plain strings: `DEMO_MODEL` (the shipped demo model), a zoo name, or a path to a
 checkpoint file. Loading happens in the worker thread (torch is imported there, never when
-the widget is built).
+the widget is built). A loaded model comes with the input normalization it was trained with
+(per-channel mean and std, from the checkpoint's training config) or None (raw pixels).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 DEMO_MODEL = "xT demo (built-in)"
 LOAD_CHECKPOINT = "Load checkpoint…"
 CHECKPOINT_FILTER = "xT checkpoints (*.safetensors *.ckpt *.pth *.pt);;All files (*)"
-#: zoo model used as the demo when no trained demo model ships (random weights).
+#: zoo model used as the demo when the trained demo weights are not installed (random).
 DEMO_FALLBACK = "xt_tiny_demo_seg"
+
+Normalize = tuple[tuple[float, ...], tuple[float, ...]]
 
 
 def zoo_names() -> list[str]:
@@ -32,31 +36,56 @@ def is_checkpoint(choice: str) -> bool:
     )
 
 
-def load_demo_model(in_chans: int | None = None):
-    """The shipped demo model, or the untrained `DEMO_FALLBACK` zoo model (with `in_chans`
-    channels) when the package has no trained demo model. Returns (model, description)."""
-    try:
-        from napari_xt.train.demo import load_demo_model as load_trained
-    except ImportError:
-        from napari_xt.model.zoo import create_model
+def seeded_zoo_model(name: str, in_chans: int | None = None, seed: int = 0):
+    """Zoo model `name` with random weights drawn from a fixed seed, so the same choice gives
+    the same model every time (a rerun can resume its store). The global RNG is untouched."""
+    import torch
 
-        model = create_model(DEMO_FALLBACK, in_chans=in_chans)
-        return model, f"{DEMO_FALLBACK} (untrained: no trained demo model is installed)"
-    return load_trained(), "built-in demo model"
+    from napari_xt.model.zoo import create_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return create_model(name, in_chans=in_chans)
+
+
+def checkpoint_normalization(path: str | os.PathLike) -> Normalize | None:
+    """(mean, std) from a napari-xt training checkpoint's header, None if it has none."""
+    from napari_xt.model.checkpoint import CheckpointError, read_metadata
+
+    try:
+        meta = read_metadata(path)
+        norm = json.loads(meta["train.config"])["data"]["normalize"]
+        return tuple(float(v) for v in norm["mean"]), tuple(float(v) for v in norm["std"])
+    except (CheckpointError, OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def load_demo_model(in_chans: int | None = None):
+    """(model, description, normalization): the shipped demo model, or the untrained
+    `DEMO_FALLBACK` zoo model (with `in_chans` channels) when its weights are missing."""
+    try:
+        from napari_xt.train.demo import demo_weights_path
+        from napari_xt.train.demo import load_demo_model as load_trained
+
+        path = demo_weights_path()
+    except (ImportError, FileNotFoundError):
+        model = seeded_zoo_model(DEMO_FALLBACK, in_chans)
+        return model, f"{DEMO_FALLBACK} (untrained: demo weights not installed)", None
+    return load_trained(), "built-in demo model", checkpoint_normalization(path)
 
 
 def load_model(choice: str, in_chans: int | None = None):
-    """(model in eval mode, description) for a widget choice. Zoo models are built with
-    `in_chans` input channels (random weights); checkpoints keep their own channels."""
+    """(model in eval mode, description, normalization) for a widget choice. Zoo models are
+    built with `in_chans` input channels (random weights); checkpoints keep their own."""
+    normalize = None
     if choice == DEMO_MODEL:
-        model, what = load_demo_model(in_chans)
+        model, what, normalize = load_demo_model(in_chans)
     elif is_checkpoint(choice):
         from napari_xt.model.checkpoint import load_checkpoint
 
         model, what = load_checkpoint(choice), f"checkpoint {Path(choice).name}"
+        normalize = checkpoint_normalization(choice)
     else:
-        from napari_xt.model.zoo import create_model
-
-        model = create_model(choice, in_chans=in_chans)
-        what = f"{choice} (random weights)"
-    return model.eval(), what
+        model = seeded_zoo_model(choice, in_chans)
+        what = f"{choice} (random weights, seed 0)"
+    return model.eval(), what, normalize

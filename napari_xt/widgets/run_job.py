@@ -43,7 +43,6 @@ class RunRequest:
     scale: tuple[float, float]  # world size of one pixel of the level
     translate: tuple[float, float]
     channels: int
-    normalize: tuple | None = None  # per-channel (mean, std), as the engine applies it
 
 
 @dataclass(frozen=True)
@@ -52,6 +51,7 @@ class ModelLoaded:
 
     model: Any
     description: str
+    normalize: Any = None  # per-channel (mean, std) the engine applies, or None
 
 
 @dataclass(frozen=True)
@@ -172,8 +172,8 @@ def run_events(
 
     from .models import load_model
 
-    model, what = load_model(request.model, in_chans=request.channels)
-    yield ModelLoaded(model, what)
+    model, what, normalize = load_model(request.model, in_chans=request.channels)
+    yield ModelLoaded(model, what, normalize)
     if cancel.is_set():
         yield Cancelled()
         return
@@ -183,8 +183,9 @@ def run_events(
         request.image, model, request.store, axes=request.axes, device=request.device,
         batch_size=request.batch_size, order=request.order, cancel=cancel,
         priority=priority if viewport else None, point=priority() if viewport else None,
-        resume=request.resume, cache=request.cache, overwrite=not request.resume,
-        outputs=run_outputs(model, request.probabilities), normalize=request.normalize,
+        resume=request.resume, overwrite=not request.resume,
+        cache=(True if request.resume else "rebuild") if request.cache else False,
+        outputs=run_outputs(model, request.probabilities), normalize=normalize,
         crop_stride=request.crop_stride, carry_state=request.carry_state,
         threshold=request.threshold,
     )

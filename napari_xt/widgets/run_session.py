@@ -58,6 +58,7 @@ class RunSession:
         self.outcome: str | None = None
         self.model = None
         self.model_description = ""
+        self.normalize = None
         self.planned = None
         self.summary: dict[str, Any] = {}
         self.store = request.store
@@ -115,7 +116,7 @@ class RunSession:
 
     def normalization(self):
         """Per-channel (mean, std) the engine applied to the pixels (None: raw pixels)."""
-        return self.request.normalize
+        return self.normalize
 
     def region_states(self) -> np.ndarray:
         """(rows, cols) uint8 region states recorded in the store (engine STATE_* values)."""
@@ -150,7 +151,11 @@ class RunSession:
 
         self.counts[type(item).__name__] += 1
         if isinstance(item, _WorkerError):
-            self._fail(f"{type(item.error).__name__}: {item.error}")
+            hint = ""
+            if type(item.error).__name__ in ("StoreError", "CacheMismatchError"):
+                hint = (" (untick 'resume a matching store' to replace it, or choose another "
+                        "output)")
+            self._fail(f"{type(item.error).__name__}: {item.error}{hint}")
         elif isinstance(item, ResultTiles):
             if self.results is not None:
                 self.results.add(item)
@@ -158,6 +163,7 @@ class RunSession:
                 self.painter.mark(item.indices, DECODED)
         elif isinstance(item, ModelLoaded):
             self.model, self.model_description = item.model, item.description
+            self.normalize = item.normalize
             self.on_status(f"model: {item.description}")
         elif isinstance(item, ev.Planned):
             self._on_planned(item)
