@@ -4,7 +4,8 @@ Zarr stores get `labels/<name>` (NGFF image-label with a display pyramid), a det
 table `tables/<name>` and a classification record `classifications/<name>` through
 `napari_xt.io.results`, so every reader of napari-xt results opens them; probabilities are
 already in `probabilities/<name>`. In-memory runs return the arrays in the summary
-(`summary["arrays"]`). Detection coordinates and sizes are level-0 pixels.
+(`summary["arrays"]`: labels, probabilities, heatmap (centre scores and, when the model has
+one, the size map), detections, classification). Detection coordinates and sizes are level-0 pixels.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def finish_outputs(store: PredictionStore, writer: Any, layout: MapLayout | None
     if store.path is None:
         arrays: dict[str, Any] = {}
         if writer is not None:
-            arrays.update({k: v for k, v in writer.arrays.items() if k != "heat"})
+            arrays.update({"heatmap" if k == "heat" else k: v for k, v in writer.arrays.items()})
         if points is not None:
             arrays["detections"] = detection_table(points, source.scale)
         if record is not None:

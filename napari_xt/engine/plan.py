@@ -8,9 +8,12 @@ interior region boundary lies strictly inside some crop while each region is dec
 4 times; `stride=1` gives the densest overlap, `stride=k` none) and the last start along each
 axis is pulled back so the crops end on the grid edge.
 
-Outputs of overlapping crops are blended with a separable window (sin^2, peaking at the crop
-centre, floor `WINDOW_FLOOR` so pixels on the image border, covered by edge crops only, still
-get weight); weights are normalised per pixel, so there are no seams where crops end.
+Outputs of overlapping crops are blended with a separable window: sin^2 over pixel centres,
+peaking at the crop centre and falling to nearly 0 at crop edges inside the image, so a
+crop's contribution fades out before it ends; on a side where the crop touches the image
+border the window stays at 1 from the peak to the border (only that crop covers those
+pixels). A floor `WINDOW_FLOOR` keeps every weight positive. Weights are normalised per
+pixel, so there are no seams where crops end.
 
 Orders: ``raster`` and ``zigzag`` walk vertical strips of `strip_width` crop columns, row by
 row inside a strip (zigzag reverses every other row), so the regions alive in memory stay
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 ORDERS = ("raster", "zigzag", "viewport")
-WINDOW_FLOOR = 0.05
+WINDOW_FLOOR = 1e-3
 
 
 @dataclass(frozen=True)
@@ -57,10 +60,17 @@ def _starts(n: int, k: int, stride: int) -> list[int]:
     return starts
 
 
-def window_1d(length: int, floor: float = WINDOW_FLOOR) -> np.ndarray:
-    """(length,) float32 sin^2 window over pixel centres, max 1 at the middle, min >= floor."""
+def window_1d(length: int, flat_start: bool = False, flat_end: bool = False,
+              floor: float = WINDOW_FLOOR) -> np.ndarray:
+    """(length,) float32 sin^2 window over pixel centres, max 1 at the middle, min >= floor;
+    `flat_start` / `flat_end`: 1 from the middle to that end (a side on the image border)."""
     t = (np.arange(length, dtype=np.float64) + 0.5) / length
-    return (floor + (1.0 - floor) * np.sin(np.pi * t) ** 2).astype(np.float32)
+    w = floor + (1.0 - floor) * np.sin(np.pi * t) ** 2
+    if flat_start:
+        w[t < 0.5] = 1.0
+    if flat_end:
+        w[t >= 0.5] = 1.0
+    return w.astype(np.float32)
 
 
 class RegionPlan:
@@ -100,7 +110,7 @@ class RegionPlan:
         for c in self.crops:
             cover[c.row0:c.row0 + c.rows, c.col0:c.col0 + c.cols] += 1
         self.coverage = cover  # (rows, cols) number of crops covering each region
-        self._window = (window_1d(kr * s), window_1d(kc * s))
+        self._windows: dict[tuple[int, bool, bool], np.ndarray] = {}
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -118,11 +128,24 @@ class RegionPlan:
     def crops_of(self, row: int, col: int) -> list[Crop]:
         return [c for c in self.crops if c.contains(row, col)]
 
+    def _axis_window(self, n: int, start: int, total: int) -> np.ndarray:
+        key = (n, start == 0, start + n == total)
+        if key not in self._windows:
+            self._windows[key] = window_1d(n * self.region_size, key[1], key[2])
+        return self._windows[key]
+
+    def window_key(self, crop: Crop, row: int, col: int) -> tuple:
+        """Regions with equal keys have equal windows."""
+        return (crop.rows, crop.row0 == 0, crop.row0 + crop.rows == self.rows,
+                crop.cols, crop.col0 == 0, crop.col0 + crop.cols == self.cols,
+                row - crop.row0, col - crop.col0)
+
     def region_window(self, crop: Crop, row: int, col: int) -> np.ndarray:
         """(S, S) float32 blending weight of `crop` over region (row, col)."""
         s = self.region_size
         i, j = row - crop.row0, col - crop.col0
-        wy, wx = self._window
+        wy = self._axis_window(crop.rows, crop.row0, self.rows)
+        wx = self._axis_window(crop.cols, crop.col0, self.cols)
         return np.outer(wy[i * s:(i + 1) * s], wx[j * s:(j + 1) * s])
 
     # ------------------------------------------------------------------ orders

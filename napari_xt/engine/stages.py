@@ -325,7 +325,7 @@ class Execution:
                 self._final(idx)
 
     def _window(self, crop: Any, idx: Index) -> torch.Tensor:
-        key = (crop.rows, crop.cols, idx[0] - crop.row0, idx[1] - crop.col0)
+        key = self.plan.window_key(crop, *idx)
         if key not in self.windows:
             w = self.plan.region_window(crop, *idx)  # (S, S)
             self.windows[key] = torch.from_numpy(w).to(self.device)

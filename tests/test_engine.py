@@ -1,0 +1,224 @@
+"""Engine behaviour: equivalence with the model's forward, seams, cancel/resume, cache."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from napari_xt.engine import (
+    Cancelled,
+    ContextStep,
+    Finished,
+    Notice,
+    Planned,
+    RegionDecoded,
+    run,
+)
+from napari_xt.engine.store import STATE_DONE
+from napari_xt.model import create_model
+from napari_xt.model.xt import XT
+
+
+class CountingXT(XT):
+    """Records the regions each encoder call sees (by a marker pixel) and decoded counts."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.encoded_ids: list[int] = []
+        self.decoded = 0
+
+    def encode_regions(self, x):
+        self.encoded_ids.extend(int(round(v)) for v in x[:, 0, 0, 0].tolist())
+        return super().encode_regions(x)
+
+    def decode(self, tokens, features=None, region_rc=None):
+        if region_rc is not None:
+            self.decoded += len(region_rc)
+        return super().decode(tokens, features, region_rc)
+
+
+def seg_model(cls=XT, head=None, **overrides):
+    """The zoo's tiny segmentation demo at 64 px regions, 2 x 2 crops, a narrow decoder."""
+    head = {"decoder_channels": (32, 16, 16, 8, 8), **(head or {})}
+    cfg = create_model("xt_tiny_demo_seg", crop_regions=2, tokenizer={"region_size": 64},
+                       head=head, **overrides).cfg
+    return cls(cfg).eval()
+
+
+def marked_image(rows, cols, s=64, seed=0):
+    """Random image whose region (r, c) has the id r * cols + c at its first pixel."""
+    img = np.random.default_rng(seed).random((rows * s, cols * s, 3)).astype(np.float32)
+    for r in range(rows):
+        for c in range(cols):
+            img[r * s, c * s, 0] = r * cols + c
+    return img
+
+
+def forward_probs(model, img):
+    with torch.no_grad():
+        x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None]
+        return model(x)["logits"].softmax(1)[0].numpy()  # (K, H, W)
+
+
+def test_one_crop_image_equals_model_forward():
+    model = seg_model()
+    img = np.random.default_rng(1).random((120, 100, 3)).astype(np.float32)  # 2 x 2 regions
+    events = list(run(img, model, None, cache=False, outputs=("labels", "probabilities")))
+    assert isinstance(events[0], Planned) and events[0].crops == 1
+    fin = events[-1]
+    assert isinstance(fin, Finished)
+    probs = fin.summary["arrays"]["probabilities"].astype(np.float32)
+    ref = forward_probs(model, img)
+    assert probs.shape == ref.shape == (2, 120, 100)
+    np.testing.assert_allclose(probs, ref, atol=1e-3)  # float16 storage
+    labels = fin.summary["arrays"]["labels"]
+    sure = np.abs(ref[1] - ref[0]) > 2e-3
+    np.testing.assert_array_equal(labels[sure], ref.argmax(0)[sure])
+
+
+def test_classification_one_crop_equals_forward():
+    model = create_model("xt_tiny_demo", crop_regions=2).eval()
+    img = np.random.default_rng(2).random((200, 256, 3)).astype(np.float32)
+    fin = list(run(img, model, None, cache=False))[-1]
+    with torch.no_grad():
+        ref = model(torch.from_numpy(img.transpose(2, 0, 1).copy())[None])["logits"][0]
+    record = fin.summary["classification"]
+    np.testing.assert_allclose(record["logits"], ref.numpy(), rtol=1e-4, atol=1e-5)
+    assert record["class"] == int(ref.argmax())
+
+
+@pytest.mark.parametrize("kind", ["constant", "gradient"])
+def test_no_seams_beyond_the_models_own(kind):
+    """The head decodes each region on its own (as `XT.forward` does), so an untrained
+    model already steps at region borders; the engine must add nothing where crops end
+    and regions meet: its border steps stay within the model's own and within the largest
+    step inside regions."""
+    model = seg_model()
+    s, n = 64, 5
+    if kind == "constant":
+        img = np.full((n * s, n * s, 3), 0.5, np.float32)
+    else:
+        yy, xx = np.mgrid[: n * s, : n * s]
+        img = np.repeat(((yy + 2 * xx) / (3 * n * s))[..., None], 3, -1).astype(np.float32)
+    fin = list(run(img, model, None, cache=False, outputs=("labels", "probabilities")))[-1]
+    p = fin.summary["arrays"]["probabilities"][1].astype(np.float32)
+    ref = forward_probs(model, img)[1]
+    bounds = [s * i - 1 for i in range(1, n)]
+    for axis in (0, 1):
+        d = np.abs(np.diff(p, axis=axis))
+        d_ref = np.abs(np.diff(ref, axis=axis))
+        jump = np.take(d, bounds, axis=axis)
+        ref_jump = np.take(d_ref, bounds, axis=axis)
+        inner = np.delete(d, bounds, axis=axis).max()
+        assert jump.max() <= 1.1 * inner, (axis, jump.max(), inner)
+        assert jump.max() <= ref_jump.max() + 2e-3, (axis, jump.max(), ref_jump.max())
+
+
+class CropConstantXT(XT):
+    """Decodes every region of a crop to one value that depends on the crop's context, so
+    the unblended output would step wherever crops end."""
+
+    def decode(self, tokens, features=None, region_rc=None):
+        r, s = len(region_rc), self.cfg.region.region_size
+        level = 3 * torch.sin(tokens.float().mean() * 3000)  # differs from crop to crop
+        logits = torch.zeros(1, r, 2, s, s)
+        logits[:, :, 1] = level
+        return {"logits": logits}
+
+
+@pytest.mark.parametrize("kind", ["constant", "gradient"])
+def test_blending_has_no_seams_where_crops_end(kind):
+    cfg = seg_model().cfg
+    model = CropConstantXT(cfg).eval()
+    s, n = 64, 5
+    yy, xx = np.mgrid[: n * s, : n * s]
+    img = np.full((n * s, n * s, 3), 0.5, np.float32)
+    if kind == "gradient":
+        img = np.repeat(((yy + 2 * xx) / (3 * n * s))[..., None], 3, -1).astype(np.float32)
+    img = img + (np.sin(yy / 17.0) * np.cos(xx / 23.0))[..., None].astype(np.float32)
+    hard = list(run(img, model, None, cache=False, crop_stride=2,
+                    outputs=("labels", "probabilities")))[-1]
+    p_hard = hard.summary["arrays"]["probabilities"][1].astype(np.float32)
+    fin = list(run(img, model, None, cache=False, outputs=("labels", "probabilities")))[-1]
+    p = fin.summary["arrays"]["probabilities"][1].astype(np.float32)
+    bounds = [s * i - 1 for i in range(1, n)]
+    for axis in (0, 1):
+        d_hard = np.take(np.abs(np.diff(p_hard, axis=axis)), [s * 2 - 1], axis=axis).max()
+        assert d_hard > 0.05  # crops really disagree: without overlap there is a step
+        d = np.abs(np.diff(p, axis=axis))
+        jump = np.take(d, bounds, axis=axis).max()
+        inner = np.delete(d, bounds, axis=axis).max()
+        assert jump <= 1.5 * inner + 1e-3, (axis, jump, inner)
+        assert jump < d_hard / 5, (axis, jump, d_hard)
+
+
+def test_cancel_then_resume_recomputes_no_finished_region(tmp_path):
+    rows, cols = 4, 5
+    img = marked_image(rows, cols)
+    out = tmp_path / "out.zarr"
+    model = seg_model(CountingXT)
+    stop = threading.Event()
+    steps = 0
+    events = []
+    for ev in run(img, model, out, cancel=stop, batch_size=4):
+        events.append(ev)
+        if isinstance(ev, ContextStep):
+            steps += 1
+            if steps == 4:
+                stop.set()
+    assert isinstance(events[-1], Cancelled)
+    import zarr
+
+    state = np.asarray(zarr.open_array(str(out / "_progress" / "region_state"))[...])
+    finished = {(int(r), int(c)) for r, c in np.argwhere(state == STATE_DONE)}
+    assert 0 < len(finished) < rows * cols
+    first_encoded = set(model.encoded_ids)
+
+    model.encoded_ids.clear()
+    model.decoded = 0
+    events = list(run(img, model, out, batch_size=4))
+    assert isinstance(events[-1], Finished), events[-1]
+    assert events[0].resumed and events[0].todo_regions == rows * cols - len(finished)
+    assert any(isinstance(e, Notice) and "resuming" in e.message for e in events)
+    ids = {r * cols + c for r, c in finished}
+    assert not ids & set(model.encoded_ids)  # finished regions: from the cache
+    assert not first_encoded & set(model.encoded_ids)  # nothing encoded twice
+    decoded = {i for e in events if isinstance(e, RegionDecoded) for i in e.indices}
+    assert not decoded & finished
+    from napari_xt.engine.plan import RegionPlan
+
+    plan = RegionPlan(img.shape[0], img.shape[1], 64, 2)
+    todo = np.ones(plan.grid, bool)
+    for r, c in finished:
+        todo[r, c] = False
+    assert model.decoded == int(plan.coverage[todo].sum())
+
+    # the resumed result equals an uninterrupted run
+    full = tmp_path / "full.zarr"
+    list(run(img, model, full, batch_size=4))
+    from napari_xt.io import read_labels
+
+    a = np.asarray(read_labels(out, "prediction").levels[0])
+    b = np.asarray(read_labels(full, "prediction").levels[0])
+    np.testing.assert_array_equal(a, b)
+
+    # a finished store: nothing to do again
+    model.encoded_ids.clear()
+    again = list(run(img, model, out))
+    assert isinstance(again[-1], Finished) and again[0].todo_regions == 0
+    assert model.encoded_ids == []
+
+
+def test_orders_give_the_same_result():
+    img = marked_image(3, 5)
+    model = seg_model()
+    results = {}
+    for order in ("raster", "zigzag", "viewport"):
+        fin = list(run(img, model, None, cache=False, order=order, strip_width=1,
+                       outputs=("labels", "probabilities"),
+                       point=(150.0, 250.0)))[-1]
+        results[order] = fin.summary["arrays"]["probabilities"]
+    # the same sums in another order: equal up to float rounding (stored as float16)
+    np.testing.assert_allclose(results["raster"], results["zigzag"], atol=1e-3)
+    np.testing.assert_allclose(results["raster"], results["viewport"], atol=1e-3)

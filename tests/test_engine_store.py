@@ -1,0 +1,98 @@
+"""Engine outputs and stores: embedding cache reuse and signature checks, overwrite rules,
+detections equal to whole-image NMS."""
+
+import numpy as np
+import pytest
+
+from napari_xt.engine import Finished, Notice, RegionEncoded, run
+from napari_xt.engine.cache import CacheMismatchError
+from napari_xt.engine.store import StoreError
+from napari_xt.model import create_model
+from napari_xt.model.xt import XT
+
+
+class CountingXT(XT):
+    """Records the region ids (marker pixel) the encoder sees."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.encoded_ids: list[int] = []
+
+    def encode_regions(self, x):
+        self.encoded_ids.extend(int(round(v)) for v in x[:, 0, 0, 0].tolist())
+        return super().encode_regions(x)
+
+
+def seg_model(cls=XT, head=None):
+    head = {"decoder_channels": (32, 16, 16, 8, 8), **(head or {})}
+    cfg = create_model("xt_tiny_demo_seg", crop_regions=2, tokenizer={"region_size": 64},
+                       head=head).cfg
+    return cls(cfg).eval()
+
+
+def marked_image(rows, cols, s=64, seed=0):
+    img = np.random.default_rng(seed).random((rows * s, cols * s, 3)).astype(np.float32)
+    for r in range(rows):
+        for c in range(cols):
+            img[r * s, c * s, 0] = r * cols + c
+    return img
+
+
+def test_cache_reuse_and_signature_mismatch(tmp_path):
+    img = marked_image(3, 3)
+    cache = tmp_path / "emb.zarr"
+    model = seg_model(CountingXT)
+    list(run(img, model, tmp_path / "a.zarr", cache=cache))
+    assert len(model.encoded_ids) == 9
+    model.encoded_ids.clear()
+    # other thresholds / outputs: a new store, the encoder is not run again
+    events = list(run(img, model, tmp_path / "b.zarr", cache=cache, threshold=0.7,
+                      outputs=("labels", "probabilities")))
+    assert isinstance(events[-1], Finished)
+    assert model.encoded_ids == []
+    assert all(e.from_cache for e in events if isinstance(e, RegionEncoded))
+    # another model (different weights) must not use the cache silently
+    other = seg_model()
+    with pytest.raises(CacheMismatchError, match="model_hash"):
+        run(img, other, tmp_path / "c.zarr", cache=cache)
+    # another image content, same shape
+    changed = img.copy()
+    changed[5, 5, 1] += 1
+    with pytest.raises(CacheMismatchError, match="image"):
+        run(changed, model, tmp_path / "d.zarr", cache=cache)
+
+
+def test_rebuild_reports_a_notice(tmp_path):
+    img = marked_image(2, 2)
+    out = tmp_path / "o.zarr"
+    list(run(img, seg_model(), out))
+    other = seg_model()
+    events = list(run(img, other, out, overwrite=True, cache="rebuild"))
+    assert any(isinstance(e, Notice) and e.kind == "cache" for e in events)
+    assert isinstance(events[-1], Finished)
+
+
+def test_existing_results_are_not_overwritten(tmp_path):
+    img = marked_image(2, 2)
+    out = tmp_path / "o.zarr"
+    list(run(img, seg_model(), out))
+    with pytest.raises(StoreError, match="different run"):
+        run(img, seg_model(), out, threshold=0.9)
+    events = list(run(img, seg_model(), out, threshold=0.9, overwrite=True, cache="rebuild"))
+    assert isinstance(events[-1], Finished)
+
+
+def test_detections_match_whole_image_nms():
+    from napari_xt.model.heads import points_from_heatmap
+
+    model = seg_model(head={"outputs": (("centre", 1), ("size", 1))})
+    img = np.random.default_rng(3).random((64 * 4 - 10, 64 * 3, 3)).astype(np.float32)
+    fin = list(run(img, model, None, cache=False, outputs=("labels", "detections"),
+                   threshold=0.55, min_distance=3))[-1]
+    table = fin.summary["arrays"]["detections"]
+    heat = fin.summary["arrays"]["heatmap"]  # (1 + size, H, W) blended centre and size
+    ref = points_from_heatmap(heat[:1], heat[1:2], threshold=0.55, min_distance=3)
+    assert len(ref) > 10
+    got = sorted(zip(table["y"].tolist(), table["x"].tolist()))
+    assert got == sorted(zip(ref["y"].tolist(), ref["x"].tolist()))
+    assert fin.summary["detections"] == len(ref)
