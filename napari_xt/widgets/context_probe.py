@@ -1,0 +1,102 @@
+"""What did context change? Region-only predictions compared with a run's stored result.
+
+For a region (row, col) the model is run on that region alone, in one of two ways:
+
+- ``alone``: the context encoder runs, but its sequence holds only this region's tokens
+  (what the model says when it can see nothing else);
+- ``identity``: the context encoder is skipped (its input tokens go straight to the head).
+
+The stored result is the run's with-context prediction (labels of the store). The change
+fraction of a region is the share of its pixels whose class differs between the two. No Qt
+here: the inspection widget calls these functions from a worker thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MODES = ("alone", "identity")
+
+
+@dataclass(frozen=True)
+class RegionComparison:
+    row: int
+    col: int
+    box: tuple[int, int, int, int]  # (y0, x0, y1, x1) level pixels
+    region_only: np.ndarray  # (h, w) labels without context
+    with_context: np.ndarray  # (h, w) labels stored by the run
+    changed_fraction: float
+
+
+def stored_labels(store: str | Path):
+    """The run's label array (final level 0 if written, else the live work array)."""
+    import zarr
+
+    from napari_xt.io import list_results
+
+    root = Path(store)
+    names = list_results(root)["labels"]
+    group = zarr.open_group(str(root), mode="r")
+    if names:
+        return group[f"labels/{names[0]}/0"]
+    if "_work" in group and "labels" in group["_work"]:
+        return group["_work/labels"]
+    raise ValueError(f"{store}: no labels written yet (run the model first)")
+
+
+def region_only_labels(model, source, row: int, col: int, region_size: int,
+                       mode: str = "alone") -> np.ndarray:
+    """(h, w) class labels of region (row, col) predicted from that region only."""
+    import torch
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    if model.cfg.head.kind == "classification":
+        raise ValueError("the comparison needs a dense (segmentation/detection) model; this "
+                         "model is an image classifier")
+    s = region_size
+    y0, x0 = row * s, col * s
+    y1, x1 = min(y0 + s, source.height), min(x0 + s, source.width)
+    x, bad = source.read((y0, x0, y1, x1), s)  # (C, S, S), (S, S)
+    device = next(model.parameters()).device
+    rc = np.array([[row, col]])
+    with torch.no_grad():
+        feats = model.encode_regions(torch.from_numpy(x)[None].to(device))
+        last = feats[-1]
+        tokens, pos = model.region_tokens(last[None], rc)
+        if mode == "alone":
+            tokens, _ = model.contextualize(tokens, pos)
+        maps = model.decode(tokens, feats, rc)
+    primary = "logits" if "logits" in maps else next(iter(maps))
+    labels = maps[primary][0, 0].float().argmax(0).cpu().numpy()[: y1 - y0, : x1 - x0]
+    labels = labels.astype(np.uint16 if model.cfg.num_classes > 255 else np.uint8)
+    labels[bad[: y1 - y0, : x1 - x0]] = 0
+    return labels
+
+
+def compare_region(model, source, store, row: int, col: int, region_size: int,
+                   mode: str = "alone", stored=None) -> RegionComparison:
+    """Region-only labels of (row, col) against the run's stored labels."""
+    s = region_size
+    rows, cols = -(-source.height // s), -(-source.width // s)
+    if not (0 <= row < rows and 0 <= col < cols):
+        raise ValueError(f"region ({row}, {col}) is outside the {rows} x {cols} grid")
+    stored = stored_labels(store) if stored is None else stored
+    y0, x0 = row * s, col * s
+    y1, x1 = min(y0 + s, source.height), min(x0 + s, source.width)
+    context = np.asarray(stored[y0:y1, x0:x1])
+    alone = region_only_labels(model, source, row, col, s, mode)
+    changed = float(np.mean(alone != context)) if context.size else 0.0
+    return RegionComparison(row, col, (y0, x0, y1, x1), alone, context, changed)
+
+
+def change_map(model, source, store, region_size: int, regions, mode: str = "alone"):
+    """Yield (row, col, changed fraction) for every (row, col) in `regions`."""
+    stored = stored_labels(store)
+    for row, col in regions:
+        result = compare_region(model, source, store, int(row), int(col), region_size, mode,
+                                stored=stored)
+        yield result.row, result.col, result.changed_fraction

@@ -1,0 +1,262 @@
+"""The "Inspect context" dock widget: what did the context encoder change?
+
+It works on the last run of the viewer's "Run xT" widget (its model, image and store). Pick a
+region with the spin boxes or by clicking it in the canvas (with "pick by click" on), then:
+
+- "Compare region": the region predicted from itself only, as a Labels layer over the
+  region, with the pixels whose class differs from the stored (with-context) result, and
+  the changed fraction in the status line;
+- "Context-change map": the changed fraction of every finished region, as an Image layer
+  with one pixel per region over the image (0: context changed nothing, 1: every pixel).
+
+Computation runs in a napari thread worker (`context_probe`); layers change on the main
+thread only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSizePolicy,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .context_probe import change_map, compare_region
+from .region_grid import grid_transform
+from .run_session import last_session
+
+MODE_LABELS = {"region alone": "alone", "no context (identity)": "identity"}
+LAYER_ONLY, LAYER_CHANGED, LAYER_MAP = "xT region only", "xT changed by context", \
+    "xT context change"
+
+
+class InspectWidget(QWidget):
+    def __init__(self, viewer, parent=None) -> None:
+        super().__init__(parent)
+        self.viewer = viewer
+        self.worker = None
+        self.last_comparison = None
+        self.change = None  # (rows, cols) float32 fractions, NaN = not computed
+        self._map_dirty = False
+        form = QFormLayout()
+        self.row_spin, self.col_spin = QSpinBox(), QSpinBox()
+        self.row_spin.setToolTip("Row of the region to inspect (0 = top).")
+        self.col_spin.setToolTip("Column of the region to inspect (0 = left).")
+        self.pick_check = QCheckBox("pick by click")
+        self.pick_check.setToolTip("When on, clicking the image selects the region under "
+                                   "the mouse and compares it.")
+        self.mode_combo = QComboBox()
+        self.mode_combo.addItems(list(MODE_LABELS))
+        self.mode_combo.setToolTip("Region alone: the context encoder sees only this region. "
+                                   "No context: the context encoder is skipped.")
+        rc = QHBoxLayout()
+        rc.addWidget(self.row_spin)
+        rc.addWidget(self.col_spin)
+        form.addRow("region (row, col)", rc)
+        form.addRow("", self.pick_check)
+        form.addRow("without context", self.mode_combo)
+        self.compare_button = QPushButton("Compare region")
+        self.compare_button.setToolTip("Predict the region without context and show where "
+                                       "the run's result (with context) differs.")
+        self.map_button = QPushButton("Context-change map")
+        self.map_button.setToolTip("For every finished region, the fraction of pixels whose "
+                                   "class changes with context, as a heatmap layer.")
+        self.status = QLabel("run xT first, then inspect its regions")
+        self.status.setWordWrap(True)
+        self.status.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
+        self.status.setMinimumWidth(50)
+        self.status.setToolTip("Result of the last comparison.")
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.compare_button)
+        buttons.addWidget(self.map_button)
+        layout.addLayout(buttons)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+        self.compare_button.clicked.connect(self.compare)
+        self.map_button.clicked.connect(self.context_map)
+        self.pick_check.toggled.connect(self._toggle_pick)
+        self._timer = QTimer()
+        self._timer.setInterval(100)
+        self._timer.timeout.connect(self._flush_map)
+        self.sync()
+
+    # ------------------------------------------------------------------ run context
+    def session(self):
+        s = last_session(self.viewer)
+        if s is None or s.model is None or s.planned is None:
+            return None
+        return s
+
+    def sync(self) -> None:
+        """Fit the spin boxes to the last run's region grid."""
+        s = self.session()
+        rows, cols = s.planned.grid if s is not None else (1, 1)
+        self.row_spin.setRange(0, rows - 1)
+        self.col_spin.setRange(0, cols - 1)
+
+    def _ready(self):
+        from napari.utils.notifications import show_error
+
+        s = self.session()
+        if s is None or not s.done:
+            show_error("Inspect context: finish a run of the Run xT widget first")
+            return None
+        if self.worker is not None:
+            return None
+        self.sync()
+        return s
+
+    @staticmethod
+    def _source(session):
+        from napari_xt.engine.source import ImageSource
+
+        req = session.request
+        return ImageSource(req.image, axes=req.axes, normalize=session.normalization())
+
+    @property
+    def mode(self) -> str:
+        return MODE_LABELS[self.mode_combo.currentText()]
+
+    # ------------------------------------------------------------------ one region
+    def compare(self) -> None:
+        s = self._ready()
+        if s is None:
+            return
+        from napari.qt.threading import create_worker
+
+        row, col = self.row_spin.value(), self.col_spin.value()
+        self.status.setText(f"comparing region ({row}, {col})…")
+        self.worker = create_worker(compare_region, s.model, self._source(s), s.store, row, col,
+                                    s.planned.region_size, self.mode, _start_thread=False,
+                                    _ignore_errors=True)
+        self.worker.returned.connect(lambda result: self._show_comparison(s, result))
+        self._start_worker()
+
+    def _show_comparison(self, session, result) -> None:
+        self.last_comparison = result
+        sy, sx = session.request.scale
+        ty, tx = session.request.translate
+        y0, x0 = result.box[:2]
+        translate = (ty + y0 * sy, tx + x0 * sx)
+        changed = (result.region_only != result.with_context).astype(np.uint8)
+        for name, data in ((LAYER_ONLY, result.region_only), (LAYER_CHANGED, changed)):
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(name)
+            layer = self.viewer.add_labels(data, name=name, scale=(sy, sx), translate=translate,
+                                           opacity=0.7)
+            layer.editable = False
+        self.status.setText(
+            f"region ({result.row}, {result.col}): {100 * result.changed_fraction:.1f}% of "
+            f"pixels change class with context ({self.mode_combo.currentText()} vs the run)")
+
+    # ------------------------------------------------------------------ all regions
+    def context_map(self) -> None:
+        s = self._ready()
+        if s is None:
+            return
+        from napari.qt.threading import create_worker
+
+        from napari_xt.engine.store import STATE_DONE
+
+        states = s.region_states()
+        regions = [tuple(rc) for rc in np.argwhere(states == STATE_DONE)]
+        if not regions:
+            self.status.setText("no finished region to inspect")
+            return
+        self.change = np.full(states.shape, np.nan, np.float32)
+        self._ensure_map_layer(s)
+        self.status.setText(f"context change of {len(regions)} regions…")
+        self.worker = create_worker(change_map, s.model, self._source(s), s.store,
+                                    s.planned.region_size, regions, self.mode,
+                                    _start_thread=False, _ignore_errors=True)
+        self.worker.yielded.connect(self._on_fraction)
+        self._timer.start()
+        self._start_worker()
+
+    def _ensure_map_layer(self, session) -> None:
+        scale, translate = grid_transform(session.planned.region_size, session.request.scale,
+                                          session.request.translate)
+        if LAYER_MAP in self.viewer.layers:
+            self.viewer.layers.remove(LAYER_MAP)
+        self.viewer.add_image(np.nan_to_num(self.change), name=LAYER_MAP, scale=scale,
+                              translate=translate, colormap="magma", contrast_limits=(0.0, 1.0),
+                              opacity=0.7)
+
+    def _on_fraction(self, item) -> None:
+        row, col, fraction = item
+        self.change[row, col] = fraction
+        self._map_dirty = True
+
+    def _flush_map(self) -> None:
+        if self._map_dirty and LAYER_MAP in self.viewer.layers:
+            self.viewer.layers[LAYER_MAP].data = np.nan_to_num(self.change)
+            self._map_dirty = False
+
+    # ------------------------------------------------------------------ worker and clicks
+    def _start_worker(self) -> None:
+        self.compare_button.setEnabled(False)
+        self.map_button.setEnabled(False)
+        self.worker.errored.connect(self._on_error)
+        self.worker.finished.connect(self._on_finished)
+        self.worker.start()
+
+    def _on_error(self, err) -> None:
+        from napari.utils.notifications import show_error
+
+        show_error(f"Inspect context: {err}")
+        self.status.setText(f"failed: {err}")
+
+    def _on_finished(self) -> None:
+        self._timer.stop()
+        self._flush_map()
+        if self.change is not None and not self.status.text().startswith(("failed", "region")):
+            done = np.isfinite(self.change)
+            if done.any():
+                self.status.setText(
+                    f"context changes {100 * float(np.nanmean(self.change)):.1f}% of pixels on "
+                    f"average over {int(done.sum())} regions (max "
+                    f"{100 * float(np.nanmax(self.change)):.1f}%)")
+        self.worker = None
+        self.compare_button.setEnabled(True)
+        self.map_button.setEnabled(True)
+
+    def _toggle_pick(self, on: bool) -> None:
+        callbacks = self.viewer.mouse_drag_callbacks
+        if on and self._on_click not in callbacks:
+            callbacks.append(self._on_click)
+        elif not on and self._on_click in callbacks:
+            callbacks.remove(self._on_click)
+
+    def _on_click(self, viewer, event) -> None:
+        s = self.session()
+        if s is None or event.type != "mouse_press":
+            return
+        index = self.region_at(event.position)
+        if index is not None:
+            self.row_spin.setValue(index[0])
+            self.col_spin.setValue(index[1])
+            self.compare()
+
+    def region_at(self, world) -> tuple[int, int] | None:
+        """(row, col) of the last run's region under a world position, or None."""
+        s = self.session()
+        if s is None:
+            return None
+        (sy, sx), (ty, tx) = s.request.scale, s.request.translate
+        y, x = (float(world[-2]) - ty) / sy, (float(world[-1]) - tx) / sx
+        size = s.planned.region_size
+        row, col = int(np.floor((y + 0.5) / size)), int(np.floor((x + 0.5) / size))
+        rows, cols = s.planned.grid
+        return (row, col) if 0 <= row < rows and 0 <= col < cols else None
+

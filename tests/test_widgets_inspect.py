@@ -1,0 +1,85 @@
+"""The "Inspect context" widget: region-only prediction against the run's result."""
+
+import numpy as np
+import pytest
+from test_widgets_run import SCALE, TRANSLATE, checkpoint, docked, scene, wait_done  # noqa: F401
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture(autouse=True)
+def _settings_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_XT_CONFIG_DIR", str(tmp_path / "config"))
+
+
+def test_inspect_compares_region_only_with_the_run(make_napari_viewer, qtbot, tmp_path,
+                                                    checkpoint, monkeypatch):  # noqa: F811
+    import napari.utils.notifications as notifications
+    import torch
+
+    from napari_xt.io import read_labels
+    from napari_xt.widgets.inspect_widget import (
+        LAYER_CHANGED,
+        LAYER_MAP,
+        LAYER_ONLY,
+        InspectWidget,
+    )
+    from napari_xt.widgets.region_grid import grid_transform
+
+    errors = []
+    monkeypatch.setattr(notifications, "show_error", errors.append)
+    image = scene(384)
+    viewer, run = docked(make_napari_viewer, image)
+    inspect = InspectWidget(viewer)
+    viewer.window.add_dock_widget(inspect, name="Inspect context")
+    inspect.compare()  # nothing to inspect yet
+    assert errors and "finish a run" in errors[0]
+
+    run.set_checkpoint(checkpoint)
+    run.store_edit.setText(str(tmp_path / "run.zarr"))
+    run.start()
+    session = wait_done(qtbot, run)
+    assert session.outcome == "finished"
+    stored = np.asarray(read_labels(tmp_path / "run.zarr", "prediction").levels[0])
+
+    inspect.sync()
+    assert inspect.row_spin.maximum() == 2 and inspect.col_spin.maximum() == 2
+    inspect.mode_combo.setCurrentText("region alone")
+    inspect.compare()
+    qtbot.waitUntil(lambda: inspect.worker is None, timeout=30000)
+    only = viewer.layers[LAYER_ONLY]
+    # region (0, 0) alone is exactly the model's forward pass on that region's pixels
+    with torch.no_grad():
+        logits = session.model(torch.from_numpy(image[:, :128, :128])[None])["logits"]
+    expected = logits[0].argmax(0).numpy()
+    assert np.array_equal(only.data, expected)
+    fraction = float(np.mean(expected != stored[:128, :128]))
+    assert inspect.last_comparison.changed_fraction == pytest.approx(fraction)
+    assert f"{100 * fraction:.1f}%" in inspect.status.text()
+    assert np.array_equal(viewer.layers[LAYER_CHANGED].data, expected != stored[:128, :128])
+    assert tuple(only.scale) == SCALE and tuple(only.translate) == TRANSLATE
+
+    inspect.row_spin.setValue(1)
+    inspect.col_spin.setValue(2)
+    inspect.mode_combo.setCurrentText("no context (identity)")
+    inspect.compare()
+    qtbot.waitUntil(lambda: inspect.worker is None, timeout=30000)
+    only = viewer.layers[LAYER_ONLY]
+    assert only.data.shape == (128, 128)
+    assert tuple(only.translate) == (TRANSLATE[0] + 128 * SCALE[0], TRANSLATE[1] + 256 * SCALE[1])
+
+    inspect.mode_combo.setCurrentText("region alone")
+    inspect.context_map()
+    qtbot.waitUntil(lambda: inspect.worker is None, timeout=60000)
+    heat = viewer.layers[LAYER_MAP]
+    assert heat.data.shape == (3, 3)
+    assert heat.data[0, 0] == pytest.approx(fraction, abs=1e-6)
+    assert ((heat.data >= 0) & (heat.data <= 1)).all() and heat.data.max() > 0
+    scale, translate = grid_transform(128, SCALE, TRANSLATE)
+    assert tuple(heat.scale) == scale and tuple(heat.translate) == translate
+    assert "average over 9 regions" in inspect.status.text()
+
+    # a click at level pixel (300, 140) picks region (2, 1)
+    world = (TRANSLATE[0] + 300 * SCALE[0], TRANSLATE[1] + 140 * SCALE[1])
+    assert inspect.region_at(world) == (2, 1)
+    assert inspect.region_at((TRANSLATE[0] - 50, 0)) is None
