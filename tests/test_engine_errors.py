@@ -1,0 +1,181 @@
+"""Engine under bad conditions: out of memory, NaN pixels, unreadable regions, unwritable
+or full output, wrong channels, images smaller than a region."""
+
+import errno
+
+import numpy as np
+import pytest
+import torch
+
+from napari_xt.engine import (
+    EngineInputError,
+    Failed,
+    Finished,
+    Notice,
+    RegionEncoded,
+    RegionFailed,
+    run,
+)
+from napari_xt.engine.outputs import RegionWriter
+from napari_xt.engine.store import STATE_DONE, STATE_FAILED, StoreError
+from napari_xt.model import create_model
+from napari_xt.model.xt import XT
+
+
+def seg_model(cls=XT):
+    cfg = create_model("xt_tiny_demo_seg", crop_regions=2, tokenizer={"region_size": 64},
+                       head={"decoder_channels": (32, 16, 16, 8, 8)}).cfg
+    return cls(cfg).eval()
+
+
+class SmallMemoryXT(XT):
+    """Runs out of memory on encoder batches of more than 2 regions."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.batch_sizes: list[int] = []
+
+    def encode_regions(self, x):
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        self.batch_sizes.append(int(x.shape[0]))
+        return super().encode_regions(x)
+
+
+class Flaky:
+    """An array whose pixels inside `bad` (y0, x0, y1, x1) cannot be read."""
+
+    def __init__(self, array, bad):
+        self.array, self.bad = array, bad
+        self.shape, self.dtype = array.shape, array.dtype
+
+    def __getitem__(self, key):
+        ys, xs = key[0], key[1]
+        y0, x0, y1, x1 = self.bad
+        if ys.start < y1 and ys.stop > y0 and xs.start < x1 and xs.stop > x0:
+            raise OSError("corrupt tile at byte 4096")
+        return self.array[key]
+
+
+def image(rows=4, cols=4, seed=0):
+    return np.random.default_rng(seed).random((rows * 64, cols * 64, 3)).astype(np.float32)
+
+
+def test_oom_halves_the_batch_and_reports_it():
+    model = seg_model(SmallMemoryXT)
+    img = image(3, 3)
+    events = list(run(img, model, None, cache=False, batch_size=8))
+    assert isinstance(events[-1], Finished)
+    notices = [e.message for e in events if isinstance(e, Notice) and e.kind == "oom"]
+    assert notices[0] == "CPU out of memory: batch 8 -> 4"
+    assert notices[1] == "CPU out of memory: batch 4 -> 2"
+    assert max(model.batch_sizes) <= 2 and sum(model.batch_sizes) == 9
+    assert {e.batch_size for e in events if isinstance(e, RegionEncoded)} == {2}
+    ref = list(run(img, model, None, cache=False, batch_size=2))[-1]
+    np.testing.assert_array_equal(events[-1].summary["arrays"]["labels"],
+                                  ref.summary["arrays"]["labels"])
+
+
+def test_nan_pixels_are_reported_and_masked():
+    img = image(2, 3)
+    img[10:20, 70:90, :] = np.nan
+    img[100, 5, 1] = np.inf
+    events = list(run(img, seg_model(), None, cache=False,
+                      outputs=("labels", "probabilities")))
+    fin = events[-1]
+    assert isinstance(fin, Finished)
+    nan_notices = [e for e in events if isinstance(e, Notice) and e.kind == "nan"]
+    assert nan_notices and "non-finite" in nan_notices[0].message
+    assert fin.counts["nonfinite_pixels"] == 10 * 20 + 1
+    labels = fin.summary["arrays"]["labels"]
+    probs = fin.summary["arrays"]["probabilities"]
+    assert (labels[10:20, 70:90] == 0).all() and labels[100, 5] == 0
+    assert (probs[:, 10:20, 70:90] == 0).all()
+    assert (probs.sum(0)[30:60, 30:60] > 0.99).all()  # elsewhere real probabilities
+
+
+def test_read_error_stops_the_run(tmp_path):
+    img = image()
+    flaky = Flaky(img, (0, 128, 64, 192))  # region (0, 2) only
+    events = list(run(flaky, seg_model(), tmp_path / "o.zarr", batch_size=2))
+    failed = [e for e in events if isinstance(e, RegionFailed)]
+    assert failed and failed[0].indices == ((0, 2),) and "corrupt tile" in failed[0].reason
+    assert isinstance(events[-1], Failed) and "(0, 2)" in events[-1].message
+    import zarr
+
+    state = np.asarray(zarr.open_array(str(tmp_path / "o.zarr/_progress/region_state"))[...])
+    assert state[0, 2] == STATE_FAILED
+
+
+def test_read_error_continue_then_rerun_repairs(tmp_path):
+    img = image()
+    out = tmp_path / "o.zarr"
+    flaky = Flaky(img, (0, 128, 64, 192))
+    events = list(run(flaky, _same_weights(), out, on_error="continue", batch_size=2))
+    fin = events[-1]
+    assert isinstance(fin, Finished), fin
+    assert fin.counts["failed"] == 1 and fin.summary["complete"] is False
+    assert sum(isinstance(e, RegionFailed) for e in events) == 1
+    import zarr
+
+    state = np.asarray(zarr.open_array(str(out / "_progress/region_state"))[...])
+    assert state[0, 2] == STATE_FAILED and (state == STATE_DONE).sum() == 15
+    # the source is readable again: the rerun resumes and redoes only the failed region
+    again = list(run(img, _same_weights(), out))
+    assert again[0].todo_regions == 1, again[0]
+    assert isinstance(again[-1], Finished) and again[-1].summary["complete"] is True
+
+
+def _same_weights():
+    torch.manual_seed(0)
+    return seg_model()
+
+
+def test_unwritable_output_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a directory")
+    model = seg_model()
+    with pytest.raises(StoreError, match="cannot write the output store"):
+        run(image(1, 1), model, blocker / "out.zarr")
+
+
+def test_full_disk_mid_run_keeps_finished_regions(tmp_path, monkeypatch):
+    out = tmp_path / "o.zarr"
+    original = RegionWriter._write
+    calls = {"n": 0}
+
+    def full_after_two(self, index, tiles):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(self, index, tiles)
+
+    monkeypatch.setattr(RegionWriter, "_write", full_after_two)
+    events = list(run(image(), _same_weights(), out, batch_size=2))
+    assert isinstance(events[-1], Failed)
+    assert "No space left on device" in events[-1].message
+    assert "finished regions are kept" in events[-1].message
+    monkeypatch.setattr(RegionWriter, "_write", original)
+    again = list(run(image(), _same_weights(), out, batch_size=2))
+    assert again[0].resumed and again[0].todo_regions == 16 - 2
+    assert isinstance(again[-1], Finished)
+
+
+def test_wrong_channels_fail_before_any_work():
+    model = seg_model(SmallMemoryXT)
+    gray = np.zeros((128, 128), np.float32)
+    with pytest.raises(EngineInputError, match="1 channel.*expects 3"):
+        run(gray, model, None)
+    assert model.batch_sizes == []
+
+
+def test_image_smaller_than_one_region():
+    img = np.random.default_rng(4).random((40, 30, 3)).astype(np.float32)
+    model = _same_weights()
+    fin = list(run(img, model, None, cache=False, outputs=("labels", "probabilities")))[-1]
+    assert isinstance(fin, Finished)
+    probs = fin.summary["arrays"]["probabilities"].astype(np.float32)
+    assert probs.shape == (2, 40, 30)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(img.transpose(2, 0, 1).copy())[None])["logits"]
+    np.testing.assert_allclose(probs, ref.softmax(1)[0].numpy(), atol=1e-3)
