@@ -172,3 +172,14 @@ def test_cli_trains_prints_progress_and_resumes(tmp_path, capsys):
     assert "resumed at step 2" in printed and "miou=" in printed and "[      done]" in printed
     assert (out / "model.safetensors").is_file()
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_zero_init_silences_the_named_parameters(tmp_path):
+    data = copy.deepcopy(TINY)
+    data["model"]["zero_init"] = ["context.layers.0.attn.proj"]
+    trainer = Trainer(TrainConfig.from_dict(data), tmp_path)
+    proj = trainer.model.context.layers[0].attn.proj
+    assert proj.weight.abs().sum() == 0 and proj.bias.abs().sum() == 0
+    data["model"]["zero_init"] = ["no_such_module"]
+    with pytest.raises(ValueError, match="matches no parameter"):
+        Trainer(TrainConfig.from_dict(data), tmp_path / "b")

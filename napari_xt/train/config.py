@@ -21,9 +21,14 @@ from .synthetic import SceneConfig
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """`zoo` + `overrides` or a whole `config`; `zero_init` lists parameter-name prefixes set
+    to zero at the start (e.g. ``output_proj``: the context path starts silent, so a context
+    model begins as its region-only counterpart and learns what context adds)."""
+
     zoo: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] | None = None
+    zero_init: tuple[str, ...] = ()
 
     def build_config(self):
         """The `XTConfig` this spec names."""
@@ -149,7 +154,7 @@ _NESTED = {
     (TrainConfig, "eval"): EvalSpec,
     (DataSpec, "normalize"): Normalization,
 }
-_TUPLES = {"betas", "class_weights", "context_classes", "mean", "std"}
+_TUPLES = {"betas", "class_weights", "context_classes", "mean", "std", "zero_init"}
 
 
 def _build(cls: type, data: dict[str, Any], where: str):

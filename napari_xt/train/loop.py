@@ -98,6 +98,7 @@ class Trainer:
         self.model_config = cfg.model.build_config()
         self.model = XT(self.model_config).to(self.device).train()
         self._init_centre_bias()
+        self._zero_init(cfg.model.zero_init)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
             _param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas)
@@ -115,6 +116,18 @@ class Trainer:
         if isinstance(outputs, torch.nn.ModuleDict) and name in outputs:
             p = self.cfg.loss.centre_prior
             torch.nn.init.constant_(outputs[name].bias, math.log(p / (1 - p)))
+
+    def _zero_init(self, prefixes: tuple[str, ...]) -> None:
+        if not prefixes:
+            return
+        hit = False
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                if any(name.startswith(prefix) for prefix in prefixes):
+                    p.zero_()
+                    hit = True
+        if not hit:
+            raise ValueError(f"model.zero_init {list(prefixes)} matches no parameter")
 
     # ------------------------------------------------------------------ data
 
