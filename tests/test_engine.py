@@ -203,11 +203,13 @@ def test_cancel_then_resume_recomputes_no_finished_region(tmp_path):
     b = np.asarray(read_labels(full, "prediction").levels[0])
     np.testing.assert_array_equal(a, b)
 
-    # a finished store: nothing to do again
+    # a finished store: nothing to do again, results untouched
     model.encoded_ids.clear()
     again = list(run(img, model, out))
     assert isinstance(again[-1], Finished) and again[0].todo_regions == 0
+    assert again[-1].summary["labels"] == "labels/prediction"
     assert model.encoded_ids == []
+    np.testing.assert_array_equal(np.asarray(read_labels(out, "prediction").levels[0]), b)
 
 
 def test_orders_give_the_same_result():

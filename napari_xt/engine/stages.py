@@ -114,6 +114,10 @@ class Execution:
             self.model.to(self.device, memory_format=torch.channels_last)
         else:
             self.model.to(self.device)
+        attrs = self.store.attrs() if self.store.resumed else {}
+        if attrs.get("complete"):
+            yield from self._already_complete(attrs, t0)
+            return
         self._progress()
         done0 = int(self.final.sum())
         order = self._crop_order()
@@ -179,6 +183,17 @@ class Execution:
         yield Finished(time.perf_counter() - t0, dict(self.counts),
                        None if self.store.path is None else str(self.store.path),
                        {**summary, "complete": complete})
+
+    def _already_complete(self, attrs: dict[str, Any], t0: float) -> Iterator[Event]:
+        plan = self.plan
+        yield Planned(plan.num_regions, 0, plan.grid, plan.region_size, 0, plan.k, self.order,
+                      (plan.height, plan.width), True, str(self.store.path))
+        yield Notice(f"resuming: {plan.num_regions} of {plan.num_regions} regions already "
+                     "done; the store is complete", "resume")
+        summary = dict(attrs.get("summary", {}))
+        yield Finished(time.perf_counter() - t0, {**dict.fromkeys(self.counts, 0),
+                                                  "regions": plan.num_regions},
+                       str(self.store.path), {**summary, "complete": True})
 
     def _drain(self) -> Iterator[Event]:
         yield from self.pending

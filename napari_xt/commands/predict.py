@@ -1,0 +1,174 @@
+"""``napari-xt predict IMAGE --model NAME|CKPT --out OUT.zarr``: stream a model over an image.
+
+Writes an OME-Zarr 0.5 store (labels, probabilities, detections table or classification
+record, with provenance). Interrupt with Ctrl-C: finished regions are kept, and the same
+command again resumes ("resuming: ..."). Exit codes: 0 done, 1 the run failed, 2 bad input,
+130 cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("predict", help="run a model over an image of any size",
+                              description=__doc__)
+    p.add_argument("image", help="input image: OME-Zarr, TIFF/SVS, zarr, npy")
+    p.add_argument("--model", required=True,
+                   help="zoo model name (untrained weights from seed 0) or a checkpoint file")
+    p.add_argument("--out", required=True, help="output store (a directory ending in .zarr)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
+    p.add_argument("--batch-size", type=int, default=8, help="regions per encoder batch")
+    p.add_argument("--order", choices=("raster", "zigzag", "viewport"), default="raster")
+    p.add_argument("--level", type=int, default=0, help="pyramid level to predict on")
+    p.add_argument("--outputs", default=None,
+                   help="comma list of labels, probabilities, detections, classification")
+    p.add_argument("--crop-stride", type=int, default=None, help="regions between crops")
+    p.add_argument("--threshold", type=float, default=0.5, help="detection score threshold")
+    p.add_argument("--no-cache", action="store_true", help="do not keep region embeddings")
+    p.add_argument("--rebuild-cache", action="store_true",
+                   help="replace an embedding cache made for another image or model")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace results of a different run in OUT")
+    p.add_argument("--restart", action="store_true", help="do not resume; start again")
+    p.add_argument("--on-error", choices=("stop", "continue"), default="stop",
+                   help="what an unreadable region does to the run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_command)
+
+
+def load_model(choice: str):
+    """(model, normalize) from a checkpoint path or a zoo name (fixed seed: reruns get the
+    same weights, so they resume)."""
+    import torch
+
+    from napari_xt.model import create_model, load_checkpoint, read_metadata
+
+    path = Path(choice)
+    if path.exists():
+        model = load_checkpoint(path)
+        normalize = None
+        try:
+            cfg = json.loads(read_metadata(path).get("train.config", "{}"))
+            norm = cfg.get("data", {}).get("normalize")
+            if norm:
+                normalize = (tuple(norm["mean"]), tuple(norm["std"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            normalize = None
+        return model, normalize
+    if os.sep in choice or path.suffix in (".safetensors", ".ckpt", ".pt", ".pth"):
+        raise FileNotFoundError(f"checkpoint {choice} does not exist")
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        return create_model(choice), None
+    finally:
+        torch.random.set_rng_state(state)
+
+
+class Progress:
+    """One-line text progress bar on stderr."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet, self.total, self.start, self.last = quiet, 0, time.perf_counter(), 0.0
+        self.done0 = 0
+
+    def planned(self, todo: int, total: int) -> None:
+        self.total, self.done0 = total, total - todo
+
+    def update(self, done: int, force: bool = False) -> None:
+        now = time.perf_counter()
+        if (self.quiet or (now - self.last < 0.2 and not force) or not self.total
+                or self.done0 == self.total):
+            return
+        self.last = now
+        rate = (done - self.done0) / max(now - self.start, 1e-9)
+        left = (self.total - done) / rate if rate > 0 else float("nan")
+        bar = "#" * int(30 * done / self.total)
+        print(f"\r[{bar:<30}] {done}/{self.total} regions  {rate:.1f}/s  ETA {left:.0f} s ",
+              end="", file=sys.stderr, flush=True)
+
+    def line(self, text: str) -> None:
+        if not self.quiet and self.last:
+            print(file=sys.stderr)
+            self.last = 0.0
+        print(text, file=sys.stderr, flush=True)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from napari_xt.cli import EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, EXIT_USAGE
+    from napari_xt.engine import events as ev
+    from napari_xt.engine import run
+    from napari_xt.engine.cache import CacheMismatchError
+    from napari_xt.engine.store import StoreError
+    from napari_xt.io import ImageIOError
+
+    cancel = threading.Event()
+    try:
+        model, normalize = load_model(args.model)
+        outputs = tuple(o.strip() for o in args.outputs.split(",")) if args.outputs else None
+        cache = False if args.no_cache else ("rebuild" if args.rebuild_cache else True)
+        events = run(args.image, model, args.out, device=args.device,
+                     batch_size=args.batch_size, order=args.order, level=args.level,
+                     cache=cache, overwrite=args.overwrite, resume=not args.restart,
+                     on_error=args.on_error, outputs=outputs, crop_stride=args.crop_stride,
+                     threshold=args.threshold, normalize=normalize, cancel=cancel)
+    except (ValueError, KeyError, FileNotFoundError, ImageIOError, CacheMismatchError,
+            StoreError) as err:
+        print(f"napari-xt predict: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+    def on_sigint(signum, frame):
+        cancel.set()
+        signal.signal(signal.SIGINT, previous)  # a second Ctrl-C interrupts at once
+
+    previous = signal.getsignal(signal.SIGINT)
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
+        signal.signal(signal.SIGINT, on_sigint)
+    bar = Progress(args.quiet)
+    code = EXIT_FAILED
+    try:
+        for e in events:
+            if isinstance(e, ev.Planned):
+                bar.planned(e.todo_regions, e.total_regions)
+                bar.line(f"{e.total_regions} regions ({e.grid[0]} x {e.grid[1]} of "
+                         f"{e.region_size} px), {e.crops} crops of up to {e.crop_regions} x "
+                         f"{e.crop_regions}, order {e.order}")
+            elif isinstance(e, ev.Notice):
+                bar.line(e.message)
+            elif isinstance(e, ev.RegionFailed):
+                bar.line(f"region {e.indices} failed: {e.reason}")
+            elif isinstance(e, ev.Written):
+                bar.update(e.done)
+            elif isinstance(e, ev.Finished):
+                bar.update(bar.total, force=True)
+                done = ", ".join(str(v) for k, v in e.summary.items()
+                                 if k in ("labels", "probabilities", "table"))
+                bar.line(f"wrote {e.store} ({done or 'classification'}) in {e.seconds:.1f} s: "
+                         f"{e.counts.get('encoded', 0)} regions encoded, "
+                         f"{e.counts.get('from_cache', 0)} from cache, "
+                         f"{e.counts.get('failed', 0)} failed")
+                if "classification" in e.summary:
+                    rec = e.summary["classification"]
+                    print(f"class {rec['class']} (score {rec['score']:.3f})")
+                code = EXIT_OK if e.summary.get("complete", True) else EXIT_FAILED
+            elif isinstance(e, ev.Failed):
+                bar.line(f"napari-xt predict: failed: {e.message}")
+                code = EXIT_FAILED
+            elif isinstance(e, ev.Cancelled):
+                bar.line(f"cancelled after {e.done_regions}/{e.total_regions} regions; "
+                         "run the same command again to resume")
+                code = EXIT_CANCELLED
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
+    return code
