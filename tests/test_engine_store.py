@@ -96,3 +96,19 @@ def test_detections_match_whole_image_nms():
     got = sorted(zip(table["y"].tolist(), table["x"].tolist()))
     assert got == sorted(zip(ref["y"].tolist(), ref["x"].tolist()))
     assert fin.summary["detections"] == len(ref)
+
+
+def test_carried_context_state_reaches_later_crops():
+    model = XT(create_model("xt_tiny_demo_seg", crop_regions=2, tokenizer={"region_size": 64},
+                            head={"decoder_channels": (32, 16, 16, 8, 8)},
+                            context={"kind": "transformer_xl", "chunk_len": 16,
+                                     "mem_len": 48}).cfg).eval()
+    img = marked_image(3, 4)
+    runs = {}
+    for carry in (False, True):
+        fin = list(run(img, model, None, cache=False, carry_state=carry,
+                       outputs=("labels", "probabilities")))[-1]
+        runs[carry] = fin.summary["arrays"]["probabilities"].astype(np.float32)
+    # the first crop has no memory either way; later crops see the earlier ones
+    np.testing.assert_allclose(runs[True][:, :64, :64], runs[False][:, :64, :64], atol=1e-3)
+    assert np.abs(runs[True] - runs[False]).max() > 1e-2
