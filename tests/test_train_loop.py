@@ -35,6 +35,7 @@ TINY = {
         "normalize": {"mean": [-14.0, -22.0], "std": [7.0, 7.0]},
     },
     "optim": {"steps": 40, "batch_size": 2, "lr": 0.003, "warmup_steps": 2},
+    "loss": {},
     "run": {"threads": 2, "checkpoint_every": 0, "eval_every": 0, "log_every": 1},
 }
 
@@ -70,7 +71,8 @@ def _losses(events):
 
 
 def test_resume_continues_exactly(tmp_path):
-    cfg = tiny(optim={"steps": 6}, run={"checkpoint_every": 3, "grad_ratio": 0.5})
+    cfg = tiny(optim={"steps": 6}, run={"checkpoint_every": 3, "grad_ratio": 0.5},
+               loss={"token_weight": 0.5})
     full_events = []
     full = Trainer(cfg, tmp_path / "full", full_events.append)
     full.fit()
@@ -87,6 +89,7 @@ def test_resume_continues_exactly(tmp_path):
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     assert resumed.scheduler.get_last_lr() == full.scheduler.get_last_lr()
+    torch.testing.assert_close(full.token_head.weight, resumed.token_head.weight, rtol=0, atol=0)
 
 
 def test_resume_needs_a_checkpoint(tmp_path):
@@ -142,6 +145,22 @@ def test_checkpointing_option_gives_the_same_gradients(tmp_path):
     recomputed.forward_backward(batch, 1)
     for p, q in zip(plain.model.parameters(), recomputed.model.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_token_targets_are_class_fractions_per_token_cell():
+    from napari_xt.train.losses import token_class_targets, token_loss_sum
+
+    mask = torch.zeros(1, 4, 4, dtype=torch.int64)
+    mask[0, :2, :2] = 1
+    mask[0, 0, 0] = 2
+    mask[0, 3, 3] = 255
+    t = token_class_targets(mask, 2, 3)  # (1, 3, 2, 2)
+    torch.testing.assert_close(t[0, :, 0, 0], torch.tensor([0.0, 0.75, 0.25]))
+    torch.testing.assert_close(t[0, :, 1, 1], torch.tensor([0.75, 0.0, 0.0]))
+    positions = torch.tensor([[[0, 0], [1, 1]]])
+    good = torch.tensor([[[0.0, 9.0, 0.0], [9.0, 0.0, 0.0]]])
+    bad = torch.tensor([[[9.0, 0.0, 0.0], [0.0, 9.0, 0.0]]])
+    assert token_loss_sum(good, t, positions) < token_loss_sum(bad, t, positions)
 
 
 def test_schedule_warms_up_then_decays():

@@ -36,7 +36,7 @@ from . import state as run_state
 from .config import TrainConfig
 from .data import IGNORE_INDEX, SyntheticDataset, ZarrPairDataset, collate
 from .evaluate import evaluate
-from .losses import combine, loss_terms
+from .losses import combine, loss_terms, token_class_targets, token_loss_sum
 from .synthetic import CLASS_NAMES
 
 
@@ -99,10 +99,17 @@ class Trainer:
         self.model = XT(self.model_config).to(self.device).train()
         self._init_centre_bias()
         self._zero_init(cfg.model.zero_init)
+        # training-only token classifier (deep supervision, `loss.token_weight`); not part of
+        # the saved model, kept in the training state for resume
+        self.token_head: torch.nn.Linear | None = None
+        groups = _param_groups(self.model, cfg.optim.weight_decay)
+        if cfg.loss.token_weight > 0:
+            self.token_head = torch.nn.Linear(
+                self.model.token_dim, self.model_config.num_classes
+            ).to(self.device)
+            groups += _param_groups(self.token_head, cfg.optim.weight_decay)
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            _param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas)
-        )
+        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_with_warmup(o.warmup_steps, o.steps, o.min_lr_ratio)
         )
@@ -206,6 +213,13 @@ class Trainer:
             "heatmap": float((targets["centre"] >= 1.0).sum()),
             "size": float(targets["size_weight"].sum()),
         }
+        stride = self.model.region_encoder.feature_strides[-1]
+        token_targets = None
+        if self.token_head is not None:
+            token_targets = token_class_targets(
+                batch["mask"].to(self.device), stride, self.model_config.num_classes
+            )  # (B, K, H / stride, W / stride)
+            counts["token"] = float(token_targets.sum())
         if self.cfg.loss.class_weights is not None:
             w = torch.tensor(self.cfg.loss.class_weights, device=self.device)
             m = targets["mask"]
@@ -226,6 +240,9 @@ class Trainer:
             maps = {k: v.flatten(0, 1) for k, v in maps.items()}  # (B*r, K, S, S)
             piece = {k: v[:, tidx].flatten(0, 1) for k, v in targets.items()}
             terms = loss_terms(maps, piece, self.cfg.loss)
+            if token_targets is not None:
+                t_sum = token_loss_sum(self.token_head(tokens), token_targets, pos)
+                terms["token"] = (self.cfg.loss.token_weight * t_sum, t_sum.new_tensor(0.0))
             loss = combine(terms, counts)
             loss.backward()
             total += float(loss.detach())
@@ -239,7 +256,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss, terms = self.forward_backward(self.batch_for_step(self.step), self.step)
         if self.cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -272,7 +290,12 @@ class Trainer:
 
         model_path, state_path = run_state.checkpoint_paths(self.out_dir, self.step)
         save_checkpoint(self.model, model_path, self._metadata(), overwrite=True)
-        run_state.save_training_state(state_path, self.optimizer, self.scheduler, self.step)
+        extra = {}
+        if self.token_head is not None:
+            extra["token_head"] = self.token_head.state_dict()
+        run_state.save_training_state(
+            state_path, self.optimizer, self.scheduler, self.step, extra
+        )
         run_state.write_latest(self.out_dir, self.step, model_path, state_path)
         run_state.prune_checkpoints(self.out_dir, self.cfg.run.keep_checkpoints)
         return model_path
@@ -292,6 +315,8 @@ class Trainer:
             raise ValueError(f"{model_path} holds a different model than the config describes")
         self.model.load_state_dict(loaded.state_dict())
         payload = run_state.load_training_state(state_path)
+        if self.token_head is not None:
+            self.token_head.load_state_dict(payload["extra"]["token_head"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         run_state.set_rng_state(payload["rng"])

@@ -24,6 +24,9 @@ class LossConfig:
     focal_alpha: float = 2.0
     focal_beta: float = 4.0
     centre_prior: float = 0.01  # initial centre probability (bias of the centre map at start)
+    # deep supervision of the token sequence: a training-only Linear(D -> K) on the tokens the
+    # head receives, against the class fractions of each token's pixels (0 disables it)
+    token_weight: float = 0.0
     logits_map: str = "logits"
     centre_map: str = "centre"
     size_map: str = "size"
@@ -86,3 +89,23 @@ def combine(totals: dict[str, tuple[torch.Tensor, torch.Tensor]], counts: dict[s
         part = s / max(float(counts[name]), 1.0)
         loss = part if loss is None else loss + part
     return loss
+
+
+def token_class_targets(mask: torch.Tensor, stride: int, num_classes: int) -> torch.Tensor:
+    """mask (B, H, W) -> class fractions per token cell (B, K, H / stride, W / stride);
+    ignored pixels count for no class (a cell of padding has all zeros)."""
+    valid = mask != IGNORE_INDEX
+    onehot = F.one_hot(mask.masked_fill(~valid, 0), num_classes).permute(0, 3, 1, 2).float()
+    onehot = onehot * valid[:, None]
+    return F.avg_pool2d(onehot, stride, ceil_mode=True)
+
+
+def token_loss_sum(
+    logits: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """Soft cross-entropy of token logits (B, N, K) against `token_class_targets` (B, K, h, w)
+    read at the tokens' global (row, col) positions (B, N, 2); summed over tokens."""
+    b = torch.arange(logits.shape[0], device=logits.device)[:, None]
+    rows, cols = positions[..., 0], positions[..., 1]
+    target = targets.permute(0, 2, 3, 1)[b, rows, cols]  # (B, N, K)
+    return -(target * F.log_softmax(logits.float(), dim=-1)).sum()
