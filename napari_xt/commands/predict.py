@@ -41,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--restart", action="store_true", help="do not resume; start again")
     p.add_argument("--on-error", choices=("stop", "continue"), default="stop",
                    help="what an unreadable region does to the run")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 is often fastest on a busy shared machine)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_command)
 
@@ -112,6 +114,10 @@ def run_command(args: argparse.Namespace) -> int:
     from napari_xt.io import ImageIOError
 
     cancel = threading.Event()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         model, normalize = load_model(args.model)
         outputs = tuple(o.strip() for o in args.outputs.split(",")) if args.outputs else None

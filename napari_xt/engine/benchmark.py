@@ -5,8 +5,9 @@ Each measurement runs in its own subprocess (so peak RSS is that run's alone) on
 generated synthetic slide scene (`napari_xt.sample_data.slide_scene`, uint8 RGB) with the
 zoo's smallest model (`xt_tiny_demo_seg`: test_convnext2 region encoder, 128 px regions,
 4 x 4 region crops, Hyper context) with a narrow decoder (`--decoder 32,16,16,8,8`; the
-zoo default is 256..16 wide and about 3x slower on CPU). Output: the in-memory store
-(labels only), no cache.
+zoo default is 256..16 wide and about 3x slower on CPU). Output: an OME-Zarr store in
+a temporary folder (labels with their display pyramid, as `napari-xt predict` writes), no
+embedding cache.
 
 Baselines measured in the same invocation:
 - the smallest size: ratios of seconds/MP and of peak RSS against it (flat is the goal);
@@ -53,8 +54,16 @@ def child(mode: str, size: int, model_name: str, threads: int, batch: int,
     t0 = time.perf_counter()
     if mode == "engine":
         fin = None
-        for event in run(image, model, None, cache=False, device="cpu", batch_size=batch):
-            fin = event
+        import shutil
+        import tempfile
+
+        out = tempfile.mkdtemp(prefix="xt-bench-")
+        try:
+            for event in run(image, model, f"{out}/out.zarr", cache=False, device="cpu",
+                             batch_size=batch):
+                fin = event
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
         assert isinstance(fin, Finished), fin
         extra = {"regions": fin.counts["regions"], "decoded": fin.counts["decoded"]}
     else:
