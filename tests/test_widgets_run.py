@@ -25,7 +25,9 @@ def checkpoint(tmp_path_factory):
     import torch
 
     from napari_xt.model import create_model, save_checkpoint
+    from napari_xt.widgets.models import keep_triton_out
 
+    keep_triton_out()  # a viewer may already have loaded software OpenGL's LLVM
     torch.manual_seed(0)
     model = create_model("xt_tiny_demo_seg", in_chans=2, num_classes=3,
                          head={"outputs": (("centre", 1), ("size", 1))})

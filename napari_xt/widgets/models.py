@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 DEMO_MODEL = "xT demo (built-in)"
@@ -19,6 +20,26 @@ CHECKPOINT_FILTER = "xT checkpoints (*.safetensors *.ckpt *.pth *.pt);;All files
 DEMO_FALLBACK = "xt_tiny_demo_seg"
 
 Normalize = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+def keep_triton_out() -> bool:
+    """Inside a napari window, make `import triton` fail cleanly instead of crashing.
+
+    Triton's bundled LLVM clashes with the LLVM that Mesa's software OpenGL (llvmpipe: Xvfb,
+    machines without a GPU driver) has already loaded for the canvas: loading triton after it
+    kills the process (segfault while torch imports `torch._dynamo`). When that LLVM is
+    mapped and triton is not loaded yet, triton is marked unavailable, so torch runs eagerly
+    (no `torch.compile`; the widgets never compile). Returns True when it did so."""
+    if "triton" in sys.modules or not sys.platform.startswith("linux"):
+        return False
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    if "libLLVM" not in maps:
+        return False
+    sys.modules["triton"] = None  # `import triton` raises ImportError from now on
+    return True
 
 
 def zoo_names() -> list[str]:
@@ -77,6 +98,7 @@ def load_demo_model(in_chans: int | None = None):
 def load_model(choice: str, in_chans: int | None = None):
     """(model in eval mode, description, normalization) for a widget choice. Zoo models are
     built with `in_chans` input channels (random weights); checkpoints keep their own."""
+    keep_triton_out()
     normalize = None
     if choice == DEMO_MODEL:
         model, what, normalize = load_demo_model(in_chans)

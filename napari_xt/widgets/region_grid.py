@@ -1,9 +1,11 @@
 """Live per-region progress: a Labels layer with one pixel per region.
 
 States are written into a small (rows, cols) uint8 array as events arrive (cheap, any rate);
-a timer on the main thread pushes the array to the layer at most `max_rate` times a second,
-so a burst of thousands of events costs a handful of redraws. The layer is scaled by the
-region size so each pixel covers its region of the image, with the image's translate.
+`flush()` pushes them to the layer (in place, then a refresh: no copy, no dims update),
+called by the run session's timer or, with `auto_flush`, by the painter's own timer at most
+`max_rate` times a second, so a burst of thousands of events costs a handful of redraws.
+The layer is scaled by the region size so each pixel covers its region of the image, with
+the image's translate.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class RegionGridPainter:
         translate: Sequence[float],
         max_rate: float = 10.0,
         opacity: float = 0.45,
+        auto_flush: bool = True,
     ) -> None:
         from napari.utils.colormaps import DirectLabelColormap
         from qtpy.QtCore import QTimer
@@ -71,7 +74,7 @@ class RegionGridPainter:
         if LAYER_NAME in viewer.layers:
             viewer.layers.remove(LAYER_NAME)
         self.layer = viewer.add_labels(
-            self.states.copy(),
+            self.states,
             name=LAYER_NAME,
             scale=grid_scale,
             translate=grid_translate,
@@ -83,7 +86,8 @@ class RegionGridPainter:
         self._timer = QTimer()
         self._timer.setInterval(max(1, int(1000 / max_rate)))
         self._timer.timeout.connect(self.flush)
-        self._timer.start()
+        if auto_flush:
+            self._timer.start()
 
     def mark(self, indices: Iterable[Sequence[int]], state: int) -> None:
         """Set the state of regions given as (row, col) pairs; drawn at the next flush."""
@@ -110,7 +114,7 @@ class RegionGridPainter:
         if not self._dirty or self.layer not in self.viewer.layers:
             return
         self._dirty = False
-        self.layer.data = self.states.copy()
+        self.layer.refresh()  # the layer's data is `states` itself
         self.refreshes += 1
 
     def stop(self) -> None:

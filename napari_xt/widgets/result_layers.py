@@ -86,15 +86,36 @@ class LiveResults:
             self._points.append(tiles.points)
             self._dirty["points"] = True
 
-    def flush(self) -> None:
-        """Push changed mirrors to their layers (creating the layers when first needed)."""
-        if self._dirty["labels"] and self.labels is not None:
-            self._set_labels(self.labels.copy(), self.preview_scale)
-        if self._dirty["probs"] and self.probs is not None:
-            self._set_probabilities(self.probs)
-        if self._dirty["points"]:
+    def flush(self, new_layers: int | None = 1) -> None:
+        """Push changed mirrors to their layers. Creating a layer costs napari 0.1-0.4 s, so
+        at most `new_layers` are created per call (None: no limit); the others wait for the
+        next call, their updates kept."""
+        budget = [np.inf if new_layers is None else new_layers]
+
+        def may_create(layer) -> bool:
+            if self._owned(layer):
+                return True
+            if budget[0] < 1:
+                return False
+            budget[0] -= 1
+            return True
+
+        if self._dirty["labels"] and self.labels is not None and may_create(self.labels_layer):
+            if self._owned(self.labels_layer) and self.labels_layer.data is self.labels:
+                self.labels_layer.refresh()  # written in place: refresh, no copy
+            else:
+                self._set_labels(self.labels, self.preview_scale)
+            self._dirty["labels"] = False
+        if self._dirty["points"] and may_create(self.points_layer):
             self._set_points(np.concatenate(self._points))
-        self._dirty = dict.fromkeys(self._dirty, False)
+            self._dirty["points"] = False
+        if self._dirty["probs"] and self.probs is not None:
+            missing = [k for k in range(self.probs.shape[0])
+                       if k >= len(self.prob_layers) or not self._owned(self.prob_layers[k])]
+            if not missing or may_create(None):
+                # hidden layers get their data when shown, and at the end
+                self._set_probabilities(self.probs, create=None if new_layers is None else 1)
+                self._dirty["probs"] = len(missing) > 1
 
     def _set_labels(self, data, scale, multiscale: bool = False, colors=None) -> None:
         from napari.utils.colormaps import DirectLabelColormap
@@ -116,19 +137,30 @@ class LiveResults:
         )
         self.labels_layer.editable = False
 
-    def _set_probabilities(self, probs: np.ndarray) -> None:
+    def _set_probabilities(self, probs: np.ndarray, create: int | None = None) -> None:
         cmaps = ("red", "blue", "yellow", "magenta", "green", "cyan")
         for k in range(probs.shape[0]):
             name = self.names["probability"].format(k=k)
             if k < len(self.prob_layers) and self._owned(self.prob_layers[k]):
-                self.prob_layers[k].data = probs[k].copy()
+                if self.prob_layers[k].visible:
+                    self.prob_layers[k].data = probs[k].copy()
                 continue
+            if create is not None:
+                if create < 1:
+                    return
+                create -= 1
             layer = self.viewer.add_image(
                 probs[k].copy(), name=name, scale=self.preview_scale, translate=self.translate,
                 colormap=cmaps[k % len(cmaps)], contrast_limits=(0.0, 1.0), opacity=0.6,
                 blending="additive", visible=False,
             )
+            layer.events.visible.connect(lambda event, k=k: self._show_probability(k))
             self.prob_layers.append(layer)
+
+    def _show_probability(self, k: int) -> None:
+        layer = self.prob_layers[k]
+        if layer.visible and self.probs is not None and self._owned(layer):
+            layer.data = self.probs[k].copy()
 
     def _set_points(self, table) -> None:
         import pandas as pd
@@ -142,8 +174,13 @@ class LiveResults:
         size = np.nan_to_num(features["size"].to_numpy(float), nan=0.0)
         size = np.clip(size, 6.0, None)
         colors = np.array([class_color(k) for k in features["class"]]).reshape(-1, 4)
-        if self._owned(self.points_layer):
-            self.viewer.layers.remove(self.points_layer)
+        if self._owned(self.points_layer):  # in place: no new layer, no flicker
+            layer = self.points_layer
+            layer.data = coords
+            layer.features = features
+            layer.size = size
+            layer.face_color = colors
+            return
         self.points_layer = self.viewer.add_points(
             coords, features=features, name=self.names["points"], scale=self.scale,
             translate=self.translate, size=size, face_color=colors, border_color="white",
@@ -156,7 +193,10 @@ class LiveResults:
         """Replace the previews by the store's final results (labels pyramid, table)."""
         from napari_xt.io import list_results, read_detections, read_labels
 
-        self.flush()
+        self.flush(new_layers=None)
+        for k, layer in enumerate(self.prob_layers):
+            if self._owned(layer) and self.probs is not None:
+                layer.data = self.probs[k].copy()
         results = list_results(store)
         if results["labels"]:
             lab = read_labels(store, results["labels"][0])

@@ -41,6 +41,27 @@ DEFAULTS = {"model": DEMO_MODEL, "device": "auto", "batch_size": 4, "order": "vi
             "cache": True, "resume": True, "checkpoints": []}
 
 
+def preload() -> None:
+    """Do the one-time imports now, on the main thread, while the dock opens: in the worker
+    the engine/model imports would hold the interpreter for seconds mid-run, and napari's
+    first Labels/Image/Points layers import pandas, scipy and pint lazily (~2 s)."""
+    import numpy as np
+    from napari.layers import Image, Labels, Points
+
+    from .models import keep_triton_out
+
+    keep_triton_out()
+    import timm  # noqa: F401
+
+    import napari_xt.engine.run  # noqa: F401
+    import napari_xt.engine.stages  # noqa: F401
+    import napari_xt.model.checkpoint  # noqa: F401
+
+    Labels(np.zeros((2, 2), np.uint8))
+    Image(np.zeros((2, 2), np.float32))
+    Points(np.zeros((1, 2)), features={"class": [0]})
+
+
 class RunWidget(QWidget):
     """Dock widget running xT on an image layer of `viewer`."""
 
@@ -51,6 +72,7 @@ class RunWidget(QWidget):
         self.session: RunSession | None = None
         self._choices: list[ImageChoice] = []
         self._store_edited = False
+        preload()
         self._build()
         self._restore()
         self.refresh_images()
