@@ -188,3 +188,20 @@ def test_image_smaller_than_one_region():
     with torch.no_grad():
         ref = model(torch.from_numpy(img.transpose(2, 0, 1).copy())[None])["logits"]
     np.testing.assert_allclose(probs, ref.softmax(1)[0].numpy(), atol=1e-3)
+
+
+def test_abandoned_stream_keeps_finished_regions_and_stops_threads(tmp_path):
+    import threading
+
+    from napari_xt.engine import Written
+
+    out = tmp_path / "o.zarr"
+    events = run(image(), _same_weights(), out, batch_size=2)
+    for e in events:
+        if isinstance(e, Written):
+            break
+    events.close()  # the consumer walks away mid-run
+    assert not [t for t in threading.enumerate() if t.name.startswith("napari-xt-")]
+    again = list(run(image(), _same_weights(), out, batch_size=2))
+    assert again[0].resumed and again[0].todo_regions < 16
+    assert isinstance(again[-1], Finished)

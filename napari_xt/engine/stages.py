@@ -160,6 +160,9 @@ class Execution:
             yield from self._wind_down()
             summary = finish_outputs(self.store, self.writer, self.layout, self.outputs,
                                      self.name, self.source, self._record())
+        except (GeneratorExit, KeyboardInterrupt):  # consumer stopped: keep finished work
+            self._abort()
+            raise
         except _Stop as stop:
             self._abort()
             yield from self._drain()
