@@ -129,11 +129,11 @@ class CropConstantXT(XT):
     the unblended output would step wherever crops end."""
 
     def decode(self, tokens, features=None, region_rc=None):
-        r, s = len(region_rc), self.cfg.region.region_size
-        level = 3 * torch.sin(tokens.float().mean() * 3000)  # differs from crop to crop
-        logits = torch.zeros(1, r, 2, s, s)
-        logits[:, :, 1] = level
-        return {"logits": logits}
+        b, r, s = tokens.shape[0], len(region_rc), self.cfg.region.region_size
+        level = 3 * torch.sin(tokens.float().mean(dim=(1, 2)) * 3000)  # (B,) differs by crop
+        logits = torch.zeros(b, r, 2, s, s)
+        logits[:, :, 1] = level[:, None, None, None]
+        return {"logits": logits}  # (B, R, K, S, S)
 
 
 @pytest.mark.parametrize("kind", ["constant", "gradient"])
@@ -233,3 +233,16 @@ def test_orders_give_the_same_result():
     # the same sums in another order: equal up to float rounding (stored as float16)
     np.testing.assert_allclose(results["raster"], results["zigzag"], atol=1e-3)
     np.testing.assert_allclose(results["raster"], results["viewport"], atol=1e-3)
+
+
+def test_crops_run_in_batches_give_the_same_result():
+    img = marked_image(4, 5)
+    model = seg_model()
+    out = {}
+    for bs in (1, 16):  # 1: crop by crop; 16: four 2 x 2 crops per context/decode batch
+        events = list(run(img, model, None, cache=False, batch_size=bs,
+                          outputs=("labels", "probabilities")))
+        out[bs] = (events[-1].summary["arrays"]["probabilities"],
+                   sorted(i for e in events if isinstance(e, RegionDecoded) for i in e.indices))
+    np.testing.assert_allclose(out[1][0], out[16][0], atol=1e-3)
+    assert out[1][1] == out[16][1]

@@ -8,8 +8,9 @@ napari; zarr and dask are needed only for persistent stores and the embedding ca
 
 Files: plan.py (grid, crops, windows, orders), source.py (region reads, tile cache,
 identity), pipeline.py (reader thread, feature LRU), stages.py (the compute loop),
-outputs.py (blending, finalisation, writer thread), finish.py (published results),
-cache.py, store.py, device.py, events.py, run.py (validation and options).
+crops.py (context, decode and blending per crop; alike crops batched), outputs.py
+(finalisation, writer thread), finish.py (published results), cache.py, store.py,
+device.py, events.py, run.py (validation and options), benchmark.py (`napari-xt bench`).
 
 Design choices where the engine departs from the first sketch, and why:
 

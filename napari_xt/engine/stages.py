@@ -17,26 +17,24 @@ from typing import Any
 import numpy as np
 import torch
 
+from .crops import CropStages
 from .device import BatchRunner, autocast, pick_device, release
 from .events import (
     Cancelled,
-    ContextStep,
     Event,
     Failed,
     Finished,
     Notice,
     Planned,
-    RegionDecoded,
     RegionEncoded,
     RegionFailed,
     Written,
 )
 from .finish import classification_record, finish_outputs
-from .outputs import RegionWriter, blendable, finalize_region
+from .outputs import RegionWriter
 from .pipeline import FeatureLRU, PixelBatch, Prefetcher, encode_sequence, read_batch
 from .plan import ViewportOrder
 from .store import (
-    STATE_CONTEXT,
     STATE_DONE,
     STATE_ENCODED,
     STATE_FAILED,
@@ -52,7 +50,7 @@ class _Stop(Exception):
     """Ends the compute loop with a Failed event (message in args[0])."""
 
 
-class Execution:
+class Execution(CropStages):
     def __init__(self, **kw: Any) -> None:
         self.__dict__.update(kw)
         self.device = pick_device(self.device)
@@ -150,13 +148,25 @@ class Execution:
         self.lru = FeatureLRU(cap + 2 * bs)
         self.context_state = None
         try:
+            group: list[Any] = []
             for ci in order:
                 if self.cancelled():
                     yield from self._wind_down()
                     yield Cancelled(int((self.state == STATE_DONE).sum()), plan.num_regions)
                     return
-                yield from self._crop(plan.crops[ci])
+                crop = plan.crops[ci]
+                if not self._batchable(crop, group):
+                    yield from self._flush(group)
+                    group = []
+                if self._batchable(crop, group):
+                    group.append(crop)
+                    if sum(c.rows * c.cols for c in group) >= self.batch_size:
+                        yield from self._flush(group)
+                        group = []
+                else:
+                    yield from self._crop(crop)
                 yield from self._drain()
+            yield from self._flush(group)
             yield from self._wind_down()
             summary = finish_outputs(self.store, self.writer, self.layout, self.outputs,
                                      self.name, self.source, self._record())
@@ -289,94 +299,6 @@ class Execution:
         self.counts["encoded"] += len(batch.indices)
         yield RegionEncoded(tuple(batch.indices), self.runner.batch_size,
                             time.perf_counter() - t + batch.seconds, False)
-
-    # ------------------------------------------------------------------ crops
-    def _crop(self, crop: Any) -> Iterator[Event]:
-        yield from self._ensure(crop.regions())
-        regions = [i for i in crop.regions() if i not in self.failed]
-        if not regions:
-            return
-        t = time.perf_counter()
-        feats = [self.lru.get(i) for i in regions]
-        levels = [torch.stack([f[lv] for f in feats]) for lv in range(len(feats[0]))]
-        rc = np.array([(r - crop.row0, c - crop.col0) for r, c in regions], np.int64)  # (R, 2)
-        model = self.model
-        with torch.inference_mode(), autocast(self.device):
-            last = levels[-1].unsqueeze(0)  # (1, R, C, h, w)
-            tokens, pos = model.region_tokens(last, rc)  # (1, N, D), (1, N, 2)
-            state = self.context_state if self.carry_state else None
-            tokens, state = model.contextualize(tokens, pos, state)  # (1, N[+1], D)
-            if self.carry_state:
-                self.context_state = state
-        for i in regions:
-            self.state[i] = max(self.state[i], STATE_CONTEXT)
-        self.counts["crops"] += 1
-        yield ContextStep(crop.index, tuple(regions), time.perf_counter() - t)
-        if self.classify:
-            yield from self._classify(crop, tokens)
-            return
-        sub = [n for n, i in enumerate(regions) if not self.final[i]]
-        if not sub:
-            return
-        t = time.perf_counter()
-        h, w = last.shape[-2:]
-        if len(sub) < len(regions):  # keep the tokens of the regions being decoded
-            keep = torch.zeros(crop.rows, crop.cols, dtype=torch.bool, device=pos.device)
-            keep[torch.as_tensor(rc[sub, 0]), torch.as_tensor(rc[sub, 1])] = True
-            mask = keep[pos[0, :, 0] // h, pos[0, :, 1] // w]
-            tokens = tokens[:, : pos.shape[1]][:, mask]
-        with torch.inference_mode(), autocast(self.device):
-            maps = model.decode(tokens, [lv[sub] for lv in levels], rc[sub])  # (1, R', K, S, S)
-            values = blendable({k: v[0] for k, v in maps.items()}, self.layout)  # (R', C, S, S)
-        decoded = tuple(regions[n] for n in sub)
-        self.counts["decoded"] += len(decoded)
-        yield RegionDecoded(decoded, time.perf_counter() - t)
-        for j, idx in enumerate(decoded):
-            win = self._window(crop, idx)
-            slot = self.acc.get(idx)
-            if slot is None:
-                slot = self.acc[idx] = [torch.zeros_like(values[j]), torch.zeros_like(win)]
-            slot[0] += values[j] * win
-            slot[1] += win
-            self.remaining[idx] -= 1
-            if self.remaining[idx] == 0:
-                self._final(idx)
-
-    def _window(self, crop: Any, idx: Index) -> torch.Tensor:
-        key = self.plan.window_key(crop, *idx)
-        if key not in self.windows:
-            w = self.plan.region_window(crop, *idx)  # (S, S)
-            self.windows[key] = torch.from_numpy(w).to(self.device)
-        return self.windows[key]
-
-    def _final(self, idx: Index) -> None:
-        acc, wsum = self.acc.pop(idx)
-        y0, x0, y1, x1 = self.plan.box(*idx)
-        tiles = finalize_region(acc, wsum, self.bad.pop(idx, None), (y1 - y0, x1 - x0),
-                                self.layout, self.outputs)
-        self.final[idx] = True
-        self.writer.put(idx, tiles)
-
-    def _classify(self, crop: Any, tokens: torch.Tensor) -> Iterator[Event]:
-        t = time.perf_counter()
-        with torch.inference_mode(), autocast(self.device):
-            logits = self.model.decode(tokens)["logits"][0].float().cpu().numpy()  # (K,)
-        self.logits[crop.index] = logits
-        self.logit_array[crop.index] = logits
-        self.crop_done[crop.index] = True
-        self.crop_done_array[...] = self.crop_done
-        finished = []
-        for idx in crop.regions():
-            self.remaining[idx] -= 1
-            if self.remaining[idx] == 0 and idx not in self.failed:
-                self.state[idx] = STATE_DONE
-                finished.append(idx)
-        self.state_array[...] = self.state
-        yield RegionDecoded(tuple(crop.regions()), time.perf_counter() - t)
-        if finished:
-            self.counts["written"] += len(finished)
-            yield Written(tuple(finished), 0.0, int((self.state == STATE_DONE).sum()),
-                          self.plan.num_regions)
 
     def _record(self) -> dict[str, Any] | None:
         if not self.classify:
