@@ -36,7 +36,8 @@ from .viewport import ViewportPriority
 
 REFRESH_HZ = 10
 MAX_INTERVAL_MS = 2000  # the refresh interval backs off up to this when redraws are slow
-DUTY = 0.25  # at most this share of the event loop goes to the widget's refreshes
+PROBE_MS = 25  # event-loop lateness probe period
+LAG_HIGH_MS, LAG_LOW_MS = 15.0, 4.0  # mean probe lateness that stretches / shrinks refreshes
 QUIT_AFTER_S = 10.0
 _LAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -78,6 +79,9 @@ class RunSession:
         self._quit_timer = None
         self._interval = 1000 // REFRESH_HZ
         self._last_text = 0.0
+        self._probe = None
+        self._probe_last = 0.0
+        self._lag = 0.0
         self._queue: deque = deque()
         self._busy = False
         self._worker_ended = False
@@ -104,6 +108,10 @@ class RunSession:
         self._timer.setInterval(1000 // REFRESH_HZ)
         self._timer.timeout.connect(self.pump)
         self._timer.start()
+        self._probe = QTimer()
+        self._probe.setInterval(PROBE_MS)
+        self._probe.timeout.connect(self._on_probe)
+        self._probe.start()
         self.on_status("loading the model…")
         self.worker.start()
 
@@ -237,21 +245,32 @@ class RunSession:
         self.on_status(f"failed: {message}")
 
     # ------------------------------------------------------------------ drawing
-    def _adapt_interval(self, cost_ms: float) -> None:
-        """Keep the widget's share of the event loop under `DUTY`: `cost_ms` is what the last
-        refresh took, its redraws included (software OpenGL under Xvfb: tens of ms), and the
-        next refresh waits at least cost / DUTY (between 1 / `REFRESH_HZ` and
-        `MAX_INTERVAL_MS`)."""
-        target = int(min(MAX_INTERVAL_MS, max(1000 // REFRESH_HZ, cost_ms / DUTY)))
-        if self._timer is not None and abs(target - self._interval) > 10:
-            self._interval = target
-            self._timer.setInterval(target)
-
-    def _draw(self) -> None:
-        """Push recorded progress to napari (main thread); then time the redraws it caused."""
+    def _on_probe(self) -> None:
+        """A 25 ms timer measuring how late the event loop runs (redraws included: under
+        software OpenGL one canvas redraw takes tens of ms). While it runs late the refresh
+        interval stretches (up to `MAX_INTERVAL_MS`); when it is on time it shrinks back
+        towards 1 / `REFRESH_HZ`."""
         import time
 
-        from qtpy.QtCore import QTimer
+        now = time.perf_counter()
+        if self._probe_last:
+            lag = max(0.0, (now - self._probe_last) * 1000 - PROBE_MS)
+            self._lag = 0.8 * self._lag + 0.2 * lag
+            base = 1000 // REFRESH_HZ
+            if self._lag > LAG_HIGH_MS:
+                target = min(MAX_INTERVAL_MS, int(self._interval * 1.25) + 1)
+            elif self._lag < LAG_LOW_MS:
+                target = max(base, int(self._interval * 0.95))
+            else:
+                target = self._interval
+            if target != self._interval and self._timer is not None:
+                self._interval = target
+                self._timer.setInterval(target)
+        self._probe_last = now
+
+    def _draw(self) -> None:
+        """Push recorded progress to napari (main thread)."""
+        import time
 
         t0 = time.perf_counter()
         if self.painter is not None:
@@ -264,13 +283,11 @@ class RunSession:
             self._last_text = t0
             self.on_status(f"{self.progress.n + n} / {self.progress.total} regions written")
             self.progress.update(n)
-        # runs once the paint events queued above are done: measures the whole refresh
-        QTimer.singleShot(0, lambda: self._adapt_interval(1000 * (time.perf_counter() - t0)))
 
     def _close(self) -> None:
         from napari.utils.notifications import show_error, show_warning
 
-        for timer in (self._timer, self._quit_timer):
+        for timer in (self._timer, self._quit_timer, self._probe):
             if timer is not None:
                 timer.stop()
         if self.outcome is None:  # worker quit or ended without a final event
