@@ -28,9 +28,13 @@ def test_inspect_compares_region_only_with_the_run(make_napari_viewer, qtbot, tm
 
     errors = []
     monkeypatch.setattr(notifications, "show_error", errors.append)
+    from napari._qt.qt_main_window import _instantiate_dock_widget
+
     image = scene(384)
     viewer, run = docked(make_napari_viewer, image)
-    inspect = InspectWidget(viewer)
+    # as napari builds plugin widgets: the viewer injected by annotation, behind its proxy
+    inspect = _instantiate_dock_widget(InspectWidget, viewer)
+    assert isinstance(inspect, InspectWidget) and inspect.viewer is not viewer
     viewer.window.add_dock_widget(inspect, name="Inspect context")
     inspect.compare()  # nothing to inspect yet
     assert errors and "finish a run" in errors[0]

@@ -46,12 +46,14 @@ def scene(size):
 
 
 def docked(make_napari_viewer, image, show=False, **kwargs):
+    from napari._qt.qt_main_window import _instantiate_dock_widget
+
     from napari_xt.widgets.run_widget import RunWidget
 
     viewer = make_napari_viewer(show=show)  # only shown viewers render their canvas
     viewer.add_image(image, channel_axis=0, name=["VV", "VH"], scale=SCALE,
                      translate=TRANSLATE, metadata={"source": "test scene"}, **kwargs)
-    widget = RunWidget(viewer)
+    widget = _instantiate_dock_widget(RunWidget, viewer)  # as napari builds plugin widgets
     viewer.window.add_dock_widget(widget, name="Run xT")
     widget.select_image("VV + VH (2 channels)")
     widget.device_combo.setCurrentText("cpu")

@@ -15,6 +15,8 @@ thread only.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
@@ -30,6 +32,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+if TYPE_CHECKING:
+    import napari.viewer
+
 from .context_probe import change_map, compare_region
 from .region_grid import grid_transform
 from .run_session import last_session
@@ -40,7 +45,7 @@ LAYER_ONLY, LAYER_CHANGED, LAYER_MAP = "xT region only", "xT changed by context"
 
 
 class InspectWidget(QWidget):
-    def __init__(self, viewer, parent=None) -> None:
+    def __init__(self, viewer: napari.viewer.Viewer, parent=None) -> None:
         super().__init__(parent)
         self.viewer = viewer
         self.worker = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -27,6 +28,9 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+
+if TYPE_CHECKING:
+    import napari.viewer
 
 from .image_choice import ImageChoice, image_choices
 from .models import CHECKPOINT_FILTER, DEMO_MODEL, LOAD_CHECKPOINT, zoo_names
@@ -65,7 +69,8 @@ def preload() -> None:
 class RunWidget(QWidget):
     """Dock widget running xT on an image layer of `viewer`."""
 
-    def __init__(self, viewer, settings_path: str | None = None, parent=None) -> None:
+    def __init__(self, viewer: napari.viewer.Viewer, settings_path: str | None = None,
+                 parent=None) -> None:
         super().__init__(parent)
         self.viewer = viewer
         self.settings = WidgetSettings("run", settings_path)
