@@ -56,7 +56,9 @@ def _model_choice(name: str | None) -> str:
 
 
 def _has_screen() -> bool:
-    return not sys.platform.startswith("linux") or bool(os.environ.get("DISPLAY"))
+    if not sys.platform.startswith("linux"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
 def main(args: argparse.Namespace) -> int:
