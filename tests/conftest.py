@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+import torch._dynamo  # noqa: F401  load triton's LLVM before any viewer loads Mesa's (they clash)
 
 os.environ.setdefault("NAPARI_XT_NO_DOWNLOAD", "1")
 
