@@ -4,7 +4,9 @@ Classes (mask values): 0 land, 1 sea, 2 lake. Sea and lake water look identical 
 backscatter, same speckle, same coast statistics): water is "sea" when its body touches the
 scene border and "lake" when land encloses it. Water bodies smaller than `min_body_px` pixels
 are filled with land, so every water body spans several regions and one region alone cannot
-tell sea from lake.
+tell sea from lake. Layout: in most scenes the sea enters from one random side with a meandering
+coast; lakes lie inland, kept `margin_px` from the sea and the border, with shores of the same
+meanders.
 
 Bright point targets (elongated blobs, identical in look wherever they are) are "vessels"
 (target class 1) when they float on sea, and "not vessels" (target class 0: buoys on lakes,
