@@ -62,7 +62,8 @@ class Prefetcher:
                  pin: bool = False, depth: int = 3) -> None:
         self.source, self.plan, self.pin = source, plan, pin
         self.batches = [list(b) for b in batches]
-        self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self.depth = max(1, depth)
+        self.queue: queue.Queue = queue.Queue(maxsize=self.depth)
         self.stopped = threading.Event()
         self.consumed = 0
         self.last_batch = {i: n for n, b in enumerate(self.batches) for i in b}
@@ -88,6 +89,10 @@ class Prefetcher:
         """True when a batch not yet consumed holds `index`."""
         return self.last_batch.get(index, -1) >= self.consumed
 
+    def batches_ahead(self, index: Index) -> int:
+        """How many batches must be consumed before the one holding `index` (-1: none)."""
+        return self.last_batch.get(index, -1) - self.consumed
+
     def next(self) -> PixelBatch | None:
         if not self.pending():
             return None
@@ -110,6 +115,7 @@ class FeatureLRU:
     def __init__(self, capacity: int) -> None:
         self.capacity = max(1, int(capacity))
         self.items: OrderedDict[Index, list[torch.Tensor]] = OrderedDict()
+        self.pinned: set[Index] = set()  # the regions of the crop being assembled
 
     def __contains__(self, index: Index) -> bool:
         return index in self.items
@@ -121,8 +127,11 @@ class FeatureLRU:
     def put(self, index: Index, feats: list[torch.Tensor]) -> None:
         self.items[index] = feats
         self.items.move_to_end(index)
-        while len(self.items) > self.capacity:
-            self.items.popitem(last=False)
+        if len(self.items) > self.capacity:
+            for old in [k for k in self.items if k not in self.pinned]:
+                del self.items[old]
+                if len(self.items) <= self.capacity:
+                    break
 
 
 def encode_sequence(crops: Sequence[Any], capacity: int, known: Any,

@@ -239,6 +239,7 @@ class Execution(CropStages):
 
     # ------------------------------------------------------------------ features
     def _ensure(self, regions: list[Index]) -> Iterator[Event]:
+        self.lru.pinned = set(regions)
         for idx in regions:
             if idx in self.lru or idx in self.failed:
                 continue
@@ -255,11 +256,17 @@ class Execution(CropStages):
                 self.counts["from_cache"] += len(want)
                 yield RegionEncoded(tuple(want), len(want), time.perf_counter() - t, True)
                 continue
+            # take prefetched batches only while the region is close in the read-ahead; when
+            # the order changed (viewport moved) read what this crop needs directly, so the
+            # regions now in view never wait behind the whole old queue
             while (idx not in self.lru and idx not in self.failed
-                   and self.prefetch.will_read(idx)):
+                   and self.prefetch.will_read(idx)
+                   and self.prefetch.batches_ahead(idx) < self.prefetch.depth):
                 yield from self._encode(self.prefetch.next())
             if idx not in self.lru and idx not in self.failed:
-                yield from self._encode(read_batch(self.source, self.plan, [idx], False))
+                missing = [i for i in regions if i not in self.lru and i not in self.failed
+                           and not (self.cache is not None and self.cache.has(*i))]
+                yield from self._encode(read_batch(self.source, self.plan, missing, False))
 
     def _encode(self, batch: PixelBatch) -> Iterator[Event]:
         for idx, reason in batch.failed.items():
@@ -271,6 +278,15 @@ class Execution(CropStages):
                             "are kept, run again to resume")
         if batch.pixels is None:
             return
+        fresh = [n for n, i in enumerate(batch.indices) if i not in self.lru
+                 and not (self.cache is not None and self.cache.has(*i))]
+        if len(fresh) < len(batch.indices):  # read directly earlier: never encode twice
+            if not fresh:
+                return
+            kept = [batch.indices[n] for n in fresh]
+            batch = PixelBatch(kept, batch.pixels[fresh],
+                               {i: m for i, m in batch.bad.items() if i in kept}, {},
+                               batch.seconds)
         if batch.bad:
             n = sum(int(m.sum()) for m in batch.bad.values())
             self.counts["nonfinite_pixels"] += n
