@@ -35,7 +35,7 @@ display:
 	@bash scripts/ensure_display_deps.sh
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check napari_xt tests benchmarks
+	$(VENV)/bin/ruff check napari_xt tests benchmarks scripts
 
 test: setup lint
 	$(VENV)/bin/pytest -q

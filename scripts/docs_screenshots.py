@@ -40,7 +40,6 @@ def main():
     viewer.window.add_dock_widget(inspect, name="Inspect context", area="right")
     inspect.sync()
     inspect.context_map()
-    wait(lambda: inspect.worker is None or not inspect.map_button.isEnabled() is False)
     wait(lambda: inspect.change is not None and not np.isnan(inspect.change).any(), 120)
     inspect.row_spin.setValue(7)
     inspect.col_spin.setValue(3)
