@@ -52,7 +52,7 @@ def scene(size: int, seed: int) -> tuple[np.ndarray, str]:
 
 
 def _model_choice(name: str | None) -> str:
-    from napari_xt.widgets.models import DEMO_MODEL
+    from napari_xt.model.choice import DEMO_MODEL
 
     return name or DEMO_MODEL
 
@@ -86,7 +86,7 @@ def _known_model(name: str) -> bool:
 def run_headless(args: argparse.Namespace) -> int:
     from napari_xt.engine import run
     from napari_xt.engine.events import Cancelled, Failed, Finished, Planned, Written
-    from napari_xt.widgets.models import load_model
+    from napari_xt.model.choice import load_model
     from napari_xt.widgets.run_job import run_outputs
 
     out = Path(args.out).resolve()

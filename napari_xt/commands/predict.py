@@ -9,13 +9,10 @@ command again resumes ("resuming: ..."). Exit codes: 0 done, 1 the run failed, 2
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__)
     p.add_argument("image", help="input image: OME-Zarr, TIFF/SVS, zarr, npy")
     p.add_argument("--model", required=True,
-                   help="zoo model name (untrained weights from seed 0) or a checkpoint file")
+                   help="'demo' (the built-in model), a zoo model name (untrained weights "
+                        "from seed 0) or a checkpoint file")
     p.add_argument("--out", required=True, help="output store (a directory ending in .zarr)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
     p.add_argument("--batch-size", type=int, default=8, help="regions per encoder batch")
@@ -45,35 +43,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="torch CPU threads (1 is often fastest on a busy shared machine)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_command)
-
-
-def load_model(choice: str):
-    """(model, normalize) from a checkpoint path or a zoo name (fixed seed: reruns get the
-    same weights, so they resume)."""
-    import torch
-
-    from napari_xt.model import create_model, load_checkpoint, read_metadata
-
-    path = Path(choice)
-    if path.exists():
-        model = load_checkpoint(path)
-        normalize = None
-        try:
-            cfg = json.loads(read_metadata(path).get("train.config", "{}"))
-            norm = cfg.get("data", {}).get("normalize")
-            if norm:
-                normalize = (tuple(norm["mean"]), tuple(norm["std"]))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            normalize = None
-        return model, normalize
-    if os.sep in choice or path.suffix in (".safetensors", ".ckpt", ".pt", ".pth"):
-        raise FileNotFoundError(f"checkpoint {choice} does not exist")
-    state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    try:
-        return create_model(choice), None
-    finally:
-        torch.random.set_rng_state(state)
 
 
 class Progress:
@@ -112,6 +81,7 @@ def run_command(args: argparse.Namespace) -> int:
     from napari_xt.engine.cache import CacheMismatchError
     from napari_xt.engine.store import StoreError
     from napari_xt.io import ImageIOError
+    from napari_xt.model.choice import load_model
 
     cancel = threading.Event()
     if args.threads:
@@ -119,7 +89,7 @@ def run_command(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        model, normalize = load_model(args.model)
+        model, _, normalize = load_model(args.model)
         outputs = tuple(o.strip() for o in args.outputs.split(",")) if args.outputs else None
         cache = False if args.no_cache else ("rebuild" if args.rebuild_cache else True)
         events = run(args.image, model, args.out, device=args.device,

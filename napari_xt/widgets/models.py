@@ -1,25 +1,20 @@
-"""Which models the widgets offer and how a choice becomes a loaded model.
-
-Choices are plain strings: `DEMO_MODEL` (the shipped demo model), a zoo name, or a path to a
-checkpoint file. Loading happens in the worker thread (torch is imported there, never when
-the widget is built). A loaded model comes with the input normalization it was trained with
-(per-channel mean and std, from the checkpoint's training config) or None (raw pixels).
+"""Which models the widgets offer. A choice becomes a loaded model through
+`napari_xt.model.choice` (shared with the CLI), in the worker thread: torch is imported
+there, never when the widget is built.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 
-DEMO_MODEL = "xT demo (built-in)"
+from napari_xt.model.choice import DEMO_MODEL
+
+__all__ = ["CHECKPOINT_FILTER", "DEMO_MODEL", "LOAD_CHECKPOINT",
+           "keep_triton_out", "load_model", "zoo_names"]
+
 LOAD_CHECKPOINT = "Load checkpoint…"
 CHECKPOINT_FILTER = "xT checkpoints (*.safetensors *.ckpt *.pth *.pt);;All files (*)"
-#: zoo model used as the demo when the trained demo weights are not installed (random).
-DEMO_FALLBACK = "xt_tiny_demo_seg"
-
-Normalize = tuple[tuple[float, ...], tuple[float, ...]]
 
 
 def keep_triton_out() -> bool:
@@ -51,63 +46,9 @@ def zoo_names() -> list[str]:
     return demos + [n for n in names if n not in demos]
 
 
-def is_checkpoint(choice: str) -> bool:
-    return choice not in (DEMO_MODEL, LOAD_CHECKPOINT) and (
-        os.sep in choice or Path(choice).suffix in (".safetensors", ".ckpt", ".pth", ".pt")
-    )
-
-
-def seeded_zoo_model(name: str, in_chans: int | None = None, seed: int = 0):
-    """Zoo model `name` with random weights drawn from a fixed seed, so the same choice gives
-    the same model every time (a rerun can resume its store). The global RNG is untouched."""
-    import torch
-
-    from napari_xt.model.zoo import create_model
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return create_model(name, in_chans=in_chans)
-
-
-def checkpoint_normalization(path: str | os.PathLike) -> Normalize | None:
-    """(mean, std) from a napari-xt training checkpoint's header, None if it has none."""
-    from napari_xt.model.checkpoint import CheckpointError, read_metadata
-
-    try:
-        meta = read_metadata(path)
-        norm = json.loads(meta["train.config"])["data"]["normalize"]
-        return tuple(float(v) for v in norm["mean"]), tuple(float(v) for v in norm["std"])
-    except (CheckpointError, OSError, KeyError, TypeError, ValueError):
-        return None
-
-
-def load_demo_model(in_chans: int | None = None):
-    """(model, description, normalization): the shipped demo model, or the untrained
-    `DEMO_FALLBACK` zoo model (with `in_chans` channels) when its weights are missing."""
-    try:
-        from napari_xt.train.demo import demo_weights_path
-        from napari_xt.train.demo import load_demo_model as load_trained
-
-        path = demo_weights_path()
-    except (ImportError, FileNotFoundError):
-        model = seeded_zoo_model(DEMO_FALLBACK, in_chans)
-        return model, f"{DEMO_FALLBACK} (untrained: demo weights not installed)", None
-    return load_trained(), "built-in demo model", checkpoint_normalization(path)
-
-
 def load_model(choice: str, in_chans: int | None = None):
-    """(model in eval mode, description, normalization) for a widget choice. Zoo models are
-    built with `in_chans` input channels (random weights); checkpoints keep their own."""
-    keep_triton_out()
-    normalize = None
-    if choice == DEMO_MODEL:
-        model, what, normalize = load_demo_model(in_chans)
-    elif is_checkpoint(choice):
-        from napari_xt.model.checkpoint import load_checkpoint
+    """`napari_xt.model.choice.load_model`, with triton kept out of a napari process first."""
+    from napari_xt.model.choice import load_model as load
 
-        model, what = load_checkpoint(choice), f"checkpoint {Path(choice).name}"
-        normalize = checkpoint_normalization(choice)
-    else:
-        model = seeded_zoo_model(choice, in_chans)
-        what = f"{choice} (random weights, seed 0)"
-    return model.eval(), what, normalize
+    keep_triton_out()
+    return load(choice, in_chans)
