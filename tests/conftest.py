@@ -18,8 +18,13 @@ def rng():
 
 
 @pytest.fixture(autouse=True)
-def _seed_torch():
+def _seed_torch_one_thread():
+    """Seeded, and one intra-op thread: the models in tests are small, and on 2 (often
+    shared) cores thread barriers cost more than they give."""
     import torch
 
     torch.manual_seed(0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(before)

@@ -7,15 +7,6 @@ import torch
 from napari_xt.cli import main
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on shared busy cores, thread barriers dominate small models."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def scene(tmp_path):
     path = tmp_path / "scene.npy"

@@ -20,15 +20,6 @@ from napari_xt.model import create_model
 from napari_xt.model.xt import XT
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on shared busy cores, thread barriers dominate small models."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class CountingXT(XT):
     """Records the regions each encoder call sees (by a marker pixel) and decoded counts."""
 

@@ -22,15 +22,6 @@ from napari_xt.model import create_model
 from napari_xt.model.xt import XT
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on shared busy cores, thread barriers dominate small models."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def seg_model(cls=XT):
     cfg = create_model("xt_tiny_demo_seg", crop_regions=2, tokenizer={"region_size": 64},
                        head={"decoder_channels": (32, 16, 16, 8, 8)}).cfg

@@ -3,22 +3,12 @@ detections equal to whole-image NMS."""
 
 import numpy as np
 import pytest
-import torch
 
 from napari_xt.engine import Finished, Notice, RegionEncoded, run
 from napari_xt.engine.cache import CacheMismatchError
 from napari_xt.engine.store import StoreError
 from napari_xt.model import create_model
 from napari_xt.model.xt import XT
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on shared busy cores, thread barriers dominate small models."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class CountingXT(XT):

@@ -5,16 +5,6 @@ from timm.layers import DropPath
 
 from napari_xt.model.region import RegionEncoder, RegionEncoderConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # model construction dominates here; one thread avoids contention on a shared 2-core CPU
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 S = 64  # small regions keep the CPU tests fast; every family below accepts 64 px
 
 FAMILIES = [
