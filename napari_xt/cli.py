@@ -33,13 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"napari-xt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"napari_xt.commands.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"napari_xt.commands.{name}":
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(f"napari_xt.commands.{name}").register(sub)
     return parser
 
 
