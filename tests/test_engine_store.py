@@ -3,39 +3,13 @@ detections equal to whole-image NMS."""
 
 import numpy as np
 import pytest
+from test_engine import CountingXT, marked_image, seg_model
 
 from napari_xt.engine import Finished, Notice, RegionEncoded, run
 from napari_xt.engine.cache import CacheMismatchError
 from napari_xt.engine.store import StoreError
 from napari_xt.model import create_model
 from napari_xt.model.xt import XT
-
-
-class CountingXT(XT):
-    """Records the region ids (marker pixel) the encoder sees."""
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.encoded_ids: list[int] = []
-
-    def encode_regions(self, x):
-        self.encoded_ids.extend(int(round(v)) for v in x[:, 0, 0, 0].tolist())
-        return super().encode_regions(x)
-
-
-def seg_model(cls=XT, head=None):
-    head = {"decoder_channels": (32, 16, 16, 8, 8), **(head or {})}
-    cfg = create_model("xt_tiny_demo_seg", crop_regions=2, tokenizer={"region_size": 64},
-                       head=head).cfg
-    return cls(cfg).eval()
-
-
-def marked_image(rows, cols, s=64, seed=0):
-    img = np.random.default_rng(seed).random((rows * s, cols * s, 3)).astype(np.float32)
-    for r in range(rows):
-        for c in range(cols):
-            img[r * s, c * s, 0] = r * cols + c
-    return img
 
 
 def test_cache_reuse_and_signature_mismatch(tmp_path):

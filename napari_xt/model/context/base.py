@@ -6,6 +6,7 @@ returns a state that lets a caller continue the sequence in a later call (stream
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -110,7 +111,7 @@ class ContextConfig:
         return cls(**data)
 
 
-class ContextEncoder(nn.Module):
+class ContextEncoder(nn.Module, abc.ABC):
     """Interface: `forward(tokens (B, N, D), positions (B, N, 2) | None, state) -> (tokens, state)`.
 
     `positions` are the global (row, col) of each token; the encoders here rely on the 2-D
@@ -122,13 +123,14 @@ class ContextEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
 
+    @abc.abstractmethod
     def forward(
         self,
         tokens: torch.Tensor,
         positions: torch.Tensor | None = None,
         state: Any = None,
     ) -> tuple[torch.Tensor, Any]:
-        raise NotImplementedError(f"{type(self).__name__} must implement forward")
+        """Each encoder defines its own pass over the sequence."""
 
     @staticmethod
     def _check_tokens(tokens: torch.Tensor, dim: int) -> None:
