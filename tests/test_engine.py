@@ -237,3 +237,73 @@ def test_crops_run_in_batches_give_the_same_result():
                    sorted(i for e in events if isinstance(e, RegionDecoded) for i in e.indices))
     np.testing.assert_allclose(out[1][0], out[16][0], atol=1e-3)
     assert out[1][1] == out[16][1]
+
+
+def test_spilled_accumulators_give_the_same_result(monkeypatch, tmp_path):
+    """Boundary accumulators sent to disk come back exactly: forcing every accumulator but
+    two out of memory changes nothing in the output, and the scratch folder is removed."""
+    import napari_xt.engine.stages as stages
+    from napari_xt.engine.scratch import Accumulators
+
+    img = marked_image(6, 4)
+    model = seg_model()
+    made = []
+
+    class Tiny(Accumulators):
+        def __init__(self, capacity, device="cpu", folder=None):
+            super().__init__(2, device, folder=str(tmp_path))
+            made.append(self)
+
+    out = {}
+    for label in ("memory", "spilled"):
+        if label == "spilled":
+            monkeypatch.setattr(stages, "Accumulators", Tiny)
+        fin = list(run(img, model, None, cache=False, strip_width=1,
+                       outputs=("labels", "probabilities")))[-1]
+        assert isinstance(fin, Finished)
+        out[label] = fin.summary["arrays"]
+    assert made and made[0].spills > 0
+    assert list(tmp_path.iterdir()) == []  # scratch removed at the end of the run
+    for key in ("labels", "probabilities"):
+        np.testing.assert_array_equal(out["memory"][key], out["spilled"][key])
+
+
+def test_accumulators_spill_and_return_exactly(tmp_path):
+    from napari_xt.engine.scratch import Accumulators
+
+    acc = Accumulators(2, folder=str(tmp_path))
+    rng = np.random.default_rng(0)
+    want = {}
+    for i in range(5):
+        a = torch.from_numpy(rng.random((3, 4, 4)).astype(np.float32))
+        w = torch.from_numpy(rng.random((4, 4)).astype(np.float32))
+        want[(i, 0)] = (a.clone(), w.clone())
+        acc.new((i, 0), a, w)
+    assert len(acc) == 5 and acc.in_memory == 2 and acc.spills == 3
+    slot = acc.get((0, 0))  # back from disk, now the most recent
+    slot[0] += 1.0
+    assert acc.in_memory == 2 and (0, 0) in acc
+    for idx, (a, w) in want.items():
+        got = acc.pop(idx)
+        extra = 1.0 if idx == (0, 0) else 0.0
+        torch.testing.assert_close(got[0], a + extra, rtol=0, atol=0)
+        torch.testing.assert_close(got[1], w, rtol=0, atol=0)
+    assert len(acc) == 0
+    with pytest.raises(KeyError):
+        acc.pop((9, 9))
+    acc.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tile_cache_is_sized_by_the_strip_not_the_image():
+    import dask.array as da
+
+    from napari_xt.engine.source import ImageSource
+
+    sizes = {}
+    for side in (16384, 65536):
+        src = ImageSource(da.zeros((side, side, 3), dtype=np.uint8, chunks=(512, 512, 3)))
+        sizes[side] = src.fit_tile_cache(width=(16 * 2 + 4) * 128, height=2 * 4 * 128)
+    assert sizes[16384] == sizes[65536] == (9 + 1) * (2 + 1) * 512 * 512 * 3
+    big = ImageSource(da.zeros((65536, 65536, 3), dtype=np.uint8, chunks=(2048, 2048, 3)))
+    assert big.fit_tile_cache(4608, 1024) == (3 + 1) * (1 + 1) * 2048 * 2048 * 3

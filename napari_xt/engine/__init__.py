@@ -8,7 +8,8 @@ napari; zarr and dask are needed only for persistent stores and the embedding ca
 
 Files: plan.py (grid, crops, windows, orders), source.py (region reads, tile cache,
 identity), pipeline.py (reader thread, feature LRU), stages.py (the compute loop),
-crops.py (context, decode and blending per crop; alike crops batched), outputs.py
+crops.py (context, decode and blending per crop; alike crops batched), scratch.py
+(bounded blending accumulators), outputs.py
 (finalisation, writer thread), finish.py (published results), cache.py, store.py,
 device.py, events.py, run.py (validation and options), benchmark.py (`napari-xt bench`).
 
@@ -32,9 +33,11 @@ Design choices where the engine departs from the first sketch, and why:
   times (16 for k = 4). `crop_stride=1` gives the densest blending.
 - Per-region scratch accumulators live in memory (on the device), not in a `_work` zarr
   array: scratch of unfinished regions is discarded at resume anyway, so persisting it buys
-  nothing, and strip order bounds it: about (strip_width * stride + k) * k regions inside a
-  strip plus the (k - stride) boundary columns of the grid's height waiting for the next
-  strip (xView3 at 256 px: about 100 regions, ~100 MB for a 2-class head with centre map).
+  nothing. Strip order bounds the live ones to about (strip_width * stride + k) * k regions;
+  the (k - stride) boundary columns waiting for the next strip, whose number grows with the
+  grid's height, are spilled exactly to a scratch folder beyond that (`scratch.py`).
+- The reader's tile cache is sized to one strip's working set (`ImageSource.fit_tile_cache`),
+  not a fixed cap that a larger image would fill.
 - When the embedding cache is on, features are rounded to fp16 (what the cache stores)
   before use, so a resumed or re-run prediction equals an uninterrupted one exactly.
 - Regions whose pixels cannot be read are never zero-filled: with on_error="continue" the

@@ -87,7 +87,7 @@ class CropStages:
             win = self._window(crop, idx)
             slot = self.acc.get(idx)
             if slot is None:
-                slot = self.acc[idx] = [torch.zeros_like(values[j]), torch.zeros_like(win)]
+                slot = self.acc.new(idx, torch.zeros_like(values[j]), torch.zeros_like(win))
             slot[0] += values[j] * win
             slot[1] += win
             self.remaining[idx] -= 1

@@ -134,6 +134,9 @@ def run(
                           cfg.crop_regions, crop_stride, strip_width)
     except ValueError as err:
         raise EngineInputError(str(err)) from err
+    # the reads of one strip (its width, a couple of crop rows) fit; nothing more is kept
+    size = plan.region_size
+    source.fit_tile_cache((plan.strip_width * plan.stride + plan.k) * size, 2 * plan.k * size)
     encoder_sig = {
         "image": source.identity(), "normalize": _listify(normalize),
         "model_hash": model_hash(model), "region_size": plan.region_size,

@@ -80,6 +80,19 @@ class ImageSource:
     def shape(self) -> tuple[int, int]:
         return self.height, self.width
 
+    def fit_tile_cache(self, width: int, height: int, floor: int = 16 * 2**20,
+                       ceiling: int = 2**30) -> int:
+        """Size the tile cache to a `height` x `width` px working set (what the read order
+        touches at once: a strip's width, a few crop rows), so that it no longer grows
+        with the image up to a fixed cap. Returns the new size in bytes."""
+        if self._tile is not None:
+            ty, tx = self._tile
+            tiles = (-(-min(width, self.width) // tx) + 1) * (-(-min(height, self.height) // ty)
+                                                             + 1)
+            need = tiles * ty * tx * self.channels * self.dtype.itemsize
+            self.tile_cache_bytes = int(min(max(need, floor), ceiling))
+        return self.tile_cache_bytes
+
     def read_box(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
         """Pixels [y0:y1, x0:x1] as (C, h, w) in the source dtype (through the tile cache
         when the source is chunked in tiles larger than the box)."""

@@ -34,6 +34,7 @@ from .finish import classification_record, finish_outputs
 from .outputs import RegionWriter
 from .pipeline import FeatureLRU, PixelBatch, Prefetcher, encode_sequence, read_batch
 from .plan import ViewportOrder
+from .scratch import Accumulators
 from .store import (
     STATE_DONE,
     STATE_ENCODED,
@@ -61,7 +62,7 @@ class Execution(CropStages):
                        "failed": 0, "crops": 0, "nonfinite_pixels": 0}
         self.failed: set[Index] = set()
         self.bad: dict[Index, np.ndarray] = {}
-        self.acc: dict[Index, list[torch.Tensor]] = {}
+        self.acc: Accumulators | None = None  # set once the plan's strip size is known
         self.windows: dict[tuple[int, ...], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ setup
@@ -146,6 +147,8 @@ class Execution(CropStages):
         batches = [seq[i:i + bs] for i in range(0, len(seq), bs)]
         self.prefetch = Prefetcher(self.source, plan, batches, pin=self.device.type == "cuda")
         self.lru = FeatureLRU(cap + 2 * bs)
+        # boundary columns waiting for the next strip go to disk instead of growing memory
+        self.acc = Accumulators(cap + 2 * bs, self.device)
         self.context_state = None
         try:
             group: list[Any] = []
@@ -188,6 +191,8 @@ class Execution(CropStages):
             yield Failed(f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=6)}")
             return
         finally:
+            if self.acc is not None:
+                self.acc.close()
             release(self.device)
         complete = not self.failed
         self.store.set_attrs(self._provenance(summary, complete))
