@@ -28,7 +28,8 @@ import time
 import numpy as np
 
 GOAL_MS = 100.0
-STARTUP_S = 3.0  # the first seconds of a run create its layers (napari's one-time costs)
+# "streaming" starts when the first finished regions reach the UI (after the model loaded,
+# the run was planned and its layers were created); the start-up before it is reported apart
 BEAT_MS = 10
 
 
@@ -92,13 +93,15 @@ def measure(args: argparse.Namespace) -> int:
         settle(app, 1.0)
     print("\nsummary (stall = heartbeat delay beyond its 10 ms period; goal: <= 100 ms)")
     print(f"{'mode':<8} {'max ms':>8} {'p99 ms':>8} {'max/goal':>9} {'p99/goal':>9} "
-          f"{'max>3s ms':>10} {'ratio':>6}")
+          f"{'stream max':>10} {'ratio':>6} {'stream p99':>10}")
     for mode, gaps, info in rows:
         stalls = np.clip(gaps - BEAT_MS, 0, None)
         worst, p99 = float(stalls.max(initial=0.0)), float(np.percentile(stalls, 99))
-        later = float(np.clip(info["streaming"] - BEAT_MS, 0, None).max(initial=0.0))
+        stream = np.clip(info["streaming"] - BEAT_MS, 0, None)
+        later = float(stream.max(initial=0.0))
+        later99 = float(np.percentile(stream, 99)) if len(stream) else 0.0
         print(f"{mode:<8} {worst:8.1f} {p99:8.1f} {worst / GOAL_MS:9.2f} {p99 / GOAL_MS:9.2f} "
-              f"{later:10.1f} {later / GOAL_MS:6.2f}")
+              f"{later:10.1f} {later / GOAL_MS:6.2f} {later99:10.1f}")
     viewer.close()
     return 0
 
@@ -130,7 +133,7 @@ def heartbeat_during(app, viewer, widget, mode: str, args) -> tuple[np.ndarray, 
     mover.setInterval(int(args.pan_every * 1000))
     mover.timeout.connect(lambda: setattr(camera, "center", (
         *camera.center[:-2], *(rng.uniform(0.25, 0.75, 2) * args.size * world))))
-    info: dict = {"firsts": {}}
+    info: dict = {"firsts": {}, "stream_start_s": 0.0}
     clock.start()
     heartbeat.start()
     t0 = time.perf_counter()
@@ -141,6 +144,7 @@ def heartbeat_during(app, viewer, widget, mode: str, args) -> tuple[np.ndarray, 
     elif mode == "engine":
         stop = threading.Event()
         request = widget.request()
+        info["t0"] = t0
         thread = threading.Thread(target=engine_only, args=(request, stop, info), daemon=True)
         thread.start()
         settle(app, args.seconds)
@@ -167,7 +171,9 @@ def heartbeat_during(app, viewer, widget, mode: str, args) -> tuple[np.ndarray, 
     gaps = np.diff(beats_ms)
     info["worst"] = sorted(((float(g), float(beats_ms[i] / 1000)) for i, g in enumerate(gaps)),
                            reverse=True)[:5]
-    info["streaming"] = gaps[beats_ms[:-1] > STARTUP_S * 1000]
+    if mode == "widget":
+        info["stream_start_s"] = info["firsts"].get("ResultTiles", info["seconds"])
+    info["streaming"] = gaps[beats_ms[:-1] > info["stream_start_s"] * 1000]
     return gaps, info
 
 
@@ -179,6 +185,8 @@ def engine_only(request, stop, info: dict) -> None:
     written = 0
     for item in run_events(request, stop):
         if isinstance(item, Written):
+            if not written:
+                info["stream_start_s"] = time.perf_counter() - info["t0"]
             written += len(item.indices)
     info["written"] = written
 
@@ -199,7 +207,8 @@ def report(mode: str, gaps_ms: np.ndarray, info: dict) -> None:
     print(f"  max stall {worst:.1f} ms ({worst / GOAL_MS:.2f} x the {GOAL_MS:.0f} ms goal)")
     print(f"  p99 stall {p99:.1f} ms ({p99 / GOAL_MS:.2f} x the {GOAL_MS:.0f} ms goal)")
     later = np.clip(info["streaming"] - BEAT_MS, 0, None)
-    print(f"  after the first {STARTUP_S:.0f} s: max {float(later.max(initial=0.0)):.1f} ms, "
+    print(f"  streaming (from {info['stream_start_s']:.1f} s, the first regions shown): max "
+          f"{float(later.max(initial=0.0)):.1f} ms, "
           f"p99 {float(np.percentile(later, 99)) if len(later) else 0.0:.1f} ms")
 
 

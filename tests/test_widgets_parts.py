@@ -94,3 +94,38 @@ def test_viewport_priority_follows_camera(make_napari_viewer):
     priority.disconnect()
     camera_of(viewer).center = (100 + 0.5 * 10, 0.5 * 10)
     assert priority() == pytest.approx((0.0, 799.0))
+
+
+def test_live_results_create_announced_layers_before_regions_arrive(make_napari_viewer):
+    """Layers announced at planning are created empty, one per flush; tiles arriving later
+    fill the same layers (no layer is created mid-stream)."""
+    from napari_xt.widgets.result_layers import LiveResults
+    from napari_xt.widgets.run_job import ResultTiles
+
+    viewer = make_napari_viewer()
+    live = LiveResults(viewer, "img", 300, 200, 2, (0.5, 0.5), (10.0, 20.0))
+    live.expect(("labels", "probabilities", "detections"), num_classes=3)
+    assert live.creating and len(viewer.layers) == 0
+    flushes = 0
+    while live.creating:
+        before = len(viewer.layers)
+        live.flush()
+        flushes += 1
+        assert len(viewer.layers) == before + 1  # one layer per flush
+    assert flushes == 5
+    made = {layer.name: layer for layer in viewer.layers}
+    assert made["img xT labels"].data.shape == (150, 100)
+    assert not np.asarray(made["img xT labels"].data).any()
+    assert len(made["img xT detections"].data) == 0
+    assert [f"img xT p(class {k})" in made for k in range(3)] == [True] * 3
+    tile = np.full((10, 20), 2, np.uint8)
+    prob = np.full((3, 10, 20), 0.25, np.float32)
+    points = np.zeros(1, dtype=[("y", float), ("x", float), ("class", int), ("score", float),
+                                ("size", float)])
+    points[0] = (12.0, 30.0, 1, 0.9, 8.0)
+    live.add(ResultTiles(((0, 0),), {(0, 0): (slice(0, 10), slice(0, 20), tile)},
+                         {(0, 0): (slice(0, 10), slice(0, 20), prob)}, points))
+    live.flush()
+    assert {layer.name: layer for layer in viewer.layers} == made  # same layers, updated
+    assert (np.asarray(made["img xT labels"].data)[:10, :20] == 2).all()
+    assert np.allclose(made["img xT detections"].data, [[12.0, 30.0]])

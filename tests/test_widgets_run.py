@@ -85,11 +85,15 @@ def test_run_shows_results_as_layers(make_napari_viewer, qtbot, tmp_path, checkp
     widget.batch_spin.setValue(3)
     store = tmp_path / "out.zarr"
     widget.store_edit.setText(str(store))
+    import gc
+
     session = widget.start()
     assert session is not None and not widget.run_button.isEnabled()
     assert widget.cancel_button.isEnabled()
+    assert gc.get_freeze_count() > 0  # no full collections of napari/torch mid-stream
     session = wait_done(qtbot, widget)
     assert session.outcome == "finished", widget.status.text()
+    assert gc.get_freeze_count() == 0  # unfrozen when the run ends
     assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
 
     labels = viewer.layers["VV xT labels"]

@@ -31,6 +31,14 @@ def layer_names(image_name: str) -> dict[str, str]:
             "probability": f"{image_name} xT p(class {{k}})"}
 
 
+def _zeros_like(old: np.ndarray | None, shape, dtype) -> np.ndarray:
+    """A zero mirror of `dtype`, keeping what `old` (a narrower mirror) already holds."""
+    new = np.zeros(shape, dtype=dtype)
+    if old is not None:
+        new[...] = old
+    return new
+
+
 class LiveResults:
     """Mirrors and layers of one run's outputs."""
 
@@ -70,21 +78,46 @@ class LiveResults:
                 if self._owned(lay)]
 
     # ------------------------------------------------------------------ live updates
+    def expect(self, outputs: Sequence[str], num_classes: int) -> None:
+        """Announce the layers the run will fill, so they are created (empty, one per
+        `flush`) as soon as the run is planned, before regions stream: creating a napari
+        layer stalls the event loop (0.2-0.5 s on software OpenGL), regions arriving do not."""
+        if "labels" in outputs and self.labels is None:
+            self.labels = np.zeros(self.shape, np.uint8 if num_classes < 256 else np.uint16)
+            self._dirty["labels"] = True
+        if "probabilities" in outputs and self.probs is None and num_classes > 0:
+            self.probs = np.zeros((num_classes, *self.shape), np.float32)
+            self._dirty["probs"] = True
+        if "detections" in outputs:
+            self._dirty["points"] = True
+
     def add(self, tiles) -> None:
         """Copy a `ResultTiles` into the mirrors (cheap; drawn at the next `flush`)."""
         for (ys, xs, tile) in tiles.labels.values():
-            if self.labels is None:
-                self.labels = np.zeros(self.shape, dtype=tile.dtype)
+            if self.labels is None or np.dtype(tile.dtype).itemsize > self.labels.itemsize:
+                self.labels = _zeros_like(self.labels, self.shape, tile.dtype)
             self.labels[ys, xs] = tile
             self._dirty["labels"] = True
         for (ys, xs, tile) in tiles.probabilities.values():
-            if self.probs is None:
+            if self.probs is None or self.probs.shape[0] != tile.shape[0]:
                 self.probs = np.zeros((tile.shape[0], *self.shape), dtype=np.float32)
             self.probs[:, ys, xs] = tile
             self._dirty["probs"] = True
         if tiles.points is not None and len(tiles.points):
             self._points.append(tiles.points)
             self._dirty["points"] = True
+
+    @property
+    def creating(self) -> bool:
+        """True while announced layers (see `expect`) still wait to be created."""
+        if self._dirty["labels"] and self.labels is not None and not self._owned(
+                self.labels_layer):
+            return True
+        if self._dirty["points"] and not self._owned(self.points_layer):
+            return True
+        return bool(self._dirty["probs"] and self.probs is not None and any(
+            k >= len(self.prob_layers) or not self._owned(self.prob_layers[k])
+            for k in range(self.probs.shape[0])))
 
     def flush(self, new_layers: int | None = 1) -> None:
         """Push changed mirrors to their layers. Creating a layer costs napari 0.1-0.4 s, so
@@ -107,7 +140,8 @@ class LiveResults:
                 self._set_labels(self.labels, self.preview_scale)
             self._dirty["labels"] = False
         if self._dirty["points"] and may_create(self.points_layer):
-            self._set_points(np.concatenate(self._points))
+            self._set_points(np.concatenate(self._points) if self._points else
+                             {k: np.zeros(0) for k in ("y", "x", *FEATURES)})
             self._dirty["points"] = False
         if self._dirty["probs"] and self.probs is not None:
             missing = [k for k in range(self.probs.shape[0])
@@ -174,6 +208,8 @@ class LiveResults:
         size = np.nan_to_num(features["size"].to_numpy(float), nan=0.0)
         size = np.clip(size, 6.0, None)
         colors = np.array([class_color(k) for k in features["class"]]).reshape(-1, 4)
+        if not len(colors):  # napari cannot take an empty colour array
+            colors = "#{:02x}{:02x}{:02x}".format(*(round(255 * v) for v in class_color(1)[:3]))
         if self._owned(self.points_layer):  # in place: no new layer, no flicker
             layer = self.points_layer
             layer.data = coords
