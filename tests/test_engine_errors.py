@@ -196,3 +196,43 @@ def test_abandoned_stream_keeps_finished_regions_and_stops_threads(tmp_path):
     again = list(run(image(), _same_weights(), out, batch_size=2))
     assert again[0].resumed and again[0].todo_regions < 16
     assert isinstance(again[-1], Finished)
+
+
+class SmallDecodeMemoryXT(XT):
+    """Runs out of memory when one decode call gets more than `limit` regions."""
+
+    limit = 2
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.decoded_sizes: list[int] = []
+
+    def decode(self, tokens, features=None, region_rc=None):
+        n = int(features[0].shape[0]) if features is not None else 1
+        if n > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        self.decoded_sizes.append(n)
+        return super().decode(tokens, features, region_rc)
+
+
+@pytest.mark.parametrize("batch_size", [1, 16])
+def test_oom_in_context_or_decode_backs_off_and_gives_the_same_result(batch_size):
+    """batch 16: four 2 x 2 crops per call fail, the group is split down to single crops;
+    then (as with batch 1) each crop's 4 regions are decoded 2 at a time."""
+    model = seg_model(SmallDecodeMemoryXT)
+    img = image(4, 4)
+    events = list(run(img, model, None, cache=False, batch_size=batch_size,
+                      outputs=("labels", "probabilities")))
+    assert isinstance(events[-1], Finished), events[-1]
+    notices = [e.message for e in events if isinstance(e, Notice) and e.kind == "oom"]
+    if batch_size == 16:
+        assert notices[0] == "CPU out of memory in context/decode: 4 crops -> 2 at a time"
+    assert "CPU out of memory in decode: 4 regions -> 2 at a time" in notices
+    assert max(model.decoded_sizes) <= 2
+    model.limit = 1000  # the same weights with memory to spare
+    ref = list(run(img, model, None, cache=False, batch_size=1,
+                   outputs=("labels", "probabilities")))[-1]
+    np.testing.assert_allclose(events[-1].summary["arrays"]["probabilities"],
+                               ref.summary["arrays"]["probabilities"], atol=1e-3)
+    assert (events[-1].summary["arrays"]["labels"] == ref.summary["arrays"]["labels"]).mean() \
+        > 0.999

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .device import autocast
-from .events import ContextStep, Event, RegionDecoded, Written
+from .device import autocast, device_name, is_oom, release
+from .events import ContextStep, Event, Notice, RegionDecoded, Written
 from .outputs import blendable, finalize_region
 from .store import STATE_CONTEXT, STATE_DONE
 
@@ -31,6 +31,7 @@ Index = tuple[int, int]
 class CropStages:
     """Needs from the host: model, plan, device, lru, acc, windows, state, final, failed,
     remaining, counts, layout, outputs, writer, carry_state, classify, bad, batch_size,
+    group_regions and decode_chunk (out-of-memory limits), pending (notices),
     logits/crop_done arrays (classification) and `_ensure`."""
 
     def _batchable(self, crop: Any, group: list[Any]) -> bool:
@@ -43,7 +44,8 @@ class CropStages:
         return not any(self.final[i] or i in self.failed for i in crop.regions())
 
     def _flush(self, group: list[Any]) -> Iterator[Event]:
-        """Context and decode of several crops in one batch (B = len(group))."""
+        """Context and decode of several crops in one batch (B = len(group)). On device
+        out-of-memory the group is split in halves (and later groups kept that small)."""
         if len(group) <= 1:
             for crop in group:
                 yield from self._crop(crop)
@@ -58,21 +60,36 @@ class CropStages:
         first = group[0]
         rc = np.array([(r - first.row0, c - first.col0) for r, c in first.regions()], np.int64)
         feats = [[self.lru.get(i) for i in c.regions()] for c in group]
-        levels = [torch.stack([torch.stack([f[lv] for f in fs]) for fs in feats])
-                  for lv in range(len(feats[0][0]))]  # [(B, R, C_l, h_l, w_l)]
-        with torch.inference_mode(), autocast(self.device):
-            tokens, pos = self.model.region_tokens(levels[-1], rc)  # (B, N, D), (B, N, 2)
-            tokens, _ = self.model.contextualize(tokens, pos)
+        try:
+            levels = [torch.stack([torch.stack([f[lv] for f in fs]) for fs in feats])
+                      for lv in range(len(feats[0][0]))]  # [(B, R, C_l, h_l, w_l)]
+            with torch.inference_mode(), autocast(self.device):
+                tokens, pos = self.model.region_tokens(levels[-1], rc)  # (B, N, D), (B, N, 2)
+                tokens, _ = self.model.contextualize(tokens, pos)
+            t_context = (time.perf_counter() - t) / len(group)
+            t = time.perf_counter()
+            with torch.inference_mode(), autocast(self.device):
+                maps = self.model.decode(tokens, [lv.flatten(0, 1) for lv in levels], rc)
+        except Exception as err:
+            if not is_oom(err):
+                raise
+            half = len(group) // 2
+            regions = sum(c.rows * c.cols for c in group)
+            self.group_regions = max(1, min(self.group_regions, regions // 2))
+            levels = tokens = maps = None
+            release(self.device)
+            self.pending.append(Notice(
+                f"{device_name(self.device)} out of memory in context/decode: {len(group)} "
+                f"crops -> {half} at a time", "oom"))
+            yield from self._flush(group[:half])
+            yield from self._flush(group[half:])
+            return
         seconds = (time.perf_counter() - t) / len(group)
         for crop in group:
             for i in crop.regions():
                 self.state[i] = max(self.state[i], STATE_CONTEXT)
             self.counts["crops"] += 1
-            yield ContextStep(crop.index, tuple(crop.regions()), seconds)
-        t = time.perf_counter()
-        with torch.inference_mode(), autocast(self.device):
-            maps = self.model.decode(tokens, [lv.flatten(0, 1) for lv in levels], rc)
-        seconds = (time.perf_counter() - t) / len(group)
+            yield ContextStep(crop.index, tuple(crop.regions()), t_context)
         for b, crop in enumerate(group):  # maps: {name: (B, R, K, S, S)}
             with torch.inference_mode():
                 values = blendable({k: v[b] for k, v in maps.items()}, self.layout)
@@ -122,19 +139,50 @@ class CropStages:
         if not sub:
             return
         t = time.perf_counter()
-        h, w = last.shape[-2:]
-        if len(sub) < len(regions):  # keep the tokens of the regions being decoded
-            keep = torch.zeros(crop.rows, crop.cols, dtype=torch.bool, device=pos.device)
-            keep[torch.as_tensor(rc[sub, 0]), torch.as_tensor(rc[sub, 1])] = True
-            mask = keep[pos[0, :, 0] // h, pos[0, :, 1] // w]
-            tokens = tokens[:, : pos.shape[1]][:, mask]
-        with torch.inference_mode(), autocast(self.device):
-            maps = model.decode(tokens, [lv[sub] for lv in levels], rc[sub])  # (1, R', K, S, S)
-            values = blendable({k: v[0] for k, v in maps.items()}, self.layout)  # (R', C, S, S)
+        values = self._decode_chunks(crop, tokens, pos, levels, rc, sub, len(regions))
         decoded = tuple(regions[n] for n in sub)
         self.counts["decoded"] += len(decoded)
         yield RegionDecoded(decoded, time.perf_counter() - t)
         self._accumulate(crop, decoded, values)
+
+    def _decode_chunks(self, crop: Any, tokens: torch.Tensor, pos: torch.Tensor,
+                       levels: list[torch.Tensor], rc: np.ndarray, sub: list[int],
+                       n_regions: int) -> torch.Tensor:
+        """Blendable maps (R', C, S, S) of the crop's regions `sub`, decoded `decode_chunk`
+        regions at a time; on device out-of-memory the chunk is halved (down to one region,
+        then the error propagates) and kept that small for the rest of the run."""
+        parts: list[torch.Tensor] = []
+        start = 0
+        while start < len(sub):
+            size = len(sub) if self.decode_chunk is None else self.decode_chunk
+            part = sub[start:start + size]
+            try:
+                parts.append(self._decode_part(crop, tokens, pos, levels, rc, part,
+                                               len(part) == n_regions))
+            except Exception as err:
+                if not is_oom(err) or len(part) == 1:
+                    raise
+                self.decode_chunk = max(1, len(part) // 2)
+                release(self.device)
+                self.pending.append(Notice(
+                    f"{device_name(self.device)} out of memory in decode: {len(part)} regions "
+                    f"-> {self.decode_chunk} at a time", "oom"))
+                continue
+            start += len(part)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _decode_part(self, crop: Any, tokens: torch.Tensor, pos: torch.Tensor,
+                     levels: list[torch.Tensor], rc: np.ndarray, part: list[int],
+                     whole: bool) -> torch.Tensor:
+        h, w = levels[-1].shape[-2:]
+        if not whole:  # keep the tokens of the regions being decoded
+            keep = torch.zeros(crop.rows, crop.cols, dtype=torch.bool, device=pos.device)
+            keep[torch.as_tensor(rc[part, 0]), torch.as_tensor(rc[part, 1])] = True
+            mask = keep[pos[0, :, 0] // h, pos[0, :, 1] // w]
+            tokens = tokens[:, : pos.shape[1]][:, mask]
+        with torch.inference_mode(), autocast(self.device):
+            maps = self.model.decode(tokens, [lv[part] for lv in levels], rc[part])
+            return blendable({k: v[0] for k, v in maps.items()}, self.layout)  # (R', C, S, S)
 
     def _window(self, crop: Any, idx: Index) -> torch.Tensor:
         key = self.plan.window_key(crop, *idx)

@@ -5,6 +5,8 @@
 - `BatchRunner`: runs a function on slices of a batch; on `torch.OutOfMemoryError` it halves
   the batch size, empties the CUDA cache, reports a notice and retries, down to one item
   (then the error propagates). The smaller batch size is kept for the rest of the run.
+  Context/decode calls back off the same way in `crops.py` (crop groups split in halves,
+  a crop's regions decoded in halved chunks).
 """
 
 from __future__ import annotations
@@ -80,12 +82,12 @@ class BatchRunner:
                 old = self.batch_size
                 self.batch_size = max(1, (stop - start) // 2)
                 release(self.device)
-                self.notify(f"{_device_name(self.device)} out of memory: batch {old} -> "
+                self.notify(f"{device_name(self.device)} out of memory: batch {old} -> "
                             f"{self.batch_size}")
                 continue
             start = stop
         return out
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     return {"cuda": "CUDA", "mps": "MPS", "cpu": "CPU"}.get(device.type, device.type)

@@ -64,6 +64,8 @@ class Execution(CropStages):
         self.bad: dict[Index, np.ndarray] = {}
         self.acc: Accumulators | None = None  # set once the plan's strip size is known
         self.windows: dict[tuple[int, ...], torch.Tensor] = {}
+        self.group_regions = self.batch_size  # regions per batched context/decode call
+        self.decode_chunk: int | None = None  # regions per decode call (None: a whole crop)
 
     # ------------------------------------------------------------------ setup
     def _progress(self) -> None:
@@ -163,7 +165,7 @@ class Execution(CropStages):
                     group = []
                 if self._batchable(crop, group):
                     group.append(crop)
-                    if sum(c.rows * c.cols for c in group) >= self.batch_size:
+                    if sum(c.rows * c.cols for c in group) >= self.group_regions:
                         yield from self._flush(group)
                         group = []
                 else:
