@@ -115,9 +115,14 @@ class LiveResults:
             return True
         if self._dirty["points"] and not self._owned(self.points_layer):
             return True
-        return bool(self._dirty["probs"] and self.probs is not None and any(
-            k >= len(self.prob_layers) or not self._owned(self.prob_layers[k])
-            for k in range(self.probs.shape[0])))
+        return bool(self._dirty["probs"] and self._missing_probabilities())
+
+    def _missing_probabilities(self) -> list[int]:
+        """Classes whose probability layer does not exist (yet, or any more)."""
+        if self.probs is None:
+            return []
+        return [k for k in range(self.probs.shape[0])
+                if k >= len(self.prob_layers) or not self._owned(self.prob_layers[k])]
 
     def flush(self, new_layers: int | None = 1) -> None:
         """Push changed mirrors to their layers. Creating a layer costs napari 0.1-0.4 s, so
@@ -144,8 +149,7 @@ class LiveResults:
                              {k: np.zeros(0) for k in ("y", "x", *FEATURES)})
             self._dirty["points"] = False
         if self._dirty["probs"] and self.probs is not None:
-            missing = [k for k in range(self.probs.shape[0])
-                       if k >= len(self.prob_layers) or not self._owned(self.prob_layers[k])]
+            missing = self._missing_probabilities()
             if not missing or may_create(None):
                 # hidden layers get their data when shown, and at the end
                 self._set_probabilities(self.probs, create=None if new_layers is None else 1)
