@@ -92,3 +92,12 @@ def test_bad_input_exit_codes(scene, tmp_path, capsys):
     assert "overwrite" in capsys.readouterr().err
     assert main(["predict", str(scene), "--model", "xt_tiny_demo_seg", "--out", out,
                  "--threshold", "0.6", "--overwrite", "--quiet"]) == 0
+    # merging crops by outputs instead of tokens is another run too; provenance says which
+    assert main(["predict", str(scene), "--model", "xt_tiny_demo_seg", "--out", out,
+                 "--threshold", "0.6", "--blend", "outputs"]) == 2
+    assert "overwrite" in capsys.readouterr().err
+    assert main(["predict", str(scene), "--model", "xt_tiny_demo_seg", "--out", out,
+                 "--threshold", "0.6", "--blend", "outputs", "--overwrite", "--quiet"]) == 0
+    import zarr
+
+    assert zarr.open_group(out, mode="r").attrs["napari-xt"]["settings"]["blend"] == "outputs"

@@ -17,7 +17,7 @@ from napari_xt.engine import (
 )
 from napari_xt.engine.store import STATE_DONE
 from napari_xt.model import create_model
-from napari_xt.model.xt import XT
+from napari_xt.model.xt import XT, token_maps
 
 
 class CountingXT(XT):
@@ -127,20 +127,45 @@ class CropConstantXT(XT):
         return {"logits": logits}  # (B, R, K, S, S)
 
 
+class CropOffsetXT(XT):
+    """The context sets every token of a crop to one crop-dependent value; each token
+    decodes to one s/h x s/h block (nearest upsampling), so without blending the tokens the
+    output would step wherever crops end."""
+
+    def contextualize(self, tokens, positions=None, state=None, append_cls=True):
+        level = 3 * torch.sin(tokens.float().mean(dim=(1, 2)) * 3000)  # (B,) differs by crop
+        return torch.zeros_like(tokens) + level[:, None, None].to(tokens.dtype), state
+
+    def decode(self, tokens, features=None, region_rc=None):
+        h, w = features[-1].shape[-2:]
+        s = self.cfg.region.region_size
+        deep = token_maps(tokens, region_rc, h, w)[:, :1]  # (R, 1, h, w)
+        level = torch.nn.functional.interpolate(deep.float(), size=(s, s), mode="nearest")
+        logits = torch.cat([torch.zeros_like(level), level], 1)
+        return {"logits": logits.reshape(tokens.shape[0], -1, 2, s, s)}  # (B, R, K, S, S)
+
+
 @pytest.mark.parametrize("kind", ["constant", "gradient"])
-def test_blending_has_no_seams_where_crops_end(kind):
-    cfg = seg_model().cfg
-    model = CropConstantXT(cfg).eval()
-    s, n = 64, 5
+@pytest.mark.parametrize("blend", ["tokens", "outputs"])
+def test_blending_has_no_seams_where_crops_end(kind, blend):
+    """Crops disagree (their context differs); blending what `blend` names over the crops'
+    windows must leave no step where crops end: no larger than steps inside regions and a
+    fifth of the step without overlap. Token blending is at token resolution: 128 px
+    regions give 4 x 4 tokens each, 8 per crop side (64 px regions, 2 per side, would leave
+    only 4 window samples across a crop)."""
+    s, n = (128, 5) if blend == "tokens" else (64, 5)
+    cfg = create_model("xt_tiny_demo_seg", crop_regions=2, tokenizer={"region_size": s}).cfg
+    model = (CropOffsetXT if blend == "tokens" else CropConstantXT)(cfg).eval()
     yy, xx = np.mgrid[: n * s, : n * s]
     img = np.full((n * s, n * s, 3), 0.5, np.float32)
     if kind == "gradient":
         img = np.repeat(((yy + 2 * xx) / (3 * n * s))[..., None], 3, -1).astype(np.float32)
     img = img + (np.sin(yy / 17.0) * np.cos(xx / 23.0))[..., None].astype(np.float32)
-    hard = list(run(img, model, None, cache=False, crop_stride=2,
+    hard = list(run(img, model, None, cache=False, crop_stride=2, blend=blend,
                     outputs=("labels", "probabilities")))[-1]
     p_hard = hard.summary["arrays"]["probabilities"][1].astype(np.float32)
-    fin = list(run(img, model, None, cache=False, outputs=("labels", "probabilities")))[-1]
+    fin = list(run(img, model, None, cache=False, blend=blend,
+                   outputs=("labels", "probabilities")))[-1]
     p = fin.summary["arrays"]["probabilities"][1].astype(np.float32)
     bounds = [s * i - 1 for i in range(1, n)]
     for axis in (0, 1):
@@ -192,7 +217,7 @@ def test_cancel_then_resume_recomputes_no_finished_region(tmp_path):
     todo = np.ones(plan.grid, bool)
     for r, c in finished:
         todo[r, c] = False
-    assert model.decoded == int(plan.coverage[todo].sum())
+    assert model.decoded == int(todo.sum())  # blend="tokens": each unfinished region once
 
     # the resumed result equals an uninterrupted run
     full = tmp_path / "full.zarr"

@@ -199,9 +199,16 @@ def test_abandoned_stream_keeps_finished_regions_and_stops_threads(tmp_path):
 
 
 class SmallDecodeMemoryXT(XT):
-    """Runs out of memory when one decode call gets more than `limit` regions."""
+    """Runs out of memory when one decode call gets more than `limit` regions, or one
+    context call more than `context_limit` crops."""
 
     limit = 2
+    context_limit = 1000
+
+    def contextualize(self, tokens, positions=None, state=None, append_cls=True):
+        if tokens.shape[0] > self.context_limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return super().contextualize(tokens, positions, state, append_cls)
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -215,22 +222,30 @@ class SmallDecodeMemoryXT(XT):
         return super().decode(tokens, features, region_rc)
 
 
+@pytest.mark.parametrize("blend", ["tokens", "outputs"])
 @pytest.mark.parametrize("batch_size", [1, 16])
-def test_oom_in_context_or_decode_backs_off_and_gives_the_same_result(batch_size):
-    """batch 16: four 2 x 2 crops per call fail, the group is split down to single crops;
-    then (as with batch 1) each crop's 4 regions are decoded 2 at a time."""
+def test_oom_in_context_or_decode_backs_off_and_gives_the_same_result(batch_size, blend):
+    """outputs: with batch 16 four 2 x 2 crops per call fail in decode, the group is split
+    down to single crops; then (as with batch 1) each crop's 4 regions are decoded 2 at a
+    time. tokens: the context fails with more than 2 crops per call (batch 16) and the
+    decode of the regions completed together is done 2 at a time."""
     model = seg_model(SmallDecodeMemoryXT)
+    if blend == "tokens":
+        model.context_limit = 2
     img = image(4, 4)
-    events = list(run(img, model, None, cache=False, batch_size=batch_size,
+    events = list(run(img, model, None, cache=False, batch_size=batch_size, blend=blend,
                       outputs=("labels", "probabilities")))
     assert isinstance(events[-1], Finished), events[-1]
     notices = [e.message for e in events if isinstance(e, Notice) and e.kind == "oom"]
     if batch_size == 16:
         assert notices[0] == "CPU out of memory in context/decode: 4 crops -> 2 at a time"
-    assert "CPU out of memory in decode: 4 regions -> 2 at a time" in notices
+    if blend == "outputs":
+        assert "CPU out of memory in decode: 4 regions -> 2 at a time" in notices
+    else:
+        assert [m for m in notices if m.startswith("CPU out of memory in decode: ")], notices
     assert max(model.decoded_sizes) <= 2
-    model.limit = 1000  # the same weights with memory to spare
-    ref = list(run(img, model, None, cache=False, batch_size=1,
+    model.limit = model.context_limit = 1000  # the same weights with memory to spare
+    ref = list(run(img, model, None, cache=False, batch_size=1, blend=blend,
                    outputs=("labels", "probabilities")))[-1]
     np.testing.assert_allclose(events[-1].summary["arrays"]["probabilities"],
                                ref.summary["arrays"]["probabilities"], atol=1e-3)

@@ -30,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--outputs", default=None,
                    help="comma list of labels, probabilities, detections, classification")
     p.add_argument("--crop-stride", type=int, default=None, help="regions between crops")
+    p.add_argument("--blend", choices=("tokens", "outputs"), default="tokens",
+                   help="merge overlapping crops by their context tokens (each region "
+                        "decoded once, default) or by their decoded outputs (3-4x slower)")
     p.add_argument("--threshold", type=float, default=0.5, help="detection score threshold")
     p.add_argument("--no-cache", action="store_true", help="do not keep region embeddings")
     p.add_argument("--rebuild-cache", action="store_true",
@@ -96,7 +99,7 @@ def run_command(args: argparse.Namespace) -> int:
                      batch_size=args.batch_size, order=args.order, level=args.level,
                      cache=cache, overwrite=args.overwrite, resume=not args.restart,
                      on_error=args.on_error, outputs=outputs, crop_stride=args.crop_stride,
-                     threshold=args.threshold, normalize=normalize, cancel=cancel)
+                     blend=args.blend, threshold=args.threshold, normalize=normalize, cancel=cancel)
     except (ValueError, KeyError, FileNotFoundError, ImageIOError, CacheMismatchError,
             StoreError) as err:
         print(f"napari-xt predict: {err}", file=sys.stderr)

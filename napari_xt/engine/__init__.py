@@ -8,7 +8,7 @@ napari; zarr and dask are needed only for persistent stores and the embedding ca
 
 Files: plan.py (grid, crops, windows, orders), source.py (region reads, tile cache,
 identity), pipeline.py (reader thread, feature LRU), stages.py (the compute loop),
-crops.py (context, decode and blending per crop; alike crops batched), scratch.py
+crops.py (context per crop, blending across crops, decode; alike crops batched), scratch.py
 (bounded blending accumulators), outputs.py
 (finalisation, writer thread), finish.py (published results), cache.py, store.py,
 device.py, events.py, run.py (validation and options), benchmark.py (`napari-xt bench`).
@@ -19,18 +19,25 @@ Design choices where the engine departs from the first sketch, and why:
   training uses) runs the UNet head on each region's own feature maps; the head's
   GroupNorm statistics and zero padding are per region. Decoding a stitched crop-level map
   would give outputs the model was never trained to produce and would break
-  "engine == model forward" on an image that fits one crop. The engine therefore calls
-  `model.decode` once per crop with all of that crop's unfinished regions (their
-  contextualized tokens and features) and blends the per-region maps across overlapping
-  crops. Seams at region boundaries are then those of the model itself, reduced by the
-  blending (tests compare against the model's own forward); a crop-level decoder mode in
-  the model would be picked up through `model.decode` unchanged.
+  "engine == model forward" on an image that fits one crop.
+- Overlapping crops are merged by their context, not by their decodes (blend="tokens", the
+  default): each region's contextualized token map is averaged over the crops covering it
+  with the crops' windows (at token resolution), and the region is decoded ONCE from the
+  averaged tokens with its own skip features. Averaging decoded outputs instead
+  (blend="outputs") decodes every region in each of its 3-4 crops: the decoder, the
+  costliest stage on CPU, ran ~3.5-4x per region, and its share grew with the image (border
+  regions have fewer crops), so time per megapixel was not flat. Measured on held-out
+  synthetic scenes larger than the demo model's crop (`benchmarks/blend_quality.py`),
+  token blending was also the more accurate of the two. On an image that fits one crop
+  both equal the model's forward. Seams at region boundaries are those of the model
+  itself (tests compare against the model's own forward, and against a toy model whose
+  crops disagree).
 - Token positions are crop-local (the crop's top-left region is (0, 0)), as in training on
   k x k crops; global positions on a 100 x 100 region grid would be far outside the
   sin-cos range the model has seen.
 - Default crop stride is max(1, k // 2) regions, not 1: every interior region boundary is
-  still strictly inside some crop, but each region is decoded at most 4 times instead of k^2
-  times (16 for k = 4). `crop_stride=1` gives the densest blending.
+  still strictly inside some crop, while each region is contextualized in at most 4 crops
+  instead of k^2 (16 for k = 4). `crop_stride=1` gives the densest blending.
 - Per-region scratch accumulators live in memory (on the device), not in a `_work` zarr
   array: scratch of unfinished regions is discarded at resume anyway, so persisting it buys
   nothing. Strip order bounds the live ones to about (strip_width * stride + k) * k regions;

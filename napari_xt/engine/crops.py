@@ -1,14 +1,23 @@
 """Crop stages of the compute loop (a mixin of `stages.Execution`).
 
 Per crop: stitch its regions' deepest features into a token sequence with crop-local
-positions (`region_tokens`), `contextualize`, `decode` the crop's unfinished regions and
-add the window-weighted maps to the per-region accumulators; a region whose covering crops
-are all done is finalised and handed to the writer. Alike crops (same shape, every region
-to decode, no carried state) run together, B crops per context/decode batch, up to about
-`batch_size` regions.
+positions (`region_tokens`), `contextualize`, then blend across overlapping crops:
+
+- blend="tokens" (default): add each region's contextualized token map, weighted by the
+  crop's window at token resolution, to the region's accumulator; once every crop covering
+  a region is done, `decode` the region ONCE from its blended tokens and finalise it. The
+  decoder (the costliest stage on CPU) runs once per region whatever the overlap;
+- blend="outputs": `decode` the crop's unfinished regions in every covering crop and add the
+  window-weighted output maps (probabilities) to the accumulators (about 3-4 decodes per
+  region at the default stride).
+
+A region whose covering crops are all done is finalised and handed to the writer. Alike
+crops (same shape, every region to decode, no carried state) run together, B crops per
+context/decode batch, up to about `batch_size` regions.
 
 Layouts: features per level (R, C_l, h_l, w_l) per crop, (B, R, ...) batched; tokens
-(B, N, D); maps {name: (B, R, K, S, S)}; accumulators (C_tot, S, S) + weights (S, S).
+(B, N, D); maps {name: (B, R, K, S, S)}; accumulators (C_tot, S, S) + weights (S, S) for
+outputs, (D, h, w) + (h, w) for tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from napari_xt.model.xt import token_maps, token_sequence
+
 from .device import autocast, device_name, is_oom, release
 from .events import ContextStep, Event, Notice, RegionDecoded, Written
 from .outputs import blendable, finalize_region
@@ -30,7 +41,7 @@ Index = tuple[int, int]
 
 class CropStages:
     """Needs from the host: model, plan, device, lru, acc, windows, state, final, failed,
-    remaining, counts, layout, outputs, writer, carry_state, classify, bad, batch_size,
+    remaining, counts, layout, outputs, writer, carry_state, classify, bad, batch_size, blend,
     group_regions and decode_chunk (out-of-memory limits), pending (notices),
     logits/crop_done arrays (classification) and `_ensure`."""
 
@@ -68,8 +79,9 @@ class CropStages:
                 tokens, _ = self.model.contextualize(tokens, pos)
             t_context = (time.perf_counter() - t) / len(group)
             t = time.perf_counter()
-            with torch.inference_mode(), autocast(self.device):
-                maps = self.model.decode(tokens, [lv.flatten(0, 1) for lv in levels], rc)
+            if self.blend != "tokens":
+                with torch.inference_mode(), autocast(self.device):
+                    maps = self.model.decode(tokens, [lv.flatten(0, 1) for lv in levels], rc)
         except Exception as err:
             if not is_oom(err):
                 raise
@@ -90,18 +102,31 @@ class CropStages:
                 self.state[i] = max(self.state[i], STATE_CONTEXT)
             self.counts["crops"] += 1
             yield ContextStep(crop.index, tuple(crop.regions()), t_context)
+        if self.blend == "tokens":
+            h, w = levels[-1].shape[-2:]
+            complete: list[Index] = []
+            for b, crop in enumerate(group):
+                with torch.inference_mode():
+                    maps = token_maps(tokens[b:b + 1], rc, h, w).float()  # (R, D, h, w)
+                complete += self._accumulate(crop, tuple(crop.regions()), maps)
+            yield from self._decode_blended(complete)
+            return
         for b, crop in enumerate(group):  # maps: {name: (B, R, K, S, S)}
             with torch.inference_mode():
                 values = blendable({k: v[b] for k, v in maps.items()}, self.layout)
             regions = tuple(crop.regions())
             self.counts["decoded"] += len(regions)
             yield RegionDecoded(regions, seconds)
-            self._accumulate(crop, regions, values)
+            for idx in self._accumulate(crop, regions, values):
+                self._final(idx, *self.acc.pop(idx))
 
-    def _accumulate(self, crop: Any, regions: tuple[Index, ...], values: torch.Tensor) -> None:
-        """values (R, C_tot, S, S): window-weighted sums per region; finalise complete ones."""
+    def _accumulate(self, crop: Any, regions: tuple[Index, ...],
+                    values: torch.Tensor) -> list[Index]:
+        """values (R, C, s, s) (output maps, or token maps h x w): window-weighted sums per
+        region; returns the regions whose covering crops are now all done."""
+        complete = []
         for j, idx in enumerate(regions):
-            win = self._window(crop, idx)
+            win = self._window(crop, idx, tuple(values.shape[-2:]))
             slot = self.acc.get(idx)
             if slot is None:
                 slot = self.acc.new(idx, torch.zeros_like(values[j]), torch.zeros_like(win))
@@ -109,7 +134,32 @@ class CropStages:
             slot[1] += win
             self.remaining[idx] -= 1
             if self.remaining[idx] == 0:
-                self._final(idx)
+                complete.append(idx)
+        return complete
+
+    def _decode_blended(self, regions: list[Index]) -> Iterator[Event]:
+        """Decode complete regions once from their blended token maps and finalise them."""
+        if not regions:
+            return
+        t = time.perf_counter()
+        slots = [self.acc.pop(i) for i in regions]
+        blended = torch.stack([acc / wsum for acc, wsum in slots])  # (R, D, h, w)
+        feats = [self.lru.get(i) for i in regions]
+        rc = np.array(regions, np.int64)  # global (row, col): only orders the tokens
+
+        def part(sel: list[int]) -> torch.Tensor:
+            levels = [torch.stack([feats[n][lv] for n in sel]) for lv in range(len(feats[0]))]
+            deep = blended[sel].to(levels[-1].dtype)
+            with torch.inference_mode(), autocast(self.device):
+                maps = self.model.decode(token_sequence(deep, rc[sel]), levels, rc[sel])
+                return blendable({k: v[0] for k, v in maps.items()}, self.layout)
+
+        values = self._chunked(list(range(len(regions))), part)
+        self.counts["decoded"] += len(regions)
+        yield RegionDecoded(tuple(regions), time.perf_counter() - t)
+        one = torch.ones((), device=values.device)
+        for j, idx in enumerate(regions):
+            self._final(idx, values[j], one)
 
     def _crop(self, crop: Any) -> Iterator[Event]:
         yield from self._ensure(crop.regions())
@@ -138,27 +188,34 @@ class CropStages:
         sub = [n for n, i in enumerate(regions) if not self.final[i]]
         if not sub:
             return
+        if self.blend == "tokens":
+            h, w = levels[-1].shape[-2:]
+            with torch.inference_mode():
+                maps = token_maps(tokens, rc, h, w)[sub].float()  # (R', D, h, w)
+            yield from self._decode_blended(
+                self._accumulate(crop, tuple(regions[n] for n in sub), maps))
+            return
         t = time.perf_counter()
-        values = self._decode_chunks(crop, tokens, pos, levels, rc, sub, len(regions))
+        values = self._chunked(sub, lambda part: self._decode_part(
+            crop, tokens, pos, levels, rc, part, len(part) == len(regions)))
         decoded = tuple(regions[n] for n in sub)
         self.counts["decoded"] += len(decoded)
         yield RegionDecoded(decoded, time.perf_counter() - t)
-        self._accumulate(crop, decoded, values)
+        for idx in self._accumulate(crop, decoded, values):
+            self._final(idx, *self.acc.pop(idx))
 
-    def _decode_chunks(self, crop: Any, tokens: torch.Tensor, pos: torch.Tensor,
-                       levels: list[torch.Tensor], rc: np.ndarray, sub: list[int],
-                       n_regions: int) -> torch.Tensor:
-        """Blendable maps (R', C, S, S) of the crop's regions `sub`, decoded `decode_chunk`
-        regions at a time; on device out-of-memory the chunk is halved (down to one region,
-        then the error propagates) and kept that small for the rest of the run."""
+    def _chunked(self, sub: list[int], decode: Any) -> torch.Tensor:
+        """`decode(part)` -> blendable maps (R', C, S, S) of the regions `sub`, called
+        `decode_chunk` regions at a time; on device out-of-memory the chunk is halved (down
+        to one region, then the error propagates) and kept that small for the rest of the
+        run."""
         parts: list[torch.Tensor] = []
         start = 0
         while start < len(sub):
             size = len(sub) if self.decode_chunk is None else self.decode_chunk
             part = sub[start:start + size]
             try:
-                parts.append(self._decode_part(crop, tokens, pos, levels, rc, part,
-                                               len(part) == n_regions))
+                parts.append(decode(part))
             except Exception as err:
                 if not is_oom(err) or len(part) == 1:
                     raise
@@ -184,15 +241,17 @@ class CropStages:
             maps = self.model.decode(tokens, [lv[part] for lv in levels], rc[part])
             return blendable({k: v[0] for k, v in maps.items()}, self.layout)  # (R', C, S, S)
 
-    def _window(self, crop: Any, idx: Index) -> torch.Tensor:
-        key = self.plan.window_key(crop, *idx)
+    def _window(self, crop: Any, idx: Index, hw: tuple[int, int]) -> torch.Tensor:
+        """The crop's blending window over region idx, (S, S) pixels averaged to hw."""
+        key = (*self.plan.window_key(crop, *idx), *hw)
         if key not in self.windows:
-            w = self.plan.region_window(crop, *idx)  # (S, S)
-            self.windows[key] = torch.from_numpy(w).to(self.device)
+            w = torch.from_numpy(self.plan.region_window(crop, *idx))  # (S, S)
+            if tuple(w.shape) != hw:  # token resolution: the mean weight over each token
+                w = torch.nn.functional.adaptive_avg_pool2d(w[None, None], hw)[0, 0]
+            self.windows[key] = w.to(self.device)
         return self.windows[key]
 
-    def _final(self, idx: Index) -> None:
-        acc, wsum = self.acc.pop(idx)
+    def _final(self, idx: Index, acc: torch.Tensor, wsum: torch.Tensor) -> None:
         y0, x0, y1, x1 = self.plan.box(*idx)
         tiles = finalize_region(acc, wsum, self.bad.pop(idx, None), (y1 - y0, x1 - x0),
                                 self.layout, self.outputs)

@@ -4,11 +4,12 @@ Regions are `S x S` squares (S = the model's region size) on a `rows x cols` gri
 the right/bottom edge. A crop is a block of up to `k x k` regions (k = the model's
 `crop_regions`, the context it was trained with); with fewer than k regions along an axis one
 crop spans that axis. Crops start every `stride` regions (default `max(1, k // 2)`: every
-interior region boundary lies strictly inside some crop while each region is decoded at most
-4 times; `stride=1` gives the densest overlap, `stride=k` none) and the last start along each
+interior region boundary lies strictly inside some crop while each region is in at most 4
+crops; `stride=1` gives the densest overlap, `stride=k` none) and the last start along each
 axis is pulled back so the crops end on the grid edge.
 
-Outputs of overlapping crops are blended with a separable window: sin^2 over pixel centres,
+Overlapping crops are blended (their context tokens, averaged over each token's pixels, or
+their outputs; see `engine.crops`) with a separable window: sin^2 over pixel centres,
 peaking at the crop centre and falling to nearly 0 at crop edges inside the image, so a
 crop's contribution fades out before it ends; on a side where the crop touches the image
 border the window stays at 1 from the peak to the border (only that crop covers those

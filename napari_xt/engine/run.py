@@ -26,6 +26,8 @@ from .plan import ORDERS, RegionPlan
 from .source import ImageSource
 from .store import PredictionStore
 
+BLENDS = ("tokens", "outputs")
+
 
 class EngineInputError(ValueError):
     """The image, model or options cannot make a run (raised before any work)."""
@@ -65,6 +67,7 @@ def run(
     axes: str | None = None,
     normalize: tuple[Sequence[float], Sequence[float]] | None = None,
     crop_stride: int | None = None,
+    blend: str = "tokens",
     strip_width: int = 16,
     carry_state: bool = False,
     threshold: float = 0.5,
@@ -92,6 +95,10 @@ def run(
       region is marked failed, its crops run without it; a rerun retries it).
     overwrite: replace a store holding another run's results.
     crop_stride: regions between crop starts (default max(1, k // 2)).
+    blend: how overlapping crops are merged: "tokens" (default; each region's contextualized
+      tokens are window-averaged over its crops and the region is decoded once) or
+      "outputs" (every covering crop decodes the region and the output maps are averaged;
+      about 3-4x the decoder work at the default stride).
     carry_state: pass the context encoder's state from crop to crop in visiting order.
     threshold, min_distance: detection peaks (score >= threshold, NMS window radius).
     """
@@ -107,6 +114,8 @@ def run(
         raise EngineInputError(f"unknown order {order!r}; expected one of {ORDERS}")
     if on_error not in ("stop", "continue"):
         raise EngineInputError(f"on_error must be 'stop' or 'continue', not {on_error!r}")
+    if blend not in BLENDS:
+        raise EngineInputError(f"blend must be one of {BLENDS}, not {blend!r}")
     if batch_size < 1:
         raise EngineInputError(f"batch_size must be >= 1, got {batch_size}")
     try:
@@ -143,7 +152,8 @@ def run(
         "version": __version__,
     }
     run_sig = {**encoder_sig, "model": cfg.name, "crop_regions": plan.k,
-               "crop_stride": plan.stride, "outputs": list(outputs), "threshold": threshold,
+               "crop_stride": plan.stride, "blend": blend, "outputs": list(outputs),
+               "threshold": threshold,
                "min_distance": min_distance, "carry_state": carry_state, "name": name,
                "order": order if carry_state else None}
     pstore = PredictionStore(store, run_sig, overwrite=overwrite, restart=not resume)
@@ -159,7 +169,8 @@ def run(
         source=source, model=model, plan=plan, store=pstore, cache=emb, layout=layout,
         outputs=outputs, device=device, batch_size=batch_size, order=order,
         priority=priority, cancelled=_cancel_check(cancel), on_error=on_error,
-        carry_state=carry_state, detect={"threshold": threshold, "min_distance": min_distance},
+        carry_state=carry_state, blend=blend,
+        detect={"threshold": threshold, "min_distance": min_distance},
         name=name, point=point, signature=run_sig,
     ).events()
 

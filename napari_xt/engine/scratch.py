@@ -1,13 +1,14 @@
 """Blending accumulators of unfinished regions, bounded in memory whatever the image size.
 
-A region's accumulator (window-weighted sum of its decoded maps, C_tot x S x S, plus the
-window sum, S x S) lives from the first crop that decodes it to the last. In strip order
+A region's accumulator (window-weighted sum of its context token map, D x h x w, plus the
+window sum, h x w; or with blend="outputs" of its decoded maps, C_tot x S x S and S x S)
+lives from the first crop that covers it to the last. In strip order
 most live only while their strip passes, but the `k - stride` boundary columns shared with
 the next strip wait for it: their number grows with the grid's height. `Accumulators`
 keeps the `capacity` most recently used ones in memory (on the device) and spills the
 others, exactly (float32), to a scratch folder from which they come back when a crop needs
 them. The folder is removed by `close()` (and when the object is collected); its contents
-are never needed after the run (a resumed run re-decodes unfinished regions anyway).
+are never needed after the run (a resumed run recomputes unfinished regions anyway).
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 Per crop, in visiting order: make sure its regions' features are in memory (LRU, else the
 embedding cache, else the next prefetched pixel batches through the encoder), stitch the
 deepest features into the crop's token sequence with crop-local positions (`region_tokens`),
-`contextualize`, `decode` the crop's unfinished regions, blend (window-weighted sums per
-region) and hand every region whose covering crops are all done to the writer thread.
+`contextualize`, blend across crops (window-weighted sums per region of its tokens, or of
+its decoded maps with blend="outputs"), decode, and hand every region whose covering crops
+are all done to the writer thread.
 """
 
 from __future__ import annotations

@@ -172,6 +172,25 @@ def token_layout(
     return order, torch.stack([rows[order], cols[order]], dim=-1)
 
 
+def token_maps(
+    tokens: torch.Tensor, region_rc: torch.Tensor | np.ndarray, h: int, w: int
+) -> torch.Tensor:
+    """Tokens (B, N[+1], D) in global order of regions `region_rc` (R, 2) -> per-region token
+    maps (B*R, D, h, w), region-major (a trailing cls token is ignored)."""
+    b, r = tokens.shape[0], len(np.asarray(region_rc).reshape(-1, 2))
+    order, _ = token_layout(region_rc, h, w, device=tokens.device)
+    seq = tokens[:, : r * h * w][:, torch.argsort(order)]  # region-major (B, R*h*w, D)
+    return seq.reshape(b * r, h, w, -1).permute(0, 3, 1, 2)
+
+
+def token_sequence(maps: torch.Tensor, region_rc: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Inverse of `token_maps` for B = 1: maps (R, D, h, w) -> tokens (1, R*h*w, D) in the
+    global order of regions `region_rc`."""
+    r, d, h, w = maps.shape
+    order, _ = token_layout(region_rc, h, w, device=maps.device)
+    return maps.permute(0, 2, 3, 1).reshape(1, r * h * w, d)[:, order]
+
+
 class PooledMLPHead(nn.Module):
     """Official xT baseline head: mean over tokens -> Linear(C, rC) -> GELU -> LN -> Linear(K)."""
 
@@ -304,9 +323,7 @@ class XT(nn.Module):
         b = tokens.shape[0]
         r = n // b
         if self.context is not None:
-            order, _ = token_layout(region_rc, h, w, device=tokens.device)
-            seq = tokens[:, : r * h * w][:, torch.argsort(order)]  # region-major (B, R*h*w, D)
-            deep = seq.reshape(n, h, w, -1).permute(0, 3, 1, 2)  # (B*R, D, h, w)
+            deep = token_maps(tokens, region_rc, h, w)  # (B*R, D, h, w)
         maps = self.head([*features[:-1], deep])
         return {k: v.reshape(b, r, *v.shape[1:]) for k, v in maps.items()}
 
