@@ -332,3 +332,41 @@ def test_tile_cache_is_sized_by_the_strip_not_the_image():
     assert sizes[16384] == sizes[65536] == (9 + 1) * (2 + 1) * 512 * 512 * 3
     big = ImageSource(da.zeros((65536, 65536, 3), dtype=np.uint8, chunks=(2048, 2048, 3)))
     assert big.fit_tile_cache(4608, 1024) == (3 + 1) * (1 + 1) * 2048 * 2048 * 3
+
+
+def test_tile_cache_reads_a_tile_once_when_two_threads_want_it():
+    """The reader thread and a direct read want the same tile at once: it is read once, and
+    the cache's byte count stays the bytes it holds (a double insert used to count a tile
+    twice, shrinking the cache until it thrashed)."""
+    import time
+
+    import dask.array as da
+
+    from napari_xt.engine.source import ImageSource
+
+    reads = []
+
+    def slow_block(block, block_info=None):
+        reads.append(block_info[None]["chunk-location"])
+        time.sleep(0.2)
+        return block
+
+    arr = da.map_blocks(slow_block, da.ones((256, 256), dtype=np.uint8, chunks=(64, 64)),
+                        dtype=np.uint8)
+    src = ImageSource(arr)
+    out = [None, None]
+
+    def read(n):
+        out[n] = src.read_box(10, 10, 20, 20)
+
+    threads = [threading.Thread(target=read, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert reads == [(0, 0)]
+    assert (out[0] == 1).all() and (out[1] == 1).all()
+    src.tile_cache_bytes = 2 * 64 * 64  # two tiles
+    for y in range(0, 256, 64):
+        src.read_box(y, 0, y + 8, 8)
+    assert len(src._tiles) == 2 and src._tile_bytes == sum(t.nbytes for t in src._tiles.values())

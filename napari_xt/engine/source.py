@@ -70,6 +70,7 @@ class ImageSource:
         self._tiles: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._tile_bytes = 0
         self._lock = threading.Lock()
+        self._reading: dict[tuple[int, int], threading.Event] = {}  # tiles being read
         self._tile = _regular_tile(self.array, self.axes)
         if normalize is not None:
             mean, std = normalize
@@ -110,20 +111,34 @@ class ImageSource:
         return out
 
     def _tile_block(self, by: int, bx: int) -> np.ndarray:
-        with self._lock:
-            tile = self._tiles.get((by, bx))
-            if tile is not None:
-                self._tiles.move_to_end((by, bx))
-                return tile
-        ty, tx = self._tile
-        tile = self._read_raw(by * ty, bx * tx, min((by + 1) * ty, self.height),
-                              min((bx + 1) * tx, self.width))
-        with self._lock:
-            self._tiles[(by, bx)] = tile
-            self._tile_bytes += tile.nbytes
-            while self._tile_bytes > self.tile_cache_bytes and len(self._tiles) > 1:
-                _, old = self._tiles.popitem(last=False)
-                self._tile_bytes -= old.nbytes
+        """Tile (by, bx) from the LRU tile cache. A tile another thread is already reading
+        is waited for, not read again (the reader thread and a direct read of the compute
+        thread often want the same tile at the same moment)."""
+        key = (by, bx)
+        while True:
+            with self._lock:
+                tile = self._tiles.get(key)
+                if tile is not None:
+                    self._tiles.move_to_end(key)
+                    return tile
+                pending = self._reading.get(key)
+                if pending is None:
+                    pending = self._reading[key] = threading.Event()
+                    break
+            pending.wait()  # then take it from the cache (or read it, if already evicted)
+        try:
+            ty, tx = self._tile
+            tile = self._read_raw(by * ty, bx * tx, min((by + 1) * ty, self.height),
+                                  min((bx + 1) * tx, self.width))
+            with self._lock:
+                self._tiles[key] = tile
+                self._tile_bytes += tile.nbytes
+                while self._tile_bytes > self.tile_cache_bytes and len(self._tiles) > 1:
+                    _, old = self._tiles.popitem(last=False)
+                    self._tile_bytes -= old.nbytes
+        finally:
+            with self._lock:
+                self._reading.pop(key).set()
         return tile
 
     def _read_raw(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
