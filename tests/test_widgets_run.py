@@ -83,6 +83,7 @@ def test_run_shows_results_as_layers(make_napari_viewer, qtbot, tmp_path, checkp
     widget.set_checkpoint(checkpoint)
     widget.order_combo.setCurrentText("raster")
     widget.batch_spin.setValue(3)
+    widget.blend_combo.setCurrentText("decoded outputs")
     store = tmp_path / "out.zarr"
     widget.store_edit.setText(str(store))
     import gc
@@ -96,6 +97,10 @@ def test_run_shows_results_as_layers(make_napari_viewer, qtbot, tmp_path, checkp
     assert gc.get_freeze_count() == 0  # unfrozen when the run ends
     assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
 
+    import zarr
+
+    settings = zarr.open_group(str(store), mode="r").attrs["napari-xt"]["settings"]
+    assert settings["blend"] == "outputs"  # the merge the widget named
     labels = viewer.layers["VV xT labels"]
     stored = np.asarray(read_labels(store, "prediction").levels[0])
     assert labels.data.shape == (384, 384)

@@ -44,6 +44,7 @@ class RunRequest:
     scale: tuple[float, float]  # world size of one pixel of the level
     translate: tuple[float, float]
     channels: int
+    blend: str = "tokens"  # merge overlapping crops by context tokens or decoded outputs
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,8 @@ def run_events(
         resume=request.resume, overwrite=not request.resume,
         cache=(True if request.resume else "rebuild") if request.cache else False,
         outputs=run_outputs(model, request.probabilities), normalize=normalize,
-        crop_stride=request.crop_stride, carry_state=request.carry_state,
+        crop_stride=request.crop_stride, blend=request.blend,
+        carry_state=request.carry_state,
         threshold=request.threshold,
     )
     for event in events:

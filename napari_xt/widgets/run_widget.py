@@ -40,9 +40,11 @@ from .settings import WidgetSettings
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 ORDERS = {"raster": "raster", "zigzag": "zigzag", "viewport-first": "viewport"}
+BLENDS = {"context tokens": "tokens", "decoded outputs": "outputs"}
 DEFAULTS = {"model": DEMO_MODEL, "device": "auto", "batch_size": 4, "order": "viewport-first",
-            "crop_stride": 0, "carry_state": False, "probabilities": True, "threshold": 0.5,
-            "cache": True, "resume": True, "checkpoints": []}
+            "crop_stride": 0, "blend": "context tokens", "carry_state": False,
+            "probabilities": True, "threshold": 0.5, "cache": True, "resume": True,
+            "checkpoints": []}
 
 
 def preload() -> None:
@@ -113,6 +115,12 @@ class RunWidget(QWidget):
         self.stride_spin.setToolTip("Regions between the starts of neighbouring context crops "
                                     "(crops hold k x k regions, k from the model): 1 overlaps "
                                     "most, k not at all.")
+        self.blend_combo = QComboBox()
+        self.blend_combo.addItems(list(BLENDS))
+        self.blend_combo.setToolTip("How overlapping crops are merged: average each region's "
+                                    "context tokens over its crops and decode it once "
+                                    "(fast), or decode it in every crop and average the "
+                                    "outputs (3-4x the decoder work).")
         self.carry_check = QCheckBox("carry context between crops")
         self.carry_check.setToolTip("Pass the context encoder's state (e.g. Transformer-XL "
                                     "memory) from one crop to the next in visiting order.")
@@ -148,6 +156,7 @@ class RunWidget(QWidget):
         for label, w in (("image", self.image_combo), ("level", self.level_combo),
                          ("model", self.model_combo), ("device", self.device_combo),
                          ("batch size", self.batch_spin), ("crop stride", self.stride_spin),
+                         ("merge crops by", self.blend_combo),
                          ("", self.carry_check), ("", self.probs_check),
                          ("detection threshold", self.threshold_spin),
                          ("order", self.order_combo), ("", self.cache_check),
@@ -191,6 +200,7 @@ class RunWidget(QWidget):
         self._select(self.order_combo, values["order"])
         self.batch_spin.setValue(int(values["batch_size"]))
         self.stride_spin.setValue(int(values["crop_stride"]))
+        self._select(self.blend_combo, values["blend"])
         self.carry_check.setChecked(bool(values["carry_state"]))
         self.probs_check.setChecked(bool(values["probabilities"]))
         self.threshold_spin.setValue(float(values["threshold"]))
@@ -202,7 +212,8 @@ class RunWidget(QWidget):
         self.settings.save({
             "model": self.model_combo.currentText(), "device": self.device_combo.currentText(),
             "order": self.order_combo.currentText(), "batch_size": self.batch_spin.value(),
-            "crop_stride": self.stride_spin.value(), "carry_state": self.carry_check.isChecked(),
+            "crop_stride": self.stride_spin.value(), "blend": self.blend_combo.currentText(),
+            "carry_state": self.carry_check.isChecked(),
             "probabilities": self.probs_check.isChecked(),
             "threshold": self.threshold_spin.value(), "cache": self.cache_check.isChecked(),
             "resume": self.resume_check.isChecked(),
@@ -303,6 +314,7 @@ class RunWidget(QWidget):
             image=array, axes=axes, level=level, name=choice.layer.name, model=model,
             device=self.device_combo.currentText(), batch_size=self.batch_spin.value(),
             crop_stride=self.stride_spin.value() or None,
+            blend=BLENDS[self.blend_combo.currentText()],
             carry_state=self.carry_check.isChecked(), probabilities=self.probs_check.isChecked(),
             threshold=self.threshold_spin.value(),
             order=ORDERS[self.order_combo.currentText()], store=self.store_edit.text().strip(),
