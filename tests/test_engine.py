@@ -370,3 +370,22 @@ def test_tile_cache_reads_a_tile_once_when_two_threads_want_it():
     for y in range(0, 256, 64):
         src.read_box(y, 0, y + 8, 8)
     assert len(src._tiles) == 2 and src._tile_bytes == sum(t.nbytes for t in src._tiles.values())
+
+
+def test_embedding_cache_says_what_disk_it_will_take(tmp_path, monkeypatch):
+    import collections
+    import shutil
+
+    img = marked_image(3, 4)
+    events = list(run(img, seg_model(), tmp_path / "a.zarr", batch_size=4))
+    notes = [e for e in events if isinstance(e, Notice) and "embedding cache" in e.message]
+    assert len(notes) == 1 and notes[0].kind == "cache"
+    assert "more for 8 regions" in notes[0].message  # 12 regions, the first batch of 4 done
+    assert " free" in notes[0].message and "NOT" not in notes[0].message
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 100, 100))
+    events = list(run(img, seg_model(), tmp_path / "b.zarr", batch_size=4))
+    warn = [e for e in events if isinstance(e, Notice) and "embedding cache" in e.message]
+    assert len(warn) == 1 and warn[0].kind == "warning" and "will NOT fit" in warn[0].message
+    assert "--no-cache" in warn[0].message and isinstance(events[-1], Finished)

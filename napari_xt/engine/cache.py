@@ -101,6 +101,40 @@ class EmbeddingCache:
         self._done_array[...] = self.done
 
 
+    def bytes_per_region(self) -> int:
+        """Disk bytes one region's features take (fp16, uncompressed); 0 before the first
+        `put` of a new cache."""
+        if not self.levels:
+            return 0
+        return sum(2 * int(np.prod(a.shape[2:])) for a in self.levels)
+
+    def size_notice(self) -> tuple[str, bool]:
+        """(message, fits): the disk the rest of the cache will take against the free space
+        where it lives."""
+        missing = int(self.done.size - self.done.sum())
+        need = missing * self.bytes_per_region()
+        free = shutil.disk_usage(self.path).free
+        fits = need < free
+        msg = (f"embedding cache {self.path}: about {_size(need)} more for {missing} regions "
+               f"({_size(self.bytes_per_region())} each), {_size(free)} free")
+        if not fits:
+            msg += ("; it will NOT fit: the run stops with an error when the disk is full "
+                    "(finished regions are kept); predict with cache=False (--no-cache) or "
+                    "free some space")
+        return msg, fits
+
+
+def _size(n: float) -> str:
+    """Bytes as B / KB / MB / GB (1024-based)."""
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KB", "MB", "GB"):
+        n /= 1024
+        if n < 1024 or unit == "GB":
+            break
+    return f"{n:.1f} {unit}"
+
+
 def _read_signature(path: Path) -> dict[str, Any] | None:
     try:
         meta = json.loads((path / "zarr.json").read_text())

@@ -67,6 +67,7 @@ class Execution(CropStages):
         self.windows: dict[tuple[int, ...], torch.Tensor] = {}
         self.group_regions = self.batch_size  # regions per batched context/decode call
         self.decode_chunk: int | None = None  # regions per decode call (None: a whole crop)
+        self.cache_sized = False  # the embedding cache's disk estimate was reported
 
     # ------------------------------------------------------------------ setup
     def _progress(self) -> None:
@@ -316,6 +317,10 @@ class Execution(CropStages):
             levels = [torch.stack([r[lv] for r in per_region]).float().cpu().numpy()
                       for lv in range(len(per_region[0]))]
             self.cache.put(batch.indices, levels)
+            if not self.cache_sized:  # once, when the size of one region is known
+                self.cache_sized = True
+                message, fits = self.cache.size_notice()
+                yield Notice(message, "cache" if fits else "warning")
             per_region = [[f.half().to(f.dtype) for f in r] for r in per_region]
         for idx, feats in zip(batch.indices, per_region):
             self.lru.put(idx, feats)
