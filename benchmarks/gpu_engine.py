@@ -8,8 +8,9 @@ through the engine's reader thread into pinned host memory.
 
 Measured in one run, bf16 autocast, channels_last:
   encoder-only pass over every region of the scene (same reader, same batches) = baseline;
-  end-to-end engine (encode -> context per crop -> decode -> blend -> labels) at 8192^2 and
-  at the full scene: seconds, regions/s, ratio to the encoder-only pass, peak GPU memory.
+  end-to-end engine (encode -> context per crop -> blend tokens -> decode once -> labels) at
+  8192^2 and at the full scene: seconds, regions/s, ratio to the encoder-only pass, peak GPU
+  memory.
   `--compile` adds the same with the region encoder under torch.compile.
 Prints a compact table; writes JSON to $OUT/gpu_engine.json when $OUT is set. A full-scene
 run whose time, extrapolated from the 8192^2 run, would pass `--budget` seconds is skipped
