@@ -24,9 +24,7 @@ from qtpy.QtWidgets import (
     QComboBox,
     QFormLayout,
     QHBoxLayout,
-    QLabel,
     QPushButton,
-    QSizePolicy,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -36,6 +34,7 @@ if TYPE_CHECKING:
     import napari.viewer
 
 from .context_probe import change_map, compare_region
+from .controls import status_label
 from .region_grid import grid_transform
 from .run_session import last_session
 
@@ -75,11 +74,8 @@ class InspectWidget(QWidget):
         self.map_button = QPushButton("Context-change map")
         self.map_button.setToolTip("For every finished region, the fraction of pixels whose "
                                    "class changes with context, as a heatmap layer.")
-        self.status = QLabel("run xT first, then inspect its regions")
-        self.status.setWordWrap(True)
-        self.status.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
-        self.status.setMinimumWidth(50)
-        self.status.setToolTip("Result of the last comparison.")
+        self.status = status_label("run xT first, then inspect its regions",
+                                   "Result of the last comparison.")
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         buttons = QHBoxLayout()

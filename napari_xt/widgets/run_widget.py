@@ -19,10 +19,8 @@ from qtpy.QtWidgets import (
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
-    QLabel,
     QLineEdit,
     QPushButton,
-    QSizePolicy,
     QSpinBox,
     QToolButton,
     QVBoxLayout,
@@ -32,6 +30,7 @@ from qtpy.QtWidgets import (
 if TYPE_CHECKING:
     import napari.viewer
 
+from .controls import status_label
 from .image_choice import ImageChoice, image_choices
 from .models import CHECKPOINT_FILTER, DEMO_MODEL, LOAD_CHECKPOINT, zoo_names
 from .run_job import RunRequest
@@ -173,12 +172,7 @@ class RunWidget(QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
-        self.status = QLabel("ready")
-        self.status.setWordWrap(True)
-        # long paths must not widen the dock (and shrink the canvas): clip instead
-        self.status.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
-        self.status.setMinimumWidth(50)
-        self.status.setToolTip("State of the current or last run.")
+        self.status = status_label("ready", "State of the current or last run.")
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(buttons)
