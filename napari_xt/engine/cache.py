@@ -112,11 +112,12 @@ class EmbeddingCache:
         """(message, fits): the disk the rest of the cache will take against the free space
         where it lives."""
         missing = int(self.done.size - self.done.sum())
-        need = missing * self.bytes_per_region()
+        each = self.bytes_per_region()
+        need = missing * each
         free = shutil.disk_usage(self.path).free
         fits = need < free
         msg = (f"embedding cache {self.path}: about {_size(need)} more for {missing} regions "
-               f"({_size(self.bytes_per_region())} each), {_size(free)} free")
+               f"({_size(each)} each), {_size(free)} free")
         if not fits:
             msg += ("; it will NOT fit: the run stops with an error when the disk is full "
                     "(finished regions are kept); predict with cache=False (--no-cache) or "

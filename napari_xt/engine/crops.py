@@ -104,11 +104,13 @@ class CropStages:
             yield ContextStep(crop.index, tuple(crop.regions()), t_context)
         if self.blend == "tokens":
             h, w = levels[-1].shape[-2:]
+            r = len(rc)
+            with torch.inference_mode():
+                maps = token_maps(tokens, rc, h, w).float()  # (B*R, D, h, w), one layout
             complete: list[Index] = []
             for b, crop in enumerate(group):
-                with torch.inference_mode():
-                    maps = token_maps(tokens[b:b + 1], rc, h, w).float()  # (R, D, h, w)
-                complete += self._accumulate(crop, tuple(crop.regions()), maps)
+                complete += self._accumulate(crop, tuple(crop.regions()),
+                                             maps[b * r:(b + 1) * r])
             yield from self._decode_blended(complete)
             return
         for b, crop in enumerate(group):  # maps: {name: (B, R, K, S, S)}
