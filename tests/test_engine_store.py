@@ -86,3 +86,37 @@ def test_carried_context_state_reaches_later_crops():
     # the first crop has no memory either way; later crops see the earlier ones
     np.testing.assert_allclose(runs[True][:, :64, :64], runs[False][:, :64, :64], atol=1e-3)
     assert np.abs(runs[True] - runs[False]).max() > 1e-2
+
+
+def test_a_store_with_corrections_is_never_wiped(tmp_path):
+    from napari_xt.io import read_labels
+    from napari_xt.io.corrections import edits, save_window
+
+    img = marked_image(2, 2)
+    out = tmp_path / "o.zarr"
+    model = seg_model()
+    list(run(img, model, out))
+    fixed = np.zeros((8, 8), np.uint8)
+    save_window(out, "prediction", (0, 8, 0, 8), fixed)
+    with pytest.raises(StoreError, match="corrections.*labels/prediction-corrected"):
+        run(img, model, out, resume=False)  # a fresh start of the same run
+    with pytest.raises(StoreError, match="corrections"):
+        run(img, model, out, threshold=0.9, overwrite=True)
+    # resuming the finished run is harmless: it keeps the correction as it was
+    events = list(run(img, model, out))
+    assert isinstance(events[-1], Finished)
+    assert len(edits(out, "prediction")) == 1
+    corrected = np.asarray(read_labels(out, "prediction-corrected").levels[0])
+    assert (corrected[:8, :8] == 0).all()
+
+
+def test_provenance_says_how_table_pixels_relate_to_label_pixels(tmp_path):
+    from napari_xt.io import from_arrays, read_labels
+    from napari_xt.io.corrections import table_scale
+
+    big = marked_image(4, 4)
+    image = from_arrays([big, big[::2, ::2]], axes="YXC")
+    out = tmp_path / "o.zarr"
+    assert isinstance(list(run(image, seg_model(), out, level=1))[-1], Finished)
+    assert read_labels(out, "prediction").levels[0].shape == (128, 128)
+    assert table_scale(out) == (2.0, 2.0)  # tables are in level-0 pixels

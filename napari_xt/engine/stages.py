@@ -345,6 +345,8 @@ class Execution(CropStages):
             "model_hash": self.signature["model_hash"], "version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "image": self.signature["image"], "level": self.source.level,
+            # level-0 pixels per pixel of the processed level (tables are in level-0 pixels)
+            "level_scale": [float(v) for v in self.source.scale],
             "settings": {k: v for k, v in self.signature.items() if k not in ("image",)},
             "device": str(self.device), "summary": {k: v for k, v in summary.items()
                                                    if k != "arrays"},

@@ -114,6 +114,7 @@ class PredictionStore:
             if old == self.signature and not overwrite and not restart:
                 self.resumed = True
             else:
+                _refuse_to_drop_corrections(p)
                 for child in p.iterdir():
                     if child.name not in KEEP_ON_OVERWRITE:
                         shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -188,6 +189,16 @@ class PredictionStore:
                 del self.arrays.group["_work"]
             except (KeyError, OSError):
                 pass
+
+
+def _refuse_to_drop_corrections(path: Path) -> None:
+    from napari_xt.io.corrections import corrections_in
+
+    found = corrections_in(path)
+    if found:
+        raise StoreError(f"{path} holds an annotator's corrections ({', '.join(found)}); a "
+                         "fresh run would delete them. Write the new run to another output, "
+                         "or move the store away first")
 
 
 def _read_signature(meta: Path) -> dict[str, Any] | None:
