@@ -21,18 +21,35 @@ def wait(pred, timeout=300):
         time.sleep(0.02)
 
 
-def main():
-    from napari_xt.widgets.inspect_widget import InspectWidget
+def settle(steps=50):
+    for _ in range(steps):
+        QApplication.processEvents()
+        time.sleep(0.02)
 
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", choices=("run", "correct"), default=None,
+                        help="re-take only the Run/Inspect pictures or only the Correct one")
+    only = parser.parse_args().only
     tmp = tempfile.mkdtemp()
     args = argparse.Namespace(size=512, seed=0, model=None, out=tmp)
     viewer, widget = open_demo(args)
     viewer.window._qt_window.resize(1500, 950)
     wait(lambda: widget.run_button.isEnabled())
-    for _ in range(50):
-        QApplication.processEvents()
-        time.sleep(0.02)
+    settle()
+    if only != "correct":
+        run_and_inspect(viewer)
+    if only != "run":
+        correct(viewer)
+    viewer.close()
+
+
+def run_and_inspect(viewer):
     from imageio.v3 import imwrite  # napari depends on imageio
+
+    from napari_xt.widgets.inspect_widget import InspectWidget
+
     imwrite(OUT / "run_widget_finished.png", viewer.screenshot(canvas_only=False))
     imwrite(OUT / "run_widget_panel.png", np.asarray(viewer.screenshot(canvas_only=False))[
         :, -520:])
@@ -49,7 +66,48 @@ def main():
         QApplication.processEvents()
         time.sleep(0.02)
     imwrite(OUT / "inspect_widget.png", viewer.screenshot(canvas_only=False))
-    viewer.close()
+    for name in [d for d in viewer.window._dock_widgets if d.startswith("Inspect")]:
+        viewer.window.remove_dock_widget(viewer.window._dock_widgets[name])
+    for layer in [x for x in viewer.layers if x.name.startswith("xT ")]:
+        viewer.layers.remove(layer)
+
+
+def correct(viewer):
+    """An annotator fixes the squares of "sea" the model left inside a lake: water that
+    does not touch the scene border becomes lake in a 256 px window, then Save."""
+    from imageio.v3 import imwrite
+    from scipy import ndimage
+
+    from napari_xt.io import read_labels
+    from napari_xt.widgets.correct_widget import LAYER_EDIT, CorrectWidget
+    from napari_xt.widgets.viewport import camera_of
+
+    widget = CorrectWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Correct results", area="right")
+    labels = np.asarray(read_labels(widget.store, widget.result).levels[0])
+    water, _ = ndimage.label(labels > 0)
+    border = set(np.unique(np.concatenate([water[0], water[-1], water[:, 0], water[:, -1]])))
+    inland_sea = (labels == 1) & ~np.isin(water, list(border))
+    if inland_sea.any():  # centre the window on the largest wrong patch
+        cy, cx = np.argwhere(inland_sea).mean(0)
+    else:
+        cy, cx = np.array(labels.shape) / 2
+    widget.size_spin.setValue(256)
+    camera = camera_of(viewer)
+    layer = viewer.layers[0]
+    world = (cy * layer.scale[-2] + layer.translate[-2], cx * layer.scale[-1] + layer.translate[-1])
+    camera.center = world
+    camera.zoom = 2.4
+    widget.edit_view(world)
+    wait(lambda: widget.worker is None, 60)
+    y0, y1, x0, x1 = widget.window
+    edit = viewer.layers[LAYER_EDIT]
+    edit.data[inland_sea[y0:y1, x0:x1]] = 2
+    edit.refresh()
+    widget.save()
+    wait(lambda: widget.worker is None, 60)
+    settle()
+    imwrite(OUT / "correct_widget.png", viewer.screenshot(canvas_only=False))
 
 
 if __name__ == "__main__":

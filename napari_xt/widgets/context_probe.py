@@ -36,9 +36,10 @@ def stored_labels(store: str | Path):
     import zarr
 
     from napari_xt.io import list_results
+    from napari_xt.io.corrections import predicted
 
     root = Path(store)
-    names = list_results(root)["labels"]
+    names = predicted(list_results(root)["labels"])
     group = zarr.open_group(str(root), mode="r")
     if names:
         return group[f"labels/{names[0]}/0"]

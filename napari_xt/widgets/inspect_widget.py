@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     import napari.viewer
 
 from .context_probe import change_map, compare_region
-from .controls import status_label
+from .controls import WorkerPanel, status_label
 from .region_grid import grid_transform
 from .run_session import last_session
 
@@ -43,7 +43,9 @@ LAYER_ONLY, LAYER_CHANGED, LAYER_MAP = "xT region only", "xT changed by context"
     "xT context change"
 
 
-class InspectWidget(QWidget):
+class InspectWidget(WorkerPanel, QWidget):
+    TITLE = "Inspect context"
+
     def __init__(self, viewer: napari.viewer.Viewer, parent=None) -> None:
         super().__init__(parent)
         self.viewer = viewer
@@ -205,20 +207,11 @@ class InspectWidget(QWidget):
             self._map_dirty = False
 
     # ------------------------------------------------------------------ worker and clicks
-    def _start_worker(self) -> None:
-        self.compare_button.setEnabled(False)
-        self.map_button.setEnabled(False)
-        self.worker.errored.connect(self._on_error)
-        self.worker.finished.connect(self._on_finished)
-        self.worker.start()
+    def _set_busy(self, busy: bool) -> None:
+        self.compare_button.setEnabled(not busy)
+        self.map_button.setEnabled(not busy)
 
-    def _on_error(self, err) -> None:
-        from napari.utils.notifications import show_error
-
-        show_error(f"Inspect context: {err}")
-        self.status.setText(f"failed: {err}")
-
-    def _on_finished(self) -> None:
+    def _worker_done(self) -> None:
         self._timer.stop()
         self._flush_map()
         if self.change is not None and not self.status.text().startswith(("failed", "region")):
@@ -228,22 +221,9 @@ class InspectWidget(QWidget):
                     f"context changes {100 * float(np.nanmean(self.change)):.1f}% of pixels on "
                     f"average over {int(done.sum())} regions (max "
                     f"{100 * float(np.nanmax(self.change)):.1f}%)")
-        self.worker = None
-        self.compare_button.setEnabled(True)
-        self.map_button.setEnabled(True)
 
-    def _toggle_pick(self, on: bool) -> None:
-        callbacks = self.viewer.mouse_drag_callbacks
-        if on and self._on_click not in callbacks:
-            callbacks.append(self._on_click)
-        elif not on and self._on_click in callbacks:
-            callbacks.remove(self._on_click)
-
-    def _on_click(self, viewer, event) -> None:
-        s = self.session()
-        if s is None or event.type != "mouse_press":
-            return
-        index = self.region_at(event.position)
+    def _picked(self, world) -> None:
+        index = self.region_at(world)
         if index is not None:
             self.row_spin.setValue(index[0])
             self.col_spin.setValue(index[1])

@@ -26,6 +26,18 @@ def class_color(k: int) -> tuple[float, float, float, float]:
     return CLASS_COLORS[int(k) % len(CLASS_COLORS)]
 
 
+def label_colormap(colors=None):
+    """napari colormap of class labels: the result's RGBA (0-255) colours where it has
+    them, the class palette otherwise, 0 transparent."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    palette = {k: class_color(k) for k in range(1, 256)}
+    palette.update({int(k): tuple(np.asarray(v, float) / 255.0)
+                    for k, v in (colors or {}).items()})
+    palette.update({0: (0.0, 0.0, 0.0, 0.0), None: (0.0, 0.0, 0.0, 0.0)})
+    return DirectLabelColormap(color_dict=palette)
+
+
 def layer_names(image_name: str) -> dict[str, str]:
     return {"labels": f"{image_name} xT labels", "points": f"{image_name} xT detections",
             "probability": f"{image_name} xT p(class {{k}})"}
@@ -156,12 +168,6 @@ class LiveResults:
                 self._dirty["probs"] = len(missing) > 1
 
     def _set_labels(self, data, scale, multiscale: bool = False, colors=None) -> None:
-        from napari.utils.colormaps import DirectLabelColormap
-
-        palette = {k: class_color(k) for k in range(1, 256)}
-        if colors:
-            palette.update({int(k): tuple(np.asarray(v, float) / 255.0) for k, v in colors.items()})
-        palette.update({0: (0.0, 0.0, 0.0, 0.0), None: (0.0, 0.0, 0.0, 0.0)})
         if self._owned(self.labels_layer) and not multiscale and not self.labels_layer.multiscale:
             self.labels_layer.data = data
             self.labels_layer.scale = scale
@@ -171,7 +177,7 @@ class LiveResults:
         self.labels_layer = self.viewer.add_labels(
             data, name=self.names["labels"], scale=scale, translate=self.translate,
             multiscale=multiscale, opacity=0.5,
-            colormap=DirectLabelColormap(color_dict=palette),
+            colormap=label_colormap(colors),
         )
         self.labels_layer.editable = False
 
@@ -232,12 +238,13 @@ class LiveResults:
     def finish(self, store: str) -> None:
         """Replace the previews by the store's final results (labels pyramid, table)."""
         from napari_xt.io import list_results, read_detections, read_labels
+        from napari_xt.io.corrections import predicted
 
         self.flush(new_layers=None)
         for k, layer in enumerate(self.prob_layers):
             if self._owned(layer) and self.probs is not None:
                 layer.data = self.probs[k].copy()
-        results = list_results(store)
+        results = {k: predicted(v) for k, v in list_results(store).items()}
         if results["labels"]:
             lab = read_labels(store, results["labels"][0])
             levels = lab.levels

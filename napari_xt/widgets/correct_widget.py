@@ -1,0 +1,382 @@
+"""The "Correct results" dock widget: annotators fix a run's labels and detections.
+
+A label pyramid cannot be painted in napari, so corrections go window by window: "Edit view"
+loads the labels of a window around the camera centre (or around a click, with "pick by
+click" on) into an editable Labels layer; "Save" writes the window into the store's
+correction (`labels/<name>-corrected`, see `napari_xt.io.corrections`) and its pyramid,
+and records the edit; the model's prediction is never modified. Detections load into an
+editable Points layer with the window; saving writes the whole corrected table
+(`tables/<name>-corrected`). Points added by hand get score 1.
+
+Unsaved edits are never dropped: "Edit view" refuses while the current window has changes
+(save or discard them first). Reads and writes run in a napari thread worker; layers change
+on the main thread only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+if TYPE_CHECKING:
+    import napari.viewer
+
+from .controls import WorkerPanel, status_label
+from .correction_jobs import load_window, save_edits
+from .result_layers import class_color, label_colormap
+from .run_session import last_session
+from .viewport import camera_of
+
+LAYER_EDIT, LAYER_POINTS, LAYER_CORRECTED = "xT correction", "xT detections correction", \
+    "xT corrected labels"
+LAYER_FRAME = "xT correction window"
+EDIT_LAYERS = (LAYER_EDIT, LAYER_POINTS, LAYER_FRAME)
+DEFAULT_WINDOW = 1024
+
+
+class CorrectWidget(WorkerPanel, QWidget):
+    TITLE = "Correct results"
+
+    def __init__(self, viewer: napari.viewer.Viewer, parent=None) -> None:
+        super().__init__(parent)
+        self.viewer = viewer
+        self.worker = None
+        self.window: tuple[int, int, int, int] | None = None  # (y0, y1, x0, x1) label pixels
+        self._loaded: np.ndarray | None = None  # the window as loaded or last saved
+        self._loaded_points: tuple[np.ndarray, Any] | None = None
+        self._transform = ((1.0, 1.0), (0.0, 0.0))  # world (scale, translate) of a label pixel
+        self._table_scale = (1.0, 1.0)  # table pixels per label pixel
+        self.colors: dict[int, tuple] = {}
+        self.classes: list[int] = []
+
+        form = QFormLayout()
+        self.store_edit = QLineEdit()
+        self.store_edit.setToolTip("The result store (OME-Zarr) whose labels to correct.")
+        browse, last = QPushButton("…"), QPushButton("last run")
+        browse.setToolTip("Choose a result store folder.")
+        last.setToolTip("Use the store of the last Run xT in this viewer.")
+        row = QHBoxLayout()
+        row.addWidget(self.store_edit, 1)
+        row.addWidget(browse)
+        row.addWidget(last)
+        form.addRow("store", row)
+        self.result_combo = QComboBox()
+        self.result_combo.setToolTip("The label result to correct (its detection table of the "
+                                     "same name, when there is one, is corrected with it).")
+        form.addRow("result", self.result_combo)
+        self.size_spin = QSpinBox()
+        self.size_spin.setRange(64, 8192)
+        self.size_spin.setSingleStep(256)
+        self.size_spin.setValue(DEFAULT_WINDOW)
+        self.size_spin.setSuffix(" px")
+        self.size_spin.setToolTip("Side of the window to edit, in label pixels (centred on the "
+                                  "camera, moved inside the image).")
+        form.addRow("window", self.size_spin)
+        self.pick_check = QCheckBox("pick by click")
+        self.pick_check.setToolTip("When on, clicking the image edits the window around the "
+                                   "click.")
+        form.addRow("", self.pick_check)
+        self.edit_button = QPushButton("Edit view")
+        self.edit_button.setToolTip("Load the labels (and detections) of the window around "
+                                    "the camera centre into editable layers.")
+        self.save_button = QPushButton("Save")
+        self.save_button.setToolTip("Write the edited window into the store's correction; "
+                                    "the prediction itself is kept as it is.")
+        self.discard_button = QPushButton("Discard")
+        self.discard_button.setToolTip("Drop the unsaved edits of this window.")
+        buttons = QHBoxLayout()
+        for b in (self.edit_button, self.save_button, self.discard_button):
+            buttons.addWidget(b)
+        self.status = status_label("run xT or choose a result store, then edit a window",
+                                   "What was loaded or saved last.")
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+        browse.clicked.connect(self._browse)
+        last.clicked.connect(self.use_last_run)
+        self.store_edit.editingFinished.connect(self.refresh_results)
+        self.edit_button.clicked.connect(lambda: self.edit_view())
+        self.save_button.clicked.connect(self.save)
+        self.discard_button.clicked.connect(self.discard)
+        self.pick_check.toggled.connect(self._toggle_pick)
+        self.use_last_run()
+        self._set_busy(False)
+
+    # ------------------------------------------------------------------ store and result
+    @property
+    def store(self) -> str:
+        return self.store_edit.text().strip()
+
+    @property
+    def result(self) -> str:
+        return self.result_combo.currentText()
+
+    def use_last_run(self) -> None:
+        s = last_session(self.viewer)
+        if s is not None and s.store:
+            self.store_edit.setText(str(s.store))
+            self.refresh_results()
+
+    def _browse(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Result store", self.store)
+        if path:
+            self.store_edit.setText(path)
+            self.refresh_results()
+
+    def refresh_results(self) -> None:
+        from napari_xt.io import list_results
+        from napari_xt.io.corrections import predicted
+
+        names = predicted(list_results(self.store)["labels"]) if self.store else []
+        current = self.result
+        self.result_combo.clear()
+        self.result_combo.addItems(names)
+        if current in names:
+            self.result_combo.setCurrentText(current)
+
+    def _world_transform(self, labels) -> tuple[tuple[float, float], tuple[float, float]]:
+        """World (scale, translate) of a label pixel: the last run's when this is its
+        store, else the labels' own pixel size (as the napari-xt reader shows them)."""
+        s = last_session(self.viewer)
+        if s is not None and s.store and Path(s.store) == Path(self.store):
+            return tuple(s.request.scale), tuple(s.request.translate)
+        return tuple(labels.pixel_size or (1.0, 1.0)), (0.0, 0.0)
+
+    # ------------------------------------------------------------------ editing
+    @property
+    def dirty(self) -> bool:
+        """True when the edit layers hold changes that are not saved."""
+        return self._labels_dirty() or self._points_dirty()
+
+    def _labels_dirty(self) -> bool:
+        return (self._loaded is not None and LAYER_EDIT in self.viewer.layers
+                and not np.array_equal(np.asarray(self.viewer.layers[LAYER_EDIT].data),
+                                       self._loaded))
+
+    def _points_dirty(self) -> bool:
+        if self._loaded_points is None or LAYER_POINTS not in self.viewer.layers:
+            return False
+        data, features = self._loaded_points
+        layer = self.viewer.layers[LAYER_POINTS]
+        return not (np.array_equal(layer.data, data) and layer.features.equals(features))
+
+    def window_at(self, world) -> tuple[int, int, int, int]:
+        """The window of the chosen size centred on a world position, moved inside the
+        label image: (y0, y1, x0, x1) label pixels."""
+        from napari_xt.io import read_labels
+
+        labels = read_labels(self.store, self.result)
+        (sy, sx), (ty, tx) = self._world_transform(labels)
+        h, w = labels.levels[0].shape
+        cy, cx = (float(world[-2]) - ty) / sy, (float(world[-1]) - tx) / sx
+        n = self.size_spin.value()
+        ny, nx = min(n, h), min(n, w)
+        y0 = int(np.clip(round(cy - ny / 2), 0, h - ny))
+        x0 = int(np.clip(round(cx - nx / 2), 0, w - nx))
+        return y0, y0 + ny, x0, x0 + nx
+
+    def edit_view(self, world=None) -> bool:
+        """Load the window around `world` (default: the camera centre) for editing.
+        Returns False (and says why) when it cannot."""
+        from napari.utils.notifications import show_warning
+
+        if self.worker is not None:
+            return False
+        if not self.store or not self.result:
+            show_warning("Correct results: choose a result store with a label result first")
+            return False
+        if self.dirty:
+            show_warning("Correct results: save or discard the edits of the current window "
+                         "first")
+            return False
+        if world is None:
+            world = camera_of(self.viewer).center
+        try:
+            box = self.window_at(world)
+        except Exception as err:  # noqa: BLE001 - a missing/corrupt store: say so
+            show_warning(f"Correct results: {err}")
+            return False
+        from napari.qt.threading import create_worker
+
+        self.status.setText(f"loading rows {box[0]}:{box[1]}, columns {box[2]}:{box[3]}…")
+        self.worker = create_worker(load_window, self.store, self.result, box,
+                                    _start_thread=False, _ignore_errors=True)
+        self.worker.returned.connect(self._show_window)
+        self._start_worker()
+        return True
+
+    def _show_window(self, loaded: dict[str, Any]) -> None:
+        box, labels = loaded["box"], loaded["labels"]
+        self.window, self.colors = box, loaded["colors"]
+        self.classes = loaded["classes"]
+        self._transform = self._world_transform(loaded["meta"])
+        self._table_scale = loaded["table_scale"]
+        (sy, sx), (ty, tx) = self._transform
+        translate = (ty + box[0] * sy, tx + box[2] * sx)
+        for name in EDIT_LAYERS:
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(name)
+        frame = self.viewer.add_shapes(
+            [[[box[0] - 0.5, box[2] - 0.5], [box[1] - 0.5, box[3] - 0.5]]],
+            shape_type="rectangle", name=LAYER_FRAME, scale=(sy, sx), translate=(ty, tx),
+            edge_color="white", face_color="transparent",
+            edge_width=2 * max(1, (box[1] - box[0]) // 256))
+        frame.editable = False
+        layer = self.viewer.add_labels(labels, name=LAYER_EDIT, scale=(sy, sx),
+                                       translate=translate, opacity=0.7,
+                                       colormap=label_colormap(self.colors))
+        self._loaded = labels.copy()
+        if loaded["points"] is not None:
+            self._add_points(loaded["points"], (sy, sx), (ty, tx))
+        layer.selected_label = 1 if 1 in self.classes or not self.classes else self.classes[0]
+        self._activate_edit_layer()
+        self.status.setText(
+            f"editing rows {box[0]}:{box[1]}, columns {box[2]}:{box[3]} of {self.result!r}"
+            f" (classes {self.classes}); paint, then Save")
+
+    def _add_points(self, table, scale, translate) -> None:
+        import pandas as pd
+
+        fy, fx = self._table_scale
+        coords = np.stack([np.asarray(table["y"], float) / fy,
+                           np.asarray(table["x"], float) / fx], 1).reshape(-1, 2)
+        features = pd.DataFrame({
+            "class": np.asarray(table.get("class", np.ones(len(coords))), np.int64),
+            "score": np.asarray(table.get("score", np.ones(len(coords))), np.float32),
+            "size": np.asarray(table.get("size", np.zeros(len(coords))), np.float32),
+        })
+        typical = float(np.median(features["size"])) if len(features) else 0.0
+        common = int(features["class"].mode()[0]) if len(features) else 1
+        points = self.viewer.add_points(
+            coords, features=features, name=LAYER_POINTS, scale=scale, translate=translate,
+            size=8, face_color=np.asarray(class_color(common)), border_color="white",
+            border_width=0.1)
+        points.feature_defaults = {"class": common, "score": 1.0, "size": typical}
+        points.events.data.connect(self._on_points_data)
+        self._loaded_points = (points.data.copy(), points.features.copy())
+
+    def _on_points_data(self, event) -> None:
+        """Points added by hand get score 1 (napari would copy the selected point's)."""
+        if str(getattr(event, "action", "")) not in ("added", "ActionType.ADDED"):
+            return
+        layer = event.source
+        rows = np.asarray(event.data_indices, int) % max(1, len(layer.data))
+        features = layer.features
+        features.loc[features.index[rows], "score"] = 1.0
+        layer.features = features
+
+    def _activate_edit_layer(self) -> None:
+        if LAYER_EDIT in self.viewer.layers:
+            layer = self.viewer.layers[LAYER_EDIT]
+            self.viewer.layers.selection.active = layer
+            layer.mode = "paint"
+
+    def discard(self) -> None:
+        for name in EDIT_LAYERS:
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(name)
+        self.window = self._loaded = self._loaded_points = None
+        self.status.setText("edits discarded")
+        self._set_busy(False)
+
+    def save(self) -> bool:
+        """Save the edited window (and the detections) into the store's correction."""
+        from napari.utils.notifications import show_warning
+
+        if self.worker is not None or self.window is None:
+            if self.window is None:
+                show_warning("Correct results: nothing to save; edit a window first")
+            return False
+        if not self.dirty:
+            self.status.setText("nothing changed in this window since it was loaded or saved")
+            return False
+        labels = np.asarray(self.viewer.layers[LAYER_EDIT].data).copy() \
+            if self._labels_dirty() else None
+        table = self._points_table() if self._points_dirty() else None
+        from napari.qt.threading import create_worker
+
+        self.status.setText("saving…")
+        self.worker = create_worker(save_edits, self.store, self.result, self.window, labels, table,
+                                    _start_thread=False, _ignore_errors=True)
+        self.worker.returned.connect(lambda out: self._saved(out, labels, table))
+        self._start_worker()
+        return True
+
+    def _points_table(self) -> dict[str, np.ndarray] | None:
+        if self._loaded_points is None or LAYER_POINTS not in self.viewer.layers:
+            return None
+        layer = self.viewer.layers[LAYER_POINTS]
+        fy, fx = self._table_scale
+        data = np.asarray(layer.data, float).reshape(-1, 2)
+        f = layer.features
+        return {"y": data[:, 0] * fy, "x": data[:, 1] * fx,
+                "class": f["class"].to_numpy(np.int64), "score": f["score"].to_numpy(np.float32),
+                "size": f["size"].to_numpy(np.float32)}
+
+    def _saved(self, out: dict[str, Any], labels, table) -> None:
+        if labels is not None:
+            self._loaded = labels
+        if table is not None and LAYER_POINTS in self.viewer.layers:
+            layer = self.viewer.layers[LAYER_POINTS]
+            self._loaded_points = (layer.data.copy(), layer.features.copy())
+        self._show_corrected()
+        edit = out.get("edit")
+        parts = []
+        if edit is not None:
+            n = out["edits"]
+            parts.append(f"saved the window: {edit.changed:,} pixels changed"
+                         f" ({n} edit{'s' if n != 1 else ''} in {self.result}-corrected)")
+        if out.get("points") is not None:
+            parts.append(f"{out['points']} detections saved")
+        self.status.setText("; ".join(parts) or "saved")
+
+    def _show_corrected(self) -> None:
+        """Show (or refresh) the correction's pyramid under the edit layer."""
+        from napari_xt.io import read_labels
+        from napari_xt.io.corrections import corrected_name, has_correction
+
+        if not has_correction(self.store, self.result):
+            return
+        lab = read_labels(self.store, corrected_name(self.result))
+        data = lab.levels if len(lab.levels) > 1 else lab.levels[0]
+        if LAYER_CORRECTED in self.viewer.layers:
+            self.viewer.layers.remove(LAYER_CORRECTED)
+        scale, translate = self._transform
+        layer = self.viewer.add_labels(data, name=LAYER_CORRECTED, scale=scale,
+                                       translate=translate, multiscale=len(lab.levels) > 1,
+                                       opacity=0.5, colormap=label_colormap(lab.colors))
+        layer.editable = False
+        # keep the edit layers on top, the edit layer selected for painting
+        for name in EDIT_LAYERS:
+            if name in self.viewer.layers:
+                layers = self.viewer.layers
+                layers.move(layers.index(name), len(layers))
+        self._activate_edit_layer()
+
+    # ------------------------------------------------------------------ worker and clicks
+    def _worker_done(self) -> None:
+        pass
+
+    def _set_busy(self, busy: bool) -> None:
+        self.edit_button.setEnabled(not busy)
+        self.save_button.setEnabled(not busy and self.window is not None)
+        self.discard_button.setEnabled(not busy and self.window is not None)
+
+    def _picked(self, world) -> None:
+        self.edit_view(world)
