@@ -1,4 +1,4 @@
-"""Command line: ``napari-xt predict | convert | train | bench | demo``.
+"""Command line: ``napari-xt predict | convert | train | export-pairs | bench | demo``.
 
 Each subcommand lives in its own module under :mod:`napari_xt.commands` and exposes
 ``register(subparsers)``, which adds its parser and sets ``func(args) -> int`` as the
@@ -15,7 +15,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("predict", "convert", "train", "bench", "demo")
+SUBCOMMANDS = ("predict", "convert", "train", "export_pairs", "bench", "demo")  # modules
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -1,8 +1,9 @@
 """Training configuration: a YAML file mapped onto frozen dataclasses (configs are data).
 
 Top-level sections: `model`, `data`, `optim`, `loss`, `run`, `eval` (see the dataclasses).
-The model is either a zoo name with overrides (`model: {zoo: NAME, overrides: {...}}`) or a
-whole `XTConfig` as a dict (`model: {config: {...}}`). Unknown keys are errors.
+The model is a zoo name with overrides (`model: {zoo: NAME, overrides: {...}}`), a whole
+`XTConfig` as a dict (`model: {config: {...}}`), or a checkpoint to fine-tune
+(`model: {checkpoint: PATH | demo}`). Unknown keys are errors.
 """
 
 from __future__ import annotations
@@ -21,21 +22,52 @@ from .synthetic import SceneConfig
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """`zoo` + `overrides` or a whole `config`; `zero_init` lists parameter-name prefixes set
-    to zero at the start (e.g. ``output_proj``: the context path starts silent, so a context
-    model begins as its region-only counterpart and learns what context adds)."""
+    """`zoo` + `overrides`, a whole `config`, or a `checkpoint` to fine-tune (a napari-xt
+    safetensors file, or ``demo`` for the shipped demo model: its architecture and weights,
+    and its input normalization unless `data.normalize` is given). `zero_init` lists
+    parameter-name prefixes set to zero at the start (e.g. ``output_proj``: the context path
+    starts silent, so a context model begins as its region-only counterpart and learns what
+    context adds)."""
 
     zoo: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] | None = None
     zero_init: tuple[str, ...] = ()
+    checkpoint: str | None = None
+
+    def checkpoint_path(self) -> Path | None:
+        """The checkpoint file to start from, or None."""
+        if self.checkpoint is None:
+            return None
+        if self.checkpoint == "demo":
+            from .demo import demo_weights_path
+
+            return demo_weights_path()
+        path = Path(self.checkpoint).expanduser()
+        if not path.is_file():
+            raise ValueError(f"model.checkpoint: no file {path}")
+        return path
 
     def build_config(self):
         """The `XTConfig` this spec names."""
         from napari_xt.model.xt import XTConfig
 
-        if (self.zoo is None) == (self.config is None):
-            raise ValueError("model: give exactly one of 'zoo' (a zoo name) or 'config'")
+        if sum(x is not None for x in (self.zoo, self.config, self.checkpoint)) != 1:
+            raise ValueError("model: give exactly one of 'zoo' (a zoo name), 'config' or "
+                             "'checkpoint' (a model to fine-tune)")
+        if self.checkpoint is not None:
+            if self.overrides or self.zero_init:
+                raise ValueError("model: 'overrides' and 'zero_init' cannot change a "
+                                 "checkpoint that is fine-tuned")
+            import json
+
+            from napari_xt.model.checkpoint import CONFIG_KEY, CheckpointError, read_metadata
+
+            path = self.checkpoint_path()
+            meta = read_metadata(path)
+            if CONFIG_KEY not in meta:
+                raise CheckpointError(f"{path} has no napari-xt model config to fine-tune")
+            return XTConfig.from_dict(json.loads(meta[CONFIG_KEY]))
         if self.config is not None:
             return XTConfig.from_dict(self.config)
         from dataclasses import replace

@@ -34,7 +34,7 @@ from napari_xt.model.tokenizer import split_regions
 
 from . import state as run_state
 from .config import TrainConfig
-from .data import IGNORE_INDEX, SyntheticDataset, ZarrPairDataset, collate
+from .data import IGNORE_INDEX, Normalization, SyntheticDataset, ZarrPairDataset, collate
 from .evaluate import evaluate
 from .losses import combine, loss_terms, token_class_targets, token_loss_sum
 from .synthetic import CLASS_NAMES
@@ -77,6 +77,30 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _normalization(cfg: TrainConfig, start: Path | None) -> Normalization:
+    """The input normalization of a run: `data.normalize`, or, when fine-tuning and the
+    config leaves it at its default, the checkpoint's own (a different explicit one is an
+    error: the weights would see other inputs than they were trained on)."""
+    given = cfg.data.normalize
+    if start is None:
+        return given
+    import json
+
+    from napari_xt.model.checkpoint import read_metadata
+
+    stored = read_metadata(start).get("train.normalize")
+    if stored is None:
+        return given
+    saved = json.loads(stored)
+    ckpt = Normalization(tuple(saved["mean"]), tuple(saved["std"]))
+    if given == Normalization():
+        return ckpt
+    if given != ckpt:
+        raise ValueError(f"data.normalize {given.to_dict()} differs from the normalization "
+                         f"{ckpt.to_dict()} that {start.name} was trained with")
+    return given
+
+
 class Trainer:
     """Builds the model, data and optimizer from a `TrainConfig` and trains into `out_dir`."""
 
@@ -96,9 +120,20 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         self.device = torch.device(cfg.run.device)
         self.model_config = cfg.model.build_config()
-        self.model = XT(self.model_config).to(self.device).train()
-        self._init_centre_bias()
-        self._zero_init(cfg.model.zero_init)
+        start = cfg.model.checkpoint_path()
+        self.normalization = _normalization(cfg, start)
+        if self.normalization != cfg.data.normalize:  # saved with the checkpoints' config
+            from dataclasses import replace
+
+            self.cfg = cfg = replace(cfg, data=replace(cfg.data, normalize=self.normalization))
+        if start is None:
+            self.model = XT(self.model_config).to(self.device).train()
+            self._init_centre_bias()
+            self._zero_init(cfg.model.zero_init)
+        else:  # fine-tuning: the checkpoint's weights (content hash checked on load)
+            from napari_xt.model.checkpoint import load_checkpoint
+
+            self.model = load_checkpoint(start, device=self.device).train()
         # training-only token classifier (deep supervision, `loss.token_weight`); not part of
         # the saved model, kept in the training state for resume
         self.token_head: torch.nn.Linear | None = None
@@ -141,16 +176,18 @@ class Trainer:
     def _build_data(self) -> None:
         d = self.cfg.data
         if d.kind == "synthetic":
-            self.train_data = SyntheticDataset(d.scene, d.train_seed, d.train_count, d.normalize)
-            self.val_data = SyntheticDataset(d.scene, d.val_seed, d.val_count, d.normalize)
+            self.train_data = SyntheticDataset(d.scene, d.train_seed, d.train_count,
+                                               self.normalization)
+            self.val_data = SyntheticDataset(d.scene, d.val_seed, d.val_count,
+                                             self.normalization)
             self.class_names = list(CLASS_NAMES)
         else:
             self.train_data = ZarrPairDataset(
-                d.train_paths, d.normalize, d.crop_size, length=d.train_count,
+                d.train_paths, self.normalization, d.crop_size, length=d.train_count,
                 seed=self.cfg.run.seed,
             )
             self.val_data = (
-                ZarrPairDataset(d.val_paths, d.normalize) if d.val_paths else None
+                ZarrPairDataset(d.val_paths, self.normalization) if d.val_paths else None
             )
             self.class_names = [f"class_{k}" for k in range(self.model_config.num_classes)]
 
@@ -280,7 +317,7 @@ class Trainer:
 
         return {
             "train.step": str(self.step),
-            "train.normalize": json.dumps(self.cfg.data.normalize.to_dict()),
+            "train.normalize": json.dumps(self.normalization.to_dict()),
             "train.config": json.dumps(self.cfg.to_dict()),
         }
 

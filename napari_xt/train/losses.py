@@ -32,11 +32,13 @@ class LossConfig:
     size_map: str = "size"
 
 
-def focal_heatmap_sum(logits: torch.Tensor, target: torch.Tensor, alpha: float, beta: float):
+def focal_heatmap_sum(logits: torch.Tensor, target: torch.Tensor, alpha: float, beta: float,
+                      valid: torch.Tensor | None = None):
     """Penalty-reduced pixel focal loss; logits/target (N, 1, H, W) -> (sum, number of centres).
 
     Centres are pixels where target == 1; elsewhere the loss is down-weighted by
-    (1 - target) ** beta near a centre.
+    (1 - target) ** beta near a centre. `valid` (N, 1, H, W) bool: pixels that count (a
+    mask's ignored pixels are unknown ground, not "no object").
     """
     prob = torch.sigmoid(logits.float())
     log_p = F.logsigmoid(logits.float())
@@ -44,8 +46,11 @@ def focal_heatmap_sum(logits: torch.Tensor, target: torch.Tensor, alpha: float, 
     centre = target >= 1.0
     pos = -((1 - prob) ** alpha) * log_p
     neg = -((1 - target) ** beta) * (prob**alpha) * log_not_p
-    total = torch.where(centre, pos, neg).sum()
-    return total, centre.sum()
+    per_pixel = torch.where(centre, pos, neg)
+    if valid is not None:
+        per_pixel = per_pixel * valid
+        centre = centre & valid
+    return per_pixel.sum(), centre.sum()
 
 
 def loss_terms(
@@ -73,7 +78,7 @@ def loss_terms(
     terms["ce"] = (ce.sum(), count)
     if cfg.centre_map in maps and cfg.heatmap_weight > 0:
         s, n = focal_heatmap_sum(maps[cfg.centre_map], batch["centre"], cfg.focal_alpha,
-                                 cfg.focal_beta)
+                                 cfg.focal_beta, valid[:, None] if not valid.all() else None)
         terms["heatmap"] = (cfg.heatmap_weight * s, n.to(torch.float32))
     if cfg.size_map in maps and cfg.size_weight > 0:
         w = batch["size_weight"]
