@@ -24,6 +24,7 @@ def test_correct_a_window_and_the_detections_of_a_run(make_napari_viewer, qtbot,
 
     from napari_xt.io import read_detections, read_labels
     from napari_xt.io.corrections import edits, read_corrected_detections
+    from napari_xt.train.data import IGNORE_INDEX, Normalization, ZarrPairDataset
     from napari_xt.widgets import correct_widget as cw
 
     warnings, errors = [], []
@@ -84,6 +85,16 @@ def test_correct_a_window_and_the_detections_of_a_run(make_napari_viewer, qtbot,
     assert np.array_equal(fixed["y"][:-1], table["y"][1:])
     assert len(read_detections(store, "prediction")["y"]) == len(table["y"])
     assert cw.LAYER_CORRECTED in viewer.layers
+
+    # the saved corrections become training pairs (the image: the run's own)
+    assert widget.export(str(tmp_path / "pairs"))
+    _wait(qtbot, widget)
+    [pair] = ZarrPairDataset(tmp_path / "pairs", Normalization())
+    crop = 128 * 2  # the tiny model's region size x crop_regions: the default margin
+    assert pair.mask.shape == (min(384, 164 + crop), 384)  # rows 0:384, columns 0:384
+    assert (pair.mask[36:164, 236:364] == expected[36:164, 236:364]).all()
+    assert (pair.mask[:36] == IGNORE_INDEX).all()
+    assert "1 training pair(s)" in widget.status.text()
 
     # a new window overlapping the saved one starts from the correction
     assert widget.edit_view((TRANSLATE[0] + 64 * SCALE[0], TRANSLATE[1] + 250 * SCALE[1]))

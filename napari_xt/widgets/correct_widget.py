@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 
 from .controls import WorkerPanel, status_label
 from .correction_jobs import load_window, save_edits
-from .result_layers import class_color, label_colormap
+from .correction_points import add_points_layer, points_table
+from .result_layers import label_colormap
 from .run_session import last_session
 from .viewport import camera_of
 
@@ -101,11 +102,17 @@ class CorrectWidget(WorkerPanel, QWidget):
         buttons = QHBoxLayout()
         for b in (self.edit_button, self.save_button, self.discard_button):
             buttons.addWidget(b)
+        self.export_button = QPushButton("Export training pairs…")
+        self.export_button.setToolTip(
+            "Write the saved corrections as training pairs (image around the corrected "
+            "windows, corrected labels and detections) to fine-tune a model with "
+            "`napari-xt train`.")
         self.status = status_label("run xT or choose a result store, then edit a window",
                                    "What was loaded or saved last.")
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(buttons)
+        layout.addWidget(self.export_button)
         layout.addWidget(self.status)
         layout.addStretch(1)
         browse.clicked.connect(self._browse)
@@ -114,6 +121,7 @@ class CorrectWidget(WorkerPanel, QWidget):
         self.edit_button.clicked.connect(lambda: self.edit_view())
         self.save_button.clicked.connect(self.save)
         self.discard_button.clicked.connect(self.discard)
+        self.export_button.clicked.connect(self._export_clicked)
         self.pick_check.toggled.connect(self._toggle_pick)
         self.use_last_run()
         self._set_busy(False)
@@ -243,43 +251,14 @@ class CorrectWidget(WorkerPanel, QWidget):
                                        colormap=label_colormap(self.colors))
         self._loaded = labels.copy()
         if loaded["points"] is not None:
-            self._add_points(loaded["points"], (sy, sx), (ty, tx))
+            points = add_points_layer(self.viewer, loaded["points"], LAYER_POINTS,
+                                      self._table_scale, (sy, sx), (ty, tx))
+            self._loaded_points = (points.data.copy(), points.features.copy())
         layer.selected_label = 1 if 1 in self.classes or not self.classes else self.classes[0]
         self._activate_edit_layer()
         self.status.setText(
             f"editing rows {box[0]}:{box[1]}, columns {box[2]}:{box[3]} of {self.result!r}"
             f" (classes {self.classes}); paint, then Save")
-
-    def _add_points(self, table, scale, translate) -> None:
-        import pandas as pd
-
-        fy, fx = self._table_scale
-        coords = np.stack([np.asarray(table["y"], float) / fy,
-                           np.asarray(table["x"], float) / fx], 1).reshape(-1, 2)
-        features = pd.DataFrame({
-            "class": np.asarray(table.get("class", np.ones(len(coords))), np.int64),
-            "score": np.asarray(table.get("score", np.ones(len(coords))), np.float32),
-            "size": np.asarray(table.get("size", np.zeros(len(coords))), np.float32),
-        })
-        typical = float(np.median(features["size"])) if len(features) else 0.0
-        common = int(features["class"].mode()[0]) if len(features) else 1
-        points = self.viewer.add_points(
-            coords, features=features, name=LAYER_POINTS, scale=scale, translate=translate,
-            size=8, face_color=np.asarray(class_color(common)), border_color="white",
-            border_width=0.1)
-        points.feature_defaults = {"class": common, "score": 1.0, "size": typical}
-        points.events.data.connect(self._on_points_data)
-        self._loaded_points = (points.data.copy(), points.features.copy())
-
-    def _on_points_data(self, event) -> None:
-        """Points added by hand get score 1 (napari would copy the selected point's)."""
-        if str(getattr(event, "action", "")) not in ("added", "ActionType.ADDED"):
-            return
-        layer = event.source
-        rows = np.asarray(event.data_indices, int) % max(1, len(layer.data))
-        features = layer.features
-        features.loc[features.index[rows], "score"] = 1.0
-        layer.features = features
 
     def _activate_edit_layer(self) -> None:
         if LAYER_EDIT in self.viewer.layers:
@@ -321,13 +300,7 @@ class CorrectWidget(WorkerPanel, QWidget):
     def _points_table(self) -> dict[str, np.ndarray] | None:
         if self._loaded_points is None or LAYER_POINTS not in self.viewer.layers:
             return None
-        layer = self.viewer.layers[LAYER_POINTS]
-        fy, fx = self._table_scale
-        data = np.asarray(layer.data, float).reshape(-1, 2)
-        f = layer.features
-        return {"y": data[:, 0] * fy, "x": data[:, 1] * fx,
-                "class": f["class"].to_numpy(np.int64), "score": f["score"].to_numpy(np.float32),
-                "size": f["size"].to_numpy(np.float32)}
+        return points_table(self.viewer.layers[LAYER_POINTS], self._table_scale)
 
     def _saved(self, out: dict[str, Any], labels, table) -> None:
         if labels is not None:
@@ -369,6 +342,65 @@ class CorrectWidget(WorkerPanel, QWidget):
                 layers.move(layers.index(name), len(layers))
         self._activate_edit_layer()
 
+    # ------------------------------------------------------------------ training pairs
+    def _run_image(self):
+        """(image, axes, margin) of the last run when this is its store, else None."""
+        s = last_session(self.viewer)
+        if s is None or not s.store or Path(s.store) != Path(self.store):
+            return None
+        margin = 256
+        if s.model is not None and s.planned is not None:
+            margin = int(s.planned.region_size * max(1, getattr(s.model.cfg, "crop_regions",
+                                                                1) or 1))
+        return s.request.image, s.request.axes, margin
+
+    def _export_clicked(self) -> None:
+        image = self._run_image()
+        if image is None:  # a store from disk: ask for the image the run read
+            path, _ = QFileDialog.getOpenFileName(self, "The image the run was made on")
+            if not path:
+                return
+            image = (path, None, 256)
+        out = QFileDialog.getExistingDirectory(self, "Folder for the training pairs",
+                                               str(Path(self.store).parent))
+        if out:
+            self.export(out, *image)
+
+    def export(self, out_dir: str, image=None, axes: str | None = None,
+               margin: int | None = None) -> bool:
+        """Export the saved corrections as training pairs into `out_dir` (the image
+        defaults to the last run's when this is its store)."""
+        from napari.utils.notifications import show_warning
+
+        if self.worker is not None:
+            return False
+        if image is None:
+            run_image = self._run_image()
+            if run_image is None:
+                show_warning("Correct results: give the image the run was made on")
+                return False
+            image, axes, default_margin = run_image
+            margin = default_margin if margin is None else margin
+        from napari.qt.threading import create_worker
+
+        from napari_xt.train.from_corrections import export_pairs
+
+        self.status.setText("exporting training pairs…")
+        self.worker = create_worker(export_pairs, self.store, image, out_dir, name=self.result,
+                                    margin=256 if margin is None else int(margin), axes=axes,
+                                    _start_thread=False, _ignore_errors=True)
+        self.worker.returned.connect(lambda pairs: self._exported(pairs, out_dir))
+        self._start_worker()
+        return True
+
+    def _exported(self, pairs, out_dir: str) -> None:
+        labelled = sum(p.labelled for p in pairs)
+        points = sum(p.points for p in pairs)
+        self.status.setText(
+            f"{len(pairs)} training pair(s) in {out_dir}: {labelled:,} corrected pixels, "
+            f"{points} detections; fine-tune with napari-xt train (model: {{checkpoint: …}}, "
+            "data: {kind: zarr, train_paths: [this folder]})")
+
     # ------------------------------------------------------------------ worker and clicks
     def _worker_done(self) -> None:
         pass
@@ -377,6 +409,7 @@ class CorrectWidget(WorkerPanel, QWidget):
         self.edit_button.setEnabled(not busy)
         self.save_button.setEnabled(not busy and self.window is not None)
         self.discard_button.setEnabled(not busy and self.window is not None)
+        self.export_button.setEnabled(not busy)
 
     def _picked(self, world) -> None:
         self.edit_view(world)
