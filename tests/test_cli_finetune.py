@@ -15,6 +15,10 @@ def test_predict_correct_export_finetune(tmp_path, capsys):
     np.save(scene, image)  # (2, 256, 256) dB
     store = tmp_path / "scene.xt.zarr"
     assert main(["predict", str(scene), "--model", "demo", "--out", str(store)]) == 0
+    from napari_xt.io import list_results
+
+    # by default a segmentation model with a centre map writes its detections too
+    assert list_results(store)["tables"] == ["prediction"]
     save_window(store, "prediction", (0, 128, 0, 128), truth[:128, :128])
 
     pairs = tmp_path / "pairs"

@@ -43,9 +43,15 @@ def _cancel_check(cancel: Any) -> Callable[[], bool]:
     raise EngineInputError(f"cancel must be a threading.Event or a callable, not {cancel!r}")
 
 
-def default_outputs(head_kind: str) -> tuple[str, ...]:
-    return {"classification": ("classification",), "segmentation": ("labels",),
-            "detection": ("detections",)}[head_kind]
+def default_outputs(head: Any) -> tuple[str, ...]:
+    """What a head gives when `outputs` is not chosen: a classifier's record, a detector's
+    table, a segmenter's labels and, when it also predicts a centre/heatmap map, its
+    detection table."""
+    if head.kind == "classification":
+        return ("classification",)
+    if head.kind == "detection":
+        return ("detections",)
+    return ("labels",) + (("detections",) if map_layout(head).heat is not None else ())
 
 
 def run(
@@ -90,7 +96,8 @@ def run(
     cache: True (embeddings in `<store>/_embeddings`), a path, "rebuild" (replace a
       mismatched cache with a Notice) or False.
     outputs: any of "labels", "probabilities", "detections" (dense models) or
-      "classification"; default by head kind.
+      "classification"; default `default_outputs(head)`: labels plus detections for a
+      segmentation head with a centre/heatmap map.
     on_error: "stop" (first unreadable region ends the run with Failed) or "continue" (the
       region is marked failed, its crops run without it; a rerun retries it).
     overwrite: replace a store holding another run's results.
@@ -127,7 +134,7 @@ def run(
             f"the image has {source.channels} channel(s) ({source.axes}, shape "
             f"{tuple(source.array.shape)}); model {cfg.name!r} expects {cfg.in_chans}")
     kind = cfg.head.kind
-    outputs = tuple(outputs) if outputs else default_outputs(kind)
+    outputs = tuple(outputs) if outputs else default_outputs(cfg.head)
     allowed = {"classification": ("classification",),
                "segmentation": ("labels", "probabilities", "detections"),
                "detection": ("detections",)}[kind]

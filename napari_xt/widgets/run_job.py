@@ -150,16 +150,14 @@ class StoreTileReader:
 
 
 def run_outputs(model, probabilities: bool) -> tuple[str, ...]:
-    """Everything the model's head can give: labels (+ probabilities) and detections."""
-    head = model.cfg.head
-    if head.kind == "classification":
-        return ("classification",)
-    names = {name for name, _ in head.maps}
-    heat = bool(names & {"heatmap", "centre", "center"})
-    if head.kind == "detection":
-        return ("detections",)
-    return ("labels",) + (("probabilities",) if probabilities else ()) + (
-        ("detections",) if heat else ())
+    """Everything the model's head can give (the engine's default outputs), with the
+    per-class probability maps when asked and the head has classes."""
+    from napari_xt.engine.run import default_outputs
+
+    outputs = default_outputs(model.cfg.head)
+    if probabilities and outputs[0] == "labels":
+        outputs = ("labels", "probabilities") + outputs[1:]
+    return outputs
 
 
 def run_events(
