@@ -4,11 +4,17 @@ Writes an OME-Zarr 0.5 store (labels, probabilities, detections table or classif
 record, with provenance). Interrupt with Ctrl-C: finished regions are kept, and the same
 command again resumes ("resuming: ..."). Exit codes: 0 done, 1 the run failed, 2 bad input,
 130 cancelled.
+
+Many images: ``napari-xt predict A B C ... --out-dir DIR [--workers N]`` writes
+``DIR/<name>.xt.zarr`` per image, N images at a time in worker processes (dask.distributed;
+``--scheduler ADDRESS`` uses an existing cluster). An image that fails is reported and the
+others go on; exit code 1 if any failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -18,11 +24,18 @@ import time
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("predict", help="run a model over an image of any size",
                               description=__doc__)
-    p.add_argument("image", help="input image: OME-Zarr, TIFF/SVS, zarr, npy")
+    p.add_argument("image", nargs="+", help="input image(s): OME-Zarr, TIFF/SVS, zarr, npy")
     p.add_argument("--model", required=True,
                    help="'demo' (the built-in model), a zoo model name (untrained weights "
                         "from seed 0) or a checkpoint file")
-    p.add_argument("--out", required=True, help="output store (a directory ending in .zarr)")
+    p.add_argument("--out", default=None,
+                   help="output store of one image (a directory ending in .zarr)")
+    p.add_argument("--out-dir", default=None,
+                   help="folder for the stores of many images (<name>.xt.zarr each)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="images run at once, each in its own process (needs dask.distributed)")
+    p.add_argument("--scheduler", default=None,
+                   help="address of a running dask.distributed scheduler to run the images on")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
     p.add_argument("--batch-size", type=int, default=8, help="regions per encoder batch")
     p.add_argument("--order", choices=("raster", "zigzag", "viewport"), default="raster")
@@ -78,6 +91,83 @@ class Progress:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    from napari_xt.cli import EXIT_USAGE
+
+    if args.out_dir or len(args.image) > 1 or args.workers > 1 or args.scheduler:
+        if not args.out_dir:
+            print("napari-xt predict: several images (or --workers, --scheduler) need "
+                  "--out-dir; --out names the store of a single image", file=sys.stderr)
+            return EXIT_USAGE
+        if args.out:
+            print("napari-xt predict: give --out for one image or --out-dir for many, not "
+                  "both", file=sys.stderr)
+            return EXIT_USAGE
+        return run_many(args)
+    if not args.out:
+        print("napari-xt predict: give the output store with --out", file=sys.stderr)
+        return EXIT_USAGE
+    args.image = args.image[0]
+    return run_one(args)
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """The engine `run` arguments the command line sets (all but image, model, store)."""
+    outputs = tuple(o.strip() for o in args.outputs.split(",")) if args.outputs else None
+    return dict(device=args.device, batch_size=args.batch_size, order=args.order,
+                level=args.level, cache=False if args.no_cache else
+                ("rebuild" if args.rebuild_cache else True), overwrite=args.overwrite,
+                resume=not args.restart, on_error=args.on_error, outputs=outputs,
+                crop_stride=args.crop_stride, blend=args.blend, threshold=args.threshold)
+
+
+def run_many(args: argparse.Namespace) -> int:
+    from napari_xt.cli import EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, EXIT_USAGE
+    from napari_xt.distributed import predict_many
+
+    missing = [i for i in args.image if not os.path.exists(i)]
+    if missing:
+        print(f"napari-xt predict: no such image(s): {', '.join(missing)}", file=sys.stderr)
+        return EXIT_USAGE
+    cancel = threading.Event()
+    counts: dict[str, int] = {}
+    total = len(args.image)
+    start = time.perf_counter()
+    restore = cancel_on_ctrl_c(cancel)
+    outcomes = None
+    try:
+        outcomes = predict_many(args.image, args.model, args.out_dir, workers=args.workers,
+                                threads=args.threads, scheduler=args.scheduler, cancel=cancel,
+                                **engine_options(args))
+        for n, o in enumerate(outcomes, 1):
+            counts[o.outcome] = counts.get(o.outcome, 0) + 1
+            detail = (f"{o.regions} regions, {o.encoded} encoded" if o.outcome == "finished"
+                      else o.message)
+            print(f"[{n}/{total}] {o.outcome:<9} {o.image} -> {o.store} ({o.seconds:.1f} s; "
+                  f"{detail})", flush=True)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, the stores keep finished regions
+        cancel.set()
+        print("cancelled; finished regions are kept, run the same command again to resume",
+              file=sys.stderr)
+        return EXIT_CANCELLED
+    except (ValueError, ImportError) as err:
+        print(f"napari-xt predict: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        if outcomes is not None:
+            outcomes.close()  # stops a cluster's remaining work and closes the cluster
+        restore()
+    if cancel.is_set():
+        print("cancelled; finished regions are kept, run the same command again to resume",
+              file=sys.stderr)
+    print(f"{counts.get('finished', 0)} of {total} images finished in "
+          f"{time.perf_counter() - start:.1f} s" + "".join(
+              f", {v} {k}" for k, v in counts.items() if k != "finished"), flush=True)
+    if counts.get("failed"):
+        return EXIT_FAILED
+    return EXIT_CANCELLED if counts.get("cancelled") or counts.get("skipped") else EXIT_OK
+
+
+def run_one(args: argparse.Namespace) -> int:
     from napari_xt.cli import EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, EXIT_USAGE
     from napari_xt.engine import events as ev
     from napari_xt.engine import run
@@ -93,28 +183,16 @@ def run_command(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         model, _, normalize = load_model(args.model)
-        outputs = tuple(o.strip() for o in args.outputs.split(",")) if args.outputs else None
-        cache = False if args.no_cache else ("rebuild" if args.rebuild_cache else True)
-        events = run(args.image, model, args.out, device=args.device,
-                     batch_size=args.batch_size, order=args.order, level=args.level,
-                     cache=cache, overwrite=args.overwrite, resume=not args.restart,
-                     on_error=args.on_error, outputs=outputs, crop_stride=args.crop_stride,
-                     blend=args.blend, threshold=args.threshold, normalize=normalize, cancel=cancel)
+        events = run(args.image, model, args.out, normalize=normalize, cancel=cancel,
+                     **engine_options(args))
     except (ValueError, KeyError, FileNotFoundError, ImageIOError, CacheMismatchError,
             StoreError) as err:
         print(f"napari-xt predict: {err}", file=sys.stderr)
         return EXIT_USAGE
 
-    def on_sigint(signum, frame):
-        cancel.set()
-        signal.signal(signal.SIGINT, previous)  # a second Ctrl-C interrupts at once
-
-    previous = signal.getsignal(signal.SIGINT)
-    in_main = threading.current_thread() is threading.main_thread()
-    if in_main:
-        signal.signal(signal.SIGINT, on_sigint)
     bar = Progress(args.quiet)
     code = EXIT_FAILED
+    restore = cancel_on_ctrl_c(cancel)
     try:
         for e in events:
             if isinstance(e, ev.Planned):
@@ -148,6 +226,21 @@ def run_command(args: argparse.Namespace) -> int:
                          "run the same command again to resume")
                 code = EXIT_CANCELLED
     finally:
-        if in_main:
-            signal.signal(signal.SIGINT, previous)
+        restore()
     return code
+
+
+def cancel_on_ctrl_c(cancel: threading.Event):
+    """The first Ctrl-C sets `cancel` (the work stops at the next region, finished work is
+    kept); a second one interrupts at once. Returns the function that restores the old
+    handler (nothing happens off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):
+        cancel.set()
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    return lambda: signal.signal(signal.SIGINT, previous)
