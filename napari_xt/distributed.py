@@ -193,6 +193,8 @@ def _on_cluster(images, stores, model, workers, threads, scheduler, cancel, opti
         client = Client(scheduler)
     name = f"napari-xt-cancel-{uuid.uuid4().hex}"
     stop = Event(name, client=client)
+    if cancel.is_set():
+        stop.set()
     futures = {}
     try:
         for image, store in zip(images, stores):

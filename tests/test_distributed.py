@@ -88,3 +88,14 @@ def test_cli_many_images(images, tmp_path, capsys):
     assert main(["predict", paths[0], str(tmp_path / "missing.npy"), "--model", "demo",
                  "--out-dir", str(out)]) == 2
     assert "no such image" in capsys.readouterr().err
+
+
+def test_cancel_reaches_the_workers(images, tmp_path):
+    pytest.importorskip("distributed")
+    paths, _ = images
+    cancel = threading.Event()
+    cancel.set()  # set before any worker starts: every run stops at its first region
+    outcomes = list(predict_many(paths[:2], "demo", tmp_path / "out", workers=2, threads=1,
+                                 cancel=cancel))
+    assert [o.outcome for o in outcomes] == ["cancelled", "cancelled"]
+    assert all(o.message.startswith("after 0/12 regions") for o in outcomes)

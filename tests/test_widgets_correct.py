@@ -66,9 +66,12 @@ def test_correct_a_window_and_the_detections_of_a_run(make_napari_viewer, qtbot,
     points.selected_data = {0}
     points.remove_selected()
     points.add([[150.0, 20.0]])
+    widget.store_edit.setText(str(tmp_path / "elsewhere.zarr"))  # saves go where it came from
     assert widget.save()
     _wait(qtbot, widget)
     assert not errors and not widget.dirty
+    assert not (tmp_path / "elsewhere.zarr").exists()
+    widget.store_edit.setText(str(store))
 
     expected = predicted.copy()
     expected[36:76, 236:286] = 2

@@ -57,6 +57,7 @@ class CorrectWidget(WorkerPanel, QWidget):
         self.viewer = viewer
         self.worker = None
         self.window: tuple[int, int, int, int] | None = None  # (y0, y1, x0, x1) label pixels
+        self.target: tuple[str, str] | None = None  # (store, result) the window came from
         self._loaded: np.ndarray | None = None  # the window as loaded or last saved
         self._loaded_points: tuple[np.ndarray, Any] | None = None
         self._transform = ((1.0, 1.0), (0.0, 0.0))  # world (scale, translate) of a label pixel
@@ -223,15 +224,18 @@ class CorrectWidget(WorkerPanel, QWidget):
         from napari.qt.threading import create_worker
 
         self.status.setText(f"loading rows {box[0]}:{box[1]}, columns {box[2]}:{box[3]}…")
-        self.worker = create_worker(load_window, self.store, self.result, box,
-                                    _start_thread=False, _ignore_errors=True)
-        self.worker.returned.connect(self._show_window)
+        target = (self.store, self.result)
+        self.worker = create_worker(load_window, *target, box, _start_thread=False,
+                                    _ignore_errors=True)
+        self.worker.returned.connect(lambda loaded: self._show_window(loaded, target))
         self._start_worker()
         return True
 
-    def _show_window(self, loaded: dict[str, Any]) -> None:
+    def _show_window(self, loaded: dict[str, Any], target: tuple[str, str]) -> None:
         box, labels = loaded["box"], loaded["labels"]
         self.window, self.colors = box, loaded["colors"]
+        self.target = target  # saves go where the window came from, whatever the controls say
+        self._loaded_points = None
         self.classes = loaded["classes"]
         self._transform = self._world_transform(loaded["meta"])
         self._table_scale = loaded["table_scale"]
@@ -257,7 +261,7 @@ class CorrectWidget(WorkerPanel, QWidget):
         layer.selected_label = 1 if 1 in self.classes or not self.classes else self.classes[0]
         self._activate_edit_layer()
         self.status.setText(
-            f"editing rows {box[0]}:{box[1]}, columns {box[2]}:{box[3]} of {self.result!r}"
+            f"editing rows {box[0]}:{box[1]}, columns {box[2]}:{box[3]} of {target[1]!r}"
             f" (classes {self.classes}); paint, then Save")
 
     def _activate_edit_layer(self) -> None:
@@ -291,7 +295,7 @@ class CorrectWidget(WorkerPanel, QWidget):
         from napari.qt.threading import create_worker
 
         self.status.setText("saving…")
-        self.worker = create_worker(save_edits, self.store, self.result, self.window, labels, table,
+        self.worker = create_worker(save_edits, *self.target, self.window, labels, table,
                                     _start_thread=False, _ignore_errors=True)
         self.worker.returned.connect(lambda out: self._saved(out, labels, table))
         self._start_worker()
@@ -314,7 +318,7 @@ class CorrectWidget(WorkerPanel, QWidget):
         if edit is not None:
             n = out["edits"]
             parts.append(f"saved the window: {edit.changed:,} pixels changed"
-                         f" ({n} edit{'s' if n != 1 else ''} in {self.result}-corrected)")
+                         f" ({n} edit{'s' if n != 1 else ''} in {self.target[1]}-corrected)")
         if out.get("points") is not None:
             parts.append(f"{out['points']} detections saved")
         self.status.setText("; ".join(parts) or "saved")
@@ -324,9 +328,10 @@ class CorrectWidget(WorkerPanel, QWidget):
         from napari_xt.io import read_labels
         from napari_xt.io.corrections import corrected_name, has_correction
 
-        if not has_correction(self.store, self.result):
+        store, result = self.target
+        if not has_correction(store, result):
             return
-        lab = read_labels(self.store, corrected_name(self.result))
+        lab = read_labels(store, corrected_name(result))
         data = lab.levels if len(lab.levels) > 1 else lab.levels[0]
         if LAYER_CORRECTED in self.viewer.layers:
             self.viewer.layers.remove(LAYER_CORRECTED)
