@@ -14,6 +14,7 @@ land IoU, sea/lake mIoU and vessel F1 of the shipped model (the baseline, same r
 the fine-tuned one, the corrected pixel count and the fine-tuning time.
 
 Run: python benchmarks/finetune_corrections.py [--steps 300] [--threads 2] [--json out.json]
+     [--png picture.png]
 """
 
 from __future__ import annotations
@@ -86,6 +87,25 @@ def annotate(store: Path, boxes, truth: np.ndarray, targets: dict) -> int:
     return sum((b - a) * (d - c) for a, b, c, d in boxes)
 
 
+def picture(path: str, models, shift: float, norm, scene_cfg, seed: int) -> None:
+    """Truth | shipped | fine-tuned on one held-out shifted scene, side by side (PNG)."""
+    from napari_xt.engine import run
+    from napari_xt.train.synthetic import make_scene
+    from napari_xt.widgets.snapshot import compose_overlay, write_png
+
+    image, truth, t = make_scene(seed, scene_cfg)
+    image = image + shift
+    vessel = t["cls"] == 1
+    panels = [compose_overlay(image[0], truth, {"y": t["y"][vessel], "x": t["x"][vessel],
+                                                "class": np.zeros(vessel.sum(), int)})]
+    for model in models:
+        arrays = list(run(image, model, None, axes="CYX", normalize=(norm.mean, norm.std),
+                          outputs=("labels", "detections"), threshold=0.3))[-1].summary["arrays"]
+        panels.append(compose_overlay(image[0], arrays["labels"], arrays["detections"]))
+    gap = np.full((panels[0].shape[0], 12, 3), 255, np.uint8)
+    write_png(path, np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=1))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shift", type=float, default=8.0, help="calibration offset in dB")
@@ -99,6 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-count", type=int, default=32, help="held-out 256 px scenes")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
+    p.add_argument("--png", default=None,
+                   help="also write truth | shipped | fine-tuned on a held-out shifted scene")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -174,6 +196,8 @@ def main(argv=None) -> int:
             f"{r[k] - b[k]:+.1f}" for k in ("iou_land", "miou_context", "det_f1"))
         print(f"{r['scenes']:<10}{r['model']:<12}{r['iou_land']:>10.1f}"
               f"{r['miou_context']:>15.1f}{r['det_f1']:>11.1f}{diff}")
+    if args.png:
+        picture(args.png, (model, tuned), args.shift, norm, big, HELD_OUT_SEED + 800_000)
     if args.json:
         Path(args.json).write_text(json.dumps({
             "args": vars(args), "labelled_pixels": labelled, "prep_s": t_prep,
