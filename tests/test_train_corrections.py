@@ -178,3 +178,35 @@ def test_ignored_pixels_count_for_neither_class_nor_detection_loss():
     c = loss_terms({"logits": logits, "centre": centre}, full, LossConfig())
     d = loss_terms({"logits": changed_logits, "centre": changed_centre}, full, LossConfig())
     assert not torch.allclose(c["heatmap"][0], d["heatmap"][0])
+
+
+def test_export_from_a_run_on_a_pyramid_level(tmp_path):
+    """Labels of a level-1 run are level-1 pixels, its table level-0 pixels: the pairs are
+    cut from level 1 and the points brought to it."""
+    from napari_xt.io import convert, open_image
+    from napari_xt.io.corrections import table_scale
+    from napari_xt.train.demo import demo_normalization, load_demo_model
+
+    image, _, _ = make_scene(7, SceneConfig(height=1536, width=1536))
+    np.save(tmp_path / "big.npy", image)
+    pyramid = convert(tmp_path / "big.npy", tmp_path / "big.ome.zarr", chunk=256)
+    assert [lvl.shape[-1] for lvl in pyramid.levels] == [1536, 768]
+    norm = demo_normalization()
+    store = tmp_path / "run.zarr"
+    events = list(run(tmp_path / "big.ome.zarr", load_demo_model(), store, level=1,
+                      normalize=(norm.mean, norm.std), cache=False))
+    assert isinstance(events[-1], Finished)
+    assert table_scale(store) == (2.0, 2.0)
+    save_window(store, "prediction", (0, 128, 0, 128), np.full((128, 128), 2, np.uint8))
+    save_detections(store, "prediction", {"y": np.array([100.0, 900.0]),
+                                          "x": np.array([60.0, 900.0]),
+                                          "class": np.array([0, 0]),
+                                          "score": np.array([1.0, 1.0]),
+                                          "size": np.array([8.0, 8.0])})
+    [pair] = export_pairs(store, tmp_path / "big.ome.zarr", tmp_path / "pairs", margin=32)
+    assert pair.box == (0, 160, 0, 160) and pair.points == 1
+    [sample] = ZarrPairDataset(tmp_path / "pairs", Normalization())
+    level1 = np.asarray(open_image(tmp_path / "big.ome.zarr").levels[1][:, :160, :160])
+    assert np.allclose(sample.image, level1)
+    assert np.allclose(sample.points, [[50.0, 30.0]]) and np.allclose(sample.sizes, [4.0])
+    assert (sample.mask[:128, :128] == 2).all() and (sample.mask[128:] == IGNORE_INDEX).all()
