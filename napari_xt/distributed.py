@@ -184,19 +184,22 @@ def _on_cluster(images, stores, model, workers, threads, scheduler, cancel, opti
                           "'napari-xt[distributed]'") from err
     import uuid
 
-    own = None
-    if scheduler is None:
-        own = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                           dashboard_address=None)
-        client = Client(own)
-    else:
-        client = Client(scheduler)
-    name = f"napari-xt-cancel-{uuid.uuid4().hex}"
-    stop = Event(name, client=client)
-    if cancel.is_set():
-        stop.set()
-    futures = {}
+    own = client = stop = None
     try:
+        if scheduler is None:
+            own = _local_cluster(LocalCluster, workers)
+            client = Client(own)
+        else:
+            try:
+                client = Client(scheduler, timeout=10)
+            except (OSError, TimeoutError) as err:
+                raise ConnectionError(f"cannot reach the dask scheduler at {scheduler}: "
+                                      f"{err}") from err
+        name = f"napari-xt-cancel-{uuid.uuid4().hex}"
+        stop = Event(name, client=client)
+        if cancel.is_set():
+            stop.set()
+        futures = {}
         for image, store in zip(images, stores):
             f = client.submit(predict_image, image, model, str(store), options, threads,
                               _ClusterCancel(name), pure=False,
@@ -223,7 +226,25 @@ def _on_cluster(images, stores, model, workers, threads, scheduler, cancel, opti
                     yield ImageOutcome(image, str(store), "failed",
                                        message=f"worker error: {f.exception()!r}")
     finally:
-        stop.set()  # a generator closed early (Ctrl-C) stops what still runs
-        client.close()
+        if stop is not None:
+            stop.set()  # a generator closed early (Ctrl-C) stops what still runs
+        if client is not None:
+            client.close()
         if own is not None:
             own.close()
+
+
+def _local_cluster(local_cluster, workers: int):
+    """A local cluster of `workers` processes that ignore Ctrl-C: the terminal sends it to
+    the whole process group, and only this process should answer it (by cancelling the runs
+    through the cluster-wide event, so finished work is kept)."""
+    import signal
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:  # the worker processes start now and inherit the ignored SIGINT
+        return local_cluster(n_workers=workers, threads_per_worker=1, processes=True,
+                             dashboard_address=None)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)

@@ -20,6 +20,9 @@ def test_predict_correct_export_finetune(tmp_path, capsys):
     # by default a segmentation model with a centre map writes its detections too
     assert list_results(store)["tables"] == ["prediction"]
     save_window(store, "prediction", (0, 128, 0, 128), truth[:128, :128])
+    from napari_xt.widgets.correction_jobs import recorded_image
+
+    assert recorded_image(store) == str(scene.resolve())  # what the widget exports from
 
     pairs = tmp_path / "pairs"
     assert main(["export-pairs", str(store), str(scene), "--out", str(pairs),
@@ -27,7 +30,7 @@ def test_predict_correct_export_finetune(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "rows 0:192, columns 0:192, 1 edit(s), 16,384 labelled pixels" in out
     assert main(["export-pairs", str(store), str(scene), "--out", str(pairs)]) == 2
-    assert "exists" in capsys.readouterr().err
+    assert "already holds 1 pair(s)" in capsys.readouterr().err
     other = tmp_path / "other.npy"
     np.save(other, image[:, :, ::-1].copy())
     assert main(["export-pairs", str(store), str(other), "--out", str(tmp_path / "o")]) == 2
@@ -50,3 +53,18 @@ def test_predict_correct_export_finetune(tmp_path, capsys):
     assert np.allclose(np.ravel(normalization[0]), [-14.0, -22.0])
     assert main(["predict", str(scene), "--model", str(model),
                  "--out", str(tmp_path / "again.zarr")]) == 0
+
+
+def test_bad_fine_tuning_configs_are_bad_input(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"checkpoint": str(tmp_path / "missing.safetensors")},
+        "data": {"kind": "zarr", "train_paths": [str(tmp_path)]}}))
+    assert main(["train", str(config), "--out", str(tmp_path / "run")]) == 2
+    assert "no file" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
+    scene = tmp_path / "a.npy"
+    np.save(scene, np.zeros((2, 64, 64), np.float32))
+    assert main(["predict", str(scene), str(scene), "--model", str(tmp_path / "none.st"),
+                 "--out-dir", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err

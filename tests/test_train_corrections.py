@@ -9,7 +9,7 @@ import torch
 from test_train_loop import TINY
 
 from napari_xt.engine import Finished, run
-from napari_xt.io import read_detections
+from napari_xt.io import read_detections, read_labels
 from napari_xt.io.corrections import save_detections, save_window
 from napari_xt.model import load_checkpoint, save_checkpoint
 from napari_xt.model.xt import XT
@@ -77,8 +77,12 @@ def test_export_pairs_hold_the_corrected_windows_only(corrected_run, tmp_path):
         inside |= (t["y"] >= y0) & (t["y"] < y1) & (t["x"] >= x0) & (t["x"] < x1)
     assert pairs[0].points == int(inside.sum())
     assert np.allclose(np.sort(first.points[:, 0]), np.sort(t["y"][inside]))
-    with pytest.raises(ExportError, match="exists"):
+    with pytest.raises(ExportError, match="already holds 2 pair"):
         export_pairs(r["store"], r["image"], tmp_path / "pairs", margin=32, axes="CYX")
+    # again with a margin that joins every window: the old pairs are replaced, not kept
+    [joined] = export_pairs(r["store"], r["image"], tmp_path / "pairs", margin=100,
+                            axes="CYX", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "pairs").iterdir()) == [joined.path.name]
 
 
 def test_export_refuses_another_image_or_no_edits(corrected_run, tmp_path):
@@ -197,6 +201,8 @@ def test_export_from_a_run_on_a_pyramid_level(tmp_path):
                       normalize=(norm.mean, norm.std), cache=False))
     assert isinstance(events[-1], Finished)
     assert table_scale(store) == (2.0, 2.0)
+    # no physical pixel size: the labels are placed in level-0 pixels over the image
+    assert read_labels(store, "prediction").pixel_size == (2.0, 2.0)
     save_window(store, "prediction", (0, 128, 0, 128), np.full((128, 128), 2, np.uint8))
     save_detections(store, "prediction", {"y": np.array([100.0, 900.0]),
                                           "x": np.array([60.0, 900.0]),

@@ -68,8 +68,9 @@ def test_correct_a_window_and_the_detections_of_a_run(make_napari_viewer, qtbot,
     points.add([[150.0, 20.0]])
     widget.store_edit.setText(str(tmp_path / "elsewhere.zarr"))  # saves go where it came from
     assert widget.save()
+    assert not edit.editable and not points.editable  # no edits while the save runs
     _wait(qtbot, widget)
-    assert not errors and not widget.dirty
+    assert not errors and not widget.dirty and edit.editable
     assert not (tmp_path / "elsewhere.zarr").exists()
     widget.store_edit.setText(str(store))
 

@@ -26,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default="prediction", help="the corrected label result")
     p.add_argument("--margin", type=int, default=256,
                    help="pixels of context around the corrected windows (default 256)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing pair stores")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the pairs exported earlier from this store")
     p.set_defaults(func=run)
 
 

@@ -128,6 +128,17 @@ def run_many(args: argparse.Namespace) -> int:
     if missing:
         print(f"napari-xt predict: no such image(s): {', '.join(missing)}", file=sys.stderr)
         return EXIT_USAGE
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:  # a model that cannot load is bad input for every image: say it once
+        from napari_xt.distributed import _model
+
+        _model(args.model)  # also kept for the images run in this process
+    except (ValueError, KeyError, FileNotFoundError, OSError, RuntimeError) as err:
+        print(f"napari-xt predict: {err}", file=sys.stderr)
+        return EXIT_USAGE
     cancel = threading.Event()
     counts: dict[str, int] = {}
     total = len(args.image)
@@ -149,7 +160,7 @@ def run_many(args: argparse.Namespace) -> int:
         print("cancelled; finished regions are kept, run the same command again to resume",
               file=sys.stderr)
         return EXIT_CANCELLED
-    except (ValueError, ImportError) as err:
+    except (ValueError, ImportError, OSError) as err:  # OSError: no scheduler there
         print(f"napari-xt predict: {err}", file=sys.stderr)
         return EXIT_USAGE
     finally:

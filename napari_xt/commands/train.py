@@ -66,13 +66,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"napari-xt train: invalid config {config_path}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     out = Path(args.out) if args.out else Path("runs") / config_path.stem
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.yaml").write_text(config_path.read_text())
 
     def show(event) -> None:
         print(format_event(event), flush=True)
 
-    trainer = Trainer(cfg, out, callback=show)
+    from napari_xt.model.checkpoint import CheckpointError
+
+    try:  # a model or data that cannot be built is bad input: nothing is written then
+        trainer = Trainer(cfg, out, callback=show)
+    except (ValueError, KeyError, FileNotFoundError, CheckpointError) as exc:
+        print(f"napari-xt train: {config_path}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.yaml").write_text(config_path.read_text())
     if args.resume:
         try:
             step = trainer.resume()

@@ -66,6 +66,8 @@ def finish_outputs(store: PredictionStore, writer: Any, layout: MapLayout | None
     px = None
     if source.pixel_size is not None:
         px = (source.pixel_size[0] * source.scale[0], source.pixel_size[1] * source.scale[1])
+    elif tuple(source.scale) != (1.0, 1.0):  # a level > 0 of an image without physical
+        px = tuple(float(v) for v in source.scale)  # size: in level-0 pixels, to overlay it
     if writer is not None and "labels" in writer.arrays:
         import dask.array as da
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +64,11 @@ def group_boxes(boxes: list[tuple[int, int, int, int]], margin: int) -> list[lis
     return sorted(groups.values())
 
 
+def _earlier_pairs(out: Path, stem: str, name: str) -> list[Path]:
+    pattern = re.compile(rf"^{re.escape(stem)}-{re.escape(name)}-\d+-\d+\.zarr$")
+    return sorted(p for p in out.iterdir() if pattern.match(p.name)) if out.is_dir() else []
+
+
 def export_pairs(
     store: str | os.PathLike,
     image: Any,
@@ -79,6 +86,8 @@ def export_pairs(
     `image`: what the run read (a path or a `MultiscaleImage`; for runs on an array, that
     array, with `axes` when they cannot be guessed). The run's pyramid level and image
     identity (shape, dtype, content fingerprint) come from the store's provenance.
+    Pairs exported earlier from the same store and result are replaced with `overwrite`
+    (else refused before anything is written): they would contradict newer corrections.
     """
     from napari_xt.engine.source import ImageSource
     from napari_xt.io import read_labels
@@ -127,6 +136,14 @@ def export_pairs(
     h, w = labels.shape
     boxes = [e.box for e in saved]
     groups = group_boxes(boxes, margin)
+    stem = root.name[:-5] if root.name.endswith(".zarr") else root.name
+    earlier = _earlier_pairs(out, stem, name)
+    if earlier and not overwrite:
+        raise ExportError(f"{out} already holds {len(earlier)} pair(s) exported from "
+                          f"{root.name} ({name}); replace them with the current corrections "
+                          "(overwrite) or export to another folder")
+    for path in earlier:  # pairs of older corrections would contradict the current ones
+        shutil.rmtree(path)
     pairs = []
     for g, members in enumerate(groups):
         y0 = max(0, min(boxes[i][0] for i in members) - margin)
@@ -150,10 +167,7 @@ def export_pairs(
             points = np.stack([py[inside] - y0, px[inside] - x0], 1)
             size = np.asarray(table.get("size", np.zeros(len(py))), float)
             sizes = size[inside] / float(np.sqrt(fy * fx))
-        stem = root.name[:-5] if root.name.endswith(".zarr") else root.name
         path = out / f"{stem}-{name}-{y0}-{x0}.zarr"  # one folder can collect many stores
-        if path.exists() and not overwrite:
-            raise ExportError(f"{path} exists; choose another folder or overwrite=True")
         write_pair(path, source.read_box(y0, x0, y1, x1), mask, points, sizes)
         pairs.append(ExportedPair(path, (y0, y1, x0, x1), len(members),
                                   int(reviewed.sum()), 0 if points is None else len(points)))

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     import napari.viewer
 
 from .controls import WorkerPanel, status_label
-from .correction_jobs import load_window, save_edits
+from .correction_jobs import load_window, recorded_image, save_edits
 from .correction_points import add_points_layer, points_table
 from .result_layers import label_colormap
 from .run_session import last_session
@@ -232,7 +232,13 @@ class CorrectWidget(WorkerPanel, QWidget):
         return True
 
     def _show_window(self, loaded: dict[str, Any], target: tuple[str, str]) -> None:
+        from napari.utils.notifications import show_warning
+
         box, labels = loaded["box"], loaded["labels"]
+        if self.dirty:  # never replace unsaved edits
+            show_warning("Correct results: the current window has unsaved edits; save or "
+                         "discard them, then edit the next window")
+            return
         self.window, self.colors = box, loaded["colors"]
         self.target = target  # saves go where the window came from, whatever the controls say
         self._loaded_points = None
@@ -291,13 +297,17 @@ class CorrectWidget(WorkerPanel, QWidget):
             return False
         labels = np.asarray(self.viewer.layers[LAYER_EDIT].data).copy() \
             if self._labels_dirty() else None
-        table = self._points_table() if self._points_dirty() else None
+        table = snapshot = None
+        if self._points_dirty():
+            layer = self.viewer.layers[LAYER_POINTS]
+            snapshot = (layer.data.copy(), layer.features.copy())  # what this save holds
+            table = self._points_table()
         from napari.qt.threading import create_worker
 
         self.status.setText("saving…")
         self.worker = create_worker(save_edits, *self.target, self.window, labels, table,
                                     _start_thread=False, _ignore_errors=True)
-        self.worker.returned.connect(lambda out: self._saved(out, labels, table))
+        self.worker.returned.connect(lambda out: self._saved(out, labels, snapshot))
         self._start_worker()
         return True
 
@@ -306,12 +316,11 @@ class CorrectWidget(WorkerPanel, QWidget):
             return None
         return points_table(self.viewer.layers[LAYER_POINTS], self._table_scale)
 
-    def _saved(self, out: dict[str, Any], labels, table) -> None:
+    def _saved(self, out: dict[str, Any], labels, points_snapshot) -> None:
         if labels is not None:
             self._loaded = labels
-        if table is not None and LAYER_POINTS in self.viewer.layers:
-            layer = self.viewer.layers[LAYER_POINTS]
-            self._loaded_points = (layer.data.copy(), layer.features.copy())
+        if points_snapshot is not None:
+            self._loaded_points = points_snapshot
         self._show_corrected()
         edit = out.get("edit")
         parts = []
@@ -361,8 +370,13 @@ class CorrectWidget(WorkerPanel, QWidget):
 
     def _export_clicked(self) -> None:
         image = self._run_image()
-        if image is None:  # a store from disk: ask for the image the run read
-            path, _ = QFileDialog.getOpenFileName(self, "The image the run was made on")
+        if image is None:  # a store from disk: the image the run recorded, or ask for it
+            path = recorded_image(self.store)
+            if path is None:
+                path, _ = QFileDialog.getOpenFileName(
+                    self, "The image the run was made on (Cancel: choose a folder image)")
+            if not path:  # OME-Zarr and zarr images are folders
+                path = QFileDialog.getExistingDirectory(self, "The image the run was made on")
             if not path:
                 return
             image = (path, None, 256)
@@ -392,6 +406,7 @@ class CorrectWidget(WorkerPanel, QWidget):
 
         self.status.setText("exporting training pairs…")
         self.worker = create_worker(export_pairs, self.store, image, out_dir, name=self.result,
+                                    overwrite=True,  # the current corrections replace older pairs
                                     margin=256 if margin is None else int(margin), axes=axes,
                                     _start_thread=False, _ignore_errors=True)
         self.worker.returned.connect(lambda pairs: self._exported(pairs, out_dir))
@@ -411,6 +426,9 @@ class CorrectWidget(WorkerPanel, QWidget):
         pass
 
     def _set_busy(self, busy: bool) -> None:
+        for name in (LAYER_EDIT, LAYER_POINTS):  # no edits while a window loads or saves
+            if name in self.viewer.layers:
+                self.viewer.layers[name].editable = not busy
         self.edit_button.setEnabled(not busy)
         self.save_button.setEnabled(not busy and self.window is not None)
         self.discard_button.setEnabled(not busy and self.window is not None)
