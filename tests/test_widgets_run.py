@@ -246,3 +246,29 @@ def test_viewport_first_follows_the_camera_on_a_pyramid_level(make_napari_viewer
     labels = viewer.layers["grey xT labels"]
     assert tuple(labels.scale) == (4.0, 4.0) and tuple(labels.translate) == TRANSLATE
     assert labels.data.shape == (768, 768)
+    # the store knows it is level 1: level-0 table pixels, labels with the level's pixel size
+    from napari_xt.io import read_labels
+    from napari_xt.io.corrections import table_scale
+
+    assert table_scale(tmp_path / "vp.zarr") == (2.0, 2.0)
+    assert read_labels(tmp_path / "vp.zarr", "prediction").pixel_size == (4.0, 4.0)
+
+
+def test_detections_of_a_pyramid_level_run_land_where_they_were_found(make_napari_viewer,
+                                                                      qtbot, tmp_path,
+                                                                      checkpoint):
+    from napari_xt.io import read_detections
+
+    level1 = scene(384)
+    level0 = np.repeat(np.repeat(level1, 2, axis=1), 2, axis=2)
+    viewer, widget = docked(make_napari_viewer, [level0, level1], multiscale=True)
+    widget.level_combo.setCurrentIndex(1)
+    widget.set_checkpoint(checkpoint)
+    widget.store_edit.setText(str(tmp_path / "l1.zarr"))
+    widget.start()
+    assert wait_done(qtbot, widget).outcome == "finished"
+    table = read_detections(tmp_path / "l1.zarr", "prediction")  # level-0 pixels
+    assert len(table["y"]) > 0
+    points = viewer.layers["VV xT detections"]
+    assert tuple(points.scale) == (2 * SCALE[0], 2 * SCALE[1])  # level-1 pixels
+    assert np.allclose(points.data, np.stack([table["y"], table["x"]], 1) / 2)

@@ -47,6 +47,18 @@ class ImageChoice:
 
         return da.stack([da.asarray(one(lay)) for lay in self.layers], axis=0), "CYX"
 
+    def pyramid(self):
+        """All levels as a `MultiscaleImage` (lazy), so a run on a level knows where it lies
+        in the full image: its provenance records the level, the detection table is in
+        level-0 pixels and the labels carry the level's world pixel size."""
+        from napari_xt.io import from_arrays
+
+        n = len(self.level_shapes())
+        arrays, axes = zip(*(self.level_array(i) for i in range(n)))
+        scale = tuple(float(v) for v in self.layer.scale[-2:])
+        return from_arrays(list(arrays), axes=axes[0], pixel_size=scale,
+                           source=self.source_path() or self.label)
+
     @property
     def channels(self) -> int:
         if len(self.layers) > 1:

@@ -55,8 +55,10 @@ class LiveResults:
     """Mirrors and layers of one run's outputs."""
 
     def __init__(self, viewer, image_name: str, height: int, width: int, stride: int,
-                 scale: Sequence[float], translate: Sequence[float]) -> None:
+                 scale: Sequence[float], translate: Sequence[float],
+                 table_scale: Sequence[float] = (1.0, 1.0)) -> None:
         self.viewer = viewer
+        self.table_scale = tuple(float(v) for v in table_scale)  # table px per label px
         self.names = layer_names(image_name)
         self.stride = int(stride)
         self.scale = tuple(float(s) for s in scale)
@@ -253,6 +255,8 @@ class LiveResults:
                              multiscale=multiscale, colors=lab.colors)
         if results["tables"]:
             table = read_detections(store, results["tables"][0])
-            if len(table["y"]):
-                self._set_points(table)
+            if len(table["y"]):  # the table is in level-0 pixels, the layers in level pixels
+                fy, fx = self.table_scale
+                self._set_points({**table, "y": np.asarray(table["y"], float) / fy,
+                                  "x": np.asarray(table["x"], float) / fx})
         self.final = True

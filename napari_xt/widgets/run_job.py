@@ -45,6 +45,12 @@ class RunRequest:
     translate: tuple[float, float]
     channels: int
     blend: str = "tokens"  # merge overlapping crops by context tokens or decoded outputs
+    pyramid: Any = None  # every level (MultiscaleImage) when `level` > 0, for provenance
+
+    @property
+    def table_scale(self) -> tuple[float, float]:
+        """Level-0 pixels per pixel of the processed level (detection tables are level 0)."""
+        return self.pyramid.downsample(self.level) if self.pyramid is not None else (1.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -179,8 +185,10 @@ def run_events(
         return
     reader: StoreTileReader | None = None
     viewport = request.order == "viewport" and priority is not None
+    image, level = ((request.pyramid, request.level) if request.pyramid is not None
+                    else (request.image, 0))
     events = run(
-        request.image, model, request.store, axes=request.axes, device=request.device,
+        image, model, request.store, axes=request.axes, level=level, device=request.device,
         batch_size=request.batch_size, order=request.order, cancel=cancel,
         priority=priority if viewport else None, point=priority() if viewport else None,
         resume=request.resume, overwrite=not request.resume,

@@ -260,7 +260,8 @@ class RunSession:
                                          auto_flush=False)
         self.painter.mark_all(QUEUED)
         self.results = LiveResults(self.viewer, self.request.name, h, w, preview_stride(h, w),
-                                   self.request.scale, self.request.translate)
+                                   self.request.scale, self.request.translate,
+                                   table_scale=self.request.table_scale)
         if self.model is not None:  # create the result layers now, not mid-stream
             head = self.model.cfg.head
             self.results.expect(run_outputs(self.model, self.request.probabilities),

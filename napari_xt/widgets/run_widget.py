@@ -314,6 +314,7 @@ class RunWidget(QWidget):
             order=ORDERS[self.order_combo.currentText()], store=self.store_edit.text().strip(),
             cache=self.cache_check.isChecked(), resume=self.resume_check.isChecked(),
             scale=scale, translate=translate, channels=choice.channels,
+            pyramid=choice.pyramid() if level > 0 else None,
         )
 
     def start(self) -> RunSession | None:
