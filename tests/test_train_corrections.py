@@ -146,6 +146,21 @@ def test_fine_tuning_takes_the_checkpoints_normalization(tmp_path):
     with pytest.raises(ValueError, match="cannot change a checkpoint"):
         TrainConfig.from_dict({"model": {"checkpoint": "demo", "zero_init": ["context"]},
                                "data": data}).model.build_config()
+    # settings without weights may change; the weights still load into the new model
+    bigger = TrainConfig.from_dict({"model": {"checkpoint": "demo", "overrides": {
+        "crop_regions": 8, "name": "demo_512"}}, "data": data})
+    cfg = bigger.model.build_config()
+    assert cfg.crop_regions == 8 and cfg.name == "demo_512"
+    from napari_xt.model.checkpoint import CheckpointError, load_weights
+
+    demo = load_checkpoint(demo_weights_path())
+    model = load_weights(XT(cfg), demo_weights_path())
+    for a, b in zip(model.state_dict().values(), demo.state_dict().values()):
+        assert torch.equal(a, b)
+    wider = TrainConfig.from_dict({"model": {"checkpoint": "demo", "overrides": {
+        "context": {"mlp_dim": 512}}}, "data": data}).model.build_config()
+    with pytest.raises(CheckpointError, match="shape"):
+        load_weights(XT(wider), demo_weights_path())
     with pytest.raises(ValueError, match="no file"):
         TrainConfig.from_dict({"model": {"checkpoint": str(tmp_path / "x.safetensors")},
                                "data": data}).model.checkpoint_path()

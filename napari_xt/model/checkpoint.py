@@ -154,6 +154,25 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         ) from None
 
 
+def load_weights(model: XT, path: str | os.PathLike) -> XT:
+    """Load the weights of checkpoint `path` into `model` (its config may differ in settings
+    that hold no weights, such as `crop_regions`); every tensor must match by name and shape.
+    The content hash is checked. Returns `model`."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    metadata = read_metadata(path)
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise CheckpointError(f"{path} is corrupt: {exc}") from None
+    expected_hash = metadata.get(HASH_KEY)
+    if expected_hash and _hash_tensors(tensors, metadata.get(CONFIG_KEY, "")) != expected_hash:
+        raise CheckpointError(f"{path} is corrupt: its content hash does not match the header")
+    _load_strict(model, tensors, str(path))
+    return model
+
+
 def load_checkpoint(
     path: str | os.PathLike, device: str | torch.device = "cpu", in_chans: int | None = None
 ) -> XT:

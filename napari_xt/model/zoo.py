@@ -179,7 +179,11 @@ def get_config(name: str, **overrides: Any) -> XTConfig:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.5)
         hint = f"; close names: {', '.join(close)}" if close else ""
         raise KeyError(f"unknown model {name!r}{hint} (list_models() gives all names)")
-    cfg = _REGISTRY[name]
+    return apply_overrides(_REGISTRY[name], **overrides)
+
+
+def apply_overrides(cfg: XTConfig, **overrides: Any) -> XTConfig:
+    """`cfg` with `overrides` applied, as `get_config` does for zoo models."""
     num_classes = overrides.pop("num_classes", None)
     in_chans = overrides.pop("in_chans", None)
     known = {f.name for f in fields(XTConfig)}

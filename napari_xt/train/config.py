@@ -56,18 +56,26 @@ class ModelSpec:
             raise ValueError("model: give exactly one of 'zoo' (a zoo name), 'config' or "
                              "'checkpoint' (a model to fine-tune)")
         if self.checkpoint is not None:
-            if self.overrides or self.zero_init:
-                raise ValueError("model: 'overrides' and 'zero_init' cannot change a "
-                                 "checkpoint that is fine-tuned")
+            if self.zero_init:
+                raise ValueError("model: 'zero_init' cannot change a checkpoint that is "
+                                 "fine-tuned")
             import json
+            from dataclasses import replace
 
             from napari_xt.model.checkpoint import CONFIG_KEY, CheckpointError, read_metadata
+            from napari_xt.model.zoo import apply_overrides
 
             path = self.checkpoint_path()
             meta = read_metadata(path)
             if CONFIG_KEY not in meta:
                 raise CheckpointError(f"{path} has no napari-xt model config to fine-tune")
-            return XTConfig.from_dict(json.loads(meta[CONFIG_KEY]))
+            cfg = XTConfig.from_dict(json.loads(meta[CONFIG_KEY]))
+            # settings without weights (crop_regions, name, ...) may change; the weights must
+            # still fit (checked when they are loaded)
+            overrides = dict(self.overrides)
+            name = overrides.pop("name", None)
+            cfg = apply_overrides(cfg, **overrides) if overrides else cfg
+            return cfg if name is None else replace(cfg, name=name)
         if self.config is not None:
             return XTConfig.from_dict(self.config)
         from dataclasses import replace

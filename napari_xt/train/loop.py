@@ -131,9 +131,9 @@ class Trainer:
             self._init_centre_bias()
             self._zero_init(cfg.model.zero_init)
         else:  # fine-tuning: the checkpoint's weights (content hash checked on load)
-            from napari_xt.model.checkpoint import load_checkpoint
+            from napari_xt.model.checkpoint import load_weights
 
-            self.model = load_checkpoint(start, device=self.device).train()
+            self.model = load_weights(XT(self.model_config), start).to(self.device).train()
         # training-only token classifier (deep supervision, `loss.token_weight`); not part of
         # the saved model, kept in the training state for resume
         self.token_head: torch.nn.Linear | None = None
