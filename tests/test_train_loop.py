@@ -202,3 +202,14 @@ def test_zero_init_silences_the_named_parameters(tmp_path):
     data["model"]["zero_init"] = ["no_such_module"]
     with pytest.raises(ValueError, match="matches no parameter"):
         Trainer(TrainConfig.from_dict(data), tmp_path / "b")
+
+
+def test_scene_sizes_take_turns_by_step(tmp_path):
+    trainer = Trainer(tiny(data={"scene_sizes": [64, 96]}), tmp_path)
+    assert trainer.batch_for_step(0)["image"].shape[-2:] == (64, 64)
+    assert trainer.batch_for_step(1)["image"].shape[-2:] == (96, 96)
+    assert trainer.batch_for_step(2)["image"].shape[-2:] == (64, 64)
+    loss, _ = trainer.forward_backward(trainer.batch_for_step(1), 1)  # a 3 x 3 region crop
+    assert loss == loss and loss > 0
+    with pytest.raises(ValueError, match="scene_sizes"):
+        tiny(data={"scene_sizes": [0]})

@@ -99,6 +99,8 @@ class DataSpec:
     train_count: int = 1_000_000
     val_seed: int = 1_000_000_000
     val_count: int = 8
+    scene_sizes: list[int] = field(default_factory=list)  # synthetic: square scene sizes,
+    # taken in turn by the steps (step k: sizes[k % n]); empty: the scene's own size
     train_paths: list[str] = field(default_factory=list)
     val_paths: list[str] = field(default_factory=list)
     crop_size: int = 256
@@ -110,6 +112,8 @@ class DataSpec:
             raise ValueError(f"data.kind must be 'synthetic' or 'zarr', got {self.kind!r}")
         if self.kind == "zarr" and not self.train_paths:
             raise ValueError("data.kind 'zarr' needs train_paths")
+        if any(int(s) < 1 for s in self.scene_sizes):
+            raise ValueError(f"data.scene_sizes must be positive, got {self.scene_sizes}")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -123,8 +123,6 @@ class Trainer:
         start = cfg.model.checkpoint_path()
         self.normalization = _normalization(cfg, start)
         if self.normalization != cfg.data.normalize:  # saved with the checkpoints' config
-            from dataclasses import replace
-
             self.cfg = cfg = replace(cfg, data=replace(cfg.data, normalize=self.normalization))
         if start is None:
             self.model = XT(self.model_config).to(self.device).train()
@@ -175,9 +173,13 @@ class Trainer:
 
     def _build_data(self) -> None:
         d = self.cfg.data
+        self.train_sets = []  # several scene sizes: one dataset per size, used in turn
         if d.kind == "synthetic":
             self.train_data = SyntheticDataset(d.scene, d.train_seed, d.train_count,
                                                self.normalization)
+            self.train_sets = [
+                SyntheticDataset(replace(d.scene, height=int(n), width=int(n)), d.train_seed,
+                                 d.train_count, self.normalization) for n in d.scene_sizes]
             self.val_data = SyntheticDataset(d.scene, d.val_seed, d.val_count,
                                              self.normalization)
             self.class_names = list(CLASS_NAMES)
@@ -194,8 +196,10 @@ class Trainer:
     def batch_for_step(self, step: int) -> dict:
         """The training batch of `step` (a pure function of run.seed and step)."""
         rng = np.random.default_rng([self.cfg.run.seed, step])
-        idx = rng.integers(0, len(self.train_data), self.cfg.optim.batch_size)
-        return collate([self.train_data[int(i)] for i in idx], self.cfg.data.heatmap_sigma)
+        data = self.train_sets[step % len(self.train_sets)] if self.train_sets else \
+            self.train_data
+        idx = rng.integers(0, len(data), self.cfg.optim.batch_size)
+        return collate([data[int(i)] for i in idx], self.cfg.data.heatmap_sigma)
 
     # ------------------------------------------------------------------ forward / backward
 
