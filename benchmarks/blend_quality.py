@@ -7,7 +7,7 @@ all-class mIoU, seconds per scene and decodes per region for each, and the ratio
 to the no-overlap run of the same invocation.
 
 Run: python benchmarks/blend_quality.py [--size 1024] [--count 8] [--threads 1]
-     [--json out.json]
+     [--model demo|region-only|CKPT] [--modes "no overlap,tokens,outputs"] [--json out.json]
 """
 
 from __future__ import annotations
@@ -22,23 +22,35 @@ import numpy as np
 import torch
 
 
-def measure(size: int, count: int) -> list[dict]:
+def load(choice: str):
+    """'demo', 'region-only' or a checkpoint path."""
+    from napari_xt.model import load_checkpoint
+    from napari_xt.train.demo import load_demo_model
+
+    if choice in ("demo", "region-only"):
+        return load_demo_model(region_only=choice == "region-only")
+    return load_checkpoint(choice)
+
+
+def measure(size: int, count: int, model_choice: str = "demo",
+            modes: tuple[str, ...] = ("no overlap", "tokens", "outputs")) -> list[dict]:
     from napari_xt.engine import Finished, run
     from napari_xt.train.data import SyntheticDataset
-    from napari_xt.train.demo import HELD_OUT_SEED, demo_training_config, load_demo_model
+    from napari_xt.train.demo import HELD_OUT_SEED, demo_training_config
     from napari_xt.train.metrics import ConfusionMatrix, DetectionCounts
     from napari_xt.train.synthetic import CLASS_NAMES
 
     cfg = demo_training_config()
     scene = dataclasses.replace(cfg.data.scene, height=size, width=size)
     data = SyntheticDataset(scene, HELD_OUT_SEED + 500_000, count, cfg.data.normalize)
-    model = load_demo_model()
-    k = model.cfg.crop_regions
+    model = load(model_choice)
+    k = model.cfg.crop_regions or 1
     e = cfg.eval
-    modes = {"no overlap": {"crop_stride": k, "blend": "tokens"},
+    known = {"no overlap": {"crop_stride": k, "blend": "tokens"},
              "tokens": {"blend": "tokens"}, "outputs": {"blend": "outputs"}}
     rows = []
-    for label, options in modes.items():
+    for label in modes:
+        options = known[label]
         conf, det = ConfusionMatrix(len(CLASS_NAMES)), DetectionCounts(radius=e.radius)
         seconds, decoded, regions = 0.0, 0, 0
         for i in range(count):
@@ -69,12 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--count", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--model", default="demo",
+                   help="demo (default), region-only, or a checkpoint path")
+    p.add_argument("--modes", default="no overlap,tokens,outputs",
+                   help="comma list of: no overlap, tokens, outputs (ratios: the first)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = measure(args.size, args.count)
+    rows = measure(args.size, args.count, args.model,
+                   tuple(m.strip() for m in args.modes.split(",")))
     base = rows[0]
-    print(f"{args.count} held-out scenes of {args.size}^2 px, demo model, CPU, "
+    print(f"{args.count} held-out scenes of {args.size}^2 px, model {args.model}, CPU, "
           f"{args.threads} thread(s); ratios against '{base['mode']}'")
     print(f"{'mode':>11} {'sea/lake mIoU':>14} {'vessel F1':>10} {'mIoU':>7} {'s/scene':>8} "
           f"{'ratio':>6} {'decodes/region':>15}")
@@ -86,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"size": args.size, "count": args.count, "threads": args.threads,
-                       "rows": rows}, f, indent=1)
+                       "model": args.model, "rows": rows}, f, indent=1)
     return 0
 
 
