@@ -27,9 +27,8 @@ def register(subparsers) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--size", type=int, default=512,
-                   help="scene height and width in pixels (default 512: the built-in model "
-                        "sees 256 px of context, so on larger scenes a lake crossing a crop "
-                        "edge can pass for sea)")
+                   help="scene height and width in pixels (default 512: one 512 px context "
+                        "crop of the built-in model; larger scenes stream overlapping crops)")
     p.add_argument("--seed", type=int, default=0, help="which generated scene (default 0)")
     p.add_argument("--headless", action="store_true",
                    help="no window: run, then save a screenshot PNG and the store")
