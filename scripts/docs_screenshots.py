@@ -29,9 +29,14 @@ def settle(steps=50):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", choices=("run", "correct"), default=None,
-                        help="re-take only the Run/Inspect pictures or only the Correct one")
+    parser.add_argument("--only", choices=("running", "run", "correct"), default=None,
+                        help="re-take only the streaming picture, the Run/Inspect pictures or "
+                             "the Correct one")
     only = parser.parse_args().only
+    if only in (None, "running"):
+        running()
+        if only == "running":
+            return
     tmp = tempfile.mkdtemp()
     args = argparse.Namespace(size=512, seed=0, model=None, out=tmp)
     viewer, widget = open_demo(args)
@@ -42,6 +47,26 @@ def main():
         run_and_inspect(viewer)
     if only != "run":
         correct(viewer)
+    viewer.close()
+
+
+def running():
+    """A 1536 px scene while it streams (viewport-first), about a third decoded."""
+    from imageio.v3 import imwrite
+
+    args = argparse.Namespace(size=1536, seed=0, model=None, out=tempfile.mkdtemp())
+    viewer, widget = open_demo(args)
+    viewer.window._qt_window.resize(1500, 950)
+    session = widget.session
+
+    def third():
+        total = session.planned.total_regions if session.planned is not None else 0
+        return bool(total) and len(session.decoded) >= total // 3
+
+    wait(lambda: third() or not widget.running, 300)
+    imwrite(OUT / "run_widget_running.png", viewer.screenshot(canvas_only=False))
+    widget.cancel()
+    wait(lambda: not widget.running, 60)
     viewer.close()
 
 
