@@ -206,13 +206,18 @@ def read_corrected_detections(store: str | os.PathLike, name: str) -> dict[str, 
     return read_detections(store, use)
 
 
+def run_provenance(store: str | os.PathLike) -> dict[str, Any]:
+    """The engine's provenance of the run that wrote `store` (level, level_scale, image
+    identity, settings, ...); empty for a store without one."""
+    root = Path(store)
+    fmt = zarr_format(root)
+    return dict(group_attrs(root, fmt).get("napari-xt", {})) if fmt else {}
+
+
 def table_scale(store: str | os.PathLike) -> tuple[float, float]:
     """Detection-table pixels per label pixel: a run on pyramid level L writes its labels at
     that level and its table in level-0 pixels (`level_scale` in the run's provenance)."""
-    root = Path(store)
-    fmt = zarr_format(root)
-    xt = group_attrs(root, fmt).get("napari-xt", {}) if fmt else {}
-    fy, fx = xt.get("level_scale", (1.0, 1.0))
+    fy, fx = run_provenance(store).get("level_scale", (1.0, 1.0))
     return float(fy), float(fx)
 
 

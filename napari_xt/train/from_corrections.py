@@ -95,17 +95,16 @@ def export_pairs(
         corrected_name,
         edits,
         read_corrected_detections,
+        run_provenance,
         table_scale,
     )
-    from napari_xt.io.result_store import group_attrs, zarr_format
 
     root = Path(store)
     saved = edits(root, name)
     if not saved:
         raise ExportError(f"{root}: no saved corrections of {name!r} to export (correct some "
                           "windows first: Plugins > napari-xt > Correct results)")
-    fmt = zarr_format(root)
-    provenance = group_attrs(root, fmt).get("napari-xt", {}) if fmt else {}
+    provenance = run_provenance(root)
     level = int(provenance.get("level", 0) or 0)
     pyramid = isinstance(image, (str, os.PathLike)) or hasattr(image, "levels")
     try:  # a bare array is the run's level itself

@@ -379,7 +379,7 @@ class CorrectWidget(WorkerPanel, QWidget):
                 path = QFileDialog.getExistingDirectory(self, "The image the run was made on")
             if not path:
                 return
-            image = (path, None, 256)
+            image = (path, None, None)  # default margin
         out = QFileDialog.getExistingDirectory(self, "Folder for the training pairs",
                                                str(Path(self.store).parent))
         if out:

@@ -39,10 +39,8 @@ def recorded_image(store: str) -> str | None:
     """The image file the store's run read, when its provenance names one that exists."""
     from pathlib import Path
 
-    from napari_xt.io.result_store import group_attrs, zarr_format
+    from napari_xt.io.corrections import run_provenance
 
-    root = Path(store)
-    fmt = zarr_format(root)
-    image = (group_attrs(root, fmt).get("napari-xt", {}).get("image") or {}) if fmt else {}
+    image = run_provenance(store).get("image")
     path = image.get("path") if isinstance(image, dict) else None
     return path if isinstance(path, str) and path != "array" and Path(path).exists() else None
