@@ -15,7 +15,7 @@ from napari_xt.engine import (
     RegionDecoded,
     run,
 )
-from napari_xt.engine.store import STATE_DONE
+from napari_xt.engine.store import DONE, open_result
 from napari_xt.model import create_model
 from napari_xt.model.xt import XT, token_maps
 
@@ -193,10 +193,8 @@ def test_cancel_then_resume_recomputes_no_finished_region(tmp_path):
             if steps == 4:
                 stop.set()
     assert isinstance(events[-1], Cancelled)
-    import zarr
-
-    state = np.asarray(zarr.open_array(str(out / "_progress" / "region_state"))[...])
-    finished = {(int(r), int(c)) for r, c in np.argwhere(state == STATE_DONE)}
+    state = open_result(out).region_status()
+    finished = {(int(r), int(c)) for r, c in np.argwhere(state == DONE)}
     assert 0 < len(finished) < rows * cols
     first_encoded = set(model.encoded_ids)
 
@@ -267,7 +265,7 @@ def test_crops_run_in_batches_give_the_same_result():
 def test_spilled_accumulators_give_the_same_result(monkeypatch, tmp_path):
     """Boundary accumulators sent to disk come back exactly: forcing every accumulator but
     two out of memory changes nothing in the output, and the scratch folder is removed."""
-    import napari_xt.engine.stages as stages
+    import napari_xt.engine.execution as stages
     from napari_xt.engine.scratch import Accumulators
 
     img = marked_image(6, 4)

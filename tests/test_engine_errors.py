@@ -16,8 +16,7 @@ from napari_xt.engine import (
     RegionFailed,
     run,
 )
-from napari_xt.engine.outputs import RegionWriter
-from napari_xt.engine.store import STATE_DONE, STATE_FAILED, StoreError
+from napari_xt.engine.store import DONE, FAILED, StoreError, open_result
 from napari_xt.model import create_model
 from napari_xt.model.xt import XT
 
@@ -101,10 +100,8 @@ def test_read_error_stops_the_run(tmp_path):
     failed = [e for e in events if isinstance(e, RegionFailed)]
     assert failed and failed[0].indices == ((0, 2),) and "corrupt tile" in failed[0].reason
     assert isinstance(events[-1], Failed) and "(0, 2)" in events[-1].message
-    import zarr
-
-    state = np.asarray(zarr.open_array(str(tmp_path / "o.zarr/_progress/region_state"))[...])
-    assert state[0, 2] == STATE_FAILED
+    state = open_result(tmp_path / "o.zarr").region_status()
+    assert state[0, 2] == FAILED
 
 
 def test_read_error_continue_then_rerun_repairs(tmp_path):
@@ -116,10 +113,8 @@ def test_read_error_continue_then_rerun_repairs(tmp_path):
     assert isinstance(fin, Finished), fin
     assert fin.counts["failed"] == 1 and fin.summary["complete"] is False
     assert sum(isinstance(e, RegionFailed) for e in events) == 1
-    import zarr
-
-    state = np.asarray(zarr.open_array(str(out / "_progress/region_state"))[...])
-    assert state[0, 2] == STATE_FAILED and (state == STATE_DONE).sum() == 15
+    state = open_result(out).region_status()
+    assert state[0, 2] == FAILED and (state == DONE).sum() == 15
     # the source is readable again: the rerun resumes and redoes only the failed region
     again = list(run(img, _same_weights(), out))
     assert again[0].todo_regions == 1, again[0]
@@ -140,25 +135,36 @@ def test_unwritable_output_is_one_clear_error(tmp_path):
 
 
 def test_full_disk_mid_run_keeps_finished_regions(tmp_path, monkeypatch):
+    from napari_xt.engine.store import digests, layout
+
+    monkeypatch.setattr(layout, "CHUNK", 64)  # 2 x 2 regions per shard: 4 shards
+    monkeypatch.setattr(layout, "SHARD", 128)
     out = tmp_path / "o.zarr"
-    original = RegionWriter._write
+    original = digests.DigestStore.set
     calls = {"n": 0}
 
-    def full_after_two(self, index, tiles):
-        calls["n"] += 1
-        if calls["n"] > 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        original(self, index, tiles)
+    async def full_after_two(self, key, value):
+        if "/c/" in key:  # a shard file (not metadata)
+            calls["n"] += 1
+            if calls["n"] > 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        await original(self, key, value)
 
-    monkeypatch.setattr(RegionWriter, "_write", full_after_two)
+    monkeypatch.setattr(digests.DigestStore, "set", full_after_two)
     events = list(run(image(), _same_weights(), out, batch_size=2))
     assert isinstance(events[-1], Failed)
     assert "No space left on device" in events[-1].message
     assert "finished regions are kept" in events[-1].message
-    monkeypatch.setattr(RegionWriter, "_write", original)
+    monkeypatch.setattr(digests.DigestStore, "set", original)
     again = list(run(image(), _same_weights(), out, batch_size=2))
-    assert again[0].resumed and again[0].todo_regions == 16 - 2
+    assert again[0].resumed and again[0].todo_regions == 16 - 2 * 4  # two shards committed
     assert isinstance(again[-1], Finished)
+    full = tmp_path / "full.zarr"  # the same run, never interrupted
+    assert isinstance(list(run(image(), _same_weights(), full, batch_size=2))[-1], Finished)
+    from napari_xt.io import read_labels
+
+    np.testing.assert_array_equal(np.asarray(read_labels(out, "prediction").levels[0]),
+                                  np.asarray(read_labels(full, "prediction").levels[0]))
 
 
 def test_wrong_channels_fail_before_any_work():

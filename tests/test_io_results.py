@@ -142,7 +142,7 @@ def test_detections_and_classification_round_trip(store):
     with pytest.raises(ImageIOError, match="already exists"):
         write_classification(store, "slide", {"class": "normal"})
     assert list_results(store) == {"labels": [], "tables": ["none", "ships"],
-                                   "classifications": ["slide"]}
+                                   "classifications": ["slide"], "probabilities": []}
 
 
 def test_detection_table_checks_and_parquet(store):
@@ -152,7 +152,8 @@ def test_detection_table_checks_and_parquet(store):
         write_detections(store, "d", {"y": [1.0, 2.0], "x": [1.0]})
     with pytest.raises(ImageIOError, match="not JSON-compatible"):
         write_classification(store, "c", {"model": object()})
-    assert list_results(store) == {"labels": [], "tables": [], "classifications": []}
+    assert list_results(store) == {"labels": [], "tables": [], "classifications": [],
+                                   "probabilities": []}
     try:
         import pyarrow  # noqa: F401
     except ImportError:

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from napari_xt.engine.store import STATE_DONE
+from napari_xt.engine.store import DONE, open_result
 
 pytestmark = pytest.mark.gui
 
@@ -116,9 +116,9 @@ def test_run_shows_results_as_layers(make_napari_viewer, qtbot, tmp_path, checkp
 
     assert np.allclose(points.face_color, [class_color(k) for k in table["class"]])
     probs = [viewer.layers[f"VV xT p(class {k})"] for k in range(3)]
-    import zarr
+    from napari_xt.io import read_probabilities
 
-    stored_p = np.asarray(zarr.open_group(str(store), mode="r")["probabilities/prediction"])
+    stored_p = np.asarray(read_probabilities(store, "prediction").levels[0])
     for k, layer in enumerate(probs):
         assert np.allclose(layer.data, stored_p[k].astype(np.float32))
     grid = viewer.layers[LAYER_NAME]
@@ -148,7 +148,6 @@ def test_run_shows_results_as_layers(make_napari_viewer, qtbot, tmp_path, checkp
 
 def test_cancel_leaves_clean_state_and_resumable_store(make_napari_viewer, qtbot, tmp_path,
                                                        checkpoint):
-    import zarr
 
     from napari_xt.widgets.run_job import ResultTiles
 
@@ -165,14 +164,14 @@ def test_cancel_leaves_clean_state_and_resumable_store(make_napari_viewer, qtbot
     assert session.outcome == "cancelled"
     assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
     assert widget.image_combo.isEnabled() and "cancelled" in widget.status.text()
-    state = np.asarray(zarr.open_group(str(store), mode="r")["_progress/region_state"])
-    done = {tuple(int(v) for v in rc) for rc in np.argwhere(state == STATE_DONE)}
+    state = open_result(store).region_status()
+    done = {tuple(int(v) for v in rc) for rc in np.argwhere(state == DONE)}
     assert 0 < len(done) < 36
     live = np.asarray(viewer.layers["VV xT labels"].data)  # previews match the written part
-    work = zarr.open_group(str(store), mode="r")["_work/labels"]
+    written = open_result(store)
     for r, c in done:
         assert np.array_equal(live[r * 128:(r + 1) * 128, c * 128:(c + 1) * 128],
-                              work[r * 128:(r + 1) * 128, c * 128:(c + 1) * 128])
+                              written.read_region("labels", (r, c)))
 
     second = widget.start()
     second = wait_done(qtbot, widget)
@@ -197,7 +196,7 @@ def test_errors_are_notified_and_widget_recovers(make_napari_viewer, qtbot, tmp_
     widget.start()
     session = wait_done(qtbot, widget)
     assert session.outcome == "failed"
-    assert errors and "not a directory" in errors[0]
+    assert errors and "is a file, not a result store folder" in errors[0]
     assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
     assert not [lay for lay in viewer.layers if "xT" in lay.name]  # nothing half-made
     widget.store_edit.setText(str(tmp_path / "ok.zarr"))

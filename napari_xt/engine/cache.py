@@ -1,13 +1,24 @@
-"""`EmbeddingCache`: region features saved in zarr so later runs skip the region encoder.
+"""`EmbeddingCache`: region features saved on disk so later runs skip the region encoder.
 
 The expensive stage of xT is the region encoder; the context encoder and the heads are cheap.
-The cache keeps every region's multi-level features (fp16, one chunk per region and level:
-`level_<l>` arrays of shape (rows, cols, C_l, h_l, w_l)) plus a `done` (rows, cols) bool
-array. It is valid only for the exact inputs of the encoder, recorded as its signature:
-image identity (path, shape, dtype, level, content fingerprint), normalisation, model hash,
-region size and package version. Changing context settings, thresholds or outputs reuses
-it. A cache with another signature is never used silently: `CacheMismatchError` names what
-differs, or with `rebuild=True` it is emptied and the caller reports a notice.
+The cache keeps every region's multi-level features (fp16) as one blob per region in a few
+large pack files (`napari_xt.io.packs`), indexed by a checksummed journal:
+
+    <cache>/cache.json        {"napari-xt-cache": 2, "signature": {...}, "levels": [[C, h, w], ...]}
+    <cache>/index             journal: which pack, offset, length and CRC-32 hold each region
+    <cache>/pack-000000.bin   the blobs (a new file every GiB)
+    <cache>/lock              one run at a time
+
+So a 100k x 100k slide's cache is a handful of files, not a million chunks. Every read is
+checked: a region whose bytes are missing, truncated or changed is reported (`get` returns it
+in `bad`) and re-encoded by the engine, never read as zeros or garbage.
+
+A cache is valid only for the exact inputs of the encoder, recorded as its signature: image
+identity (path, shape, dtype, level, content fingerprint), normalisation, model hash, region
+size and package version. Changing context settings, thresholds or outputs reuses it. A
+cache with another signature is never used silently: `CacheMismatchError` names what
+differs, or with `rebuild=True` it is emptied (only a folder this module recognises as a
+cache, or the default place inside a result store, is ever emptied).
 """
 
 from __future__ import annotations
@@ -15,98 +26,189 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from napari_xt.io.journal import Journal
+from napari_xt.io.lock import FolderLock
+from napari_xt.io.packs import BlobRef, CorruptBlob, PackFiles
+
+from .spelling import Spelling, hint
+
+FORMAT = 2
+META = "cache.json"
+Index = tuple[int, int]
+
 
 class CacheMismatchError(ValueError):
-    """The embedding cache at a path was made for another image or model."""
+    """The embedding cache at a path was made for another image or model (or is not one)."""
+
+
+def signature_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Keys whose values differ between two signatures (sorted)."""
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def _read_meta(path: Path) -> dict[str, Any] | None:
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("napari-xt-cache") == FORMAT else None
+
+
+def _is_legacy_cache(path: Path) -> bool:
+    """An embedding cache written by napari-xt 0.1 (zarr arrays level_<l> and done)."""
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return "napari-xt-cache" in meta.get("attributes", {})
 
 
 class EmbeddingCache:
     def __init__(self, path: str | os.PathLike, signature: dict[str, Any],
-                 grid: tuple[int, int], rebuild: bool = False) -> None:
-        import zarr
-
+                 grid: tuple[int, int], rebuild: bool = False, owned: bool = False,
+                 spelling: Spelling | None = None) -> None:
+        """`owned`: the folder is private to a result store (its default place), so it may
+        be emptied whatever it holds; a folder given by the user is emptied on `rebuild`
+        only when it is recognisably an embedding cache."""
         self.path = Path(path)
         self.signature = json.loads(json.dumps(signature))
         self.grid = (int(grid[0]), int(grid[1]))
         self.rebuilt = False
-        old = _read_signature(self.path)
-        if old is not None and old != self.signature:
-            diff = sorted(k for k in set(old) | set(self.signature)
-                          if old.get(k) != self.signature.get(k))
+        self.notices: list[str] = []
+        self.spelling = spell = spelling or Spelling()
+        if self.path.exists() and not self.path.is_dir():
+            raise CacheMismatchError(f"embedding cache {self.path} is a file, not a folder; "
+                                     f"{hint(spell, 'cache_path')}")
+        self.lock = FolderLock(self.path, f"embedding cache {self.path}")
+        meta = _read_meta(self.path)
+        occupied = self.path.is_dir() and any(p.name != "lock" for p in self.path.iterdir())
+        if meta is not None and meta.get("signature") != self.signature:
             if not rebuild:
+                diff = signature_diff(meta.get("signature") or {}, self.signature)
                 raise CacheMismatchError(
                     f"embedding cache {self.path} was made for another input (differs in: "
-                    f"{', '.join(diff)}); use cache='rebuild' to replace it or cache=False")
-            shutil.rmtree(self.path)
-            self.rebuilt = True
-        elif old is None and self.path.exists() and any(self.path.iterdir()):
+                    f"{', '.join(diff)}); {hint(spell, 'rebuild_cache')}")
+            self._empty()
+        elif meta is None and occupied:
+            legacy = _is_legacy_cache(self.path)
             if not rebuild:
-                raise CacheMismatchError(f"{self.path} exists and is not an embedding cache")
-            shutil.rmtree(self.path)
-            self.rebuilt = True
-        self.group = zarr.open_group(str(self.path), mode="a", zarr_format=3)
-        if old is None or self.rebuilt:
-            self.group.attrs["napari-xt-cache"] = {"signature": self.signature}
-        done = self._get("done")
-        if done is None or tuple(done.shape) != self.grid:
-            done = self.group.create_array("done", shape=self.grid, dtype=bool, fill_value=False,
-                                           chunks=self.grid, overwrite=True)
-        self._done_array = done
-        self.done = np.asarray(done[...], dtype=bool)  # (rows, cols) in memory
-        self.levels: list[Any] | None = None
-        if self.done.any():
-            self.levels = self._level_arrays()
+                what = ("was written by an older napari-xt" if legacy else
+                        "exists and is not a napari-xt embedding cache")
+                raise CacheMismatchError(f"{self.path} {what}; "
+                                         + hint(spell, "rebuild_cache" if legacy or owned
+                                                else "cache_path"))
+            if not (legacy or owned):
+                raise CacheMismatchError(f"{self.path} exists and is not a napari-xt "
+                                         "embedding cache, so it is never emptied; "
+                                         f"{hint(spell, 'cache_path')}")
+            self._empty()
+        notice = self.lock.acquire()
+        if notice:
+            self.notices.append(notice)
+        self.index = Journal(self.path / "index")
+        self.packs = PackFiles(self.path, "pack")
+        meta = _read_meta(self.path)
+        if meta is None:
+            meta = {"napari-xt-cache": FORMAT, "signature": self.signature, "levels": None}
+            self._write_meta(meta)
+            self.index.reset()
+        self.shapes: list[tuple[int, ...]] | None = (
+            [tuple(s) for s in meta["levels"]] if meta.get("levels") else None)
+        self.refs: dict[Index, BlobRef] = {}
+        for rec in self.index.records():
+            for rc, ref in zip(rec.get("r", []), rec.get("b", [])):
+                idx = (int(rc[0]), int(rc[1]))
+                if 0 <= idx[0] < self.grid[0] and 0 <= idx[1] < self.grid[1]:
+                    self.refs[idx] = BlobRef.from_list(ref)
+        self.done = np.zeros(self.grid, bool)  # (rows, cols) regions the index holds
+        for r, c in self.refs:
+            self.done[r, c] = True
 
-    def _get(self, name: str) -> Any:
-        try:
-            return self.group[name]
-        except KeyError:
-            return None
+    def _empty(self) -> None:
+        """Remove the cache folder's contents (only called for a recognised or owned cache)."""
+        for child in self.path.iterdir():
+            if child.name == "lock":
+                continue
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        self.rebuilt = True
 
-    def _level_arrays(self) -> list[Any]:
-        out, i = [], 0
-        while (a := self._get(f"level_{i}")) is not None:
-            out.append(a)
-            i += 1
-        return out
+    def _write_meta(self, meta: dict[str, Any]) -> None:
+        tmp = self.path / f".{META}.tmp"
+        tmp.write_text(json.dumps(meta))
+        tmp.replace(self.path / META)
 
+    # ------------------------------------------------------------------ access
     def has(self, row: int, col: int) -> bool:
         return bool(self.done[row, col])
 
-    def get(self, indices: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-        """Features of `indices`: per level (n, C_l, h_l, w_l) float16."""
-        assert self.levels is not None
-        return [np.stack([np.asarray(a[r, c]) for r, c in indices]) for a in self.levels]
+    def get(self, indices: Sequence[Index]
+            ) -> tuple[list[Index], list[np.ndarray], dict[Index, str]]:
+        """(found, levels, bad): features of the regions of `indices` that read back intact,
+        per level (n, C_l, h_l, w_l) float16; `bad` maps every region whose bytes are missing,
+        truncated or changed to the reason (they are forgotten: encode them again)."""
+        assert self.shapes is not None
+        sizes = [int(np.prod(s)) for s in self.shapes]
+        found: list[Index] = []
+        parts: list[np.ndarray] = []
+        bad: dict[Index, str] = {}
+        for idx in indices:
+            try:
+                data = self.packs.read(self.refs[idx])
+                flat = np.frombuffer(data, np.float16)
+                if flat.size != sum(sizes):
+                    raise CorruptBlob(f"{flat.size} values instead of {sum(sizes)}")
+            except (CorruptBlob, KeyError) as err:
+                bad[idx] = str(err)
+                self.forget(idx)
+                continue
+            found.append(idx)
+            parts.append(flat)
+        levels = []
+        start = 0
+        for n, shape in zip(sizes, self.shapes):
+            levels.append(np.stack([p[start:start + n].reshape(shape) for p in parts])
+                          if parts else np.empty((0, *shape), np.float16))
+            start += n
+        return found, levels, bad
 
-    def put(self, indices: Sequence[tuple[int, int]], features: Sequence[np.ndarray]) -> None:
+    def forget(self, idx: Index) -> None:
+        self.refs.pop(idx, None)
+        self.done[idx] = False
+
+    def put(self, indices: Sequence[Index], features: Sequence[np.ndarray]) -> None:
         """features: per level (n, C_l, h_l, w_l) (any float dtype; stored fp16)."""
-        if self.levels is None or len(self.levels) != len(features):
-            self.levels = [
-                self.group.create_array(
-                    f"level_{i}", shape=(*self.grid, *f.shape[1:]), dtype=np.float16,
-                    chunks=(1, 1, *f.shape[1:]), fill_value=0.0, compressors=None,
-                    overwrite=True)
-                for i, f in enumerate(features)
-            ]
-        for n, (r, c) in enumerate(indices):
-            for a, f in zip(self.levels, features):
-                a[r, c] = f[n].astype(np.float16)
-            self.done[r, c] = True
-        self._done_array[...] = self.done
+        shapes = [tuple(int(d) for d in f.shape[1:]) for f in features]
+        if self.shapes is None:
+            self.shapes = shapes
+            self._write_meta({"napari-xt-cache": FORMAT, "signature": self.signature,
+                              "levels": [list(s) for s in shapes]})
+        elif shapes != self.shapes:
+            raise CacheMismatchError(f"embedding cache {self.path} holds features of shapes "
+                                     f"{self.shapes}, not {shapes}")
+        halves = [np.ascontiguousarray(f, dtype=np.float16) for f in features]
+        blobs = [b"".join(h[n].tobytes() for h in halves) for n in range(len(indices))]
+        refs = self.packs.append_many(blobs)
+        self.index.append([{"r": [[int(r), int(c)] for r, c in indices],
+                            "b": [ref.to_list() for ref in refs]}])
+        for idx, ref in zip(indices, refs):
+            self.refs[(int(idx[0]), int(idx[1]))] = ref
+            self.done[idx] = True
 
+    def close(self) -> None:
+        self.index.close()
+        self.packs.close()
+        self.lock.release()
 
+    # ------------------------------------------------------------------ size
     def bytes_per_region(self) -> int:
-        """Disk bytes one region's features take (fp16, uncompressed); 0 before the first
-        `put` of a new cache."""
-        if not self.levels:
-            return 0
-        return sum(2 * int(np.prod(a.shape[2:])) for a in self.levels)
+        """Disk bytes one region's features take (fp16); 0 before the first `put`."""
+        return 0 if not self.shapes else sum(2 * int(np.prod(s)) for s in self.shapes)
 
     def size_notice(self) -> tuple[str, bool]:
         """(message, fits): the disk the rest of the cache will take against the free space
@@ -120,8 +222,8 @@ class EmbeddingCache:
                f"({_size(each)} each), {_size(free)} free")
         if not fits:
             msg += ("; it will NOT fit: the run stops with an error when the disk is full "
-                    "(finished regions are kept); predict with cache=False (--no-cache) or "
-                    "free some space")
+                    f"(finished regions are kept); run with {hint(self.spelling, 'no_cache')} "
+                    "or free some space")
         return msg, fits
 
 
@@ -134,11 +236,3 @@ def _size(n: float) -> str:
         if n < 1024 or unit == "GB":
             break
     return f"{n:.1f} {unit}"
-
-
-def _read_signature(path: Path) -> dict[str, Any] | None:
-    try:
-        meta = json.loads((path / "zarr.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return meta.get("attributes", {}).get("napari-xt-cache", {}).get("signature")

@@ -1,11 +1,8 @@
-"""The end of a run: turn the store's working arrays into the published results.
-
-Zarr stores get `labels/<name>` (NGFF image-label with a display pyramid), a detections
-table `tables/<name>` and a classification record `classifications/<name>` through
-`napari_xt.io.results`, so every reader of napari-xt results opens them; probabilities are
-already in `probabilities/<name>`. In-memory runs return the arrays in the summary
-(`summary["arrays"]`: labels, probabilities, heatmap (centre scores and, when the model has
-one, the size map), detections, classification). Detection coordinates and sizes are level-0 pixels.
+"""The end of a run: detection tables, classification records, provenance, and the summary of
+an in-memory run (`summary["arrays"]`: labels, probabilities, heatmap (centre scores and,
+when the model has one, the size map), detections, classification). Persistent stores are
+finished by the store itself (`engine.store.publish`). Detection coordinates and sizes are
+level-0 pixels.
 """
 
 from __future__ import annotations
@@ -13,9 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
-from .outputs import MapLayout
-from .store import PredictionStore
 
 
 def detection_table(points: np.ndarray, scale: tuple[float, float]) -> dict[str, np.ndarray]:
@@ -30,63 +24,43 @@ def detection_table(points: np.ndarray, scale: tuple[float, float]) -> dict[str,
 
 
 def classification_record(logit_sum: np.ndarray, crops: int) -> dict[str, Any]:
-    mean = logit_sum / max(1, crops)
+    mean = np.asarray(logit_sum, np.float64) / max(1, crops)
     z = np.exp(mean - mean.max())
     probs = z / z.sum()
     return {"class": int(np.argmax(mean)), "score": float(probs.max()),
             "logits": mean.tolist(), "probabilities": probs.tolist(), "crops": int(crops)}
 
 
-def finish_outputs(store: PredictionStore, writer: Any, layout: MapLayout | None,
-                   outputs: tuple[str, ...], name: str, source: Any,
-                   record: dict[str, Any] | None) -> dict[str, Any]:
-    from napari_xt.model.heads import POINT_DTYPE
-
-    summary: dict[str, Any] = {"outputs": list(outputs)}
-    points = None
-    if "detections" in outputs and writer is not None and "heat" in writer.arrays:
-        points = store.all_points(POINT_DTYPE)
+def memory_summary(store: Any, spec: Any, record: dict[str, Any] | None) -> dict[str, Any]:
+    summary: dict[str, Any] = {"outputs": list(spec.outputs)}
+    arrays: dict[str, Any] = {}
+    for key, value in store.arrays.items():
+        arrays["heatmap" if key == "heat" else key] = value
+    if "heat" in store.arrays:
+        points = store.points()
         summary["detections"] = int(len(points))
+        arrays["detections"] = detection_table(points, spec.source.scale)
     if record is not None:
         summary["classification"] = record
-    if store.path is None:
-        arrays: dict[str, Any] = {}
-        if writer is not None:
-            arrays.update({"heatmap" if k == "heat" else k: v for k, v in writer.arrays.items()})
-        if points is not None:
-            arrays["detections"] = detection_table(points, source.scale)
-        if record is not None:
-            arrays["classification"] = record
-        summary["arrays"] = arrays
-        return summary
-
-    from napari_xt.io import results
-
-    path = store.path
-    px = None
-    if source.pixel_size is not None:
-        px = (source.pixel_size[0] * source.scale[0], source.pixel_size[1] * source.scale[1])
-    elif tuple(source.scale) != (1.0, 1.0):  # a level > 0 of an image without physical
-        px = tuple(float(v) for v in source.scale)  # size: in level-0 pixels, to overlay it
-    if writer is not None and "labels" in writer.arrays:
-        import dask.array as da
-
-        work = writer.arrays["labels"]
-        chunk = max(512, store.arrays.group["_work/labels"].chunks[0])
-        results.write_labels(path, name, da.from_array(work, chunks=(chunk, chunk)),
-                             overwrite=True, pixel_size=px, unit=source.unit,
-                             properties={i: {"class": i} for i in range(layout.num_classes)})
-        summary["labels"] = f"labels/{name}"
-    if writer is not None and "probabilities" in writer.arrays:
-        arr = writer.arrays["probabilities"]
-        arr.attrs["napari-xt"] = {"kind": "probabilities", "axes": "CYX",
-                                  "classes": layout.num_classes, "pixel_size": px}
-        summary["probabilities"] = f"probabilities/{name}"
-    if points is not None:
-        results.write_detections(path, name, detection_table(points, source.scale),
-                                 attrs={"source": "napari-xt predict"}, overwrite=True)
-        summary["table"] = f"tables/{name}"
-    if record is not None:
-        results.write_classification(path, name, record, overwrite=True)
-    store.remove_work()
+        arrays["classification"] = record
+    summary["arrays"] = arrays
     return summary
+
+
+def provenance(spec: Any, complete: bool) -> dict[str, Any]:
+    """What a store records about the run that wrote it."""
+    import datetime
+
+    from napari_xt import __version__
+
+    sig = spec.signature
+    return {
+        "complete": complete, "model": spec.model.cfg.name, "model_hash": sig["model_hash"],
+        "version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "image": sig["image"], "level": spec.source.level,
+        # level-0 pixels per pixel of the processed level (tables are in level-0 pixels)
+        "level_scale": [float(v) for v in spec.source.scale],
+        "settings": {k: v for k, v in sig.items() if k != "image"},
+        "device": str(spec.device),
+    }

@@ -23,6 +23,10 @@ import torch
 Index = tuple[int, int]
 
 
+class ReaderError(RuntimeError):
+    """The reader thread died (its own error is the cause)."""
+
+
 @dataclass
 class PixelBatch:
     indices: list[Index]  # regions read successfully, in order
@@ -65,22 +69,31 @@ class Prefetcher:
         self.depth = max(1, depth)
         self.queue: queue.Queue = queue.Queue(maxsize=self.depth)
         self.stopped = threading.Event()
+        self.error: BaseException | None = None
         self.consumed = 0
         self.last_batch = {i: n for n, b in enumerate(self.batches) for i in b}
         self.thread = threading.Thread(target=self._loop, name="napari-xt-reader", daemon=True)
         self.thread.start()
 
     def _loop(self) -> None:
-        for batch in self.batches:
-            if self.stopped.is_set():
-                return
-            item = read_batch(self.source, self.plan, batch, self.pin)
-            while not self.stopped.is_set():
-                try:
-                    self.queue.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
+        try:
+            for batch in self.batches:
+                if self.stopped.is_set():
+                    return
+                item = read_batch(self.source, self.plan, batch, self.pin)
+                while not self.stopped.is_set():
+                    try:
+                        self.queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as err:  # e.g. MemoryError: forwarded to the compute thread
+            self.error = err
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise ReaderError(f"the reader thread failed: {type(self.error).__name__}: "
+                              f"{self.error}") from self.error
 
     def pending(self) -> bool:
         return self.consumed < len(self.batches)
@@ -94,10 +107,22 @@ class Prefetcher:
         return self.last_batch.get(index, -1) - self.consumed
 
     def next(self) -> PixelBatch | None:
+        """The next batch in order; raises `ReaderError` when the reader thread failed
+        (never waits on a dead thread)."""
         if not self.pending():
             return None
+        while True:
+            try:
+                item = self.queue.get(timeout=0.1)
+                break
+            except queue.Empty:
+                self.check()
+                if not self.thread.is_alive() and self.queue.empty():
+                    self.check()
+                    raise ReaderError(
+                        "the reader thread stopped before reading every batch") from None
         self.consumed += 1
-        return self.queue.get()
+        return item
 
     def stop(self) -> None:
         self.stopped.set()

@@ -7,24 +7,30 @@ Bad input (channels that do not match the model, an unknown option, an output st
 holds another run or cannot be written, a mismatched embedding cache) raises before any work:
 `EngineInputError` (a ValueError), `StoreError` (an OSError) or `CacheMismatchError`.
 Everything after that is reported as events; the stream ends with exactly one of
-`Finished`, `Failed`, `Cancelled`. The stages themselves live in `stages.py`.
+`Finished`, `Failed`, `Cancelled`. `run` validates everything into one frozen `RunSpec`;
+the run itself is `execution.Execution`.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .cache import EmbeddingCache
-from .events import Event
-from .outputs import OUTPUT_KINDS, map_layout
+from .device import pick_device
+from .execution import Execution
+from .outputs import OUTPUT_KINDS, MapLayout, map_layout
 from .plan import ORDERS, RegionPlan
 from .source import ImageSource
-from .store import PredictionStore
+from .spelling import Spelling
+from .store import ClassInfo, StoreSpec, create_store
+from .store.layout import PRIVATE
 
 BLENDS = ("tokens", "outputs")
 
@@ -80,7 +86,8 @@ def run(
     min_distance: int = 2,
     name: str = "prediction",
     point: tuple[float, float] | None = None,
-) -> Iterator[Event]:
+    spelling: Spelling | None = None,
+) -> Execution:
     """Predict `image` with `model` (an `XT`) into `store` (an OME-Zarr path; None keeps the
     results in memory: `Finished.summary["arrays"]`). Returns an iterator of events.
 
@@ -108,12 +115,15 @@ def run(
       about 3-4x the decoder work at the default stride).
     carry_state: pass the context encoder's state from crop to crop in visiting order.
     threshold, min_distance: detection peaks (score >= threshold, NMS window radius).
+    spelling: how refusals name their remedy (`engine.spelling.CLI` for the command line);
+      default: the Python arguments.
+
+    The returned `Execution` is an iterator of events (also `.store`: the run's store).
     """
     from napari_xt import __version__
     from napari_xt.model.checkpoint import model_hash
 
-    from .stages import Execution
-
+    spelling = spelling or Spelling()
     cfg = getattr(model, "cfg", None)
     if cfg is None:
         raise EngineInputError(f"model must be an XT model, not {type(model).__name__}")
@@ -163,23 +173,89 @@ def run(
                "threshold": threshold,
                "min_distance": min_distance, "carry_state": carry_state, "name": name,
                "order": order if carry_state else None}
-    pstore = PredictionStore(store, run_sig, overwrite=overwrite, restart=not resume)
+    store_spec = _store_spec(cfg, plan, layout, outputs, name, run_sig, threshold,
+                             min_distance)
+    pstore = create_store(store, store_spec, overwrite=overwrite, restart=not resume,
+                          inputs=source.inputs, spelling=spelling)
     emb = None
-    if cache is not False and cache is not None:
-        if cache is True or cache == "rebuild":
-            where = None if pstore.path is None else pstore.path / "_embeddings"
-        else:
-            where = cache
+    where: Path | None = None
+    if cache is True or cache == "rebuild":  # the store's own (none for store=None)
+        if pstore.path is not None:
+            where = pstore.path / PRIVATE / "embeddings"
+    elif cache is not False and cache is not None:
+        where = Path(cache)
+    owned = where is not None and pstore.path is not None and where.parent.parent == pstore.path
+    try:
         if where is not None:
-            emb = EmbeddingCache(where, encoder_sig, plan.grid, rebuild=cache == "rebuild")
-    return Execution(
-        source=source, model=model, plan=plan, store=pstore, cache=emb, layout=layout,
-        outputs=outputs, device=device, batch_size=batch_size, order=order,
-        priority=priority, cancelled=_cancel_check(cancel), on_error=on_error,
-        carry_state=carry_state, blend=blend,
-        detect={"threshold": threshold, "min_distance": min_distance},
-        name=name, point=point, signature=run_sig,
-    ).events()
+            if not owned:
+                from .store.guard import check_not_input
+
+                check_not_input(where, source.inputs, spelling, "embedding cache")
+            emb = EmbeddingCache(where, encoder_sig, plan.grid, rebuild=cache == "rebuild",
+                                 owned=owned, spelling=spelling)
+    except BaseException:
+        pstore.close()
+        raise
+    spec = RunSpec(
+        source=source, model=model, plan=plan, layout=layout, outputs=outputs,
+        device=pick_device(device), batch_size=batch_size, order=order, priority=priority,
+        cancelled=_cancel_check(cancel), on_error=on_error, carry_state=carry_state,
+        blend=blend, threshold=threshold, min_distance=min_distance, name=name, point=point,
+        signature=run_sig)
+    return Execution(spec, pstore, emb)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything one run is: validated inputs and options, frozen before any work."""
+
+    source: ImageSource
+    model: Any
+    plan: RegionPlan
+    layout: MapLayout | None  # None: a classifier
+    outputs: tuple[str, ...]
+    device: Any  # torch.device
+    batch_size: int
+    order: str
+    priority: Callable[[], tuple[float, float] | None] | None
+    cancelled: Callable[[], bool]
+    on_error: str
+    carry_state: bool
+    blend: str
+    threshold: float
+    min_distance: int
+    name: str
+    point: tuple[float, float] | None
+    signature: dict[str, Any]
+
+
+PALETTE = ((0, 0, 0, 0), (31, 119, 180, 255), (255, 187, 0, 255), (214, 39, 40, 255),
+           (44, 160, 44, 255), (148, 103, 189, 255), (140, 86, 75, 255), (227, 119, 194, 255),
+           (127, 127, 127, 255), (188, 189, 34, 255), (23, 190, 207, 255))
+
+
+def class_infos(head: Any) -> tuple[ClassInfo, ...]:
+    """Names (from the model's config, else "class i") and colours of a head's classes."""
+    names = head.class_names or tuple(f"class {i}" for i in range(head.num_classes))
+    return tuple(ClassInfo(i, n, PALETTE[i % len(PALETTE)]) for i, n in enumerate(names))
+
+
+def _store_spec(cfg: Any, plan: RegionPlan, layout: MapLayout | None, outputs, name: str,
+                signature: dict[str, Any], threshold: float, min_distance: int) -> StoreSpec:
+    head = cfg.head
+    heat = 0 if layout is None or layout.heat is None else layout.heat[1] - layout.heat[0]
+    points = head.point_names or tuple(f"class {i}" for i in range(heat))
+    probs = 0 if layout is None or layout.probs is None else layout.probs[1] - layout.probs[0]
+    return StoreSpec(
+        signature=signature, height=plan.height, width=plan.width,
+        region_size=plan.region_size, strip_px=plan.strip_width * plan.stride * plan.region_size,
+        kind=head.kind, outputs=tuple(outputs), name=name,
+        label_dtype=str(np.dtype(layout.label_dtype)) if layout else "uint8",
+        classes=class_infos(head) if layout is not None and layout.probs is not None else (),
+        prob_channels=probs, heat_channels=heat,
+        has_size=layout is not None and layout.size is not None,
+        point_classes=points if heat else (), threshold=float(threshold),
+        min_distance=int(min_distance), crops=len(plan.crops))
 
 
 def _listify(value: Any) -> Any:

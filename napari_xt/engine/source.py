@@ -31,12 +31,14 @@ class ImageSource:
         normalize: tuple[Sequence[float], Sequence[float]] | None = None,
     ) -> None:
         self.path: str | None = None
+        self.inputs: tuple[str, ...] = ()  # local files / folders the pixels come from
         if isinstance(image, (str, os.PathLike)):
             from napari_xt.io import open_image
 
             self.path = os.path.abspath(os.fspath(image))
             image = open_image(image)
         levels = getattr(image, "levels", None)
+        self.channel_names: tuple[str, ...] | None = None
         if levels is not None:  # a MultiscaleImage
             if not 0 <= level < len(levels):
                 raise ValueError(f"level {level} does not exist ({len(levels)} levels)")
@@ -44,6 +46,9 @@ class ImageSource:
             self.path = self.path or str(getattr(image, "source", "array"))
             self.pixel_size = getattr(image, "pixel_size", None)
             self.unit = getattr(image, "unit", None)
+            self.channel_names = getattr(image, "channel_names", None)
+            self.inputs = tuple(getattr(image, "paths", ()))
+            self.pyramid = list(levels[level:])  # this level and the coarser ones
             base = levels[0].shape
         else:
             if level != 0:
@@ -51,7 +56,13 @@ class ImageSource:
             self.array = image
             self.axes = axes or _guess_axes(tuple(image.shape))
             self.pixel_size = self.unit = None
+            self.pyramid = [image]
+            filename = getattr(image, "filename", None)  # np.memmap
+            if filename:
+                self.inputs = (os.path.abspath(filename),)
             base = image.shape
+        if self.path is not None and os.path.exists(self.path):
+            self.inputs = tuple(dict.fromkeys((*self.inputs, self.path)))
         self.level = int(level)
         if self.axes not in ("YX", "YXC", "CYX") or len(self.axes) != len(self.array.shape):
             raise ValueError(f"image of shape {tuple(self.array.shape)} with axes {self.axes!r}: "
@@ -141,16 +152,35 @@ class ImageSource:
                 self._reading.pop(key).set()
         return tile
 
-    def _read_raw(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
+    def _read_raw(self, y0: int, x0: int, y1: int, x1: int, array: Any = None) -> np.ndarray:
+        array = self.array if array is None else array
         if self.axes == "YX":
-            block = self.array[y0:y1, x0:x1][None]
+            block = array[y0:y1, x0:x1][None]
         elif self.axes == "YXC":
-            block = np.moveaxis(np.asarray(self.array[y0:y1, x0:x1, :]), -1, 0)
+            block = np.moveaxis(np.asarray(array[y0:y1, x0:x1, :]), -1, 0)
         else:
-            block = self.array[:, y0:y1, x0:x1]
+            block = array[:, y0:y1, x0:x1]
         if hasattr(block, "compute"):
             block = block.compute()
         return np.asarray(block)
+
+    def coarser(self, factor: int) -> tuple[Any, int, tuple[int, int]]:
+        """(array, factor left, (height, width)): the coarsest pyramid level of this image
+        that is an exact power-of-two `f` <= `factor` times smaller than this level (this
+        level itself when none is), and `factor // f`, for reading an overview cheaply."""
+        iy, ix = self.axes.index("Y"), self.axes.index("X")
+        best, best_f = (self.array, (self.height, self.width)), 1
+        for arr in self.pyramid[1:]:
+            h, w = int(arr.shape[iy]), int(arr.shape[ix])
+            f = self.height // max(h, 1)
+            exact = f >= 2 and f & (f - 1) == 0 and self.height // f == h and self.width // f == w
+            if exact and factor % f == 0 and f > best_f:
+                best, best_f = (arr, (h, w)), f
+        return best[0], factor // best_f, best[1]
+
+    def read_level_box(self, array: Any, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
+        """Pixels [y0:y1, x0:x1] of another level `array` of this image as (C, h, w)."""
+        return self._read_raw(y0, x0, y1, x1, array)
 
     def read(self, box: tuple[int, int, int, int], size: int) -> tuple[np.ndarray, np.ndarray]:
         """A region box (y0, x0, y1, x1) -> ((C, S, S) float32 zero-padded, (S, S) bool

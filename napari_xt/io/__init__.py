@@ -12,10 +12,12 @@ from .progress import ProgressCallback, ProgressEvent
 from .pyramid import build_pyramid, downsample, pyramid_shapes
 from .results import (
     LabelsResult,
+    ProbabilitiesResult,
     list_results,
     read_classification,
     read_detections,
     read_labels,
+    read_probabilities,
     write_classification,
     write_detections,
     write_labels,
@@ -26,6 +28,7 @@ __all__ = [
     "ImageIOError",
     "ImageStats",
     "LabelsResult",
+    "ProbabilitiesResult",
     "MultiscaleImage",
     "ProgressCallback",
     "ProgressEvent",
@@ -43,6 +46,7 @@ __all__ = [
     "read_classification",
     "read_detections",
     "read_labels",
+    "read_probabilities",
     "write_classification",
     "write_detections",
     "write_labels",

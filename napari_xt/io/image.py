@@ -38,6 +38,7 @@ class MultiscaleImage:
     channel_colors: tuple[str, ...] | None = None
     translation: tuple[float, float] | None = None
     source: str = "array"
+    paths: tuple[str, ...] = ()  # local files or folders the levels are read from
     resources: tuple[Any, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -51,6 +51,9 @@ def open_image(
     not exist, is not an image, has unsupported axes, zero size or a bool/complex dtype.
     """
     image = _open(path_or_array, plane=plane, series=series, axes=axes)
+    where = _local_path(path_or_array)
+    if where is not None and not image.paths:
+        image = replace(image, paths=(where,))
     if level is not None:
         image = _from_level(image, level)
     return image
@@ -166,6 +169,19 @@ def _from_level(image: MultiscaleImage, level: int) -> MultiscaleImage:
         pixel_size = (image.pixel_size[0] * fy, image.pixel_size[1] * fx)
     return replace(image, levels=image.levels[level:], pixel_size=pixel_size,
                    source=f"{image.source} from level {level}")
+
+
+def _local_path(source: Any) -> str | None:
+    """The local file or folder an image source is read from, when there is one."""
+    if isinstance(source, str | os.PathLike) and not is_url(source):
+        return os.path.abspath(os.fspath(source))
+    if isinstance(source, np.memmap) and getattr(source, "filename", None):
+        return os.path.abspath(source.filename)
+    if isinstance(source, zarr.Array | zarr.Group):
+        root = getattr(source.store, "root", None)
+        if root is not None:
+            return os.path.abspath(os.path.join(str(root), source.path))
+    return None
 
 
 def _is_store(obj: Any) -> bool:

@@ -118,3 +118,26 @@ def register(root: Path, kind: str, name: str, key: str) -> None:
     else:
         names = sorted(set(attrs.get("napari-xt", {}).get(key, [])) | {name})
         write_group(parent, fmt, {"napari-xt": {key: names}})
+
+
+def register_remaining(root: Path, kind: str) -> None:
+    """After results were removed from `root/kind`: list only the results still there, and
+    remove the group when nothing is left in it (only its own metadata)."""
+    parent = Path(root) / kind
+    if not parent.is_dir():
+        return
+    fmt = zarr_format(parent) or zarr_format(Path(root)) or 3
+    names = sorted(p.name for p in parent.iterdir()
+                   if p.is_dir() and NAME_PATTERN.match(p.name) and zarr_format(p))
+    leftovers = [p for p in parent.iterdir()
+                 if p.name not in ("zarr.json", ".zgroup", ".zattrs") and not p.is_dir()]
+    if not names and not leftovers and not any(p.is_dir() for p in parent.iterdir()):
+        for meta in ("zarr.json", ".zgroup", ".zattrs"):
+            (parent / meta).unlink(missing_ok=True)
+        parent.rmdir()
+        return
+    version = "0.5" if fmt == 3 else "0.4"
+    if kind == "labels":
+        write_group(parent, fmt, wrap_ome({"labels": names}, version))
+    else:
+        write_group(parent, fmt, {"napari-xt": {kind: names}})

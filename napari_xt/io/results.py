@@ -210,6 +210,38 @@ def read_labels(store: str | os.PathLike, name: str) -> LabelsResult:
                         (meta.scale[0], meta.scale[1]), unit, str(path))
 
 
+# --------------------------------------------------------------------------- probabilities
+@dataclass(frozen=True)
+class ProbabilitiesResult:
+    """A per-class probability image read back: `levels[0]` is (K, Y, X) full resolution."""
+
+    name: str
+    levels: list[da.Array]
+    class_names: tuple[str, ...]
+    pixel_size: tuple[float, float] | None
+    translation: tuple[float, float]
+    unit: str | None
+    path: str
+
+
+def read_probabilities(store: str | os.PathLike, name: str) -> ProbabilitiesResult:
+    """`probabilities/<name>`: an NGFF image (c, y, x) with one channel per class."""
+    path = Path(store) / "probabilities" / check_name(name)
+    fmt = zarr_format(path)
+    if fmt is None:
+        raise ImageIOError(f"{path}: no probability result {name!r} in {store}")
+    attrs = group_attrs(path, fmt)
+    meta = parse_image(attrs, str(path))
+    levels = [lazy_array(zarr.open_array(str(path / p), mode="r"), f"{path} level {i}")
+              for i, p in enumerate(meta.paths)]
+    k = int(levels[0].shape[0])
+    names = meta.channel_names or tuple(f"class {i}" for i in range(k))
+    iy, ix = meta.axes.index("Y"), meta.axes.index("X")
+    unit = meta.units.get("Y") if meta.units.get("Y") == meta.units.get("X") else None
+    return ProbabilitiesResult(name, levels, tuple(names), (meta.scale[iy], meta.scale[ix]),
+                               (meta.translation[iy], meta.translation[ix]), unit, str(path))
+
+
 # --------------------------------------------------------------------------- tables
 def write_detections(
     store: str | os.PathLike,
@@ -327,14 +359,25 @@ def read_classification(store: str | os.PathLike, name: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- listing
 def list_results(store: str | os.PathLike) -> dict[str, list[str]]:
-    """Names of the results in a store, by kind (`labels`, `tables`, `classifications`)."""
+    """Names of the results in a store, by kind (`labels`, `tables`, `classifications`,
+    `probabilities`). Only finished results are listed: images with their multiscale
+    metadata, tables and records (written whole)."""
     root = Path(store)
     out: dict[str, list[str]] = {}
-    for kind in ("labels", "tables", "classifications"):
+    for kind in ("labels", "tables", "classifications", "probabilities"):
         folder = root / kind
         names = []
         if folder.is_dir():
             names = sorted(p.name for p in folder.iterdir()
-                           if p.is_dir() and NAME_PATTERN.match(p.name) and zarr_format(p))
+                           if p.is_dir() and NAME_PATTERN.match(p.name) and _finished(p, kind))
         out[kind] = names
     return out
+
+
+def _finished(path: Path, kind: str) -> bool:
+    fmt = zarr_format(path)
+    if fmt is None:
+        return False
+    if kind in ("labels", "probabilities"):
+        return has_multiscales(group_attrs(path, fmt))
+    return True

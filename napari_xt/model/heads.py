@@ -41,6 +41,9 @@ class HeadConfig:
     decoder_channels: one width per upsampling step of the decoder, deepest first; empty means
     automatic (16 x target stride, clamped to [16, 256]).
     dim: width D of the contextualized tokens.
+    class_names: names of the classes (label values 0..K-1), shown in result layers and
+    written into result stores; empty: "class 0", "class 1", ...
+    point_names: names of the detection classes of a centre/heatmap map, same rule.
     """
 
     kind: str = "classification"
@@ -48,6 +51,8 @@ class HeadConfig:
     outputs: tuple[tuple[str, int], ...] = ()
     decoder_channels: tuple[int, ...] = ()
     dim: int = 768
+    class_names: tuple[str, ...] = ()
+    point_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in HEAD_KINDS:
@@ -70,6 +75,12 @@ class HeadConfig:
             raise ValueError(f"decoder_channels must be positive: {channels}")
         object.__setattr__(self, "outputs", outputs)
         object.__setattr__(self, "decoder_channels", channels)
+        names = tuple(str(n) for n in self.class_names)
+        if names and len(names) != self.num_classes:
+            raise ValueError(f"class_names has {len(names)} names for {self.num_classes} "
+                             "classes")
+        object.__setattr__(self, "class_names", names)
+        object.__setattr__(self, "point_names", tuple(str(n) for n in self.point_names))
 
     @property
     def maps(self) -> tuple[tuple[str, int], ...]:

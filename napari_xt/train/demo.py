@@ -37,9 +37,18 @@ def demo_weights_path(region_only: bool = False) -> Path:
 
 def load_demo_model(region_only: bool = False, device: str | torch.device = "cpu"):
     """The shipped demo `XT` (eval mode). Input: normalized (B, 2, H, W) dB VV/VH images."""
+    from dataclasses import replace
+
     from napari_xt.model.checkpoint import load_checkpoint
 
-    return load_checkpoint(demo_weights_path(region_only), device=device)
+    from .synthetic import TARGET_NAMES
+
+    model = load_checkpoint(demo_weights_path(region_only), device=device)
+    cfg = model.cfg
+    if not cfg.head.class_names:  # the task's names (weights trained before names were kept)
+        model.cfg = replace(cfg, head=replace(cfg.head, class_names=CLASS_NAMES,
+                                              point_names=(TARGET_NAMES[1],)))
+    return model
 
 
 def demo_training_config(region_only: bool = False) -> TrainConfig:

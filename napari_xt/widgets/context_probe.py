@@ -33,19 +33,15 @@ class RegionComparison:
 
 def stored_labels(store: str | Path):
     """The run's label array (final level 0 if written, else the live work array)."""
-    import zarr
+    from napari_xt.engine.store import open_result
 
-    from napari_xt.io import list_results
-    from napari_xt.io.corrections import predicted
-
-    root = Path(store)
-    names = predicted(list_results(root)["labels"])
-    group = zarr.open_group(str(root), mode="r")
-    if names:
-        return group[f"labels/{names[0]}/0"]
-    if "_work" in group and "labels" in group["_work"]:
-        return group["_work/labels"]
-    raise ValueError(f"{store}: no labels written yet (run the model first)")
+    try:
+        array = open_result(store).level0("labels")
+    except OSError as err:
+        raise ValueError(str(err)) from err
+    if array is None:
+        raise ValueError(f"{store}: no labels written yet (run the model first)")
+    return array
 
 
 def region_only_labels(model, source, row: int, col: int, region_size: int,

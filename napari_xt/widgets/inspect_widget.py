@@ -170,10 +170,10 @@ class InspectWidget(WorkerPanel, QWidget):
             return
         from napari.qt.threading import create_worker
 
-        from napari_xt.engine.store import STATE_DONE
+        from napari_xt.engine.store import DONE
 
         states = s.region_states()
-        regions = [tuple(rc) for rc in np.argwhere(states == STATE_DONE)]
+        regions = [tuple(rc) for rc in np.argwhere(states == DONE)]
         if not regions:
             self.status.setText("no finished region to inspect")
             return

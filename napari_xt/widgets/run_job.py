@@ -13,7 +13,6 @@ import math
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -81,78 +80,48 @@ def preview_shape(height: int, width: int, stride: int) -> tuple[int, int]:
 
 
 class StoreTileReader:
-    """Reads finished regions' outputs from a prediction store (worker thread)."""
+    """Preview tiles of finished regions, read through the run's store (worker thread):
+    final regions come from the store's memory until their shard is written, then from disk;
+    detections as the store commits them."""
 
-    def __init__(self, store: str, height: int, width: int, region_size: int,
+    def __init__(self, store: Any, height: int, width: int, region_size: int,
                  stride: int) -> None:
-        self.root = Path(store)
+        self.store = store
         self.height, self.width, self.size, self.stride = height, width, region_size, stride
-        self._arrays: dict[str, Any] = {}
-        self._seen_points: set[str] = set()
+        self._points_cursor = 0
 
-    def _array(self, key: str):
-        if key not in self._arrays:
-            import zarr
-
-            try:
-                group = zarr.open_group(str(self.root), mode="r")
-                self._arrays[key] = group[key] if key in group else None
-            except (FileNotFoundError, KeyError, ValueError):
-                return None
-        return self._arrays[key]
-
-    def _tile(self, arr, row: int, col: int):
+    def _tile(self, name: str, row: int, col: int):
         s, f = self.size, self.stride
         y0, x0 = row * s, col * s
         y1, x1 = min(y0 + s, self.height), min(x0 + s, self.width)
         fy, fx = -(-y0 // f) * f, -(-x0 // f) * f  # first sampled pixel inside the box
         if fy >= y1 or fx >= x1:
             return None
-        index = (slice(fy, y1, f), slice(fx, x1, f))
-        tile = np.asarray(arr[(Ellipsis, *index)])
+        region = self.store.read_region(name, (row, col))
+        if region is None:
+            return None
+        tile = np.ascontiguousarray(region[..., fy - y0::f, fx - x0::f])
         dst = (slice(fy // f, fy // f + tile.shape[-2]), slice(fx // f, fx // f + tile.shape[-1]))
         return dst[0], dst[1], tile
 
     def read(self, indices) -> ResultTiles:
         labels, probs = {}, {}
-        lab = self._array("_work/labels")
-        prob_group = self._array("probabilities")
-        prob = None
-        if prob_group is not None:
-            names = sorted(prob_group.array_keys())
-            prob = prob_group[names[0]] if names else None
         for row, col in indices:
-            for arr, out in ((lab, labels), (prob, probs)):
-                if arr is not None:
-                    tile = self._tile(arr, row, col)
-                    if tile is not None:
-                        out[(row, col)] = tile
-        return ResultTiles(tuple(indices), labels, probs, self._new_points())
+            for name, out in (("labels", labels), ("probabilities", probs)):
+                tile = self._tile(name, row, col)
+                if tile is not None:
+                    out[(row, col)] = tile
+        points, self._points_cursor = self.store.points_since(self._points_cursor)
+        return ResultTiles(tuple(indices), labels, probs, points)
 
     def read_finished(self, batch: int = 256) -> Iterator[ResultTiles]:
         """Tiles of the regions an earlier run already finished (resume)."""
-        from napari_xt.engine.store import STATE_DONE
+        from napari_xt.engine.store import DONE
 
-        state = self._array("_progress/region_state")
-        if state is None:
-            return
-        done = [(int(r), int(c)) for r, c in np.argwhere(np.asarray(state) == STATE_DONE)]
+        state = self.store.region_status()
+        done = [(int(r), int(c)) for r, c in np.argwhere(state == DONE)]
         for i in range(0, len(done), batch):
             yield self.read(done[i:i + batch])
-
-    def _new_points(self) -> np.ndarray | None:
-        folder = self.root / "_progress" / "points"
-        if not folder.is_dir():
-            return None
-        new = sorted(p for p in folder.glob("*.npy") if p.name not in self._seen_points)
-        parts = []
-        for p in new:
-            try:
-                parts.append(np.load(p))
-            except (OSError, ValueError):
-                continue  # being replaced right now; read at the next event
-            self._seen_points.add(p.name)
-        return np.concatenate(parts) if parts else None
 
 
 def run_outputs(model, probabilities: bool) -> tuple[str, ...]:
@@ -202,7 +171,7 @@ def run_events(
         yield event
         if isinstance(event, Planned):
             h, w = event.image_shape
-            reader = StoreTileReader(event.store or request.store, h, w, event.region_size,
+            reader = StoreTileReader(events.store, h, w, event.region_size,
                                      preview_stride(h, w))
             if event.resumed:
                 yield from reader.read_finished()

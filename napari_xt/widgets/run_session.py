@@ -169,11 +169,11 @@ class RunSession:
         return self.normalize
 
     def region_states(self) -> np.ndarray:
-        """(rows, cols) uint8 region states recorded in the store (engine STATE_* values)."""
-        import zarr
+        """(rows, cols) uint8 region status recorded in the store (`engine.store` DONE,
+        FAILED, PENDING)."""
+        from napari_xt.engine.store import open_result
 
-        group = zarr.open_group(str(self.store), mode="r")
-        return np.asarray(group["_progress/region_state"])
+        return open_result(self.store).region_status()
 
     # ------------------------------------------------------------------ events
     def _on_worker_finished(self) -> None:

@@ -58,8 +58,8 @@ def preload() -> None:
     keep_triton_out()
     import timm  # noqa: F401
 
+    import napari_xt.engine.execution  # noqa: F401
     import napari_xt.engine.run  # noqa: F401
-    import napari_xt.engine.stages  # noqa: F401
     import napari_xt.model.checkpoint  # noqa: F401
 
     Labels(np.zeros((2, 2), np.uint8))

@@ -1,0 +1,169 @@
+"""`FeatureSupply`: region features where the crops need them, each region encoded once.
+
+A crop asks for its regions' features (`ensure`); they come from memory (`FeatureLRU`),
+else from the embedding cache (checked: a region whose cached bytes do not verify is
+encoded again, with a notice), else from the reader thread's next pixel batches through the
+region encoder (batched, out-of-memory back-off), else, when the visiting order changed
+(viewport) and the region is not close in the read-ahead, from a direct read. Unreadable
+regions are marked failed in the book (`on_error="stop"` ends the run instead).
+
+Features per region: [(C_l, h_l, w_l)] shallow to deep, on the device; fp16-rounded when the
+cache is on, so a resumed run equals an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from .device import BatchRunner, autocast
+from .events import Event, Notice, RegionEncoded, RegionFailed
+from .pipeline import FeatureLRU, PixelBatch, Prefetcher, encode_sequence, read_batch
+from .regions import ENCODED, QUEUED, RegionBook
+
+Index = tuple[int, int]
+
+
+class RunStopped(Exception):
+    """Ends the run with a Failed event (the message is args[0]); finished work is kept."""
+
+
+class FeatureSupply:
+    def __init__(self, spec: Any, book: RegionBook, cache: Any, store: Any,
+                 notices: list[Event]) -> None:
+        self.spec, self.book, self.cache, self.store = spec, book, cache, store
+        self.notices = notices  # events for the run's stream, emitted between crops
+        self.runner = BatchRunner(spec.batch_size, spec.device,
+                                  lambda m: notices.append(Notice(m, "oom")))
+        self.cache_sized = False  # the embedding cache's disk estimate was reported
+        self.prefetch: Prefetcher | None = None
+        self.lru: FeatureLRU | None = None
+
+    def start(self, crops: list[Any]) -> None:
+        """Plan the reads for `crops` (visiting order) and start the reader thread."""
+        plan, bs = self.spec.plan, self.spec.batch_size
+        cap = (plan.strip_width * plan.stride + plan.k) * plan.k
+        planned: set[Index] = set()
+
+        def known(idx: Index) -> bool:
+            if self.cache is None:
+                return False
+            if self.cache.has(*idx) or idx in planned:
+                return True
+            planned.add(idx)
+            return False
+
+        seq = encode_sequence(crops, cap, known, set())
+        self.book.advance(seq, QUEUED)
+        batches = [seq[i:i + bs] for i in range(0, len(seq), bs)]
+        self.prefetch = Prefetcher(self.spec.source, plan, batches,
+                                   pin=self.spec.device.type == "cuda")
+        self.lru = FeatureLRU(cap + 2 * bs)
+
+    def stop(self) -> None:
+        if self.prefetch is not None:
+            self.prefetch.stop()
+
+    def __contains__(self, idx: Index) -> bool:
+        return self.lru is not None and idx in self.lru
+
+    def get(self, idx: Index) -> list[torch.Tensor]:
+        return self.lru.get(idx)
+
+    # ------------------------------------------------------------------ ensure
+    def ensure(self, regions: list[Index]) -> Iterator[Event]:
+        """Make the features of `regions` available (failed ones excepted)."""
+        lru, book, cache = self.lru, self.book, self.cache
+        lru.pinned = set(regions)
+        for idx in regions:
+            if idx in lru or not book.usable(idx):
+                continue
+            if cache is not None and cache.has(*idx):
+                yield from self._from_cache([i for i in regions if i not in lru
+                                             and book.usable(i) and cache.has(*i)])
+                if idx in lru:
+                    continue
+            # take prefetched batches only while the region is close in the read-ahead; when
+            # the order changed (viewport moved) read what this crop needs directly, so the
+            # regions now in view never wait behind the whole old queue
+            pf = self.prefetch
+            while (idx not in lru and book.usable(idx) and pf.will_read(idx)
+                   and pf.batches_ahead(idx) < pf.depth):
+                yield from self._encode(pf.next())
+            if idx not in lru and book.usable(idx):
+                missing = [i for i in regions if i not in lru and book.usable(i)
+                           and not (cache is not None and cache.has(*i))]
+                yield from self._encode(read_batch(self.spec.source, self.spec.plan, missing,
+                                                   False))
+
+    def _from_cache(self, want: list[Index]) -> Iterator[Event]:
+        t = time.perf_counter()
+        found, levels, bad = self.cache.get(want)
+        if bad:
+            first = next(iter(bad.values()))
+            yield Notice(f"embedding cache {self.cache.path}: {len(bad)} region(s) did not "
+                         f"read back intact ({first}); encoding them again", "cache")
+        dtype = torch.float32 if self.spec.device.type == "cpu" else torch.bfloat16
+        for n, i in enumerate(found):
+            self.lru.put(i, [torch.from_numpy(lv[n]).to(self.spec.device, dtype)
+                             for lv in levels])
+        self.book.advance(found, ENCODED)
+        self.book.counts["from_cache"] += len(found)
+        if found:
+            yield RegionEncoded(tuple(found), len(found), time.perf_counter() - t, True)
+
+    def _encode(self, batch: PixelBatch) -> Iterator[Event]:
+        book, spec, cache = self.book, self.spec, self.cache
+        for idx, reason in batch.failed.items():
+            book.fail(idx)
+            self.store.put_failed([idx], reason)
+            yield RegionFailed((idx,), reason)
+            if spec.on_error == "stop":
+                raise RunStopped(f"region {idx} could not be read: {reason}; finished "
+                                 "regions are kept, run again to resume")
+        if batch.pixels is None:
+            return
+        fresh = [n for n, i in enumerate(batch.indices) if i not in self.lru
+                 and not (cache is not None and cache.has(*i))]
+        if len(fresh) < len(batch.indices):  # read directly earlier: never encode twice
+            if not fresh:
+                return
+            kept = [batch.indices[n] for n in fresh]
+            batch = PixelBatch(kept, batch.pixels[fresh],
+                               {i: m for i, m in batch.bad.items() if i in kept}, {},
+                               batch.seconds)
+        if batch.bad:
+            n = sum(int(m.sum()) for m in batch.bad.values())
+            book.counts["nonfinite_pixels"] += n
+            book.bad.update(batch.bad)
+            yield Notice(f"{n} non-finite pixels (NaN/inf) in regions {sorted(batch.bad)}: "
+                         "replaced by 0 for the model, written as label 0 / no data", "nan")
+        t = time.perf_counter()
+        x = batch.pixels.to(spec.device, non_blocking=True)  # (n, C, S, S)
+        if spec.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+
+        def encode(items: list[int]) -> list[list[torch.Tensor]]:
+            with torch.inference_mode(), autocast(spec.device):
+                feats = spec.model.encode_regions(x[items[0]:items[-1] + 1])  # [(n, C_l, h, w)]
+            return [[f[j] for f in feats] for j in range(len(items))]
+
+        per_region = self.runner.run(list(range(len(batch.indices))), encode)
+        if cache is not None:
+            levels = [torch.stack([r[lv] for r in per_region]).float().cpu().numpy()
+                      for lv in range(len(per_region[0]))]
+            cache.put(batch.indices, levels)
+            if not self.cache_sized:  # once, when the size of one region is known
+                self.cache_sized = True
+                message, fits = cache.size_notice()
+                yield Notice(message, "cache" if fits else "warning")
+            per_region = [[f.half().to(f.dtype) for f in r] for r in per_region]
+        for idx, feats in zip(batch.indices, per_region):
+            self.lru.put(idx, feats)
+        book.advance(batch.indices, ENCODED)
+        book.counts["encoded"] += len(batch.indices)
+        yield RegionEncoded(tuple(batch.indices), self.runner.batch_size,
+                            time.perf_counter() - t + batch.seconds, False)

@@ -1,0 +1,75 @@
+"""CRC-32 of every file a result store writes, taken from the bytes as they are written.
+
+`DigestStore` wraps zarr's `LocalStore`: each `set(key, bytes)` records (crc32, size) of the
+bytes, so a commit can name exactly what it wrote without reading anything back. `verify`
+checks a recorded digest against the file on disk now (missing, truncated or changed ->
+False): what a rerun does before it trusts a committed shard.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import zlib
+from pathlib import Path
+
+from zarr.storage import LocalStore, WrapperStore
+
+Digest = tuple[int, int]  # (crc32, size in bytes)
+
+
+class DigestStore(WrapperStore[LocalStore]):
+    def __init__(self, store: LocalStore | str | os.PathLike) -> None:
+        if not isinstance(store, LocalStore):
+            store = LocalStore(str(store))
+        super().__init__(store)
+        self._digests: dict[str, Digest | None] = {}
+        self._lock = threading.Lock()
+
+    def _with_store(self, store: LocalStore) -> DigestStore:
+        out = type(self)(store)
+        out._digests, out._lock = self._digests, self._lock
+        return out
+
+    async def set(self, key, value) -> None:
+        view = value.as_buffer_like()
+        digest = (zlib.crc32(view), len(view))
+        await self._store.set(key, value)
+        with self._lock:
+            self._digests[key] = digest
+
+    async def delete(self, key: str) -> None:
+        await self._store.delete(key)
+        with self._lock:
+            self._digests[key] = None
+
+    def take(self, prefix: str = "") -> dict[str, Digest | None]:
+        """The digests recorded since the last `take` for keys under `prefix` (removed)."""
+        with self._lock:
+            keys = [k for k in self._digests if k.startswith(prefix)]
+            return {k: self._digests.pop(k) for k in keys}
+
+
+def file_digest(path: str | os.PathLike) -> Digest | None:
+    """(crc32, size) of a file now, None when it does not exist."""
+    crc, size = 0, 0
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                crc = zlib.crc32(chunk, crc)
+                size += len(chunk)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    return crc, size
+
+
+def verify(root: Path, files: dict[str, list[int] | None]) -> bool:
+    """True when every file `root/key` holds exactly the recorded bytes (None: must be
+    absent)."""
+    for key, want in files.items():
+        have = file_digest(root / key)
+        if (want is None) != (have is None):
+            return False
+        if want is not None and tuple(want) != have:
+            return False
+    return True

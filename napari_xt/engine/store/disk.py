@@ -1,0 +1,624 @@
+"""`DiskStore`: a run's results on disk, with a commit protocol that loses nothing and never
+trusts what it cannot verify.
+
+Final region tiles are collected in memory per shard (`ShardBuffer`). A shard whose regions
+are all final is written once, in whole (zarr, sharded), and committed: one journal record
+names the files written with the CRC-32 of their bytes, and for detections the shard's
+interior peaks and halo frames (in a pack file, also checksummed). A region is done only
+when such a record covers it. When buffers pass the memory budget, or the run stops, the
+least recently touched incomplete shards are flushed as they are (their centre maps too,
+privately), committed as partial, and reloaded from disk when more of their regions arrive.
+
+On resume the journal is replayed and every committed file is verified against its CRC-32:
+a shard whose files are missing, truncated or changed is not done (its regions are
+recomputed, with a notice), never published as zeros. One writer thread does all of this;
+its first error is re-raised in the engine's thread by `drain`, `put` or `close`.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_xt.io.journal import Journal
+from napari_xt.io.lock import FolderLock, LockedError
+from napari_xt.io.packs import BlobRef, CorruptBlob, PackFiles
+
+from ..spelling import Spelling, hint
+from . import guard
+from .digests import DigestStore, verify
+from .layout import (
+    FORMAT,
+    HEAT_PATH,
+    KIND,
+    PRIVATE,
+    Index,
+    Tiling,
+    classification_path,
+    labels_path,
+    probabilities_path,
+    root_attrs,
+    table_path,
+)
+from .peaks import ShardPeaks, pack, unpack
+from .spec import DONE, FAILED, PENDING, RegionTiles, StoreError, StoreSpec
+
+BUDGET = 512 * 2**20  # bytes of shard buffers kept in memory before partial flushes
+
+
+@dataclass(frozen=True)
+class ArrayDef:
+    path: str
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    shards: tuple[int, ...]
+    dtype: str
+    dims: tuple[str, ...]
+    private: bool = False
+
+
+def array_defs(spec: StoreSpec, tiling: Tiling) -> dict[str, ArrayDef]:
+    h, w = spec.height, spec.width
+    (cy, cx), (zy, zx) = tiling.chunk, tiling.shard
+    out: dict[str, ArrayDef] = {}
+    if spec.writes_labels:
+        out["labels"] = ArrayDef(f"{labels_path(spec.name)}/0", (h, w), (cy, cx), (zy, zx),
+                                 spec.label_dtype, ("y", "x"))
+    if spec.writes_probabilities:
+        k = spec.prob_channels
+        out["probabilities"] = ArrayDef(f"{probabilities_path(spec.name)}/0", (k, h, w),
+                                        (k, cy, cx), (k, zy, zx), "float16", ("c", "y", "x"))
+    if spec.writes_detections:
+        k = spec.heat_channels + int(spec.has_size)
+        out["heat"] = ArrayDef(HEAT_PATH, (k, h, w), (k, cy, cx), (k, zy, zx), "float32",
+                               ("c", "y", "x"), private=True)
+    return out
+
+
+def create_array(zstore: Any, d: ArrayDef, level: int = 1):
+    import zarr
+    from zarr.codecs import ZstdCodec
+
+    return zarr.create_array(store=zstore, name=d.path, shape=d.shape, chunks=d.chunks,
+                             shards=d.shards, dtype=d.dtype, fill_value=0,
+                             compressors=ZstdCodec(level=level), dimension_names=d.dims,
+                             overwrite=True, config={"write_empty_chunks": True})
+
+
+@dataclass
+class ShardBuffer:
+    key: Index
+    box: tuple[int, int, int, int]
+    arrays: dict[str, np.ndarray]
+    regions: frozenset[Index]
+    final: set[Index] = field(default_factory=set)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.final) == len(self.regions)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+
+class DiskStore:
+    """Results of one run in the OME-Zarr store at `path` (see `layout.py`)."""
+
+    def __init__(self, path: str | Any, spec: StoreSpec, *, overwrite: bool = False,
+                 restart: bool = False, inputs: tuple[str, ...] = (),
+                 spelling: Spelling | None = None, budget: int = BUDGET) -> None:
+        self.path = Path(path)
+        self.spec = spec
+        self.spelling = spelling or Spelling()
+        self.budget = int(budget)
+        self.notices: list[str] = []
+        self.resumed = False
+        self.complete = False
+        self.grid = spec.grid
+        self.tiling = Tiling.for_grid(spec.height, spec.width, spec.region_size, spec.strip_px)
+        self.defs = array_defs(spec, self.tiling)
+        guard.check_not_input(self.path, inputs, self.spelling)
+        kind = guard.check_writable_kind(self.path, self.spelling)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.lock = FolderLock(self.path / PRIVATE, f"result store {self.path}")
+        try:
+            notice = self.lock.acquire()
+        except LockedError as err:
+            raise StoreError(str(err)) from None
+        if notice:
+            self.notices.append(notice)
+        try:
+            self._open(kind, overwrite, restart)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    # ------------------------------------------------------------------ opening
+    def _open(self, kind: str, overwrite: bool, restart: bool) -> None:
+        attrs = root_attrs(self.path) or {}
+        same = kind == "store" and attrs.get("run_signature") == self.spec.signature
+        if kind == "legacy" and not overwrite:
+            raise StoreError(f"{self.path} holds results of an older napari-xt version, which "
+                             f"cannot be resumed; {hint(self.spelling, 'overwrite')}")
+        if kind == "store" and not same and not overwrite:
+            old = attrs.get("run_signature") or {}
+            from ..cache import signature_diff
+
+            diff = signature_diff(old, self.spec.signature)
+            raise StoreError(f"{self.path} holds results of a different run (differs in: "
+                             f"{', '.join(diff)}); {hint(self.spelling, 'overwrite')}")
+        from zarr.storage import LocalStore
+
+        self.zstore = DigestStore(LocalStore(str(self.path)))
+        self.journal = Journal(self.path / PRIVATE / "journal")
+        self.packs = PackFiles(self.path / PRIVATE, "points")
+        if same and not restart:
+            self.resumed = True
+            self._replay(attrs)
+            return
+        if kind in ("store", "legacy"):
+            guard.refuse_to_drop_corrections(self.path)
+            guard.clear_store(self.path, kind)
+        self._fresh()
+
+    def _created(self) -> list[str]:
+        s = self.spec
+        out = [labels_path(s.name), probabilities_path(s.name), table_path(s.name),
+               classification_path(s.name)]
+        from napari_xt.io.pyramid import pyramid_shapes
+
+        from .layout import MIN_PYRAMID
+
+        n = len(pyramid_shapes(s.height, s.width, min_size=MIN_PYRAMID))
+        return out + [str(i) for i in range(n)]
+
+    def _fresh(self) -> None:
+        from napari_xt.io.result_store import write_group
+
+        write_group(self.path, 3, {"napari-xt": {
+            "format": FORMAT, "kind": KIND, "run_signature": self.spec.signature,
+            "complete": False, "created": self._created(),
+            "tiling": {"height": self.spec.height, "width": self.spec.width,
+                       "region_size": self.spec.region_size,
+                       "chunk": list(self.tiling.chunk), "shard": list(self.tiling.shard)},
+            "outputs": {k: d.path for k, d in self.defs.items() if not d.private}}})
+        write_group(self.path / PRIVATE, 3, {"napari-xt-private": {
+            "note": "private state of napari-xt runs (journal, detections, caches)"}})
+        self.journal.reset()
+        self.packs.remove_all()
+        for d in self.defs.values():
+            create_array(self.zstore, d)
+        self.zstore.take()
+        self._init_state()
+        self.changed = True
+
+    def _init_state(self) -> None:
+        self.done = np.zeros(self.grid, bool)  # committed regions (verified)
+        self.failed = np.zeros(self.grid, bool)
+        self.records: dict[Index, dict[str, Any]] = {}  # latest valid shard record
+        self.frames: dict[Index, dict[str, np.ndarray]] = {}
+        self.border_done: set[Index] = set()
+        self.point_parts: list[np.ndarray] = []
+        self.crop_logits: dict[int, list[float]] = {}
+        self.published: dict[str, dict[str, Any]] = {}
+        self.buffers: OrderedDict[Index, ShardBuffer] = OrderedDict()
+        self.readable_mem: set[Index] = set()
+        self.peaks = (ShardPeaks(self.tiling, self.spec.heat_channels, self.spec.has_size,
+                                 self.spec.threshold, self.spec.min_distance)
+                      if self.spec.writes_detections else None)
+        self._lock = threading.Lock()
+        self._zarrays: dict[str, Any] = {}
+        self._queue: queue.Queue = queue.Queue(maxsize=8)
+        self._written: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.changed = False  # this run committed something: published results are stale
+
+    def _replay(self, attrs: dict[str, Any]) -> None:
+        self._init_state()
+        shards: dict[Index, dict[str, Any]] = {}
+        borders: dict[Index, dict[str, Any]] = {}
+        failed: dict[Index, bool] = {}
+        for rec in self.journal.records():
+            t = rec.get("t")
+            if t == "shard":
+                key = (int(rec["k"][0]), int(rec["k"][1]))
+                shards[key] = rec
+                borders.pop(key, None)
+                for r, c in self._record_regions(rec):
+                    failed.pop((r, c), None)
+            elif t == "border":
+                borders[(int(rec["k"][0]), int(rec["k"][1]))] = rec
+            elif t == "failed":
+                for r, c in rec.get("regions", []):
+                    failed[(int(r), int(c))] = True
+            elif t == "crop":
+                self.crop_logits[int(rec["i"])] = [float(v) for v in rec["logits"]]
+            elif t == "published":
+                self.published[str(rec["what"])] = rec
+        bad: list[Index] = []
+        for key, rec in shards.items():
+            if not verify(self.path, rec.get("files", {})):
+                bad.append(key)
+                continue
+            if rec.get("complete") and self.peaks is not None:
+                try:
+                    pts, frames = unpack(self.packs.read(BlobRef.from_list(rec["points"])))
+                except (CorruptBlob, KeyError, TypeError, ValueError):
+                    bad.append(key)
+                    continue
+                self.point_parts.append(pts)
+                self.frames[key] = frames
+            self.records[key] = rec
+            for idx in self._record_regions(rec):
+                self.done[idx] = True
+        for key, rec in borders.items():
+            if self.peaks is None or not all(self._complete(n) for n in self.peaks.needs(key)):
+                continue  # a shard it depends on is recomputed: so is its border
+            try:
+                pts, _ = unpack(self.packs.read(BlobRef.from_list(rec["points"])))
+            except (CorruptBlob, KeyError, TypeError, ValueError):
+                continue
+            self.point_parts.append(pts)
+            self.border_done.add(key)
+        for idx in failed:
+            if not self.done[idx]:
+                self.failed[idx] = True
+        self._drop_unneeded_frames()
+        if bad:
+            n = sum(len(self._record_regions(shards[k])) for k in bad)
+            self.notices.append(
+                f"{len(bad)} committed shard(s) of {self.path} did not verify (missing, "
+                f"truncated or changed files); their {n} regions are computed again")
+        published_ok = all(verify(self.path, rec.get("files", {}))
+                           for rec in self.published.values())
+        if not published_ok:
+            self.notices.append(f"published results in {self.path} did not verify; they "
+                                "are written again")
+        self.published = {k: v for k, v in self.published.items()
+                          if verify(self.path, v.get("files", {}))}
+        self.complete = bool(attrs.get("complete")) and not bad and published_ok and (
+            self._all_done())
+        if attrs.get("complete") and not self.complete:
+            self.set_attrs({"complete": False})  # never a "complete" store with wrong data
+        for d in self.defs.values():  # arrays a crash left without metadata
+            if not (self.path / d.path / "zarr.json").is_file():
+                create_array(self.zstore, d)
+        self.zstore.take()
+
+    def _all_done(self) -> bool:
+        if self.spec.dense:
+            return bool(self.done.all())
+        return len(self.crop_logits) == self.spec.crops
+
+    def _record_regions(self, rec: dict[str, Any]) -> list[Index]:
+        if rec.get("complete"):
+            return self.tiling.regions_of(int(rec["k"][0]), int(rec["k"][1]))
+        return [(int(r), int(c)) for r, c in rec.get("regions", [])]
+
+    # ------------------------------------------------------------------ attributes
+    def attrs(self) -> dict[str, Any]:
+        return dict(root_attrs(self.path) or {})
+
+    def set_attrs(self, values: dict[str, Any]) -> None:
+        from napari_xt.io.result_store import group_attrs, json_default, write_group
+
+        attrs = group_attrs(self.path, 3)
+        cur = dict(attrs.get("napari-xt", {}))
+        cur.update(json.loads(json.dumps(values, default=json_default)))
+        attrs["napari-xt"] = cur
+        write_group(self.path, 3, attrs)
+
+    # ------------------------------------------------------------------ status
+    def region_status(self) -> np.ndarray:
+        with self._lock:
+            out = np.full(self.grid, PENDING, np.uint8)
+            out[self.failed] = FAILED
+            out[self.done] = DONE
+            for idx in self.readable_mem:
+                out[idx] = DONE
+        return out
+
+    # ------------------------------------------------------------------ writer thread
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="napari-xt-writer",
+                                            daemon=True)
+            self._thread.start()
+
+    def _send(self, item: Any) -> None:
+        self.start()
+        while True:
+            self.check()
+            if not self._thread.is_alive():
+                raise StoreError(f"the writer of {self.path} stopped")
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def put(self, tiles: RegionTiles) -> None:
+        self._send(("tiles", tiles))
+
+    def put_failed(self, indices: list[Index], reason: str) -> None:
+        self._send(("failed", list(indices), reason))
+
+    def put_crop(self, index: int, logits: np.ndarray) -> None:
+        self._send(("crop", int(index), [float(v) for v in np.asarray(logits).ravel()]))
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def drain(self) -> list[tuple[tuple[Index, ...], float]]:
+        """(indices, seconds) of the batches made readable since the last call."""
+        self.check()
+        out = []
+        while True:
+            try:
+                out.append(self._written.get_nowait())
+            except queue.Empty:
+                return out
+
+    def flush(self) -> None:
+        """Commit everything handed over so far (incomplete shards as partial) and wait."""
+        if self._thread is None:
+            return
+        done = threading.Event()
+        self._send(("flush", done))
+        while not done.wait(0.1):
+            self.check()
+            if not self._thread.is_alive():
+                break
+        self.check()
+
+    def stop_writer(self) -> None:
+        if self._thread is None:
+            return
+        try:
+            self.flush()
+        finally:
+            try:
+                self._queue.put(None, timeout=5)
+            except queue.Full:
+                pass
+            self._thread.join(timeout=30)
+            self._thread = None
+        self.check()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                if item[0] == "flush":
+                    item[1].set()
+                continue  # after a failure: drain, nothing more is written
+            try:
+                kind = item[0]
+                if kind == "tiles":
+                    self._place(item[1])
+                elif kind == "failed":
+                    self.journal.append([{"t": "failed", "regions": [list(i) for i in item[1]],
+                                          "reason": item[2][:500]}])
+                    with self._lock:
+                        for idx in item[1]:
+                            self.failed[idx] = True
+                elif kind == "crop":
+                    self.journal.append([{"t": "crop", "i": item[1], "logits": item[2]}])
+                    self.crop_logits[item[1]] = item[2]
+                    self.changed = True
+                elif kind == "flush":
+                    try:
+                        for key in list(self.buffers):
+                            self._flush_partial(key)
+                        self.journal.sync()
+                    finally:
+                        item[1].set()
+            except BaseException as err:  # reported by check() in the engine's thread
+                self.error = err
+                if item[0] == "flush":
+                    item[1].set()
+
+    # ------------------------------------------------------------------ placing tiles
+    def _zarray(self, name: str):
+        arr = self._zarrays.get(name)
+        if arr is None:
+            import zarr
+
+            arr = zarr.open_array(store=self.zstore, path=self.defs[name].path, mode="r+")
+            self._zarrays[name] = arr
+        return arr
+
+    def _buffer(self, key: Index) -> ShardBuffer:
+        buf = self.buffers.get(key)
+        if buf is not None:
+            self.buffers.move_to_end(key)
+            return buf
+        y0, x0, y1, x1 = self.tiling.shard_box(*key)
+        arrays = {}
+        rec = self.records.get(key)
+        for name, d in self.defs.items():
+            shape = (*d.shape[:-2], y1 - y0, x1 - x0)
+            if rec is not None:  # regions committed earlier: start from what is on disk
+                arr = self._zarray(name)
+                arrays[name] = np.asarray(arr[..., y0:y1, x0:x1], dtype=d.dtype)
+            else:
+                arrays[name] = np.zeros(shape, d.dtype)
+        regions = frozenset(self.tiling.regions_of(*key))
+        buf = ShardBuffer(key, (y0, x0, y1, x1), arrays, regions,
+                          {i for i in regions if self.done[i]})
+        self.buffers[key] = buf
+        return buf
+
+    def _place(self, tiles: RegionTiles) -> None:
+        t0 = time.perf_counter()
+        touched: list[Index] = []
+        for n, idx in enumerate(tiles.indices):
+            key = self.tiling.shard_of(*idx)
+            buf = self._buffer(key)
+            y0, x0, y1, x1 = self.spec.box(*idx)
+            sy, sx = buf.box[0], buf.box[1]
+            for name, batch in tiles.arrays.items():
+                if name in buf.arrays:
+                    buf.arrays[name][..., y0 - sy:y1 - sy, x0 - sx:x1 - sx] = \
+                        batch[n][..., : y1 - y0, : x1 - x0]
+            buf.final.add(idx)
+            if key not in touched:
+                touched.append(key)
+        with self._lock:
+            self.readable_mem.update(tiles.indices)
+            for idx in tiles.indices:
+                self.failed[idx] = False
+        self._written.put((tuple(tiles.indices), time.perf_counter() - t0 + tiles.seconds))
+        for key in touched:
+            if self.buffers[key].complete:
+                self._commit_complete(key)
+        total = sum(b.nbytes for b in self.buffers.values())
+        for key in list(self.buffers):
+            if total <= self.budget:
+                break
+            if key in touched:
+                continue
+            total -= self.buffers[key].nbytes
+            self._flush_partial(key)
+
+    def _write(self, buf: ShardBuffer, names: list[str]) -> dict[str, list[int] | None]:
+        self.changed = True
+        y0, x0, y1, x1 = buf.box
+        for name in names:
+            self._zarray(name)[..., y0:y1, x0:x1] = buf.arrays[name]
+        return {k: (list(v) if v is not None else None) for k, v in self.zstore.take().items()}
+
+    def _commit_complete(self, key: Index) -> None:
+        buf = self.buffers.pop(key)
+        public = [n for n, d in self.defs.items() if not d.private]
+        files = self._write(buf, public)
+        record: dict[str, Any] = {"t": "shard", "k": list(key), "files": files,
+                                  "complete": True}
+        pts = frames = None
+        if self.peaks is not None:
+            pts, frames = self.peaks.interior(key, buf.arrays["heat"])
+            record["points"] = self.packs.append(pack(pts, frames)).to_list()
+        self.journal.append([record])
+        old = self.records.get(key)
+        if old is not None and any(k.startswith(HEAT_PATH) for k in old.get("files", {})):
+            for k in old["files"]:
+                if k.startswith(HEAT_PATH):
+                    (self.path / k).unlink(missing_ok=True)
+        with self._lock:
+            self.records[key] = record
+            for idx in buf.regions:
+                self.done[idx] = True
+            self.readable_mem.difference_update(buf.regions)
+            if pts is not None:
+                self.point_parts.append(pts)
+                self.frames[key] = frames
+        if self.peaks is not None:
+            for k in self.peaks.needs(key):
+                self._try_border(k)
+            self._drop_unneeded_frames()
+
+    def _flush_partial(self, key: Index) -> None:
+        buf = self.buffers.pop(key)
+        if not buf.final - {i for i in buf.regions if self.done[i]} and key in self.records:
+            return  # nothing new since the last commit of this shard
+        files = self._write(buf, list(self.defs))
+        record = {"t": "shard", "k": list(key), "files": files, "complete": False,
+                  "regions": sorted([list(i) for i in buf.final])}
+        self.journal.append([record])
+        with self._lock:
+            self.records[key] = record
+            for idx in buf.final:
+                self.done[idx] = True
+            self.readable_mem.difference_update(buf.final)
+
+    def _complete(self, key: Index) -> bool:
+        rec = self.records.get(key)
+        return rec is not None and bool(rec.get("complete"))
+
+    def _try_border(self, key: Index) -> None:
+        if key in self.border_done or not all(self._complete(n) and n in self.frames
+                                              for n in self.peaks.needs(key)):
+            return
+        pts = self.peaks.border(key, {n: self.frames[n] for n in self.peaks.needs(key)})
+        ref = self.packs.append(pack(pts, None))
+        self.journal.append([{"t": "border", "k": list(key), "points": ref.to_list()}])
+        with self._lock:
+            self.border_done.add(key)
+            self.point_parts.append(pts)
+
+    def _drop_unneeded_frames(self) -> None:
+        if self.peaks is None:
+            return
+        for key in list(self.frames):
+            if all(n in self.border_done for n in self.peaks.needs(key)):
+                del self.frames[key]
+
+    # ------------------------------------------------------------------ reading
+    def read_region(self, name: str, idx: Index) -> np.ndarray | None:
+        """The final `name` output ("labels" | "probabilities") of region idx, or None when
+        it is not final yet. Thread-safe."""
+        if name not in self.defs or self.defs[name].private:
+            return None
+        y0, x0, y1, x1 = self.spec.box(*idx)
+        with self._lock:
+            if idx in self.readable_mem:
+                buf = self.buffers.get(self.tiling.shard_of(*idx))
+                if buf is not None and idx in buf.final:
+                    sy, sx = buf.box[0], buf.box[1]
+                    return buf.arrays[name][..., y0 - sy:y1 - sy, x0 - sx:x1 - sx].copy()
+            if not self.done[idx]:
+                return None
+        return np.asarray(self._read_array(name)[..., y0:y1, x0:x1])
+
+    def _read_array(self, name: str):
+        import zarr
+
+        return zarr.open_array(str(self.path / self.defs[name].path), mode="r")
+
+    def points(self) -> np.ndarray:
+        """Every committed detection so far (level pixels, sorted by y, x, class)."""
+        from napari_xt.model.heads import POINT_DTYPE
+
+        from .peaks import sort_points
+
+        with self._lock:
+            parts = list(self.point_parts)
+        return sort_points(np.concatenate(parts)) if parts else np.empty(0, POINT_DTYPE)
+
+    def points_since(self, cursor: int) -> tuple[np.ndarray | None, int]:
+        """Detections committed after `cursor` (a count of parts) and the new cursor."""
+        with self._lock:
+            parts = self.point_parts[cursor:]
+            n = len(self.point_parts)
+        return (np.concatenate(parts) if parts else None), n
+
+    # ------------------------------------------------------------------ end
+    def record_published(self, what: str, files: dict[str, list[int] | None]) -> None:
+        rec = {"t": "published", "what": what, "files": files}
+        self.journal.append([rec])
+        self.published[what] = rec
+
+    def close(self) -> None:
+        """Stop the writer (committing what it holds) and release the lock. Idempotent."""
+        try:
+            if self._thread is not None:
+                self.stop_writer()
+        finally:
+            try:
+                self.journal.close()
+                self.packs.close()
+            finally:
+                self.lock.release()

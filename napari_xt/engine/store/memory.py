@@ -1,0 +1,111 @@
+"""`MemoryStore`: a run's results in numpy arrays (`store=None`): nothing persisted, nothing
+to resume, no zarr or dask needed. Same interface as `DiskStore` for the engine; detections
+are found once, over the whole centre map, when asked for."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .layout import Index
+from .spec import DONE, FAILED, PENDING, RegionTiles, StoreSpec
+
+
+class MemoryStore:
+    path = None
+    resumed = False
+    complete = False
+    changed = True
+
+    def __init__(self, spec: StoreSpec) -> None:
+        self.spec = spec
+        self.grid = spec.grid
+        self.notices: list[str] = []
+        h, w = spec.height, spec.width
+        self.arrays: dict[str, np.ndarray] = {}
+        if spec.writes_labels:
+            self.arrays["labels"] = np.zeros((h, w), spec.label_dtype)
+        if spec.writes_probabilities:
+            self.arrays["probabilities"] = np.zeros((spec.prob_channels, h, w), np.float16)
+        if spec.writes_detections:
+            k = spec.heat_channels + int(spec.has_size)
+            self.arrays["heat"] = np.zeros((k, h, w), np.float32)
+        self.done = np.zeros(self.grid, bool)
+        self.failed = np.zeros(self.grid, bool)
+        self.crop_logits: dict[int, list[float]] = {}
+        self._written: list[tuple[tuple[Index, ...], float]] = []
+
+    def start(self) -> None:
+        pass
+
+    def put(self, tiles: RegionTiles) -> None:
+        for n, idx in enumerate(tiles.indices):
+            y0, x0, y1, x1 = self.spec.box(*idx)
+            for name, batch in tiles.arrays.items():
+                if name in self.arrays:
+                    self.arrays[name][..., y0:y1, x0:x1] = batch[n][..., : y1 - y0, : x1 - x0]
+            self.done[idx] = True
+            self.failed[idx] = False
+        self._written.append((tuple(tiles.indices), tiles.seconds))
+
+    def put_failed(self, indices: list[Index], reason: str) -> None:
+        for idx in indices:
+            self.failed[idx] = True
+
+    def put_crop(self, index: int, logits: np.ndarray) -> None:
+        self.crop_logits[int(index)] = [float(v) for v in np.asarray(logits).ravel()]
+
+    def check(self) -> None:
+        pass
+
+    def drain(self) -> list[tuple[tuple[Index, ...], float]]:
+        out, self._written = self._written, []
+        return out
+
+    def flush(self) -> None:
+        pass
+
+    def stop_writer(self) -> None:
+        pass
+
+    def region_status(self) -> np.ndarray:
+        out = np.full(self.grid, PENDING, np.uint8)
+        out[self.failed] = FAILED
+        out[self.done] = DONE
+        return out
+
+    def read_region(self, name: str, idx: Index) -> np.ndarray | None:
+        if name not in self.arrays or name == "heat" or not self.done[idx]:
+            return None
+        y0, x0, y1, x1 = self.spec.box(*idx)
+        return self.arrays[name][..., y0:y1, x0:x1].copy()
+
+    def points(self) -> np.ndarray:
+        """Max-pool NMS over the whole centre map (regions not done are zeros)."""
+        import torch
+
+        from napari_xt.model.heads import POINT_DTYPE, points_from_heatmap
+
+        from .peaks import sort_points
+
+        heat = self.arrays.get("heat")
+        if heat is None:
+            return np.empty(0, POINT_DTYPE)
+        k = self.spec.heat_channels
+        t = torch.from_numpy(heat)
+        size = t[k:k + 1] if self.spec.has_size else None
+        return sort_points(points_from_heatmap(t[:k], size, threshold=self.spec.threshold,
+                                               min_distance=self.spec.min_distance))
+
+    def points_since(self, cursor: int) -> tuple[np.ndarray | None, int]:
+        return None, cursor
+
+    def attrs(self) -> dict[str, Any]:
+        return {}
+
+    def set_attrs(self, values: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

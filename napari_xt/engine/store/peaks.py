@@ -1,0 +1,147 @@
+"""Detection peaks of a centre map written shard by shard, equal to max-pool NMS over the
+whole image (`napari_xt.model.heads.points_from_heatmap`), without reading anything back.
+
+Whether a pixel is a peak depends on the pixels within `B = 2 * min_distance` of it (the
+maximum over its window, then the plateau rule over the windows of its neighbours). So:
+
+- the peaks of a shard that lie at least B pixels from every side it shares with another
+  shard follow from the shard alone (`interior`), as soon as the shard is complete;
+- the others (`border`) need the strips of the neighbouring shards: a shard keeps its
+  `frames`, the 2B-pixel strips along its four sides, and its border peaks are found on a
+  small canvas (the shard plus B pixels around it) assembled from its own and its eight
+  neighbours' frames, once all of them are committed.
+
+Layouts: heat (K [+ 1 size], h, w) float32 of the shard's box; points POINT_DTYPE in level
+pixels; frames {"top": (C, F, w), "bottom": (C, F, w), "left": (C, h, F), "right": (C, h, F)}.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+
+from .layout import Index, Tiling
+
+SIDES = ("top", "bottom", "left", "right")
+
+
+class ShardPeaks:
+    def __init__(self, tiling: Tiling, classes: int, has_size: bool, threshold: float,
+                 min_distance: int) -> None:
+        self.tiling = tiling
+        self.k = int(classes)
+        self.has_size = bool(has_size)
+        self.threshold = float(threshold)
+        self.md = int(min_distance)
+        self.margin = 2 * self.md
+        self.frame = 2 * self.margin
+
+    def _points(self, heat: np.ndarray, y0: int, x0: int) -> np.ndarray:
+        from napari_xt.model.heads import points_from_heatmap
+
+        t = torch.from_numpy(np.ascontiguousarray(heat, np.float32))
+        size = t[self.k:self.k + 1] if self.has_size else None
+        pts = points_from_heatmap(t[:self.k], size, threshold=self.threshold,
+                                  min_distance=self.md)
+        pts["y"] += y0
+        pts["x"] += x0
+        return pts
+
+    def _margins(self, key: Index) -> tuple[int, int, int, int]:
+        i, j = key
+        rows, cols = self.tiling.shard_grid
+        m = self.margin
+        return (m if i > 0 else 0, m if i < rows - 1 else 0,
+                m if j > 0 else 0, m if j < cols - 1 else 0)
+
+    def _interior_mask(self, key: Index, pts: np.ndarray) -> np.ndarray:
+        y0, x0, y1, x1 = self.tiling.shard_box(*key)
+        mt, mb, ml, mr = self._margins(key)
+        y, x = pts["y"].astype(np.int64), pts["x"].astype(np.int64)
+        return ((y - y0 >= mt) & (y1 - 1 - y >= mb) & (x - x0 >= ml) & (x1 - 1 - x >= mr))
+
+    def interior(self, key: Index, heat: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(peaks that follow from the shard alone, the shard's frames)."""
+        y0, x0, y1, x1 = self.tiling.shard_box(*key)
+        heat = heat[:, : y1 - y0, : x1 - x0]
+        pts = self._points(heat, y0, x0)
+        f = self.frame
+        frames = {"top": heat[:, :f].copy(), "bottom": heat[:, -f:].copy(),
+                  "left": heat[:, :, :f].copy(), "right": heat[:, :, -f:].copy()}
+        return pts[self._interior_mask(key, pts)], frames
+
+    def needs(self, key: Index) -> list[Index]:
+        """The shards whose frames the border peaks of `key` need (itself included)."""
+        return [key, *self.tiling.neighbours(*key)]
+
+    def border(self, key: Index, frames: dict[Index, dict[str, np.ndarray]]) -> np.ndarray:
+        """The peaks of shard `key` that `interior` left out, from the frames of `key` and
+        its neighbours."""
+        t = self.tiling
+        y0, x0, y1, x1 = t.shard_box(*key)
+        b = self.margin
+        cy0, cx0 = max(0, y0 - b), max(0, x0 - b)
+        cy1, cx1 = min(t.height, y1 + b), min(t.width, x1 + b)
+        channels = next(iter(frames.values()))["top"].shape[0]
+        canvas = np.full((channels, cy1 - cy0, cx1 - cx0), -np.inf, np.float32)
+        for n in self.needs(key):
+            ny0, nx0, ny1, nx1 = t.shard_box(*n)
+            fr = frames[n]
+            at = {"top": (ny0, nx0), "bottom": (ny1 - fr["bottom"].shape[1], nx0),
+                  "left": (ny0, nx0), "right": (ny0, nx1 - fr["right"].shape[2])}
+            for side, (sy, sx) in at.items():
+                _paste(canvas, fr[side], sy - cy0, sx - cx0)
+        pts = self._points(canvas, cy0, cx0)
+        y, x = pts["y"].astype(np.int64), pts["x"].astype(np.int64)
+        inside = (y >= y0) & (y < y1) & (x >= x0) & (x < x1)
+        pts = pts[inside]
+        return pts[~self._interior_mask(key, pts)]
+
+
+def _paste(canvas: np.ndarray, strip: np.ndarray, oy: int, ox: int) -> None:
+    """Copy `strip` (C, h, w) into `canvas` at offset (oy, ox), clipped to the canvas."""
+    h, w = strip.shape[1:]
+    ya, xa = max(0, oy), max(0, ox)
+    yb, xb = min(canvas.shape[1], oy + h), min(canvas.shape[2], ox + w)
+    if ya < yb and xa < xb:
+        canvas[:, ya:yb, xa:xb] = strip[:, ya - oy:yb - oy, xa - ox:xb - ox]
+
+
+def sort_points(points: np.ndarray) -> np.ndarray:
+    """Points in one deterministic order: y, x, class."""
+    if len(points) == 0:
+        return points
+    order = np.lexsort((points["class"], points["x"], points["y"]))
+    return points[order]
+
+
+# ---------------------------------------------------------------------- (de)serialising
+def pack(points: np.ndarray | None, frames: dict[str, np.ndarray] | None) -> bytes:
+    """Points (and frames) as npz bytes (no pickled objects)."""
+    arrays: dict[str, np.ndarray] = {}
+    if points is not None:
+        for name in points.dtype.names:
+            arrays[f"p_{name}"] = np.ascontiguousarray(points[name])
+    if frames is not None:
+        for side in SIDES:
+            arrays[f"f_{side}"] = frames[side]
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def unpack(data: bytes) -> tuple[np.ndarray | None, dict[str, np.ndarray] | None]:
+    from napari_xt.model.heads import POINT_DTYPE
+
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        names = set(z.files)
+        points = None
+        if "p_y" in names:
+            n = len(z["p_y"])
+            points = np.zeros(n, POINT_DTYPE)
+            for name in POINT_DTYPE.names:
+                points[name] = z[f"p_{name}"]
+        frames = {s: z[f"f_{s}"] for s in SIDES} if "f_top" in names else None
+    return points, frames
