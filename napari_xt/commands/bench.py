@@ -1,8 +1,12 @@
-"""``napari-xt bench``: the engine's CPU benchmark (seconds per megapixel, peak RSS).
+"""``napari-xt bench [scaling|store]``: CPU benchmarks, each against a baseline measured in
+the same run.
 
-Runs each image size in its own subprocess on a lazily generated synthetic slide and prints
-ratios against the smallest size and against a naive whole-image forward of the same model
-(at sizes up to --naive-max). See `napari_xt.engine.benchmark`.
+- scaling (default): seconds per megapixel and peak RSS against image size, each size in its
+  own subprocess, with ratios against the smallest size and against a naive whole-image
+  forward of the same model (`napari_xt.bench.scaling`);
+- store: how much of a run is the engine and its result store rather than the model: a run
+  into a store, in memory, the model's own compute, and the engine with the model's stages
+  replaced by cached tensors (`napari_xt.bench.store`).
 """
 
 from __future__ import annotations
@@ -11,27 +15,27 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("bench", help="CPU benchmark of the streaming engine",
-                              description=__doc__)
+    p = subparsers.add_parser("bench", help="CPU benchmarks of the engine and its store",
+                              description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    from napari_xt.bench.scaling import add_arguments
+
+    suites = p.add_subparsers(dest="suite")
+    scaling = suites.add_parser("scaling", help="time and memory against image size")
+    add_arguments(scaling)
+    store = suites.add_parser("store", help="the engine and store's own share of a run")
+    from napari_xt.bench.store import add_arguments as store_arguments
+
+    store_arguments(store)
     add_arguments(p)
     p.set_defaults(func=run_command)
 
 
-def add_arguments(ap: argparse.ArgumentParser) -> None:
-    """Options shared by `napari-xt bench` and `benchmarks/cpu_engine.py`."""
-    ap.add_argument("--sizes", default="4096,8192")
-    ap.add_argument("--naive-max", type=int, default=4096)
-    ap.add_argument("--model", default="xt_tiny_demo_seg")
-    ap.add_argument("--decoder", default="32,16,16,8,8",
-                    help="decoder widths, deepest first ('' keeps the zoo default)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--timeout", type=int, default=6 * 3600)
-    ap.add_argument("--json", default=None, help="also write the results here")
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-
-
 def run_command(args: argparse.Namespace) -> int:
-    from napari_xt.engine.benchmark import run_benchmark
+    if args.suite == "store":
+        from napari_xt.bench.store import run_benchmark as store_benchmark
+
+        return store_benchmark(args)
+    from napari_xt.bench.scaling import run_benchmark
 
     return run_benchmark(args)

@@ -84,10 +84,14 @@ class CropRunner:
         first = group[0]
         rc = np.array([(r - first.row0, c - first.col0) for r, c in regions[0]], np.int64)
         t = time.perf_counter()
+        b, r = len(group), len(regions[0])
+        everything = [i for regs in regions for i in regs]
+        outputs_batch = b > 1 and self.spec.blend == "outputs"  # every region decoded here
         try:
-            feats = [[features.get(i) for i in regs] for regs in regions]
-            levels = [torch.stack([torch.stack([f[lv] for f in fs]) for fs in feats])
-                      for lv in range(len(feats[0][0]))]  # [(B, R, C_l, h_l, w_l)]
+            # the context step reads only the deepest level; blend="outputs" decodes here
+            flat = features.stack(everything,
+                                  deepest=self.classify or self.spec.blend == "tokens")
+            levels = [lv.reshape(b, r, *lv.shape[1:]) for lv in flat]  # [(B, R, C_l, h, w)]
             with torch.inference_mode(), autocast(self.spec.device):
                 tokens, pos = self.model.region_tokens(levels[-1], rc)  # (B, N, D), (B, N, 2)
                 state = self.context_state if self.spec.carry_state else None
@@ -95,7 +99,7 @@ class CropRunner:
             if self.spec.carry_state:
                 self.context_state = state
             maps = None
-            if len(group) > 1 and self.spec.blend == "outputs":  # every region to decode
+            if outputs_batch:
                 with torch.inference_mode(), autocast(self.spec.device):
                     maps = self.model.decode(tokens, [lv.flatten(0, 1) for lv in levels], rc)
         except Exception as err:
@@ -173,13 +177,18 @@ class CropRunner:
     def _accumulate(self, crop: Any, regions: list[Index], values: torch.Tensor) -> list[Index]:
         """values (R, C, s, s) (output maps, or token maps h x w): window-weighted sums per
         region; returns the regions whose covering crops are now all done."""
+        if not regions:
+            return []
+        hw = tuple(values.shape[-2:])
+        wins = torch.stack([self._window(crop, idx, hw) for idx in regions])  # (R, s, s)
+        weighted = values * wins[:, None]  # one op for the whole crop
         for j, idx in enumerate(regions):
-            win = self._window(crop, idx, tuple(values.shape[-2:]))
             slot = self.acc.get(idx)
             if slot is None:
-                slot = self.acc.new(idx, torch.zeros_like(values[j]), torch.zeros_like(win))
-            slot[0] += values[j] * win
-            slot[1] += win
+                self.acc.new(idx, weighted[j].clone(), wins[j].clone())
+            else:
+                slot[0] += weighted[j]
+                slot[1] += wins[j]
         return self.book.crop_passed(crop, regions)
 
     def _decode_blended(self, regions: list[Index]) -> Iterator[Event]:
@@ -189,12 +198,13 @@ class CropRunner:
         t = time.perf_counter()
         slots = [self.acc.pop(i) for i in regions]
         blended = torch.stack([acc / wsum for acc, wsum in slots])  # (R, D, h, w)
-        feats = [self.features.get(i) for i in regions]
+        feats = self.features.stack(regions)  # [(R, C_l, h_l, w_l)]
         rc = np.array(regions, np.int64)  # global (row, col): only orders the tokens
 
         def part(sel: list[int]) -> torch.Tensor:
-            levels = [torch.stack([feats[n][lv] for n in sel]) for lv in range(len(feats[0]))]
-            deep = blended[sel].to(levels[-1].dtype)
+            whole = len(sel) == len(regions)
+            levels = feats if whole else [lv[sel] for lv in feats]
+            deep = (blended if whole else blended[sel]).to(levels[-1].dtype)
             with torch.inference_mode(), autocast(self.spec.device):
                 maps = self.model.decode(token_sequence(deep, rc[sel]), levels, rc[sel])
                 return blendable({k: v[0] for k, v in maps.items()}, self.spec.layout)

@@ -90,6 +90,7 @@ class Execution:
             self._abort()
             last = Failed(f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=6)}")
         finally:
+            self.spec.source.observer = None
             if self._acc is not None:
                 self._acc.close()
             try:
@@ -131,6 +132,13 @@ class Execution:
         if self.cache is not None and self.cache.rebuilt:
             yield Notice(f"embedding cache {self.cache.path} did not match; rebuilt", "cache")
         store.start()
+        preview = None
+        if store.path is not None:  # the store's preview image, from the pixels read anyway
+            from .store.preview import PreviewSums, preview_factor
+
+            preview = PreviewSums(plan.height, plan.width, spec.source.channels,
+                                  preview_factor(plan.height, plan.width))
+            spec.source.observer = preview
         features = self._features = FeatureSupply(spec, book, self.cache, store, self.notices)
         visit = list(order) if isinstance(order, list) else list(order.pending)
         features.start([plan.crops[i] for i in visit])
@@ -167,8 +175,9 @@ class Execution:
         else:
             from .store.publish import publish
 
+            spec.source.observer = None
             summary = publish(store, spec.source, record=record, complete=complete,
-                              provenance=provenance(spec, complete))
+                              provenance=provenance(spec, complete), preview=preview)
         for text in store.notices[seen:]:  # what finishing had to say
             yield Notice(text, "warning")
         book.counts["failed"] = len(book.failed)

@@ -1,6 +1,6 @@
 """`FeatureSupply`: region features where the crops need them, each region encoded once.
 
-A crop asks for its regions' features (`ensure`); they come from memory (`FeatureLRU`),
+A crop asks for its regions' features (`ensure`); they come from memory (`FeatureSlab`),
 else from the embedding cache (checked: a region whose cached bytes do not verify is
 encoded again, with a notice), else from the reader thread's next pixel batches through the
 region encoder (batched, out-of-memory back-off), else, when the visiting order changed
@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from .device import BatchRunner, autocast
+from .device import BatchRunner, autocast, background_threads
 from .events import Event, Notice, RegionEncoded, RegionFailed
-from .pipeline import FeatureLRU, PixelBatch, Prefetcher, encode_sequence, read_batch
+from .pipeline import FeatureSlab, PixelBatch, Prefetcher, encode_sequence, read_batch
 from .regions import ENCODED, QUEUED, RegionBook
 
 Index = tuple[int, int]
@@ -40,7 +40,7 @@ class FeatureSupply:
                                   lambda m: notices.append(Notice(m, "oom")))
         self.cache_sized = False  # the embedding cache's disk estimate was reported
         self.prefetch: Prefetcher | None = None
-        self.lru: FeatureLRU | None = None
+        self.lru: FeatureSlab | None = None
 
     def start(self, crops: list[Any]) -> None:
         """Plan the reads for `crops` (visiting order) and start the reader thread."""
@@ -60,8 +60,9 @@ class FeatureSupply:
         self.book.advance(seq, QUEUED)
         batches = [seq[i:i + bs] for i in range(0, len(seq), bs)]
         self.prefetch = Prefetcher(self.spec.source, plan, batches,
-                                   pin=self.spec.device.type == "cuda")
-        self.lru = FeatureLRU(cap + 2 * bs)
+                                   pin=self.spec.device.type == "cuda",
+                                   threaded=background_threads(self.spec.device))
+        self.lru = FeatureSlab(cap + 2 * bs)
 
     def stop(self) -> None:
         if self.prefetch is not None:
@@ -70,8 +71,10 @@ class FeatureSupply:
     def __contains__(self, idx: Index) -> bool:
         return self.lru is not None and idx in self.lru
 
-    def get(self, idx: Index) -> list[torch.Tensor]:
-        return self.lru.get(idx)
+    def stack(self, indices: list[Index], deepest: bool = False) -> list[torch.Tensor]:
+        """Features of `indices`: [(n, C_l, h_l, w_l)] shallow to deep (only the deepest
+        level, what the context step needs, with `deepest`)."""
+        return self.lru.stack(indices, [self.lru.levels - 1] if deepest else None)
 
     # ------------------------------------------------------------------ ensure
     def ensure(self, regions: list[Index]) -> Iterator[Event]:
@@ -107,9 +110,9 @@ class FeatureSupply:
             yield Notice(f"embedding cache {self.cache.path}: {len(bad)} region(s) did not "
                          f"read back intact ({first}); encoding them again", "cache")
         dtype = torch.float32 if self.spec.device.type == "cpu" else torch.bfloat16
-        for n, i in enumerate(found):
-            self.lru.put(i, [torch.from_numpy(lv[n]).to(self.spec.device, dtype)
-                             for lv in levels])
+        if found:
+            self.lru.put(found, [torch.from_numpy(lv).to(self.spec.device, dtype)
+                                 for lv in levels])
         self.book.advance(found, ENCODED)
         self.book.counts["from_cache"] += len(found)
         if found:
@@ -149,20 +152,19 @@ class FeatureSupply:
         def encode(items: list[int]) -> list[list[torch.Tensor]]:
             with torch.inference_mode(), autocast(spec.device):
                 feats = spec.model.encode_regions(x[items[0]:items[-1] + 1])  # [(n, C_l, h, w)]
-            return [[f[j] for f in feats] for j in range(len(items))]
+            return [feats]  # one part per sub-batch
 
-        per_region = self.runner.run(list(range(len(batch.indices))), encode)
+        parts = self.runner.run_batches(len(batch.indices), encode)
+        levels = (parts[0] if len(parts) == 1 else
+                  [torch.cat([p[lv] for p in parts]) for lv in range(len(parts[0]))])
         if cache is not None:
-            levels = [torch.stack([r[lv] for r in per_region]).float().cpu().numpy()
-                      for lv in range(len(per_region[0]))]
-            cache.put(batch.indices, levels)
+            cache.put(batch.indices, [lv.float().cpu().numpy() for lv in levels])
             if not self.cache_sized:  # once, when the size of one region is known
                 self.cache_sized = True
                 message, fits = cache.size_notice()
                 yield Notice(message, "cache" if fits else "warning")
-            per_region = [[f.half().to(f.dtype) for f in r] for r in per_region]
-        for idx, feats in zip(batch.indices, per_region):
-            self.lru.put(idx, feats)
+            levels = [lv.half().to(lv.dtype) for lv in levels]
+        self.lru.put(batch.indices, levels)
         book.advance(batch.indices, ENCODED)
         book.counts["encoded"] += len(batch.indices)
         yield RegionEncoded(tuple(batch.indices), self.runner.batch_size,

@@ -83,7 +83,7 @@ def finalize_regions(values: torch.Tensor, bad: list[np.ndarray | None], layout:
     if layout.probs is not None:
         probs = values[:, layout.probs[0]:layout.probs[1]]
         if "labels" in outputs:
-            labels = probs.argmax(1)
+            labels = probs.max(1).indices  # = argmax (first maximum), many times faster
             if mask is not None:
                 labels = labels.masked_fill(mask, 0)
             tiles["labels"] = labels.to(torch.int32).cpu().numpy().astype(layout.label_dtype)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .cache import EmbeddingCache
-from .device import pick_device
+from .device import background_threads, pick_device
 from .execution import Execution
 from .outputs import OUTPUT_KINDS, MapLayout, map_layout
 from .plan import ORDERS, RegionPlan
@@ -175,8 +175,10 @@ def run(
                "order": order if carry_state else None}
     store_spec = _store_spec(cfg, plan, layout, outputs, name, run_sig, threshold,
                              min_distance)
+    dev = pick_device(device)
     pstore = create_store(store, store_spec, overwrite=overwrite, restart=not resume,
-                          inputs=source.inputs, spelling=spelling)
+                          inputs=source.inputs, spelling=spelling,
+                          threaded=background_threads(dev))
     emb = None
     where: Path | None = None
     if cache is True or cache == "rebuild":  # the store's own (none for store=None)
@@ -198,7 +200,7 @@ def run(
         raise
     spec = RunSpec(
         source=source, model=model, plan=plan, layout=layout, outputs=outputs,
-        device=pick_device(device), batch_size=batch_size, order=order, priority=priority,
+        device=dev, batch_size=batch_size, order=order, priority=priority,
         cancelled=_cancel_check(cancel), on_error=on_error, carry_state=carry_state,
         blend=blend, threshold=threshold, min_distance=min_distance, name=name, point=point,
         signature=run_sig)

@@ -77,6 +77,7 @@ class ImageSource:
         if self.dtype.kind not in "uif":
             raise ValueError(f"image dtype {self.dtype} is not numeric")
         self.mean = self.std = None
+        self.observer: Any = None  # gets every region's raw pixels (the store's preview)
         self.tile_cache_bytes = 256 * 2**20
         self._tiles: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._tile_bytes = 0
@@ -105,10 +106,14 @@ class ImageSource:
             self.tile_cache_bytes = int(min(max(need, floor), ceiling))
         return self.tile_cache_bytes
 
+    def _tiled(self, h: int, w: int) -> bool:
+        """Boxes of h x w pixels are read through the tile cache."""
+        return self._tile is not None and not (h >= self._tile[0] and w >= self._tile[1])
+
     def read_box(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
         """Pixels [y0:y1, x0:x1] as (C, h, w) in the source dtype (through the tile cache
         when the source is chunked in tiles larger than the box)."""
-        if self._tile is None or (y1 - y0 >= self._tile[0] and x1 - x0 >= self._tile[1]):
+        if not self._tiled(y1 - y0, x1 - x0):
             return self._read_raw(y0, x0, y1, x1)
         ty, tx = self._tile
         out = np.empty((self.channels, y1 - y0, x1 - x0), self.dtype)
@@ -131,16 +136,22 @@ class ImageSource:
                 tile = self._tiles.get(key)
                 if tile is not None:
                     self._tiles.move_to_end(key)
-                    return tile
-                pending = self._reading.get(key)
-                if pending is None:
-                    pending = self._reading[key] = threading.Event()
-                    break
+                else:
+                    pending = self._reading.get(key)
+                    if pending is None:
+                        pending = self._reading[key] = threading.Event()
+                        break  # this thread reads it
+            if tile is not None:
+                if self.observer is not None:  # (it may have been read before watching)
+                    self.observer.add(by * self._tile[0], bx * self._tile[1], tile)
+                return tile
             pending.wait()  # then take it from the cache (or read it, if already evicted)
         try:
             ty, tx = self._tile
             tile = self._read_raw(by * ty, bx * tx, min((by + 1) * ty, self.height),
                                   min((bx + 1) * tx, self.width))
+            if self.observer is not None:
+                self.observer.add(by * ty, bx * tx, tile)
             with self._lock:
                 self._tiles[key] = tile
                 self._tile_bytes += tile.nbytes
@@ -161,7 +172,7 @@ class ImageSource:
         else:
             block = array[:, y0:y1, x0:x1]
         if hasattr(block, "compute"):
-            block = block.compute()
+            block = block.compute(scheduler="synchronous")  # in this thread: no pool hand-off
         return np.asarray(block)
 
     def coarser(self, factor: int) -> tuple[Any, int, tuple[int, int]]:
@@ -185,21 +196,35 @@ class ImageSource:
     def read(self, box: tuple[int, int, int, int], size: int) -> tuple[np.ndarray, np.ndarray]:
         """A region box (y0, x0, y1, x1) -> ((C, S, S) float32 zero-padded, (S, S) bool
         mask of non-finite pixels)."""
+        out = np.empty((self.channels, size, size), np.float32)
+        bad = self.read_into(box, out)
+        return out, np.zeros((size, size), bool) if bad is None else bad
+
+    def read_into(self, box: tuple[int, int, int, int], out: np.ndarray) -> np.ndarray | None:
+        """Read a region box (y0, x0, y1, x1) into `out` (C, S, S) float32: normalised,
+        zero-padded, non-finite pixels set to 0. Returns their (S, S) mask, or None when
+        every pixel is finite (the usual case: no mask is made)."""
         y0, x0, y1, x1 = box
-        block = self.read_box(y0, x0, y1, x1).astype(np.float32, copy=False)
-        out = np.zeros((self.channels, size, size), np.float32)
-        out[:, : y1 - y0, : x1 - x0] = block
-        bad = np.zeros((size, size), bool)
-        if self.dtype.kind == "f":
+        block = self.read_box(y0, x0, y1, x1)
+        if self.observer is not None and not self._tiled(y1 - y0, x1 - x0):
+            self.observer.add(y0, x0, block)  # else it saw the tiles
+        h, w = y1 - y0, x1 - x0
+        size = out.shape[-1]
+        if h < size or w < size:
+            out[...] = 0.0
+        inner = out[:, :h, :w]
+        inner[...] = block  # cast to float32 in the copy
+        bad = None
+        if self.dtype.kind == "f" and not np.isfinite(inner).all():
             finite = np.isfinite(out)
-            if not finite.all():
-                bad = ~finite.all(axis=0)
-                out[~finite] = 0.0
+            bad = ~finite.all(axis=0)
+            out[~finite] = 0.0
         if self.mean is not None:
-            out[:, : y1 - y0, : x1 - x0] -= self.mean
-            out[:, : y1 - y0, : x1 - x0] /= self.std
-            out[:, bad] = 0.0
-        return out, bad
+            inner -= self.mean
+            inner /= self.std
+            if bad is not None:
+                out[:, bad] = 0.0
+        return bad
 
     def identity(self, samples: int = 4, size: int = 64) -> dict[str, Any]:
         """Path, shape, dtype, level and a SHA-256 fingerprint of a few sampled patches

@@ -36,6 +36,7 @@ tokens (B, N, D); positions (B, N, 2) int64 global (row, col) on the token grid.
 from __future__ import annotations
 
 import typing
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
@@ -159,9 +160,30 @@ def token_layout(
 
     Returns `order` (R*h*w,): sequence position t holds region-major token order[t] (region r,
     local (i, j) -> r*h*w + i*w + j), sorted row-major over the global grid; and `positions`
-    (R*h*w, 2) int64, the global (row, col) of each token in sequence order.
+    (R*h*w, 2) int64, the global (row, col) of each token in sequence order. Layouts are
+    cached (a streaming run asks for the same few thousands of times); treat them as
+    read-only.
     """
-    rc = torch.as_tensor(np.asarray(region_rc), dtype=torch.int64, device=device).reshape(-1, 2)
+    rc = np.ascontiguousarray(np.asarray(
+        region_rc.cpu() if isinstance(region_rc, torch.Tensor) else region_rc,
+        dtype=np.int64).reshape(-1, 2))
+    key = (rc.tobytes(), int(h), int(w), str(device))
+    hit = _LAYOUTS.get(key)
+    if hit is not None:
+        _LAYOUTS.move_to_end(key)
+        return hit
+    with torch.inference_mode(False):  # cached: usable under autograd and inference alike
+        out = _token_layout(torch.from_numpy(rc).to(device), int(h), int(w), device)
+    _LAYOUTS[key] = out
+    if len(_LAYOUTS) > 512:
+        _LAYOUTS.popitem(last=False)
+    return out
+
+
+_LAYOUTS: OrderedDict = OrderedDict()
+
+
+def _token_layout(rc: torch.Tensor, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     if len(torch.unique(rc, dim=0)) != len(rc):
         raise ValueError("region_rc lists a region more than once")
     rows = rc[:, 0, None, None] * h + torch.arange(h, device=device)[None, :, None]

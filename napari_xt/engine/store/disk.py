@@ -115,8 +115,13 @@ class DiskStore:
 
     def __init__(self, path: str | Any, spec: StoreSpec, *, overwrite: bool = False,
                  restart: bool = False, inputs: tuple[str, ...] = (),
-                 spelling: Spelling | None = None, budget: int = BUDGET) -> None:
+                 spelling: Spelling | None = None, budget: int = BUDGET,
+                 threaded: bool = True) -> None:
+        """`threaded`: write in a thread of its own (overlapping a GPU's work); on the CPU
+        the engine writes in its own thread, since a writer thread would only take cores
+        from torch's threads."""
         self.path = Path(path)
+        self.threaded = bool(threaded)
         self.spec = spec
         self.spelling = spelling or Spelling()
         self.budget = int(budget)
@@ -211,6 +216,7 @@ class DiskStore:
         self.crop_logits: dict[int, list[float]] = {}
         self.published: dict[str, dict[str, Any]] = {}
         self.buffers: OrderedDict[Index, ShardBuffer] = OrderedDict()
+        self._pool: dict[tuple, list[np.ndarray]] = {}  # arrays of written shards, reused
         self.readable_mem: set[Index] = set()
         self.peaks = (ShardPeaks(self.tiling, self.spec.heat_channels, self.spec.has_size,
                                  self.spec.threshold, self.spec.min_distance)
@@ -330,12 +336,20 @@ class DiskStore:
 
     # ------------------------------------------------------------------ writer thread
     def start(self) -> None:
-        if self._thread is None:
+        if self._thread is None and self.threaded:
             self._thread = threading.Thread(target=self._loop, name="napari-xt-writer",
                                             daemon=True)
             self._thread.start()
 
     def _send(self, item: Any) -> None:
+        if not self.threaded:  # in the caller's thread (on the CPU: no core contention)
+            self.check()
+            try:
+                self._handle(item)
+            except BaseException as err:
+                self.error = err
+                raise
+            return
         self.start()
         while True:
             self.check()
@@ -372,6 +386,10 @@ class DiskStore:
 
     def flush(self) -> None:
         """Commit everything handed over so far (incomplete shards as partial) and wait."""
+        if not self.threaded:
+            if self.error is None:
+                self._send(("flush", None))
+            return
         if self._thread is None:
             return
         done = threading.Event()
@@ -406,29 +424,33 @@ class DiskStore:
                     item[1].set()
                 continue  # after a failure: drain, nothing more is written
             try:
-                kind = item[0]
-                if kind == "tiles":
-                    self._place(item[1])
-                elif kind == "failed":
-                    self.journal.append([{"t": "failed", "regions": [list(i) for i in item[1]],
-                                          "reason": item[2][:500]}])
-                    with self._lock:
-                        for idx in item[1]:
-                            self.failed[idx] = True
-                elif kind == "crop":
-                    self.journal.append([{"t": "crop", "i": item[1], "logits": item[2]}])
-                    self.crop_logits[item[1]] = item[2]
-                    self.changed = True
-                elif kind == "flush":
-                    try:
-                        for key in list(self.buffers):
-                            self._flush_partial(key)
-                        self.journal.sync()
-                    finally:
-                        item[1].set()
+                self._handle(item)
             except BaseException as err:  # reported by check() in the engine's thread
                 self.error = err
                 if item[0] == "flush":
+                    item[1].set()
+
+    def _handle(self, item: tuple) -> None:
+        kind = item[0]
+        if kind == "tiles":
+            self._place(item[1])
+        elif kind == "failed":
+            self.journal.append([{"t": "failed", "regions": [list(i) for i in item[1]],
+                                  "reason": item[2][:500]}])
+            with self._lock:
+                for idx in item[1]:
+                    self.failed[idx] = True
+        elif kind == "crop":
+            self.journal.append([{"t": "crop", "i": item[1], "logits": item[2]}])
+            self.crop_logits[item[1]] = item[2]
+            self.changed = True
+        elif kind == "flush":
+            try:
+                for key in list(self.buffers):
+                    self._flush_partial(key)
+                self.journal.sync()
+            finally:
+                if item[1] is not None:
                     item[1].set()
 
     # ------------------------------------------------------------------ placing tiles
@@ -454,8 +476,13 @@ class DiskStore:
             if rec is not None:  # regions committed earlier: start from what is on disk
                 arr = self._zarray(name)
                 arrays[name] = np.asarray(arr[..., y0:y1, x0:x1], dtype=d.dtype)
-            else:
-                arrays[name] = np.zeros(shape, d.dtype)
+            else:  # a written shard's memory when there is one (no fresh page faults)
+                spare = self._pool.get((shape, d.dtype))
+                if spare:
+                    arrays[name] = spare.pop()
+                    arrays[name].fill(0)
+                else:
+                    arrays[name] = np.zeros(shape, d.dtype)
         regions = frozenset(self.tiling.regions_of(*key))
         buf = ShardBuffer(key, (y0, x0, y1, x1), arrays, regions,
                           {i for i in regions if self.done[i]})
@@ -494,6 +521,13 @@ class DiskStore:
             total -= self.buffers[key].nbytes
             self._flush_partial(key)
 
+    def _recycle(self, buf: ShardBuffer) -> None:
+        for name, arr in buf.arrays.items():
+            spare = self._pool.setdefault((arr.shape, self.defs[name].dtype), [])
+            if len(spare) < 4:
+                spare.append(arr)
+        buf.arrays = {}
+
     def _write(self, buf: ShardBuffer, names: list[str]) -> dict[str, list[int] | None]:
         self.changed = True
         y0, x0, y1, x1 = buf.box
@@ -502,7 +536,7 @@ class DiskStore:
         return {k: (list(v) if v is not None else None) for k, v in self.zstore.take().items()}
 
     def _commit_complete(self, key: Index) -> None:
-        buf = self.buffers.pop(key)
+        buf = self.buffers[key]  # stays readable from memory until it is on disk
         public = [n for n, d in self.defs.items() if not d.private]
         files = self._write(buf, public)
         record: dict[str, Any] = {"t": "shard", "k": list(key), "files": files,
@@ -518,6 +552,7 @@ class DiskStore:
                 if k.startswith(HEAT_PATH):
                     (self.path / k).unlink(missing_ok=True)
         with self._lock:
+            del self.buffers[key]
             self.records[key] = record
             for idx in buf.regions:
                 self.done[idx] = True
@@ -525,24 +560,28 @@ class DiskStore:
             if pts is not None:
                 self.point_parts.append(pts)
                 self.frames[key] = frames
+        self._recycle(buf)
         if self.peaks is not None:
             for k in self.peaks.needs(key):
                 self._try_border(k)
             self._drop_unneeded_frames()
 
     def _flush_partial(self, key: Index) -> None:
-        buf = self.buffers.pop(key)
-        if not buf.final - {i for i in buf.regions if self.done[i]} and key in self.records:
-            return  # nothing new since the last commit of this shard
-        files = self._write(buf, list(self.defs))
-        record = {"t": "shard", "k": list(key), "files": files, "complete": False,
-                  "regions": sorted([list(i) for i in buf.final])}
-        self.journal.append([record])
+        buf = self.buffers[key]
+        if buf.final - {i for i in buf.regions if self.done[i]} or key not in self.records:
+            files = self._write(buf, list(self.defs))
+            record = {"t": "shard", "k": list(key), "files": files, "complete": False,
+                      "regions": sorted([list(i) for i in buf.final])}
+            self.journal.append([record])
+        else:  # nothing new since the last commit of this shard
+            record = self.records[key]
         with self._lock:
+            del self.buffers[key]
             self.records[key] = record
             for idx in buf.final:
                 self.done[idx] = True
             self.readable_mem.difference_update(buf.final)
+        self._recycle(buf)
 
     def _complete(self, key: Index) -> bool:
         rec = self.records.get(key)
@@ -616,6 +655,8 @@ class DiskStore:
         try:
             if self._thread is not None:
                 self.stop_writer()
+            elif not self.threaded and self.buffers and self.error is None:
+                self.flush()
         finally:
             try:
                 self.journal.close()

@@ -83,20 +83,15 @@ class MemoryStore:
 
     def points(self) -> np.ndarray:
         """Max-pool NMS over the whole centre map (regions not done are zeros)."""
-        import torch
+        from napari_xt.model.heads import POINT_DTYPE
 
-        from napari_xt.model.heads import POINT_DTYPE, points_from_heatmap
-
-        from .peaks import sort_points
+        from .peaks import sort_points, sparse_points
 
         heat = self.arrays.get("heat")
         if heat is None:
             return np.empty(0, POINT_DTYPE)
-        k = self.spec.heat_channels
-        t = torch.from_numpy(heat)
-        size = t[k:k + 1] if self.spec.has_size else None
-        return sort_points(points_from_heatmap(t[:k], size, threshold=self.spec.threshold,
-                                               min_distance=self.spec.min_distance))
+        return sort_points(sparse_points(heat, self.spec.heat_channels, self.spec.has_size,
+                                         self.spec.threshold, self.spec.min_distance))
 
     def points_since(self, cursor: int) -> tuple[np.ndarray | None, int]:
         return None, cursor

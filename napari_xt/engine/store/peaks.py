@@ -39,12 +39,7 @@ class ShardPeaks:
         self.frame = 2 * self.margin
 
     def _points(self, heat: np.ndarray, y0: int, x0: int) -> np.ndarray:
-        from napari_xt.model.heads import points_from_heatmap
-
-        t = torch.from_numpy(np.ascontiguousarray(heat, np.float32))
-        size = t[self.k:self.k + 1] if self.has_size else None
-        pts = points_from_heatmap(t[:self.k], size, threshold=self.threshold,
-                                  min_distance=self.md)
+        pts = sparse_points(heat, self.k, self.has_size, self.threshold, self.md)
         pts["y"] += y0
         pts["x"] += x0
         return pts
@@ -78,26 +73,88 @@ class ShardPeaks:
 
     def border(self, key: Index, frames: dict[Index, dict[str, np.ndarray]]) -> np.ndarray:
         """The peaks of shard `key` that `interior` left out, from the frames of `key` and
-        its neighbours."""
+        its neighbours: one thin canvas per side shared with a neighbour (the side's B-pixel
+        band where those peaks lie, B pixels beyond it and 2B inside it)."""
         t = self.tiling
         y0, x0, y1, x1 = t.shard_box(*key)
         b = self.margin
-        cy0, cx0 = max(0, y0 - b), max(0, x0 - b)
-        cy1, cx1 = min(t.height, y1 + b), min(t.width, x1 + b)
+        mt, mb, ml, mr = self._margins(key)
+        # (canvas box, kept box) per side; the left/right bands leave the corners to top/bottom
+        ky0, ky1 = y0 + mt, y1 - mb
+        bands = []
+        if mt:
+            bands.append(((y0 - b, x0 - b, y0 + 2 * b, x1 + b), (y0, x0, min(y1, y0 + b), x1)))
+        if mb:
+            bands.append(((y1 - 2 * b, x0 - b, y1 + b, x1 + b), (max(y0, y1 - b), x0, y1, x1)))
+        if ml:
+            bands.append(((y0 - b, x0 - b, y1 + b, x0 + 2 * b), (ky0, x0, ky1, min(x1, x0 + b))))
+        if mr:
+            bands.append(((y0 - b, x1 - 2 * b, y1 + b, x1 + b), (ky0, max(x0, x1 - b), ky1, x1)))
         channels = next(iter(frames.values()))["top"].shape[0]
-        canvas = np.full((channels, cy1 - cy0, cx1 - cx0), -np.inf, np.float32)
-        for n in self.needs(key):
-            ny0, nx0, ny1, nx1 = t.shard_box(*n)
-            fr = frames[n]
-            at = {"top": (ny0, nx0), "bottom": (ny1 - fr["bottom"].shape[1], nx0),
-                  "left": (ny0, nx0), "right": (ny0, nx1 - fr["right"].shape[2])}
-            for side, (sy, sx) in at.items():
-                _paste(canvas, fr[side], sy - cy0, sx - cx0)
-        pts = self._points(canvas, cy0, cx0)
-        y, x = pts["y"].astype(np.int64), pts["x"].astype(np.int64)
-        inside = (y >= y0) & (y < y1) & (x >= x0) & (x < x1)
-        pts = pts[inside]
-        return pts[~self._interior_mask(key, pts)]
+        found = []
+        seen: set[tuple[int, int, int]] = set()
+        for (cy0, cx0, cy1, cx1), (ka, kb, kc, kd) in bands:
+            cy0, cx0 = max(0, cy0), max(0, cx0)
+            cy1, cx1 = min(t.height, cy1), min(t.width, cx1)
+            canvas = np.full((channels, cy1 - cy0, cx1 - cx0), -np.inf, np.float32)
+            for n in self.needs(key):
+                ny0, nx0, ny1, nx1 = t.shard_box(*n)
+                fr = frames[n]
+                at = {"top": (ny0, nx0), "bottom": (ny1 - fr["bottom"].shape[1], nx0),
+                      "left": (ny0, nx0), "right": (ny0, nx1 - fr["right"].shape[2])}
+                for side, (sy, sx) in at.items():
+                    _paste(canvas, fr[side], sy - cy0, sx - cx0)
+            pts = self._points(canvas, cy0, cx0)
+            y, x = pts["y"].astype(np.int64), pts["x"].astype(np.int64)
+            pts = pts[(y >= ka) & (y < kc) & (x >= kb) & (x < kd)]
+            for p in pts:  # the band boxes may overlap on a tiny shard: keep a point once
+                k3 = (int(p["y"]), int(p["x"]), int(p["class"]))
+                if k3 not in seen:
+                    seen.add(k3)
+                    found.append(p)
+        from napari_xt.model.heads import POINT_DTYPE
+
+        return np.array(found, POINT_DTYPE) if found else np.empty(0, POINT_DTYPE)
+
+
+def sparse_points(heat: np.ndarray, classes: int, has_size: bool, threshold: float,
+                  min_distance: int, tile: int = 64) -> np.ndarray:
+    """`points_from_heatmap` over a (K [+ 1 size], H, W) map, computed only where it can
+    find something: the map is cut into `tile`-pixel tiles, and only tiles holding a pixel
+    >= threshold are searched, each with the 2 * min_distance pixels around it that decide
+    its peaks, all in one batch. Same points as the whole-map call (a peak depends on
+    nothing farther away); most of a centre map is far below the threshold."""
+    from napari_xt.model.heads import POINT_DTYPE, points_from_heatmap
+
+    k, md = int(classes), int(min_distance)
+    _, h, w = heat.shape
+    scores = heat[:k].max(axis=0) if k > 1 else heat[0]
+    hot = scores >= threshold
+    if not hot.any():
+        return np.empty(0, POINT_DTYPE)
+    ty, tx = -(-h // tile), -(-w // tile)
+    pad = np.zeros((ty * tile, tx * tile), bool)
+    pad[:h, :w] = hot
+    tiles = np.argwhere(pad.reshape(ty, tile, tx, tile).any(axis=(1, 3)))
+    m = 2 * md
+    side = tile + 2 * m
+    batch = np.full((len(tiles), heat.shape[0], side, side), -np.inf, np.float32)
+    for n, (i, j) in enumerate(tiles):
+        y0, x0 = i * tile - m, j * tile - m
+        ya, xa = max(0, y0), max(0, x0)
+        yb, xb = min(h, y0 + side), min(w, x0 + side)
+        batch[n, :, ya - y0:yb - y0, xa - x0:xb - x0] = heat[:, ya:yb, xa:xb]
+    t = torch.from_numpy(batch)
+    size = t[:, k:k + 1] if has_size else None
+    pts = points_from_heatmap(t[:, :k], size, threshold=threshold, min_distance=md)
+    origin = tiles[pts["batch"]] * tile - m
+    pts["y"] += origin[:, 0]
+    pts["x"] += origin[:, 1]
+    ly, lx = pts["y"] - origin[:, 0] - m, pts["x"] - origin[:, 1] - m
+    inside = (ly >= 0) & (ly < tile) & (lx >= 0) & (lx < tile)
+    pts = pts[inside]
+    pts["batch"] = 0
+    return pts
 
 
 def _paste(canvas: np.ndarray, strip: np.ndarray, oy: int, ox: int) -> None:

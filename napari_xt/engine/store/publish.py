@@ -8,9 +8,7 @@ image and napari-xt sees an unfinished run.
 
 - label pyramid (mode) and probability pyramid (mean), each level from the one above it,
   shard by shard;
-- a preview of the input image as the store's own OME-Zarr image, with as many levels as
-  the label pyramid (NGFF validators compare them), the first at most `PREVIEW_SIDE` pixels
-  a side, read from the coarsest input level that gives it exactly;
+- a preview of the input image as the store's own OME-Zarr image (`preview.py`);
 - the detection table (zarr columns and Parquet, class names as categories), the
   classification record;
 - NGFF metadata: labels (image-label with class names and colours), probabilities (an image
@@ -34,9 +32,9 @@ from .layout import (
     probabilities_path,
     table_path,
 )
+from .preview import write_preview
 from .spec import StoreSpec
 
-PREVIEW_SIDE = 1024
 FAULT_HOOK = None  # tests: a callable(step) run before each step (to kill the process there)
 
 
@@ -98,21 +96,6 @@ def _dir_digests(root: Path, rel: str) -> dict[str, list[int] | None]:
     return out
 
 
-def _block_mean(x: np.ndarray, f: int) -> np.ndarray:
-    """(C, h, w) -> (C, max(1, h // f), max(1, w // f)) block means (integers rounded)."""
-    if f == 1:
-        return x
-    c, h, w = x.shape
-    ho, wo = max(1, h // f), max(1, w // f)
-    fy, fx = (f if h >= f else h), (f if w >= f else w)
-    acc = x[:, : ho * fy, : wo * fx].astype(np.float64 if x.dtype == np.float64 else np.float32)
-    out = acc.reshape(c, ho, fy, wo, fx).mean(axis=(2, 4))
-    if x.dtype.kind in "iu":
-        info = np.iinfo(x.dtype)
-        return np.clip(np.rint(out), info.min, info.max).astype(x.dtype)
-    return out.astype(x.dtype)
-
-
 # ---------------------------------------------------------------------- steps
 def write_pyramid(store: Any, name: str, method: str) -> None:
     from napari_xt.io.pyramid import downsample_block
@@ -140,68 +123,6 @@ def write_pyramid(store: Any, name: str, method: str) -> None:
     files = {k: (list(v) if v else None) for k, v in store.zstore.take(base + "/").items()
              if not k.startswith(f"{base}/0/")}
     store.record_published(f"pyramid:{name}", files)
-
-
-def write_preview(store: Any, source: Any) -> None:
-    """The root image: the input, block-averaged, as many levels as the label pyramid."""
-    import zarr
-
-    spec = store.spec
-    n = len(level_shapes(spec))
-    d = 0
-    while max(spec.height, spec.width) / 2**d > PREVIEW_SIDE:
-        d += 1
-    arr, left, (hs, ws) = source.coarser(2**d)
-    h0, w0 = max(1, spec.height // 2**d), max(1, spec.width // 2**d)
-    c = source.channels
-    first = np.zeros((c, h0, w0), source.dtype)
-    rows_in = min(hs, h0 * left)
-    band = max(left, (64 * 2**20 // max(1, ws * c * source.dtype.itemsize)) // left * left)
-    cols_in = min(ws, w0 * left)
-    unreadable = 0
-    for y in range(0, rows_in, band):
-        y1 = min(y + band, rows_in)
-        try:
-            tiles = [(0, cols_in, source.read_level_box(arr, y, 0, y1, cols_in))]
-        except Exception:  # a damaged part of the input: read what can be read, tile by tile
-            step = max(left, 256 // left * left)
-            tiles = []
-            for x in range(0, cols_in, step):
-                try:
-                    tiles.append((x, min(x + step, cols_in),
-                                  source.read_level_box(arr, y, x, y1, min(x + step, cols_in))))
-                except Exception:
-                    unreadable += 1
-        for x, _, block in tiles:
-            part = _block_mean(np.asarray(block), left)
-            oy, ox = y // left, x // left
-            h = min(part.shape[1], h0 - oy)
-            w = min(part.shape[2], w0 - ox)
-            first[:, oy:oy + h, ox:ox + w] = part[:, :h, :w]
-    if unreadable:
-        store.notices.append(f"the preview image of {store.path} leaves {unreadable} "
-                             "unreadable part(s) of the input blank")
-    levels = [first]
-    for _ in range(1, n):
-        levels.append(_block_mean(levels[-1], 2))
-    for level, data in enumerate(levels):
-        data = data[0] if c == 1 else data
-        dims = ("y", "x") if c == 1 else ("c", "y", "x")
-        chunks = tuple(min(s, 1024) for s in data.shape)
-        a = zarr.create_array(store=store.zstore, name=str(level), shape=data.shape,
-                              chunks=chunks, dtype=data.dtype, fill_value=0,
-                              dimension_names=dims, overwrite=True)
-        a[...] = data
-    files = {}
-    for k, v in store.zstore.take("").items():
-        if k.split("/", 1)[0].isdigit():
-            files[k] = list(v) if v else None
-    store.record_published("preview", files)
-    store.preview = {"levels": n, "first_factor": 2**d, "channels": c,
-                     "ranges": [[float(np.nanmin(levels[-1][i])), float(np.nanmax(levels[-1][i]))]
-                                if np.isfinite(levels[-1][i]).any() else [0.0, 1.0]
-                                for i in range(c)]}
-    store.set_attrs({"preview": store.preview})
 
 
 def write_table(store: Any, points: np.ndarray, scale: tuple[float, float]) -> int:
@@ -287,7 +208,8 @@ def root_block(store: Any, source: Any) -> dict[str, Any]:
 
 
 def publish(store: Any, source: Any, *, record: dict[str, Any] | None,
-            provenance: dict[str, Any], complete: bool) -> dict[str, Any]:
+            provenance: dict[str, Any], complete: bool,
+            preview: Any = None) -> dict[str, Any]:
     """Finish the store (see the module docstring); returns the run summary."""
     from napari_xt.io.result_store import group_attrs, json_default, write_group
 
@@ -309,7 +231,7 @@ def publish(store: Any, source: Any, *, record: dict[str, Any] | None,
     store.preview = (store.attrs().get("preview") if "preview" in done else None)
     if store.preview is None:
         _fault("preview")
-        write_preview(store, source)
+        write_preview(store, source, preview)
     if spec.writes_detections:
         points = store.points()
         summary["detections"] = int(len(points))

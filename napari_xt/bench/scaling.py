@@ -81,7 +81,7 @@ def child(mode: str, size: int, model_name: str, threads: int, batch: int,
 
 
 def spawn(mode: str, size: int, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, "-m", "napari_xt.engine.benchmark", "--child", mode,
+    cmd = [sys.executable, "-m", "napari_xt.bench.scaling", "--child", mode,
            "--sizes", str(size), "--model", args.model, "--threads", str(args.threads),
            "--batch", str(args.batch), "--decoder", args.decoder]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -91,9 +91,21 @@ def spawn(mode: str, size: int, args: argparse.Namespace) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main(argv: list[str] | None = None) -> int:
-    from napari_xt.commands.bench import add_arguments
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """Options shared by `napari-xt bench scaling` and `benchmarks/cpu_engine.py`."""
+    ap.add_argument("--sizes", default="4096,8192")
+    ap.add_argument("--naive-max", type=int, default=4096)
+    ap.add_argument("--model", default="xt_tiny_demo_seg")
+    ap.add_argument("--decoder", default="32,16,16,8,8",
+                    help="decoder widths, deepest first ('' keeps the zoo default)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--timeout", type=int, default=6 * 3600)
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
 
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
