@@ -59,13 +59,52 @@ def read_paths(path: str | Sequence[str]) -> list[LayerData]:
     layers: list[LayerData] = []
     for p in paths:
         name = _stem(p)
+        if looks_like_zarr(p) and _has_results(p):
+            layers.extend(store_layers(p, name))
+            continue
         image = open_image(p)
         layers.extend(image_layers(image, name))
-        if looks_like_zarr(p):
-            layers.extend(result_layers(p, image))
     return layers
 
 
+def _has_results(path: Any) -> bool:
+    """A zarr store holding results (labels, tables, probabilities) or a napari-xt run."""
+    attrs = _store_attrs(path)
+    if "run_signature" in attrs:
+        return True
+    found = list_results(path)
+    return any(found[k] for k in ("labels", "tables", "probabilities"))
+
+
+def _store_attrs(path: Any) -> dict[str, Any]:
+    """The "napari-xt" attributes of a store's root group ({} when none)."""
+    from .io.result_store import group_attrs, zarr_format
+
+    fmt = zarr_format(Path(path))
+    try:
+        value = group_attrs(Path(path), fmt).get("napari-xt", {}) if fmt else {}
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def store_layers(path: Any, name: str) -> list[LayerData]:
+    """Layers of a store of results: its own image (for a napari-xt result store, the
+    preview of the input), then every label image (Labels, with class names and colours),
+    probability image (one Image per class) and detection table (Points with their
+    features), all placed in the same world coordinates."""
+    attrs = _store_attrs(path)
+    layers: list[LayerData] = []
+    image = None
+    try:
+        image = open_image(path)
+    except ImageIOError:
+        pass  # results without an image (e.g. saved from napari's Labels/Points writers)
+    if image is not None:
+        suffix = " (input preview)" if "run_signature" in attrs else ""
+        layers.extend(image_layers(image, f"{name}{suffix}"))
+    layers.extend(result_layers(path, image, attrs))
+    return layers
 def _stem(path: Any) -> str:
     name = Path(str(path).rstrip("/\\")).name
     for suffix in (".ome.zarr", ".ome.tiff", ".ome.tif", ".zarr", ".tiff", ".tif", ".svs",
@@ -137,17 +176,32 @@ def _colormap(hex_color: str):
     return Colormap([[0.0, 0.0, 0.0, 1.0], [*rgb, 1.0]], name=f"#{key}")
 
 
-def result_layers(store: Any, image: MultiscaleImage) -> list[LayerData]:
-    """Labels and Points layers for the results stored beside an OME-Zarr image."""
+def result_layers(store: Any, image: MultiscaleImage | None,
+                  attrs: dict[str, Any] | None = None) -> list[LayerData]:
+    """Labels, probability images and Points layers for the results in a store.
+
+    World coordinates: label and probability images carry their own pixel size; detection
+    tables are in level-0 pixels of the input, placed with the labels' pixel size divided
+    by the run's `level_scale` (napari-xt stores record it) or the image's pixel size."""
+    from .io import read_probabilities
+
+    attrs = attrs or {}
     results = list_results(store)
-    scale = tuple(float(s) for s in (image.pixel_size or (1.0, 1.0)))
+    base = tuple(float(s) for s in (image.pixel_size or (1.0, 1.0))) if image else (1.0, 1.0)
     layers: list[LayerData] = []
+    label_px = None
     for name in results["labels"]:
         labels = read_labels(store, name)
-        kwargs: dict[str, Any] = {"name": name, "scale": labels.pixel_size or scale,
+        label_px = label_px or labels.pixel_size
+        props = labels.properties
+        kwargs: dict[str, Any] = {"name": name, "scale": labels.pixel_size or base,
                                   "multiscale": len(labels.levels) > 1,
-                                  "metadata": {"source": labels.path,
-                                               "properties": labels.properties}}
+                                  "metadata": {"source": labels.path, "properties": props}}
+        if props:
+            values = sorted(props)
+            kwargs["features"] = {"index": values, **{
+                key: [props[v].get(key) for v in values]
+                for key in sorted({k for p in props.values() for k in p})}}
         data = labels.levels if len(labels.levels) > 1 else labels.levels[0]
         if labels.colors:
             from napari.utils.colormaps import DirectLabelColormap
@@ -156,12 +210,37 @@ def result_layers(store: Any, image: MultiscaleImage) -> list[LayerData]:
             colors.update({k: tuple(c / 255.0 for c in v) for k, v in labels.colors.items()})
             kwargs["colormap"] = DirectLabelColormap(color_dict=colors)
         layers.append((data, kwargs, "labels"))
+    for name in results.get("probabilities", []):
+        probs = read_probabilities(store, name)
+        label_px = label_px or probs.pixel_size
+        levels = probs.levels
+        kwargs = {"name": [f"{name} p({c})" for c in probs.class_names], "channel_axis": 0,
+                  "scale": probs.pixel_size or base, "multiscale": len(levels) > 1,
+                  "contrast_limits": [[0.0, 1.0]] * len(probs.class_names),
+                  "blending": "additive", "visible": False,
+                  "metadata": [{"source": probs.path} for _ in probs.class_names]}
+        layers.append((levels if len(levels) > 1 else levels[0], kwargs, "image"))
+    level_scale = attrs.get("level_scale")
+    if label_px is not None and level_scale:
+        point_scale = (label_px[0] / float(level_scale[0]), label_px[1] / float(level_scale[1]))
+    else:
+        point_scale = base
     for name in results["tables"]:
         table = read_detections(store, name)
         coords = np.stack([table["y"], table["x"]], axis=1).astype(float)
         features = {k: v for k, v in table.items() if k not in ("y", "x")}
-        layers.append((coords, {"name": name, "scale": scale, "features": features,
-                                "metadata": {"source": f"{store}/tables/{name}"}}, "points"))
+        kwargs = {"name": name, "scale": point_scale, "features": features,
+                  "metadata": {"source": f"{store}/tables/{name}"}}
+        if "class" in features and len(coords):
+            from .io.results import PALETTE
+
+            values = np.asarray(features["class"])
+            codes = (values.astype(np.int64) if values.dtype.kind in "iu"
+                     else np.unique(values.astype(str), return_inverse=True)[1])
+            rgba = np.array([PALETTE[1 + int(k) % (len(PALETTE) - 1)] for k in codes],
+                            float) / 255.0
+            kwargs["face_color"] = rgba
+        layers.append((coords, kwargs, "points"))
     return layers
 
 

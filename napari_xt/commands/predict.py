@@ -51,7 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rebuild-cache", action="store_true",
                    help="replace an embedding cache made for another image or model")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace results of a different run in OUT")
+                   help="replace the results of a different run in OUT (only a napari-xt "
+                        "result store is ever replaced, and only what napari-xt wrote)")
     p.add_argument("--restart", action="store_true", help="do not resume; start again")
     p.add_argument("--on-error", choices=("stop", "continue"), default="stop",
                    help="what an unreadable region does to the run")
@@ -112,8 +113,10 @@ def run_command(args: argparse.Namespace) -> int:
 
 def engine_options(args: argparse.Namespace) -> dict:
     """The engine `run` arguments the command line sets (all but image, model, store)."""
+    from napari_xt.engine.spelling import CLI
+
     outputs = tuple(o.strip() for o in args.outputs.split(",")) if args.outputs else None
-    return dict(device=args.device, batch_size=args.batch_size, order=args.order,
+    return dict(spelling=CLI, device=args.device, batch_size=args.batch_size, order=args.order,
                 level=args.level, cache=False if args.no_cache else
                 ("rebuild" if args.rebuild_cache else True), overwrite=args.overwrite,
                 resume=not args.restart, on_error=args.on_error, outputs=outputs,

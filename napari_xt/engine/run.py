@@ -29,7 +29,7 @@ from .outputs import OUTPUT_KINDS, MapLayout, map_layout
 from .plan import ORDERS, RegionPlan
 from .source import ImageSource
 from .spelling import Spelling
-from .store import ClassInfo, StoreSpec, create_store
+from .store import PALETTE, ClassInfo, StoreSpec, create_store
 from .store.layout import PRIVATE
 
 BLENDS = ("tokens", "outputs")
@@ -229,11 +229,6 @@ class RunSpec:
     name: str
     point: tuple[float, float] | None
     signature: dict[str, Any]
-
-
-PALETTE = ((0, 0, 0, 0), (31, 119, 180, 255), (255, 187, 0, 255), (214, 39, 40, 255),
-           (44, 160, 44, 255), (148, 103, 189, 255), (140, 86, 75, 255), (227, 119, 194, 255),
-           (127, 127, 127, 255), (188, 189, 34, 255), (23, 190, 207, 255))
 
 
 def class_infos(head: Any) -> tuple[ClassInfo, ...]:

@@ -31,7 +31,14 @@ import zarr
 from .errors import ImageIOError
 from .ngff import ome_attrs, parse_image
 from .pyramid import downsample_block
-from .result_store import check_name, group_attrs, register, write_group, zarr_format
+from .result_store import (
+    check_name,
+    group_attrs,
+    register,
+    store_lock,
+    write_group,
+    zarr_format,
+)
 from .results import LabelsResult, read_detections, read_labels, write_detections
 from .store import atomic_directory
 
@@ -86,6 +93,11 @@ def has_correction(store: str | os.PathLike, name: str) -> bool:
 
 def open_correction(store: str | os.PathLike, name: str) -> LabelsResult:
     """The correction of label result `name`, created as a copy of it when missing."""
+    with store_lock(store):
+        return _open_correction(store, name)
+
+
+def _open_correction(store: str | os.PathLike, name: str) -> LabelsResult:
     root = Path(store)
     src = _labels_dir(root, name)
     fmt = zarr_format(src)
@@ -137,7 +149,13 @@ def save_window(store: str | os.PathLike, name: str, box: tuple[int, int, int, i
     """Write `data` (the window's labels) into the correction of `name` and its pyramid.
 
     Labels that are not classes of the result (when its metadata lists them) are refused
-    before anything is written."""
+    before anything is written. The store is locked meanwhile (never beside a run)."""
+    with store_lock(store):
+        return _save_window(store, name, box, data)
+
+
+def _save_window(store: str | os.PathLike, name: str, box: tuple[int, int, int, int],
+                 data: np.ndarray) -> Edit:
     result = open_correction(store, name)
     level0 = result.levels[0]
     y0, y1, x0, x1 = check_box(box, level0.shape)

@@ -72,12 +72,55 @@ def write_group(path: Path, fmt: int, attrs: Mapping[str, Any]) -> None:
         write_json(path / ".zattrs", dict(attrs))
 
 
+PRIVATE = ".napari-xt"  # a napari-xt result store's private folder (holds its lock)
+_HELD: set[str] = set()  # stores whose lock this process holds (a run finishing them)
+
+
+def hold(root: str | os.PathLike, held: bool) -> None:
+    """Note that this process holds (or released) the lock of the store at `root`, so its
+    own writes into it do not wait for themselves."""
+    key = os.path.abspath(os.fspath(root))
+    if held:
+        _HELD.add(key)
+    else:
+        _HELD.discard(key)
+
+
+@contextmanager
+def store_lock(store: str | os.PathLike):
+    """Hold a napari-xt result store's lock while writing into it (no-op for other stores
+    and for a store this process already holds): a write never races a run."""
+    from .lock import FolderLock, LockedError
+
+    root = Path(store)
+    if not (root / PRIVATE).is_dir() or os.path.abspath(root) in _HELD:
+        yield
+        return
+    lock = FolderLock(root / PRIVATE, f"result store {root}")
+    try:
+        lock.acquire()
+    except LockedError as err:
+        raise ImageIOError(str(err)) from None
+    hold(root, True)  # writes nested in this one do not lock again
+    try:
+        yield
+    finally:
+        hold(root, False)
+        lock.release()
+
+
 @contextmanager
 def result_dir(store: str | os.PathLike, kind: str, name: str, overwrite: bool):
     """Yield (temporary result directory, zarr format, NGFF version); commit on success.
 
     A store that does not exist is created as a whole, atomically, with the result in it.
+    A napari-xt result store is locked meanwhile (`store_lock`).
     """
+    with store_lock(store):
+        yield from _result_dir(store, kind, name, overwrite)
+
+
+def _result_dir(store: str | os.PathLike, kind: str, name: str, overwrite: bool):
     root = Path(store)
     name = check_name(name)
     what = f"{kind.rstrip('s')} result {name!r}"

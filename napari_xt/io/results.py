@@ -46,6 +46,10 @@ from .result_store import (
 from .store import block_grid, write_blocks, write_pyramid_level
 
 DETECTION_COLUMNS = ("y", "x", "class", "score", "size")
+# colours (RGBA 0-255) of classes 0, 1, 2, ... (cycled); class 0 transparent, as background
+PALETTE = ((0, 0, 0, 0), (31, 119, 180, 255), (255, 187, 0, 255), (214, 39, 40, 255),
+           (44, 160, 44, 255), (148, 103, 189, 255), (140, 86, 75, 255), (227, 119, 194, 255),
+           (127, 127, 127, 255), (188, 189, 34, 255), (23, 190, 207, 255))
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,8 @@ def write_labels(
         shapes = pyramid_shapes(*labels.shape, min_size=min_size)
         arrays = [
             group.create_array(str(i), shape=s, chunks=(min(chunk, s[0]), min(chunk, s[1])),
-                               dtype=labels.dtype, fill_value=0)
+                               dtype=labels.dtype, fill_value=0,
+                               **({"dimension_names": ("y", "x")} if fmt == 3 else {}))
             for i, s in enumerate(shapes)
         ]
         total = sum(len(block_grid(s, (chunk, chunk))) for s in shapes)
@@ -142,7 +147,7 @@ def write_labels(
             unit=unit if pixel_size else None, name=name, version=version, method=method,
         )
         block = {"multiscales": [ms], "image-label": _image_label(
-            colors, properties, source_image, version)}
+            colors, properties, source_image if image is not None else None, version)}
         group.attrs.update(wrap_ome(block, version))
     register(root, "labels", name, "labels")
     return root / "labels" / name
@@ -283,7 +288,13 @@ def write_detections(
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            pq.write_table(pa.table({k: v for k, v in columns.items()}), tmp / "table.parquet")
+            def column(values: np.ndarray):  # strings (class names) as categories
+                if values.dtype.kind in "OUS":
+                    return pa.array(values.astype(str)).dictionary_encode()
+                return pa.array(values)
+
+            pq.write_table(pa.table({k: column(v) for k, v in columns.items()}),
+                           tmp / "table.parquet")
     register(Path(store), "tables", name, "tables")
     return Path(store) / "tables" / name
 

@@ -31,12 +31,17 @@ def atomic_directory(dst: str | os.PathLike, *, overwrite: bool, what: str) -> I
 
     On any error the temporary directory is removed and `dst` is untouched. With
     `overwrite=False` an existing `dst` is an `ImageIOError` (checked before and after).
+    Temporary names carry the host and process id (`.<name>.tmp-<host>-<pid>-<id>`), so
+    leftovers of a process that died (killed while writing) are recognised and removed by
+    the next write of the same target, and those of a live process are left alone.
     """
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise ImageIOError(f"{dst}: {what} already exists; pass overwrite=True to replace it")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:12]}"
+    remove_leftovers(dst)
+    tag = f"{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = dst.parent / f".{dst.name}.tmp-{tag}"
     tmp.mkdir()
     try:
         yield tmp
@@ -45,7 +50,7 @@ def atomic_directory(dst: str | os.PathLike, *, overwrite: bool, what: str) -> I
                 raise ImageIOError(
                     f"{dst}: {what} appeared while writing; pass overwrite=True to replace it"
                 )
-            trash = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:12]}"
+            trash = dst.parent / f".{dst.name}.old-{tag}"
             os.replace(dst, trash)
             os.replace(tmp, dst)
             shutil.rmtree(trash, ignore_errors=True)
@@ -54,6 +59,48 @@ def atomic_directory(dst: str | os.PathLike, *, overwrite: bool, what: str) -> I
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _host() -> str:
+    import socket
+
+    return "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_leftovers(dst: str | os.PathLike) -> list[Path]:
+    """Remove the temporary folders that `atomic_directory` left beside `dst` in processes
+    on this host that no longer run (a kill mid-write); returns what was removed. Names of
+    other hosts or of live processes are kept (they may still be writing)."""
+    dst = Path(dst)
+    removed = []
+    if not dst.parent.is_dir():
+        return removed
+    host = _host()
+    for kind in ("tmp", "old"):
+        for p in dst.parent.glob(f".{glob_escape(dst.name)}.{kind}-*"):
+            parts = p.name.rsplit(f".{kind}-", 1)[1].split("-")
+            if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+                continue
+            if not _alive(int(parts[1])) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
 
 
 def block_grid(shape: tuple[int, int], block: tuple[int, int]) -> list[tuple[int, int, int, int]]:

@@ -17,15 +17,26 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from napari_xt.io.results import PALETTE
+
 from ..spelling import Spelling
 from .layout import Index, Tiling, store_kind
 from .memory import MemoryStore
 from .reader import ResultReader, open_result
-from .spec import DONE, FAILED, PENDING, ClassInfo, RegionTiles, StoreError, StoreSpec
+from .spec import (
+    DONE,
+    FAILED,
+    PENDING,
+    ClassInfo,
+    RegionTiles,
+    StoreError,
+    StoreSpec,
+)
 
 __all__ = [
     "DONE",
     "FAILED",
+    "PALETTE",
     "PENDING",
     "ClassInfo",
     "Index",

@@ -141,9 +141,13 @@ class DiskStore:
             raise StoreError(str(err)) from None
         if notice:
             self.notices.append(notice)
+        from napari_xt.io.result_store import hold
+
+        hold(self.path, True)
         try:
             self._open(kind, overwrite, restart)
         except BaseException:
+            hold(self.path, False)
             self.lock.release()
             raise
 
@@ -299,6 +303,8 @@ class DiskStore:
         for d in self.defs.values():  # arrays a crash left without metadata
             if not (self.path / d.path / "zarr.json").is_file():
                 create_array(self.zstore, d)
+            for partial in (self.path / d.path).rglob("*.partial"):  # writes a kill cut off
+                partial.unlink(missing_ok=True)
         self.zstore.take()
 
     def _all_done(self) -> bool:
@@ -662,4 +668,7 @@ class DiskStore:
                 self.journal.close()
                 self.packs.close()
             finally:
+                from napari_xt.io.result_store import hold
+
+                hold(self.path, False)
                 self.lock.release()

@@ -19,6 +19,8 @@ class StoreError(OSError):
     something this run must not replace."""
 
 
+
+
 @dataclass(frozen=True)
 class ClassInfo:
     """A label value's name and display colour (RGBA 0-255)."""
