@@ -21,7 +21,9 @@ from napari_xt.model.xt import XT, token_maps
 
 
 class CountingXT(XT):
-    """Records the regions each encoder call sees (by a marker pixel) and decoded counts."""
+    """Records the regions each encoder call sees (by a marker pixel) and decoded counts.
+    Calls have a fixed size; the regions that only fill a call (copies of the call's last
+    region when encoding, rows at PAD_ROW when decoding) are not counted."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -29,12 +31,15 @@ class CountingXT(XT):
         self.decoded = 0
 
     def encode_regions(self, x):
-        self.encoded_ids.extend(int(round(v)) for v in x[:, 0, 0, 0].tolist())
+        ids = [int(round(v)) for v in x[:, 0, 0, 0].tolist()]
+        self.encoded_ids.extend(dict.fromkeys(ids))  # copies filling the batch: once
         return super().encode_regions(x)
 
     def decode(self, tokens, features=None, region_rc=None):
         if region_rc is not None:
-            self.decoded += len(region_rc)
+            from napari_xt.engine.crops import PAD_ROW
+
+            self.decoded += int((np.asarray(region_rc)[:, 0] < PAD_ROW).sum())
         return super().decode(tokens, features, region_rc)
 
 

@@ -149,7 +149,7 @@ def test_run_shows_results_as_layers(make_napari_viewer, qtbot, tmp_path, checkp
 def test_cancel_leaves_clean_state_and_resumable_store(make_napari_viewer, qtbot, tmp_path,
                                                        checkpoint):
 
-    from napari_xt.widgets.run_job import ResultTiles
+    from napari_xt.engine import ContextStep
 
     viewer, widget = docked(make_napari_viewer, scene(768))
     widget.set_checkpoint(checkpoint)
@@ -158,8 +158,10 @@ def test_cancel_leaves_clean_state_and_resumable_store(make_napari_viewer, qtbot
     store = tmp_path / "cancel.zarr"
     widget.store_edit.setText(str(store))
     session = widget.start()
+    # cancel once the first crop's context is done: the regions it completed are still
+    # decoded and written (the run winds down), the rest is left for the rerun
     session.worker.yielded.connect(
-        lambda item: widget.cancel() if isinstance(item, ResultTiles) else None)
+        lambda item: widget.cancel() if isinstance(item, ContextStep) else None)
     session = wait_done(qtbot, widget)
     assert session.outcome == "cancelled"
     assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()

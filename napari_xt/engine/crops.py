@@ -20,7 +20,8 @@ state, dense head). On device out-of-memory a group is split in halves and decod
 halved chunks (kept that small for the rest of the run).
 
 Interface: `CropRunner(spec, book, features, accumulators, notices, finalize, store)`;
-`batchable(crop, group)`; `run(group) -> Iterator[Event]`; `context_state` (carried state).
+`batchable(crop, group)`; `run(group) -> Iterator[Event]`; `flush() -> Iterator[Event]` (the
+regions still queued for decoding); `context_state` (carried state).
 Layouts: features per level (B, R, C_l, h_l, w_l); tokens (B, N, D); token maps
 (B*R, D, h, w); output maps {name: (B, R, K, S, S)}; accumulators (C, s, s) + weights (s, s).
 """
@@ -43,7 +44,7 @@ from .regions import CONTEXTUALIZED, RegionBook
 from .scratch import Accumulators
 
 Index = tuple[int, int]
-
+PAD_ROW = 1 << 30  # grid row of the zero regions that fill a decode call
 
 class CropRunner:
     def __init__(self, spec: Any, book: RegionBook, features: Any, acc: Accumulators,
@@ -55,8 +56,11 @@ class CropRunner:
         self.classify = spec.layout is None
         self.windows: dict[tuple[int, ...], torch.Tensor] = {}
         self.group_regions = spec.batch_size  # regions per batched context/decode call
-        self.decode_chunk: int | None = None  # regions per decode call (None: all at once)
+        # regions per decode call, always exactly (the last call padded): a region's output
+        # then does not depend on which regions share its call (bit-identical resumes)
+        self.decode_chunk = max(16, 2 * spec.batch_size)
         self.context_state: Any = None  # the context encoder's state, carried crop to crop
+        self._queue: list[tuple[Index, torch.Tensor]] = []  # complete regions to decode
 
     def batchable(self, crop: Any, group: list[Any]) -> bool:
         if self.spec.carry_state or self.classify:
@@ -192,24 +196,51 @@ class CropRunner:
         return self.book.crop_passed(crop, regions)
 
     def _decode_blended(self, regions: list[Index]) -> Iterator[Event]:
-        """Decode complete regions once from their blended token maps and finalise them."""
+        """Queue complete regions (their blended token maps) for decoding, and decode the
+        queue in calls of exactly `decode_chunk` regions. Fixed-size calls make a region's
+        output independent of which regions share its call, so a resumed run equals an
+        uninterrupted one bit for bit; the queue makes that free (no padding but in the
+        last call of a run, `flush`)."""
         if not regions:
             return
+        for idx in regions:
+            acc, wsum = self.acc.pop(idx)
+            self._queue.append((idx, acc / wsum))  # (D, h, w) blended token map
+            self.features.hold(idx)
+        while len(self._queue) >= self.decode_chunk:
+            yield from self._decode_queued(self.decode_chunk)
+
+    def flush(self) -> Iterator[Event]:
+        """Decode what is still queued (the last call padded to the fixed size)."""
+        while self._queue:
+            yield from self._decode_queued(min(self.decode_chunk, len(self._queue)))
+
+    def _decode_queued(self, n: int) -> Iterator[Event]:
         t = time.perf_counter()
-        slots = [self.acc.pop(i) for i in regions]
-        blended = torch.stack([acc / wsum for acc, wsum in slots])  # (R, D, h, w)
+        batch, self._queue = self._queue[:n], self._queue[n:]
+        regions = [i for i, _ in batch]
+        blended = torch.stack([m for _, m in batch])  # (R, D, h, w)
         feats = self.features.stack(regions)  # [(R, C_l, h_l, w_l)]
         rc = np.array(regions, np.int64)  # global (row, col): only orders the tokens
 
         def part(sel: list[int]) -> torch.Tensor:
-            whole = len(sel) == len(regions)
+            n, pad = len(sel), self.decode_chunk - len(sel)
+            whole = n == len(regions)
             levels = feats if whole else [lv[sel] for lv in feats]
             deep = (blended if whole else blended[sel]).to(levels[-1].dtype)
+            where = rc[sel]
+            if pad > 0:  # zero regions at positions after every real one
+                levels = [torch.cat([lv, lv.new_zeros((pad, *lv.shape[1:]))]) for lv in levels]
+                deep = torch.cat([deep, deep.new_zeros((pad, *deep.shape[1:]))])
+                extra = np.stack([np.full(pad, PAD_ROW), np.arange(pad)], axis=1)
+                where = np.concatenate([where, extra])
             with torch.inference_mode(), autocast(self.spec.device):
-                maps = self.model.decode(token_sequence(deep, rc[sel]), levels, rc[sel])
-                return blendable({k: v[0] for k, v in maps.items()}, self.spec.layout)
+                maps = self.model.decode(token_sequence(deep, where), levels, where)
+                return blendable({k: v[0, :n] for k, v in maps.items()}, self.spec.layout)
 
         values = self._chunked(list(range(len(regions))), part)
+        for idx in regions:
+            self.features.release(idx)
         self.book.counts["decoded"] += len(regions)
         yield RegionDecoded(tuple(regions), time.perf_counter() - t)
         self.finalize(regions, values)
@@ -218,11 +249,11 @@ class CropRunner:
         """`decode(part)` -> blendable maps (R', C, S, S) of the regions `sub`, called
         `decode_chunk` regions at a time; on device out-of-memory the chunk is halved (down
         to one region, then the error propagates) and kept that small for the rest of the
-        run."""
+        run (results may then differ from an earlier run's in the last bits)."""
         parts: list[torch.Tensor] = []
         start = 0
         while start < len(sub):
-            size = len(sub) if self.decode_chunk is None else self.decode_chunk
+            size = self.decode_chunk
             part = sub[start:start + size]
             try:
                 parts.append(decode(part))

@@ -149,6 +149,7 @@ class Execution:
         group: list[Any] = []
         for ci in order:
             if spec.cancelled():
+                yield from runner.flush()  # what is complete is kept
                 yield from self._wind_down()
                 return Cancelled(self._done(), plan.num_regions)
             crop = plan.crops[ci]
@@ -164,6 +165,7 @@ class Execution:
                 yield from runner.run([crop])
             yield from self._drain()
         yield from runner.run(group)
+        yield from runner.flush()
         yield from self._wind_down()
         complete = not book.failed
         record = None

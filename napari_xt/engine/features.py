@@ -71,6 +71,17 @@ class FeatureSupply:
     def __contains__(self, idx: Index) -> bool:
         return self.lru is not None and idx in self.lru
 
+    def hold(self, idx: Index) -> None:
+        """Keep the features of `idx` in memory until `release` (it waits to be decoded)."""
+        self.lru.held[idx] = self.lru.held.get(idx, 0) + 1
+
+    def release(self, idx: Index) -> None:
+        n = self.lru.held.get(idx, 0) - 1
+        if n > 0:
+            self.lru.held[idx] = n
+        else:
+            self.lru.held.pop(idx, None)
+
     def stack(self, indices: list[Index], deepest: bool = False) -> list[torch.Tensor]:
         """Features of `indices`: [(n, C_l, h_l, w_l)] shallow to deep (only the deepest
         level, what the context step needs, with `deepest`)."""
@@ -150,9 +161,16 @@ class FeatureSupply:
             x = x.contiguous(memory_format=torch.channels_last)
 
         def encode(items: list[int]) -> list[list[torch.Tensor]]:
+            # always a full batch (the last one padded with copies of its last region): a
+            # region's features then do not depend on which regions share its batch, so a
+            # resumed run equals an uninterrupted one bit for bit
+            part = x[items[0]:items[-1] + 1]
+            n, pad = len(items), self.runner.batch_size - len(items)
+            if pad > 0:
+                part = torch.cat([part, part[-1:].expand(pad, *part.shape[1:])])
             with torch.inference_mode(), autocast(spec.device):
-                feats = spec.model.encode_regions(x[items[0]:items[-1] + 1])  # [(n, C_l, h, w)]
-            return [feats]  # one part per sub-batch
+                feats = spec.model.encode_regions(part)  # [(n, C_l, h, w)]
+            return [[f[:n] for f in feats] if pad > 0 else feats]  # one part per sub-batch
 
         parts = self.runner.run_batches(len(batch.indices), encode)
         levels = (parts[0] if len(parts) == 1 else

@@ -165,6 +165,7 @@ class FeatureSlab:
         self.slots: OrderedDict[Index, int] = OrderedDict()  # LRU order
         self.free: list[int] = []
         self.pinned: set[Index] = set()
+        self.held: dict[Index, int] = {}  # regions kept whatever the LRU says (queued work)
         self.data: list[torch.Tensor] = []  # per level (capacity, C_l, h_l, w_l)
 
     def __contains__(self, index: Index) -> bool:
@@ -181,7 +182,7 @@ class FeatureSlab:
         if self.free:
             return self.free.pop()
         for old in self.slots:  # least recently used first
-            if old not in self.pinned:
+            if old not in self.pinned and old not in self.held:
                 return self.slots.pop(old)
         grown = []
         for d in self.data:

@@ -115,7 +115,7 @@ class DiskStore:
 
     def __init__(self, path: str | Any, spec: StoreSpec, *, overwrite: bool = False,
                  restart: bool = False, inputs: tuple[str, ...] = (),
-                 spelling: Spelling | None = None, budget: int = BUDGET,
+                 spelling: Spelling | None = None, budget: int | None = None,
                  threaded: bool = True) -> None:
         """`threaded`: write in a thread of its own (overlapping a GPU's work); on the CPU
         the engine writes in its own thread, since a writer thread would only take cores
@@ -124,7 +124,7 @@ class DiskStore:
         self.threaded = bool(threaded)
         self.spec = spec
         self.spelling = spelling or Spelling()
-        self.budget = int(budget)
+        self.budget = int(BUDGET if budget is None else budget)
         self.notices: list[str] = []
         self.resumed = False
         self.complete = False
@@ -183,11 +183,9 @@ class DiskStore:
         s = self.spec
         out = [labels_path(s.name), probabilities_path(s.name), table_path(s.name),
                classification_path(s.name)]
-        from napari_xt.io.pyramid import pyramid_shapes
+        from .publish import level_shapes
 
-        from .layout import MIN_PYRAMID
-
-        n = len(pyramid_shapes(s.height, s.width, min_size=MIN_PYRAMID))
+        n = len(level_shapes(s))
         return out + [str(i) for i in range(n)]
 
     def _fresh(self) -> None:
@@ -534,10 +532,20 @@ class DiskStore:
                 spare.append(arr)
         buf.arrays = {}
 
+    def _shard_file(self, name: str, key: Index) -> Path:
+        d = self.defs[name]
+        lead = ["0"] * (len(d.shape) - 2)  # (K, Y, X) arrays: one shard along K
+        return self.path / d.path / "c" / "/".join([*lead, str(key[0]), str(key[1])])
+
     def _write(self, buf: ShardBuffer, names: list[str]) -> dict[str, list[int] | None]:
+        """Write the buffer's shard of each array `names` whole. An earlier file of the
+        shard is removed first: the buffer holds everything the shard will hold, and zarr
+        would otherwise read the old file back to merge into it (and fail on a damaged
+        one). A kill in between leaves the shard unverifiable, so it is recomputed."""
         self.changed = True
         y0, x0, y1, x1 = buf.box
         for name in names:
+            self._shard_file(name, buf.key).unlink(missing_ok=True)
             self._zarray(name)[..., y0:y1, x0:x1] = buf.arrays[name]
         return {k: (list(v) if v is not None else None) for k, v in self.zstore.take().items()}
 

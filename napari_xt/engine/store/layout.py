@@ -74,7 +74,8 @@ def root_attrs(path: str | os.PathLike) -> dict[str, Any] | None:
 def store_kind(path: str | os.PathLike) -> str:
     """What `path` is, for a run about to write there:
 
-    "missing" (nothing there), "file", "empty" (an empty folder), "store" (a result store
+    "missing" (nothing there), "file", "empty" (an empty folder, or one holding only the
+    private folder of a store being created), "store" (a result store
     of this format), "legacy" (a result store of napari-xt 0.1), "foreign" (anything else).
     """
     p = Path(path)
@@ -82,8 +83,8 @@ def store_kind(path: str | os.PathLike) -> str:
         return "missing"
     if not p.is_dir():
         return "file"
-    if not any(p.iterdir()):
-        return "empty"
+    if not any(c.name != PRIVATE for c in p.iterdir()):
+        return "empty"  # (or a store another run is just creating: its lock will say so)
     attrs = root_attrs(p)
     if attrs is None:
         return "foreign"

@@ -25,7 +25,6 @@ import numpy as np
 
 from .digests import file_digest
 from .layout import (
-    MIN_PYRAMID,
     Tiling,
     classification_path,
     labels_path,
@@ -46,7 +45,9 @@ def _fault(step: str) -> None:
 def level_shapes(spec: StoreSpec) -> list[tuple[int, int]]:
     from napari_xt.io.pyramid import pyramid_shapes
 
-    return pyramid_shapes(spec.height, spec.width, min_size=MIN_PYRAMID)
+    from . import layout
+
+    return pyramid_shapes(spec.height, spec.width, min_size=layout.MIN_PYRAMID)
 
 
 def run_pixel_size(source: Any) -> tuple[tuple[float, float], str | None]:
