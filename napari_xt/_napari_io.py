@@ -229,7 +229,8 @@ def result_layers(store: Any, image: MultiscaleImage | None,
         table = read_detections(store, name)
         coords = np.stack([table["y"], table["x"]], axis=1).astype(float)
         features = {k: v for k, v in table.items() if k not in ("y", "x")}
-        kwargs = {"name": name, "scale": point_scale, "features": features,
+        layer_name = f"{name} detections" if name in results["labels"] else name
+        kwargs = {"name": layer_name, "scale": point_scale, "features": features,
                   "metadata": {"source": f"{store}/tables/{name}"}}
         if "class" in features and len(coords):
             from .io.results import PALETTE

@@ -244,7 +244,9 @@ def measure(size: int = 4096, threads: int = 2, batch: int = 8) -> dict[str, Any
             pass
         assert isinstance(last, Finished), last
         results["files_with_cache"] = count_files(tmp / "c.zarr")
-        cache_dir = tmp / "c.zarr" / ".napari-xt" / "embeddings"
+        from napari_xt.engine.store import open_result
+
+        cache_dir = open_result(tmp / "c.zarr").default_cache
         per_region = sum(p.stat().st_size for p in cache_dir.glob("pack-*.bin")) // max(
             1, fin.counts["regions"])
         results["files_100k_with_cache"] = files_for_slide(

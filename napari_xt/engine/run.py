@@ -30,7 +30,7 @@ from .plan import ORDERS, RegionPlan
 from .source import ImageSource
 from .spelling import Spelling
 from .store import PALETTE, ClassInfo, StoreSpec, create_store
-from .store.layout import PRIVATE
+from .store.layout import default_cache
 
 BLENDS = ("tokens", "outputs")
 
@@ -100,7 +100,7 @@ def run(
     cancel: threading.Event or callable checked between batches and crops.
     resume: continue a store holding the same run (regions finished before are neither
       encoded, with the cache, nor decoded again); False starts it again.
-    cache: True (embeddings in `<store>/_embeddings`), a path, "rebuild" (replace a
+    cache: True (embeddings in the store's private folder), a path, "rebuild" (replace a
       mismatched cache with a Notice) or False.
     outputs: any of "labels", "probabilities", "detections" (dense models) or
       "classification"; default `default_outputs(head)`: labels plus detections for a
@@ -181,12 +181,12 @@ def run(
                           threaded=background_threads(dev))
     emb = None
     where: Path | None = None
+    owned = False
     if cache is True or cache == "rebuild":  # the store's own (none for store=None)
         if pstore.path is not None:
-            where = pstore.path / PRIVATE / "embeddings"
+            where, owned = default_cache(pstore.path), True
     elif cache is not False and cache is not None:
         where = Path(cache)
-    owned = where is not None and pstore.path is not None and where.parent.parent == pstore.path
     try:
         if where is not None:
             if not owned:

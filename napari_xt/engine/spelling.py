@@ -32,5 +32,16 @@ CLI = Spelling(
 )
 
 
+WIDGET = Spelling(
+    out="choose another output store in Run xT",
+    overwrite="untick 'resume a matching store' in Run xT to replace them",
+    restart="untick 'resume a matching store' in Run xT to start again",
+    rebuild_cache="untick 'resume a matching store' (rebuilds it) or 'cache region "
+                  "embeddings' in Run xT",
+    cache_path="untick 'cache region embeddings' in Run xT, or choose another output store",
+    no_cache="'cache region embeddings' unticked in Run xT",
+)
+
+
 def hint(spelling: Spelling, key: str) -> str:
     return getattr(spelling, key)

@@ -156,8 +156,11 @@ def run_events(
     viewport = request.order == "viewport" and priority is not None
     image, level = ((request.pyramid, request.level) if request.pyramid is not None
                     else (request.image, 0))
+    from napari_xt.engine.spelling import WIDGET
+
     events = run(
         image, model, request.store, axes=request.axes, level=level, device=request.device,
+        spelling=WIDGET,
         batch_size=request.batch_size, order=request.order, cancel=cancel,
         priority=priority if viewport else None, point=priority() if viewport else None,
         resume=request.resume, overwrite=not request.resume,

@@ -201,11 +201,7 @@ class RunSession:
 
         self.counts[type(item).__name__] += 1
         if isinstance(item, _WorkerError):
-            hint = ""
-            if type(item.error).__name__ in ("StoreError", "CacheMismatchError"):
-                hint = (" (untick 'resume a matching store' to replace it, or choose another "
-                        "output)")
-            self._fail(f"{type(item.error).__name__}: {item.error}{hint}")
+            self._fail(f"{type(item.error).__name__}: {item.error}")
         elif isinstance(item, ResultTiles):
             if self.results is not None:
                 self.results.add(item)

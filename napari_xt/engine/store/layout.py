@@ -31,9 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from napari_xt.io.result_store import PRIVATE
+
 FORMAT = 2
 KIND = "prediction-store"
-PRIVATE = ".napari-xt"
 CHUNK = 512  # pixels a side of a chunk (rounded up to whole regions)
 SHARD = 2048  # pixels a side of a shard (at most; a whole number of chunks)
 MIN_PYRAMID = 1024  # pyramids go down until the larger side is at most this
@@ -58,6 +59,11 @@ def classification_path(name: str) -> str:
 
 
 HEAT_PATH = f"{PRIVATE}/heat"
+
+
+def default_cache(path: str | os.PathLike) -> Path:
+    """Where a store keeps its region embedding cache unless told otherwise."""
+    return Path(path) / PRIVATE / "embeddings"
 
 
 def root_attrs(path: str | os.PathLike) -> dict[str, Any] | None:

@@ -36,6 +36,13 @@ class ResultReader:
         self.outputs: dict[str, str] = dict(self.attrs.get("outputs", {}))
 
     @property
+    def default_cache(self) -> Path:
+        """Where runs into this store keep their embedding cache (by default)."""
+        from .layout import default_cache
+
+        return default_cache(self.path)
+
+    @property
     def complete(self) -> bool:
         return bool(self.attrs.get("complete"))
 
