@@ -251,6 +251,15 @@ def measure(size: int = 4096, threads: int = 2, batch: int = 8) -> dict[str, Any
             1, fin.counts["regions"])
         results["files_100k_with_cache"] = files_for_slide(
             100_000, model.cfg.region.region_size, model.cfg.crop_regions or 1, per_region)
+        counts = {}
+        for side in (1024, 2048, size):  # files of finished stores (with cache) by size
+            src = tmp / f"s{side}.zarr"
+            _scene(src, side)
+            for _last in run(open_image(src), stub, tmp / f"f{side}.zarr", normalize=normalize,
+                             axes="CYX", device="cpu"):
+                pass
+            counts[str(side)] = count_files(tmp / f"f{side}.zarr")
+        results["files_by_size"] = counts
         results["regions"] = fin.counts["regions"]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -262,10 +271,22 @@ def measure(size: int = 4096, threads: int = 2, batch: int = 8) -> dict[str, Any
         "engine_share_of_store_run": 1 - results["model_s"] / results["store_s"],
         "ceiling_store_mp_s": mp / results["ceiling_store_s"],
         "ceiling_memory_mp_s": mp / results["ceiling_memory_s"],
-        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {platform.processor() or ''}",
+        "machine": _machine(),
         "torch": torch.__version__,
     })
     return results
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def report(r: dict[str, Any]) -> str:
@@ -280,8 +301,9 @@ def report(r: dict[str, Any]) -> str:
         f"  engine's share of the store run: {100 * r['engine_share_of_store_run']:.0f} %",
         f"  ceiling (no compute)    {r['ceiling_store_mp_s']:7.1f} MP/s into a store, "
         f"{r['ceiling_memory_mp_s']:.1f} MP/s in memory (goal >= 15)",
-        f"  files: {r['files']} (with the embedding cache {r['files_with_cache']}); "
-        f"a 100k^2 slide with cache: about {r['files_100k_with_cache']}",
+        f"  files: {r['files']} (with the embedding cache {r['files_with_cache']}); by size "
+        f"with cache: " + ", ".join(f"{k}^2 {v}" for k, v in r['files_by_size'].items())
+        + f"; a 100k^2 slide with cache: about {r['files_100k_with_cache']} (from the layout)",
     ]
     return "\n".join(lines)
 

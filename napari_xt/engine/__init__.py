@@ -1,17 +1,19 @@
 """Streaming inference: any image size, flat memory, resumable, with typed progress events.
 
-Public API: `run(image, model, store=None, **options) -> Iterator[Event]` (see `run.py`),
-the events in `events.py`, `RegionPlan` (`plan.py`), `EmbeddingCache` (`cache.py`),
-`PredictionStore` (`store.py`), `pick_device` (`device.py`). The core never imports Qt or
-napari; zarr and dask are needed only for persistent stores and the embedding cache
-(`store=None` with a numpy / np.memmap image runs with torch and numpy alone).
+Public API: `run(image, model, store=None, **options) -> Execution` (an iterator of events;
+see `run.py`), the events in `events.py`, `RegionPlan` (`plan.py`), the result store
+(`store/`: `create_store`, `open_result`), `EmbeddingCache` (`cache.py`), `pick_device`
+(`device.py`). The core never imports Qt or napari; zarr and dask are needed only for
+persistent stores and the embedding cache (`store=None` with a numpy / np.memmap image runs
+with torch and numpy alone).
 
-Files: plan.py (grid, crops, windows, orders), source.py (region reads, tile cache,
-identity), pipeline.py (reader thread, feature LRU), stages.py (the compute loop),
-crops.py (context per crop, blending across crops, decode; alike crops batched), scratch.py
-(bounded blending accumulators), outputs.py
-(finalisation, writer thread), finish.py (published results), cache.py, store.py,
-device.py, events.py, run.py (validation and options), benchmark.py (`napari-xt bench`).
+A region's way, file by file (docs/architecture.md has the diagram): run.py (validation,
+the frozen `RunSpec`) -> execution.py (the loop) -> features.py (reads through source.py
+and pipeline.py, the cache, the encoder, the feature slab) -> crops.py (context per crop,
+blending, the decode queue; scratch.py holds the blending accumulators) -> outputs.py
+(batched finalisation) -> store/ (shards, commits, publishing). regions.py keeps every
+region's lifecycle state; device.py the device, autocast and out-of-memory back-off;
+spelling.py how refusals name their remedy.
 
 Design choices where the engine departs from the first sketch, and why:
 
@@ -38,8 +40,8 @@ Design choices where the engine departs from the first sketch, and why:
 - Default crop stride is max(1, k // 2) regions, not 1: every interior region boundary is
   still strictly inside some crop, while each region is contextualized in at most 4 crops
   instead of k^2 (16 for k = 4). `crop_stride=1` gives the densest blending.
-- Per-region scratch accumulators live in memory (on the device), not in a `_work` zarr
-  array: scratch of unfinished regions is discarded at resume anyway, so persisting it buys
+- Per-region scratch accumulators live in memory (on the device), never in the store:
+  scratch of unfinished regions is discarded at resume anyway, so persisting it buys
   nothing. Strip order bounds the live ones to about (strip_width * stride + k) * k regions;
   the (k - stride) boundary columns waiting for the next strip, whose number grows with the
   grid's height, are spilled exactly to a scratch folder beyond that (`scratch.py`).

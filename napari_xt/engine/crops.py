@@ -184,16 +184,26 @@ class CropRunner:
         if not regions:
             return []
         hw = tuple(values.shape[-2:])
-        wins = torch.stack([self._window(crop, idx, hw) for idx in regions])  # (R, s, s)
-        weighted = values * wins[:, None]  # one op for the whole crop
+        wins = self._windows(crop, regions, hw)  # (R, s, s)
+        weighted = values * wins[:, None]  # one op for the whole crop (a fresh tensor)
         for j, idx in enumerate(regions):
             slot = self.acc.get(idx)
-            if slot is None:
-                self.acc.new(idx, weighted[j].clone(), wins[j].clone())
+            if slot is None:  # the first crop's weighted map is the accumulator itself
+                self.acc.new(idx, weighted[j], wins[j].clone())
             else:
                 slot[0] += weighted[j]
                 slot[1] += wins[j]
         return self.book.crop_passed(crop, regions)
+
+    def _windows(self, crop: Any, regions: list[Index], hw: tuple[int, int]) -> torch.Tensor:
+        """(R, s, s) windows of `crop` over `regions`, stacked once per kind of crop."""
+        plan = self.spec.plan
+        key = (tuple(plan.window_key(crop, *idx) for idx in regions), *hw)
+        stack = self.windows.get(key)
+        if stack is None:
+            stack = torch.stack([self._window(crop, idx, hw) for idx in regions])
+            self.windows[key] = stack
+        return stack
 
     def _decode_blended(self, regions: list[Index]) -> Iterator[Event]:
         """Queue complete regions (their blended token maps) for decoding, and decode the
