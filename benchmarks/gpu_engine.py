@@ -71,7 +71,7 @@ def encoder_only(scene, model, device, batch: int) -> dict:
     from napari_xt.engine.device import autocast
     from napari_xt.engine.pipeline import Prefetcher
     from napari_xt.engine.plan import RegionPlan
-    from napari_xt.engine.source import ImageSource
+    from napari_xt.io.source import ImageSource
 
     source = ImageSource(scene)
     plan = RegionPlan(source.height, source.width, model.cfg.region.region_size, 1)

@@ -326,7 +326,7 @@ def test_accumulators_spill_and_return_exactly(tmp_path):
 def test_tile_cache_is_sized_by_the_strip_not_the_image():
     import dask.array as da
 
-    from napari_xt.engine.source import ImageSource
+    from napari_xt.io.source import ImageSource
 
     sizes = {}
     for side in (16384, 65536):
@@ -345,7 +345,7 @@ def test_tile_cache_reads_a_tile_once_when_two_threads_want_it():
 
     import dask.array as da
 
-    from napari_xt.engine.source import ImageSource
+    from napari_xt.io.source import ImageSource
 
     reads = []
 

@@ -22,12 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from napari_xt.io.source import ImageSource
+
 from .cache import EmbeddingCache
 from .device import background_threads, pick_device
 from .execution import Execution
 from .outputs import OUTPUT_KINDS, MapLayout, map_layout
 from .plan import ORDERS, RegionPlan
-from .source import ImageSource
 from .spelling import Spelling
 from .store import PALETTE, ClassInfo, StoreSpec, create_store
 from .store.layout import default_cache

@@ -15,8 +15,6 @@ from pathlib import Path
 
 DEMO_MODEL = "xT demo (built-in)"
 DEMO_ALIASES = (DEMO_MODEL, "demo")
-#: zoo model used as the demo when the trained demo weights are not installed (random).
-DEMO_FALLBACK = "xt_tiny_demo_seg"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt")
 
 Normalize = tuple[tuple[float, ...], tuple[float, ...]]
@@ -54,17 +52,12 @@ def checkpoint_normalization(path: str | os.PathLike) -> Normalize | None:
 
 
 def load_demo_model(in_chans: int | None = None):
-    """(model, description, normalization): the shipped demo model, or the untrained
-    `DEMO_FALLBACK` zoo model (with `in_chans` channels) when its weights are missing."""
-    try:
-        from napari_xt.train.demo import demo_weights_path
-        from napari_xt.train.demo import load_demo_model as load_trained
+    """(model, description, normalization): the shipped demo model. Its weights missing
+    from the installation is an error naming the file (never a silent stand-in)."""
+    from .demo_weights import demo_weights_path, load_demo_weights
 
-        path = demo_weights_path()
-    except (ImportError, FileNotFoundError):
-        model = seeded_zoo_model(DEMO_FALLBACK, in_chans)
-        return model, f"{DEMO_FALLBACK} (untrained: demo weights not installed)", None
-    return load_trained(), "built-in demo model", checkpoint_normalization(path)
+    path = demo_weights_path()  # `in_chans` does not apply: the engine checks the image
+    return load_demo_weights(), "built-in demo model", checkpoint_normalization(path)
 
 
 def load_model(choice: str, in_chans: int | None = None):

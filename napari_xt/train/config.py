@@ -40,7 +40,7 @@ class ModelSpec:
         if self.checkpoint is None:
             return None
         if self.checkpoint == "demo":
-            from .demo import demo_weights_path
+            from napari_xt.model.demo_weights import demo_weights_path
 
             return demo_weights_path()
         path = Path(self.checkpoint).expanduser()

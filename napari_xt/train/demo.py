@@ -11,44 +11,30 @@ measured numbers are in ``napari_xt/weights/demo_metrics.json`` and ``docs/demo_
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from napari_xt.model.demo_weights import (  # noqa: F401  (where the weights live)
+    DEMO_METRICS,
+    DEMO_WEIGHTS,
+    REGION_ONLY_WEIGHTS,
+    WEIGHTS_DIR,
+    demo_weights_path,
+    load_demo_weights,
+)
 
 from .config import TrainConfig
 from .data import Normalization, SyntheticDataset
 from .evaluate import evaluate
 from .synthetic import CLASS_NAMES
 
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-DEMO_WEIGHTS = WEIGHTS_DIR / "xt_demo_sar.safetensors"
-REGION_ONLY_WEIGHTS = WEIGHTS_DIR / "xt_demo_sar_region_only.safetensors"
-DEMO_METRICS = WEIGHTS_DIR / "demo_metrics.json"
 HELD_OUT_SEED = 2_000_000_000  # held-out scenes: seeds never drawn in training or validation
-
-
-def demo_weights_path(region_only: bool = False) -> Path:
-    path = REGION_ONLY_WEIGHTS if region_only else DEMO_WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(f"demo weights missing: {path}")
-    return path
 
 
 def load_demo_model(region_only: bool = False, device: str | torch.device = "cpu"):
     """The shipped demo `XT` (eval mode). Input: normalized (B, 2, H, W) dB VV/VH images."""
-    from dataclasses import replace
-
-    from napari_xt.model.checkpoint import load_checkpoint
-
-    from .synthetic import TARGET_NAMES
-
-    model = load_checkpoint(demo_weights_path(region_only), device=device)
-    cfg = model.cfg
-    if not cfg.head.class_names:  # the task's names (weights trained before names were kept)
-        model.cfg = replace(cfg, head=replace(cfg.head, class_names=CLASS_NAMES,
-                                              point_names=(TARGET_NAMES[1],)))
-    return model
+    return load_demo_weights(region_only, device)
 
 
 def demo_training_config(region_only: bool = False) -> TrainConfig:

@@ -89,7 +89,6 @@ def export_pairs(
     Pairs exported earlier from the same store and result are replaced with `overwrite`
     (else refused before anything is written): they would contradict newer corrections.
     """
-    from napari_xt.engine.source import ImageSource
     from napari_xt.io import read_labels
     from napari_xt.io.corrections import (
         corrected_name,
@@ -98,6 +97,7 @@ def export_pairs(
         run_provenance,
         table_scale,
     )
+    from napari_xt.io.source import ImageSource
 
     root = Path(store)
     saved = edits(root, name)

@@ -122,7 +122,7 @@ class InspectWidget(WorkerPanel, QWidget):
 
     @staticmethod
     def _source(session):
-        from napari_xt.engine.source import ImageSource
+        from napari_xt.io.source import ImageSource
 
         req = session.request
         return ImageSource(req.image, axes=req.axes, normalize=session.normalization())

@@ -34,6 +34,7 @@ from napari_xt.io.packs import BlobRef, CorruptBlob, PackFiles
 
 from ..spelling import Spelling, hint
 from . import guard
+from .arrays import array_defs, create_array
 from .digests import DigestStore, verify
 from .layout import (
     FORMAT,
@@ -44,6 +45,7 @@ from .layout import (
     Tiling,
     classification_path,
     labels_path,
+    level_shapes,
     probabilities_path,
     root_attrs,
     table_path,
@@ -52,45 +54,6 @@ from .peaks import ShardPeaks, pack, unpack
 from .spec import DONE, FAILED, PENDING, RegionTiles, StoreError, StoreSpec
 
 BUDGET = 512 * 2**20  # bytes of shard buffers kept in memory before partial flushes
-
-
-@dataclass(frozen=True)
-class ArrayDef:
-    path: str
-    shape: tuple[int, ...]
-    chunks: tuple[int, ...]
-    shards: tuple[int, ...]
-    dtype: str
-    dims: tuple[str, ...]
-    private: bool = False
-
-
-def array_defs(spec: StoreSpec, tiling: Tiling) -> dict[str, ArrayDef]:
-    h, w = spec.height, spec.width
-    (cy, cx), (zy, zx) = tiling.chunk, tiling.shard
-    out: dict[str, ArrayDef] = {}
-    if spec.writes_labels:
-        out["labels"] = ArrayDef(f"{labels_path(spec.name)}/0", (h, w), (cy, cx), (zy, zx),
-                                 spec.label_dtype, ("y", "x"))
-    if spec.writes_probabilities:
-        k = spec.prob_channels
-        out["probabilities"] = ArrayDef(f"{probabilities_path(spec.name)}/0", (k, h, w),
-                                        (k, cy, cx), (k, zy, zx), "float16", ("c", "y", "x"))
-    if spec.writes_detections:
-        k = spec.heat_channels + int(spec.has_size)
-        out["heat"] = ArrayDef(HEAT_PATH, (k, h, w), (k, cy, cx), (k, zy, zx), "float32",
-                               ("c", "y", "x"), private=True)
-    return out
-
-
-def create_array(zstore: Any, d: ArrayDef, level: int = 1):
-    import zarr
-    from zarr.codecs import ZstdCodec
-
-    return zarr.create_array(store=zstore, name=d.path, shape=d.shape, chunks=d.chunks,
-                             shards=d.shards, dtype=d.dtype, fill_value=0,
-                             compressors=ZstdCodec(level=level), dimension_names=d.dims,
-                             overwrite=True, config={"write_empty_chunks": True})
 
 
 @dataclass
@@ -183,9 +146,7 @@ class DiskStore:
         s = self.spec
         out = [labels_path(s.name), probabilities_path(s.name), table_path(s.name),
                classification_path(s.name)]
-        from .publish import level_shapes
-
-        n = len(level_shapes(s))
+        n = len(level_shapes(s.height, s.width))
         return out + [str(i) for i in range(n)]
 
     def _fresh(self) -> None:

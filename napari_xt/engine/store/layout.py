@@ -101,6 +101,14 @@ def store_kind(path: str | os.PathLike) -> str:
     return "foreign"
 
 
+def level_shapes(height: int, width: int) -> list[tuple[int, int]]:
+    """(height, width) of every level of a store's pyramids (labels, probabilities, the
+    preview has as many levels): halved until the larger side is at most MIN_PYRAMID."""
+    from napari_xt.io.pyramid import pyramid_shapes
+
+    return pyramid_shapes(height, width, min_size=MIN_PYRAMID)
+
+
 def _round_up(value: int, step: int) -> int:
     return -(-value // step) * step
 

@@ -157,10 +157,10 @@ def write_preview(store: Any, source: Any, sums: PreviewSums | None = None) -> N
     """The root image: the input, block-averaged, as many levels as the label pyramid."""
     import zarr
 
-    from .publish import level_shapes
+    from . import layout
 
     spec = store.spec
-    n = len(level_shapes(spec))
+    n = len(layout.level_shapes(spec.height, spec.width))
     factor = preview_factor(spec.height, spec.width)
     if sums is not None and sums.factor == factor and sums.complete():
         first = sums.mean(source.dtype)

@@ -43,11 +43,9 @@ def _fault(step: str) -> None:
 
 
 def level_shapes(spec: StoreSpec) -> list[tuple[int, int]]:
-    from napari_xt.io.pyramid import pyramid_shapes
-
     from . import layout
 
-    return pyramid_shapes(spec.height, spec.width, min_size=layout.MIN_PYRAMID)
+    return layout.level_shapes(spec.height, spec.width)
 
 
 def run_pixel_size(source: Any) -> tuple[tuple[float, float], str | None]:
@@ -101,7 +99,7 @@ def _dir_digests(root: Path, rel: str) -> dict[str, list[int] | None]:
 def write_pyramid(store: Any, name: str, method: str) -> None:
     from napari_xt.io.pyramid import downsample_block
 
-    from .disk import ArrayDef, create_array
+    from .arrays import ArrayDef, create_array
 
     d0 = store.defs[name]
     base = d0.path.rsplit("/", 1)[0]

@@ -1,0 +1,43 @@
+"""Where the shipped demo model's weights are, and how they load (no training code).
+
+The package ships `weights/xt_demo_sar.safetensors` (the demo model, trained by
+`napari-xt train configs/demo.yaml` then `configs/demo_wide.yaml` on the synthetic SAR task
+of `napari_xt.train.synthetic`) and `weights/xt_demo_sar_region_only.safetensors` (the same
+architecture without context, its baseline). Both carry their config and training config in
+the header, so they rebuild themselves; the task's class names are added here when a file
+predates names in configs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+DEMO_WEIGHTS = WEIGHTS_DIR / "xt_demo_sar.safetensors"
+REGION_ONLY_WEIGHTS = WEIGHTS_DIR / "xt_demo_sar_region_only.safetensors"
+DEMO_METRICS = WEIGHTS_DIR / "demo_metrics.json"
+#: the synthetic SAR task's classes (label values 0, 1, 2) and detection class
+CLASS_NAMES = ("land", "sea", "lake")
+POINT_NAMES = ("vessel",)
+
+
+def demo_weights_path(region_only: bool = False) -> Path:
+    """The weights file; FileNotFoundError naming it when the installation lacks it."""
+    path = REGION_ONLY_WEIGHTS if region_only else DEMO_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"the demo model's weights are missing from this "
+                                f"installation: {path} (reinstall napari-xt)")
+    return path
+
+
+def load_demo_weights(region_only: bool = False, device="cpu"):
+    """The shipped demo `XT` (eval mode). Input: normalized (B, 2, H, W) dB VV/VH images."""
+    from .checkpoint import load_checkpoint
+
+    model = load_checkpoint(demo_weights_path(region_only), device=device)
+    cfg = model.cfg
+    if not cfg.head.class_names:
+        model.cfg = replace(cfg, head=replace(cfg.head, class_names=CLASS_NAMES,
+                                              point_names=POINT_NAMES))
+    return model
