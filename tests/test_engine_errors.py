@@ -258,3 +258,86 @@ def test_oom_in_context_or_decode_backs_off_and_gives_the_same_result(batch_size
                                ref.summary["arrays"]["probabilities"], atol=1e-3)
     assert (events[-1].summary["arrays"]["labels"] == ref.summary["arrays"]["labels"]).mean() \
         > 0.999
+
+
+# ---------------------------------------------------------------------------- threads
+class _ExplodingArray:
+    """An image whose reads raise `error` once `after` boxes were read."""
+
+    def __init__(self, array, error, after=2):
+        self.array, self.error, self.after = array, error, after
+        self.shape, self.dtype = array.shape, array.dtype
+        self.reads = 0
+
+    def __getitem__(self, key):
+        self.reads += 1
+        if self.reads > self.after:
+            raise self.error
+        return self.array[key]
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_an_error_in_the_reader_ends_the_run_with_failed(monkeypatch, threaded):
+    """A MemoryError while reading pixels (a background reader thread beside a GPU) used to
+    leave the run waiting forever after Planned."""
+    import time
+
+    from napari_xt.engine import device
+
+    monkeypatch.setattr(device, "FORCE_THREADS", threaded)
+    # the first reads (the image's identity: 4 sampled patches) go through
+    img = _ExplodingArray(image(3, 3), MemoryError("cannot allocate 2 GiB"), after=5)
+    t = time.perf_counter()
+    events = list(run(img, _same_weights(), None, cache=False, batch_size=2))
+    assert time.perf_counter() - t < 20
+    assert isinstance(events[-1], Failed), events[-1]
+    assert "MemoryError" in events[-1].message and "cannot allocate" in events[-1].message
+
+
+class _ChunkedFlaky:
+    """A source chunked in 128 px tiles (read through the engine's tile cache) whose tile
+    (1, 0) cannot be read (one the image's identity samples do not touch)."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.dtype = array, array.shape, array.dtype
+        h, w = array.shape[:2]
+        self.chunks = ((128,) * (h // 128), (128,) * (w // 128), (3,))
+
+    def __getitem__(self, key):
+        ys, xs = key[0], key[1]
+        if ys.start == 128 and xs.start == 0:
+            raise OSError("tile (1, 0) is unreadable")
+        return self.array[key]
+
+
+def test_an_error_in_a_tile_read_fails_its_regions_and_ends_the_run():
+    from napari_xt.engine import RegionFailed
+
+    events = list(run(_ChunkedFlaky(image(6, 6)), _same_weights(), None, cache=False,
+                      batch_size=2))
+    failed = [e for e in events if isinstance(e, RegionFailed)]
+    assert failed and "tile (1, 0) is unreadable" in failed[0].reason
+    assert failed[0].indices[0] in {(2, 0), (2, 1), (3, 0), (3, 1)}  # the tile's regions
+    assert isinstance(events[-1], Failed) and "could not be read" in events[-1].message
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_an_error_in_the_store_writer_ends_the_run_with_failed(tmp_path, monkeypatch, threaded):
+    import time
+
+    from napari_xt.engine import device
+    from napari_xt.engine.store import disk
+
+    monkeypatch.setattr(device, "FORCE_THREADS", threaded)
+
+    def broken(self, tiles):
+        raise RuntimeError("the shard buffer is gone")
+
+    monkeypatch.setattr(disk.DiskStore, "_place", broken)
+    t = time.perf_counter()
+    events = list(run(image(3, 3), _same_weights(), tmp_path / "o.zarr", batch_size=2))
+    assert time.perf_counter() - t < 20
+    assert isinstance(events[-1], Failed), events[-1]
+    assert "the shard buffer is gone" in events[-1].message
+    names = {t.name for t in __import__("threading").enumerate()}
+    assert "napari-xt-writer" not in names and "napari-xt-reader" not in names

@@ -164,8 +164,12 @@ def run(
     # the reads of one strip (its width, a couple of crop rows) fit; nothing more is kept
     size = plan.region_size
     source.fit_tile_cache((plan.strip_width * plan.stride + plan.k) * size, 2 * plan.k * size)
+    try:
+        identity = source.identity()  # the first pixels read: an unreadable image is bad input
+    except Exception as err:
+        raise EngineInputError(f"cannot read the image: {type(err).__name__}: {err}") from err
     encoder_sig = {
-        "image": source.identity(), "normalize": _listify(normalize),
+        "image": identity, "normalize": _listify(normalize),
         "model_hash": model_hash(model), "region_size": plan.region_size,
         "version": __version__,
     }
