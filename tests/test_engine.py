@@ -137,7 +137,7 @@ class CropOffsetXT(XT):
     decodes to one s/h x s/h block (nearest upsampling), so without blending the tokens the
     output would step wherever crops end."""
 
-    def contextualize(self, tokens, positions=None, state=None, append_cls=True):
+    def contextualize(self, tokens, state=None, append_cls=True):
         level = 3 * torch.sin(tokens.float().mean(dim=(1, 2)) * 3000)  # (B,) differs by crop
         return torch.zeros_like(tokens) + level[:, None, None].to(tokens.dtype), state
 

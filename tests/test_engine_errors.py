@@ -212,10 +212,10 @@ class SmallDecodeMemoryXT(XT):
     limit = 2
     context_limit = 1000
 
-    def contextualize(self, tokens, positions=None, state=None, append_cls=True):
+    def contextualize(self, tokens, state=None, append_cls=True):
         if tokens.shape[0] > self.context_limit:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
-        return super().contextualize(tokens, positions, state, append_cls)
+        return super().contextualize(tokens, state, append_cls)
 
     def __init__(self, cfg):
         super().__init__(cfg)

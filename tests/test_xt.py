@@ -189,7 +189,7 @@ def test_streaming_by_region_rows_equals_whole_image():
             last = model.encode_regions(band)[-1]
             rc = np.array([[row, 0], [row, 1]])
             tokens, pos = model.region_tokens(last.unsqueeze(0), rc)
-            out, state = model.contextualize(tokens, pos, state, append_cls=row == 2)
+            out, state = model.contextualize(tokens, state, append_cls=row == 2)
         streamed = model.decode(out)["logits"]
     torch.testing.assert_close(streamed, whole, rtol=1e-4, atol=1e-5)
 

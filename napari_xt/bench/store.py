@@ -77,7 +77,7 @@ class CachedStagesXT:
         _, pos = token_layout(region_rc, h, w)
         return torch.zeros(b, r * h * w, self._dim), pos.unsqueeze(0).expand(b, -1, -1)
 
-    def contextualize(self, tokens, positions=None, state=None, append_cls=True):
+    def contextualize(self, tokens, state=None, append_cls=True):
         return tokens, state
 
     def decode(self, tokens, features=None, region_rc=None):

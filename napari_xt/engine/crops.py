@@ -99,7 +99,7 @@ class CropRunner:
             with torch.inference_mode(), autocast(self.spec.device):
                 tokens, pos = self.model.region_tokens(levels[-1], rc)  # (B, N, D), (B, N, 2)
                 state = self.context_state if self.spec.carry_state else None
-                tokens, state = self.model.contextualize(tokens, pos, state)  # (B, N[+1], D)
+                tokens, state = self.model.contextualize(tokens, state)  # (B, N[+1], D)
             if self.spec.carry_state:
                 self.context_state = state
             maps = None

@@ -88,6 +88,9 @@ class RegionPlan:
     ) -> None:
         if min(height, width, region_size) <= 0:
             raise ValueError(f"bad plan: image {height}x{width}, region size {region_size}")
+        from napari_xt.model.tokenizer import RegionGrid
+
+        self.regions = RegionGrid(int(height), int(width), int(region_size))  # rows, boxes
         self.height, self.width, self.region_size = int(height), int(width), int(region_size)
         self.k = max(1, int(crop_regions or 1))
         self.stride = max(1, self.k // 2) if stride is None else int(stride)
@@ -96,8 +99,7 @@ class RegionPlan:
         if strip_width < 1:
             raise ValueError(f"strip_width must be >= 1, got {strip_width}")
         self.strip_width = int(strip_width)
-        s = self.region_size
-        self.rows, self.cols = -(-self.height // s), -(-self.width // s)
+        self.rows, self.cols = self.regions.rows, self.regions.cols
         row_starts = _starts(self.rows, self.k, self.stride)
         col_starts = _starts(self.cols, self.k, self.stride)
         kr, kc = min(self.k, self.rows), min(self.k, self.cols)
@@ -123,11 +125,7 @@ class RegionPlan:
 
     def box(self, row: int, col: int) -> tuple[int, int, int, int]:
         """(y0, x0, y1, x1) pixel box of a region, clipped to the image."""
-        s = self.region_size
-        return row * s, col * s, min((row + 1) * s, self.height), min((col + 1) * s, self.width)
-
-    def crops_of(self, row: int, col: int) -> list[Crop]:
-        return [c for c in self.crops if c.contains(row, col)]
+        return self.regions.box(row, col)
 
     def _axis_window(self, n: int, start: int, total: int) -> np.ndarray:
         key = (n, start == 0, start + n == total)

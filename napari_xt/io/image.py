@@ -7,7 +7,7 @@ Axes are one of `YX`, `YXC`, `CYX` (T/Z planes are chosen when opening).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import dask.array as da
@@ -142,10 +142,6 @@ class MultiscaleImage:
         if self.axes == "YXC":
             return arr.transpose(2, 0, 1)
         return arr
-
-    def with_levels(self, levels: list[da.Array], **changes: Any) -> MultiscaleImage:
-        """A copy with other levels (same axes/metadata unless overridden)."""
-        return replace(self, levels=list(levels), **changes)
 
     def close(self) -> None:
         """Release open file handles (TIFF files); the levels can no longer be read."""

@@ -302,14 +302,14 @@ class XT(nn.Module):
     def contextualize(
         self,
         tokens: torch.Tensor,
-        positions: torch.Tensor | None = None,
         state: Any = None,
         append_cls: bool = True,
     ) -> tuple[torch.Tensor, Any]:
-        """tokens (B, N, D) -> (tokens (B, N[+1], D), state); causal, streaming-capable.
+        """tokens (B, N, D) (their positions already added) -> (tokens (B, N[+1], D), state);
+        causal, streaming-capable.
 
         Classification models append the cls token LAST (when `append_cls`; stream the image
-        with append_cls=False and pass it on the final piece); its position is (-1, -1).
+        with append_cls=False and pass it on the final piece).
         Region-only models (context "none") return the tokens unchanged and no state.
         """
         if self.context is None:
@@ -317,10 +317,7 @@ class XT(nn.Module):
         if self.cls_token is not None and append_cls:
             b = tokens.shape[0]
             tokens = torch.cat([tokens, self.cls_token.expand(b, -1, -1).to(tokens.dtype)], 1)
-            if positions is not None:
-                pad = positions.new_full((b, 1, 2), -1)
-                positions = torch.cat([positions, pad], dim=1)
-        return self.context(tokens, positions, state)
+        return self.context(tokens, state)
 
     def decode(
         self,
@@ -361,7 +358,7 @@ class XT(nn.Module):
         last = feats[-1]
         rc = grid.order("raster")
         tokens, pos = self.region_tokens(last.reshape(b, r, *last.shape[1:]), rc)
-        tokens, _ = self.contextualize(tokens, pos)
+        tokens, _ = self.contextualize(tokens)
         out = self.decode(tokens, feats, rc)
         if self.classification:
             return out

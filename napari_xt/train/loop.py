@@ -276,7 +276,7 @@ class Trainer:
             feats = self._encode(regions[:, tidx].flatten(0, 1), gen)
             last = feats[-1]
             tokens, pos = model.region_tokens(last.reshape(b, len(idx), *last.shape[1:]), rc)
-            tokens, state = model.contextualize(tokens, pos, state)
+            tokens, state = model.contextualize(tokens, state)
             maps = model.decode(tokens, feats, rc)  # {name: (B, r, K, S, S)}
             maps = {k: v.flatten(0, 1) for k, v in maps.items()}  # (B*r, K, S, S)
             piece = {k: v[:, tidx].flatten(0, 1) for k, v in targets.items()}

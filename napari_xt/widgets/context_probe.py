@@ -63,9 +63,9 @@ def region_only_labels(model, source, row: int, col: int, region_size: int,
     with torch.no_grad():
         feats = model.encode_regions(torch.from_numpy(x)[None].to(device))
         last = feats[-1]
-        tokens, pos = model.region_tokens(last[None], rc)
+        tokens, _ = model.region_tokens(last[None], rc)
         if mode == "alone":
-            tokens, _ = model.contextualize(tokens, pos)
+            tokens, _ = model.contextualize(tokens)
         maps = model.decode(tokens, feats, rc)
     primary = "logits" if "logits" in maps else next(iter(maps))
     labels = maps[primary][0, 0].float().argmax(0).cpu().numpy()[: y1 - y0, : x1 - x0]

@@ -75,10 +75,6 @@ def preview_stride(height: int, width: int, limit: int = PREVIEW_MAX) -> int:
     return max(1, math.ceil(max(height, width) / limit))
 
 
-def preview_shape(height: int, width: int, stride: int) -> tuple[int, int]:
-    return -(-height // stride), -(-width // stride)
-
-
 class StoreTileReader:
     """Preview tiles of finished regions, read through the run's store (worker thread):
     final regions come from the store's memory until their shard is written, then from disk;

@@ -1,7 +1,7 @@
 """Long-context encoders: Hyper attention, Transformer-XL, Mamba, and the identity baseline.
 
 `build_context_encoder(cfg)` picks the encoder for `cfg.kind`; every encoder has
-`forward(tokens (B, N, D), positions (B, N, 2) | None = None, state=None) -> (tokens, state)`.
+`forward(tokens (B, N, D), state=None) -> (tokens, state)`.
 """
 
 from __future__ import annotations

@@ -112,11 +112,10 @@ class ContextConfig:
 
 
 class ContextEncoder(nn.Module, abc.ABC):
-    """Interface: `forward(tokens (B, N, D), positions (B, N, 2) | None, state) -> (tokens, state)`.
+    """Interface: `forward(tokens (B, N, D), state=None) -> (tokens, state)`.
 
-    `positions` are the global (row, col) of each token; the encoders here rely on the 2-D
-    sin-cos position the caller already added to the tokens and accept `positions` for
-    interface compatibility. `state` is the encoder's own state class or None (start fresh).
+    The tokens already carry their 2-D sin-cos position (added by `XT.region_tokens`).
+    `state` is the encoder's own state class or None (start fresh).
     """
 
     def __init__(self, cfg: ContextConfig) -> None:
@@ -127,7 +126,6 @@ class ContextEncoder(nn.Module, abc.ABC):
     def forward(
         self,
         tokens: torch.Tensor,
-        positions: torch.Tensor | None = None,
         state: Any = None,
     ) -> tuple[torch.Tensor, Any]:
         """Each encoder defines its own pass over the sequence."""
@@ -141,7 +139,7 @@ class ContextEncoder(nn.Module, abc.ABC):
 class IdentityContextEncoder(ContextEncoder):
     """kind "none": the region-only baseline; tokens pass through unchanged, no state."""
 
-    def forward(self, tokens, positions=None, state=None):
+    def forward(self, tokens, state=None):
         self._check_tokens(tokens, self.cfg.dim)
         return tokens, None
 

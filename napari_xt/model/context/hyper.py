@@ -95,7 +95,7 @@ class HyperSelfAttention(SelfAttention):
 
 
 class HyperContextEncoder(ContextEncoder):
-    """`depth` Hyper layers; forward(tokens (B, N, D), positions, state) -> (tokens, state)."""
+    """`depth` Hyper layers; forward(tokens (B, N, D), state) -> (tokens, state)."""
 
     def __init__(self, cfg: ContextConfig) -> None:
         super().__init__(cfg)
@@ -108,7 +108,7 @@ class HyperContextEncoder(ContextEncoder):
         for layer in self.layers:
             layer.attn.reset_lsh_projections()
 
-    def forward(self, tokens, positions=None, state: HyperState | None = None):
+    def forward(self, tokens, state: HyperState | None = None):
         self._check_tokens(tokens, self.cfg.dim)
         if state is not None and len(state.keys) != len(self.layers):
             raise ValueError(f"state has {len(state.keys)} layers, encoder {len(self.layers)}")

@@ -123,7 +123,7 @@ class MambaLayer(nn.Module):
 
 
 class MambaContextEncoder(ContextEncoder):
-    """forward(tokens (B, N, D), positions, state) -> (tokens, MambaState | None).
+    """forward(tokens (B, N, D), state) -> (tokens, MambaState | None).
 
     Bidirectional encoders return no state and refuse one (a reversed layer needs the
     whole sequence).
@@ -139,7 +139,7 @@ class MambaContextEncoder(ContextEncoder):
     def streamable(self) -> bool:
         return not any(layer.reverse for layer in self.layers)
 
-    def forward(self, tokens, positions=None, state: MambaState | None = None):
+    def forward(self, tokens, state: MambaState | None = None):
         self._check_tokens(tokens, self.cfg.dim)
         if not self.streamable:
             if state is not None:

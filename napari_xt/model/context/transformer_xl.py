@@ -35,7 +35,7 @@ class TransformerXLState:
 
 
 class TransformerXLContextEncoder(ContextEncoder):
-    """forward(tokens (B, N, D), positions, state) -> (tokens (B, N, D), TransformerXLState)."""
+    """forward(tokens (B, N, D), state) -> (tokens (B, N, D), TransformerXLState)."""
 
     def __init__(self, cfg: ContextConfig) -> None:
         super().__init__(cfg)
@@ -43,7 +43,7 @@ class TransformerXLContextEncoder(ContextEncoder):
             AttentionBlock(cfg, SelfAttention(cfg)) for _ in range(cfg.depth)
         )
 
-    def forward(self, tokens, positions=None, state: TransformerXLState | None = None):
+    def forward(self, tokens, state: TransformerXLState | None = None):
         self._check_tokens(tokens, self.cfg.dim)
         b, n, d = tokens.shape
         mem_len, chunk = self.cfg.mem_len, self.cfg.chunk_len
