@@ -41,6 +41,8 @@ ignored, and the ViT pyramid (not part of timm) keeps its fresh initialization.
 from __future__ import annotations
 
 import difflib
+import functools
+import inspect
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -87,23 +89,51 @@ def _create(cfg: RegionEncoderConfig, **kwargs) -> nn.Module:
 
     kwargs = dict(pretrained=False, in_chans=cfg.in_chans, **kwargs)
     # passed where the model accepts them (timm's own drop-path default is often 0.1, not 0)
+    accepted = _optional_args(cfg.backbone)
+    if cfg.drop_path_rate and "drop_path_rate" not in accepted:
+        raise ValueError(
+            f"timm backbone {cfg.backbone!r} has no stochastic depth: drop_path_rate must be 0, "
+            f"got {cfg.drop_path_rate}"
+        )
     optional = {"img_size": cfg.region_size, "drop_path_rate": float(cfg.drop_path_rate)}
-    while True:
-        try:
-            return timm.create_model(cfg.backbone, **optional, **kwargs)
-        except TypeError as err:
-            dropped = [k for k in optional if f"'{k}'" in str(err)]
-            if not dropped or (dropped[0] == "drop_path_rate" and cfg.drop_path_rate):
-                raise
-            del optional[dropped[0]]
-        except RuntimeError as err:
-            if "Unknown model" not in str(err):
-                raise
-            close = difflib.get_close_matches(cfg.backbone, timm.list_models(), n=5, cutoff=0.6)
-            raise ValueError(
-                f"unknown timm backbone {cfg.backbone!r}; "
-                f"close names: {', '.join(close) or 'none'}"
-            ) from None
+    optional = {k: v for k, v in optional.items() if k in accepted}
+    return timm.create_model(cfg.backbone, **optional, **kwargs)
+
+
+_OPTIONAL_ARGS = ("img_size", "drop_path_rate")
+
+
+@functools.cache
+def _optional_args(backbone: str) -> frozenset[str]:
+    """Which of `_OPTIONAL_ARGS` the model class of timm `backbone` takes.
+
+    The class is found by building the default model once on the meta device (no memory, no
+    random numbers drawn); its constructor's signature names the arguments. A constructor
+    with ``**kwargs`` is followed up its base classes (e.g. timm's ``LevitDistilled`` passes
+    everything on to ``Levit``), stopping at ``nn.Module``.
+    """
+    import timm
+    from timm.models import parse_model_name
+
+    source, name = parse_model_name(backbone)
+    if source is None and not timm.is_model(name):
+        close = difflib.get_close_matches(backbone, timm.list_models(), n=5, cutoff=0.6)
+        raise ValueError(
+            f"unknown timm backbone {backbone!r}; close names: {', '.join(close) or 'none'}"
+        )
+    with torch.device("meta"), torch.random.fork_rng(devices=[]):
+        probe = timm.create_model(backbone, pretrained=False)
+    accepted: set[str] = set()
+    for klass in type(probe).__mro__:
+        if klass is nn.Module or not issubclass(klass, nn.Module):
+            break
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        accepted |= {p.name for p in params if p.name in _OPTIONAL_ARGS}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return frozenset(accepted)
 
 
 def _single_stride_indices(cfg: RegionEncoderConfig) -> tuple[int, ...] | None:

@@ -35,7 +35,6 @@ tokens (B, N, D); positions (B, N, 2) int64 global (row, col) on the token grid.
 
 from __future__ import annotations
 
-import typing
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any
@@ -45,30 +44,10 @@ import torch
 from torch import nn
 
 from .context import ContextConfig, build_context_encoder
+from .fields import from_mapping
 from .heads import HeadConfig, build_head
 from .region import RegionEncoder, RegionEncoderConfig
 from .tokenizer import TokenizerConfig, merge_regions, split_regions, split_subregions
-
-
-def _tupleize(value: Any) -> Any:
-    if isinstance(value, list):
-        return tuple(_tupleize(v) for v in value)
-    return value
-
-
-def _from_dict(cls: type, data: dict[str, Any]) -> Any:
-    if not isinstance(data, dict):
-        raise ValueError(f"{cls.__name__}: expected a dict, got {type(data).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for key, value in data.items():
-        is_list = typing.get_origin(hints.get(key)) is list or hints.get(key) is list
-        values[key] = value if is_list else _tupleize(value)
-    return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -126,17 +105,8 @@ class XTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> XTConfig:
-        nested = {
-            "region": RegionEncoderConfig,
-            "tokenizer": TokenizerConfig,
-            "context": ContextConfig,
-            "head": HeadConfig,
-        }
-        values = dict(data)
-        for key, sub in nested.items():
-            if key in values:
-                values[key] = _from_dict(sub, values[key])
-        return _from_dict(cls, values)
+        """Inverse of `to_dict`; unknown fields (at any level) are a ValueError."""
+        return from_mapping(cls, data)
 
 
 def sincos_2d(positions: torch.Tensor, dim: int) -> torch.Tensor:

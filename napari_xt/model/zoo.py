@@ -17,10 +17,11 @@ row-major sequence.
 from __future__ import annotations
 
 import difflib
-from dataclasses import fields, is_dataclass, replace
+from dataclasses import is_dataclass, replace
 from typing import Any
 
 from .context import ContextConfig
+from .fields import check_fields
 from .heads import HeadConfig
 from .region import RegionEncoderConfig
 from .tokenizer import TokenizerConfig
@@ -160,10 +161,7 @@ def list_models(pattern: str | None = None) -> list[str]:
 def _merge(obj: Any, key: str, value: Any) -> Any:
     current = getattr(obj, key)
     if is_dataclass(current) and isinstance(value, dict):
-        known = {f.name for f in fields(current)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"unknown {type(current).__name__} fields: {unknown}")
+        check_fields(type(current), value)
         return replace(current, **value)
     return value
 
@@ -186,10 +184,7 @@ def apply_overrides(cfg: XTConfig, **overrides: Any) -> XTConfig:
     """`cfg` with `overrides` applied, as `get_config` does for zoo models."""
     num_classes = overrides.pop("num_classes", None)
     in_chans = overrides.pop("in_chans", None)
-    known = {f.name for f in fields(XTConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown XTConfig fields: {unknown}")
+    check_fields(XTConfig, overrides)
     changes = {k: _merge(cfg, k, v) for k, v in overrides.items()}
     if num_classes is not None:
         changes["num_classes"] = num_classes

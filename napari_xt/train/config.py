@@ -9,11 +9,13 @@ The model is a zoo name with overrides (`model: {zoo: NAME, overrides: {...}}`),
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from napari_xt.model.fields import from_mapping
 
 from .data import Normalization
 from .losses import LossConfig
@@ -178,7 +180,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return _build(cls, data or {}, "config")
+        """Inverse of `to_dict`. Unknown keys are errors (named by their path, e.g.
+        ``config.optim``); an empty section (None) means its defaults."""
+        return from_mapping(cls, data or {}, "config", none_is_empty=True)
 
 
 def _plain(value: Any) -> Any:
@@ -187,39 +191,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
-
-_NESTED = {
-    (TrainConfig, "model"): ModelSpec,
-    (TrainConfig, "data"): DataSpec,
-    (TrainConfig, "optim"): OptimSpec,
-    (TrainConfig, "loss"): LossConfig,
-    (TrainConfig, "run"): RunSpec,
-    (TrainConfig, "eval"): EvalSpec,
-    (DataSpec, "normalize"): Normalization,
-}
-_TUPLES = {"betas", "class_weights", "context_classes", "mean", "std", "zero_init"}
-
-
-def _build(cls: type, data: dict[str, Any], where: str):
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
-    values = {}
-    for key, value in data.items():
-        sub = _NESTED.get((cls, key))
-        if sub is not None:
-            values[key] = _build(sub, value or {}, f"{where}.{key}")
-        elif cls is DataSpec and key == "scene":
-            values[key] = SceneConfig.from_dict(value or {})
-        elif key in _TUPLES and value is not None:
-            values[key] = tuple(value)
-        else:
-            values[key] = value
-    return cls(**values)
 
 
 def load_config(path: str | os.PathLike) -> TrainConfig:

@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage
 
+from napari_xt.model.fields import from_mapping
+
 LAND, SEA, LAKE = 0, 1, 2
 CLASS_NAMES = ("land", "sea", "lake")
 TARGET_NAMES = ("not_vessel", "vessel")
@@ -78,11 +80,8 @@ class SceneConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> SceneConfig:
-        data = dict(data)
-        for key in ("target_length", "sea_depth_px"):
-            if key in data:
-                data[key] = tuple(data[key])
-        return cls(**data)
+        """Inverse of `to_dict` (lists become tuples); unknown keys are a ValueError."""
+        return from_mapping(cls, data)
 
 
 def _layout_classes(water: np.ndarray, min_cells: int) -> np.ndarray:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import abc
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..fields import from_mapping
 
 CONTEXT_KINDS = ("hyper", "transformer_xl", "mamba", "none")
 
@@ -104,11 +106,7 @@ class ContextConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ContextConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown ContextConfig fields: {sorted(unknown)}")
-        return cls(**data)
+        return from_mapping(cls, data)
 
 
 class ContextEncoder(nn.Module, abc.ABC):
