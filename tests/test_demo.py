@@ -27,6 +27,7 @@ def tinted(png: np.ndarray, labels: np.ndarray) -> dict[int, int]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.gui
 def test_headless_demo_writes_store_and_screenshot(tmp_path, capsys):
     from napari_xt.cli import main

@@ -24,6 +24,18 @@ def images(tmp_path_factory):
     return paths, str(folder / "broken.npy")
 
 
+@pytest.fixture(scope="module")
+def cluster():
+    """One local cluster of 2 worker processes for the module (made as `--workers 2`
+    makes it), reached by its scheduler's address as `--scheduler` does."""
+    distributed = pytest.importorskip("distributed")  # installed with the test extras
+    from napari_xt.distributed import _local_cluster
+
+    local = _local_cluster(distributed.LocalCluster, 2)
+    yield local.scheduler_address
+    local.close()
+
+
 def single_run_labels(image, tmp_path):
     out = tmp_path / "single.zarr"
     assert main(["predict", image, "--model", "demo", "--out", str(out), "--quiet"]) == 0
@@ -60,11 +72,11 @@ def test_cancel_stops_the_running_image_and_skips_the_rest(images, tmp_path):
     assert {o.outcome for o in outcomes} == {"skipped"}
 
 
-def test_worker_processes_give_the_same_results(images, tmp_path):
-    pytest.importorskip("distributed")  # an optional extra; installed with the test extras
+@pytest.mark.slow
+def test_worker_processes_give_the_same_results(images, tmp_path, cluster):
     paths, broken = images
-    outcomes = list(predict_many([*paths, broken], "demo", tmp_path / "out", workers=2,
-                                 threads=1))
+    outcomes = list(predict_many([*paths, broken], "demo", tmp_path / "out", threads=1,
+                                 scheduler=cluster))
     by_image = {o.image: o for o in outcomes}
     assert all(isinstance(o, ImageOutcome) for o in outcomes) and len(outcomes) == 4
     assert by_image[broken].outcome == "failed"
@@ -90,12 +102,11 @@ def test_cli_many_images(images, tmp_path, capsys):
     assert "no such image" in capsys.readouterr().err
 
 
-def test_cancel_reaches_the_workers(images, tmp_path):
-    pytest.importorskip("distributed")
+def test_cancel_reaches_the_workers(images, tmp_path, cluster):
     paths, _ = images
     cancel = threading.Event()
     cancel.set()  # set before any worker starts: every run stops at its first region
-    outcomes = list(predict_many(paths[:2], "demo", tmp_path / "out", workers=2, threads=1,
-                                 cancel=cancel))
+    outcomes = list(predict_many(paths[:2], "demo", tmp_path / "out", threads=1,
+                                 scheduler=cluster, cancel=cancel))
     assert [o.outcome for o in outcomes] == ["cancelled", "cancelled"]
     assert all(o.message.startswith("after 0/12 regions") for o in outcomes)

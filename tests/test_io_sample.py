@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from napari_xt.sample_data import render_sar_chunk, sar_scene, slide_scene
 
 
+@pytest.mark.slow
 def test_slide_scene_is_deterministic_and_chunking_independent():
     a = slide_scene(5000, 4000, seed=7, chunk=512)
     b = slide_scene(5000, 4000, seed=7, chunk=1024)

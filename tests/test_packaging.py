@@ -34,6 +34,7 @@ def test_wheel_contains_manifest(wheel):
     assert shipped == (ROOT / "napari.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_installed_wheel_manifest_loads(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run(

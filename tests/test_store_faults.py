@@ -139,6 +139,7 @@ def assert_same_results(a, b):
 
 
 # ---------------------------------------------------------------------------- kills
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["commit:3", "finish:pyramid", "finish:preview",
                                    "finish:table", "finish:metadata", "finish:root",
                                    "finish:done"])

@@ -17,6 +17,7 @@ def _wait(qtbot, widget):
     qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
 
 
+@pytest.mark.slow
 def test_correct_a_window_and_the_detections_of_a_run(make_napari_viewer, qtbot, tmp_path,
                                                       checkpoint, monkeypatch):  # noqa: F811
     import napari.utils.notifications as notifications

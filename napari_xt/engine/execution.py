@@ -46,7 +46,10 @@ Index = tuple[int, int]
 class Execution:
     def __init__(self, spec: Any, store: Any, cache: Any) -> None:
         self.spec, self.store, self.cache = spec, store, cache
-        self.notices: list[Event] = []
+        self.notices: list[Event] = []  # events raised inside stages, emitted between crops
+        self.book: RegionBook | None = None  # made when the run starts (store state known)
+        self._acc: Accumulators | None = None
+        self._features: FeatureSupply | None = None
         self._events = self._run()
 
     # an iterator of events
@@ -65,8 +68,6 @@ class Execution:
         """The stream: the body's events, then its last event once the store's and the
         cache's locks are released (so whoever reads the last event can reopen the store)."""
         t0 = time.perf_counter()
-        self._acc: Accumulators | None = None
-        self._features: FeatureSupply | None = None
         last: Event | None = None
         try:
             last = yield from self._body(t0)
@@ -213,7 +214,7 @@ class Execution:
                                    time.perf_counter() - t))
 
     def _done(self) -> int:
-        return int(self.book.final.sum()) if hasattr(self, "book") else 0
+        return 0 if self.book is None else int(self.book.final.sum())
 
     def _drain(self) -> Iterator[Event]:
         yield from self.notices
