@@ -115,11 +115,18 @@ def test_read_error_continue_then_rerun_repairs(tmp_path):
     assert fin.counts["failed"] == 1 and fin.summary["complete"] is False
     assert sum(isinstance(e, RegionFailed) for e in events) == 1
     state = open_result(out).region_status()
-    assert state[0, 2] == FAILED and (state == DONE).sum() == 15
-    # the source is readable again: the rerun resumes and redoes only the failed region
+    # written, but not done: the failed region and the 5 regions whose crops lacked it
+    assert state[0, 2] == FAILED and (state == DONE).sum() == 16 - 6
+    # the source is readable again: the rerun redoes them, with their full context
     again = list(run(img, _same_weights(), out))
-    assert again[0].todo_regions == 1, again[0]
+    assert again[0].todo_regions == 6, again[0]
     assert isinstance(again[-1], Finished) and again[-1].summary["complete"] is True
+    full = tmp_path / "full.zarr"
+    assert isinstance(list(run(img, _same_weights(), full))[-1], Finished)
+    from napari_xt.io import read_labels
+
+    np.testing.assert_array_equal(np.asarray(read_labels(out, "prediction").levels[0]),
+                                  np.asarray(read_labels(full, "prediction").levels[0]))
 
 
 def _same_weights():

@@ -18,13 +18,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from _store_cases import (  # the fixtures _small_shards, demo and scene among them
+    OUTPUTS,
+    _small_shards,
+    assert_same_results,
+    complete,
+    demo,
+    demo_model,
+    reference_run,
+    run_demo,
+    scene,
+    small_shards,
+    write_scene,
+)
 
 from napari_xt.engine import Finished, Notice, Planned, run
 from napari_xt.engine.store import StoreError, layout
-from napari_xt.io import read_detections, read_labels, read_probabilities
-
-OUTPUTS = ("labels", "probabilities", "detections")
+from napari_xt.io import read_detections, read_labels
 
 KILL = r"""
 import os, sys, torch
@@ -58,58 +68,16 @@ print(type(e).__name__, e)
 """
 
 
-@pytest.fixture(autouse=True)
-def small_shards(monkeypatch):
-    monkeypatch.setattr(layout, "CHUNK", 64)
-    monkeypatch.setattr(layout, "SHARD", 128)
-    monkeypatch.setattr(layout, "MIN_PYRAMID", 128)  # a 3-level pyramid
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same arithmetic as the killed child processes
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def demo():
-    from napari_xt.model.choice import load_model
-
-    model, _, norm = load_model("demo")
-    return model, norm
-
-
-@pytest.fixture(scope="module")
-def scene(tmp_path_factory):
-    from napari_xt.train.synthetic import SceneConfig, SyntheticScene
-
-    img, _ = SyntheticScene(5, SceneConfig(height=384, width=448)).read()
-    path = tmp_path_factory.mktemp("scene") / "scene.npy"
-    np.save(path, img)
-    return path
-
-
 @pytest.fixture(scope="module")
 def reference(scene, tmp_path_factory, demo):
     """An uninterrupted run (made with the module's settings)."""
-    mp = pytest.MonkeyPatch()
-    mp.setattr(layout, "CHUNK", 64)
-    mp.setattr(layout, "SHARD", 128)
-    mp.setattr(layout, "MIN_PYRAMID", 128)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = tmp_path_factory.mktemp("ref") / "ref.zarr"
-        fin = _run(scene, demo, out)[-1]
-        assert isinstance(fin, Finished) and fin.summary["complete"]
-        assert fin.summary["detections"] > 0
-    finally:
-        torch.set_num_threads(threads)
-        mp.undo()
+    out = reference_run(scene, demo, tmp_path_factory.mktemp("ref") / "ref.zarr")
+    assert len(read_detections(out, "prediction")["y"]) > 0
     return out
 
 
 def _run(scene, demo, out, **kw):
-    model, norm = demo
-    return list(run(str(scene), model, out, normalize=norm, outputs=OUTPUTS, **kw))
+    return run_demo(scene, demo, out, **kw)
 
 
 def _kill(scene, out, fault):
@@ -118,24 +86,7 @@ def _kill(scene, out, fault):
     assert proc.returncode == 9, (proc.stdout, proc.stderr[-2000:])
 
 
-def _complete(out) -> bool:
-    from napari_xt.engine.store.layout import root_attrs
-
-    return bool((root_attrs(out) or {}).get("complete"))
-
-
-def assert_same_results(a, b):
-    la, lb = read_labels(a, "prediction"), read_labels(b, "prediction")
-    assert len(la.levels) == len(lb.levels) > 1
-    for x, y in zip(la.levels, lb.levels):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    np.testing.assert_array_equal(np.asarray(read_probabilities(a, "prediction").levels[0]),
-                                  np.asarray(read_probabilities(b, "prediction").levels[0]))
-    ta, tb = read_detections(a, "prediction"), read_detections(b, "prediction")
-    assert list(ta) == list(tb) and len(ta["y"]) > 0
-    for col in ta:
-        np.testing.assert_array_equal(ta[col], tb[col])
-    assert _complete(a) and _complete(b)
+_complete = complete
 
 
 # ---------------------------------------------------------------------------- kills
@@ -357,12 +308,7 @@ def test_leftovers_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
 @pytest.fixture(scope="module")
 def wide_scene(tmp_path_factory):
     """640 x 640: 4 crops of 8 x 8 regions, so shards wait for later crops."""
-    from napari_xt.train.synthetic import SceneConfig, SyntheticScene
-
-    img, _ = SyntheticScene(6, SceneConfig(height=640, width=640)).read()
-    path = tmp_path_factory.mktemp("wide") / "wide.npy"
-    np.save(path, img)
-    return path
+    return write_scene(tmp_path_factory.mktemp("wide"), 6, 640, 640)
 
 
 def test_memory_pressure_partial_shards_give_the_same_results(wide_scene, demo, tmp_path,

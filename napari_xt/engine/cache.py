@@ -97,17 +97,22 @@ class EmbeddingCache:
             self._empty()
         elif meta is None and occupied:
             legacy = _is_legacy_cache(self.path)
-            if not rebuild:
+            if owned:  # the store's own: whatever it holds now, it is rebuilt
+                self._empty()
+                self.notices.append(f"embedding cache {self.path} was unreadable or of an "
+                                    "older napari-xt; it is rebuilt")
+            elif not rebuild:
                 what = ("was written by an older napari-xt" if legacy else
                         "exists and is not a napari-xt embedding cache")
                 raise CacheMismatchError(f"{self.path} {what}; "
-                                         + hint(spell, "rebuild_cache" if legacy or owned
+                                         + hint(spell, "rebuild_cache" if legacy
                                                 else "cache_path"))
-            if not (legacy or owned):
+            elif not legacy:
                 raise CacheMismatchError(f"{self.path} exists and is not a napari-xt "
                                          "embedding cache, so it is never emptied; "
                                          f"{hint(spell, 'cache_path')}")
-            self._empty()
+            else:
+                self._empty()
         notice = self.lock.acquire()
         if notice:
             self.notices.append(notice)
@@ -121,11 +126,14 @@ class EmbeddingCache:
         self.shapes: list[tuple[int, ...]] | None = (
             [tuple(s) for s in meta["levels"]] if meta.get("levels") else None)
         self.refs: dict[Index, BlobRef] = {}
+        self.mask_side: dict[Index, int] = {}  # regions whose blob ends with a NaN mask
         for rec in self.index.records():
-            for rc, ref in zip(rec.get("r", []), rec.get("b", [])):
+            sides = rec.get("m") or [0] * len(rec.get("r", []))
+            for rc, ref, side in zip(rec.get("r", []), rec.get("b", []), sides):
                 idx = (int(rc[0]), int(rc[1]))
                 if 0 <= idx[0] < self.grid[0] and 0 <= idx[1] < self.grid[1]:
                     self.refs[idx] = BlobRef.from_list(ref)
+                    self.mask_side[idx] = int(side)
         self.done = np.zeros(self.grid, bool)  # (rows, cols) regions the index holds
         for r, c in self.refs:
             self.done[r, c] = True
@@ -148,24 +156,34 @@ class EmbeddingCache:
         return bool(self.done[row, col])
 
     def get(self, indices: Sequence[Index]
-            ) -> tuple[list[Index], list[np.ndarray], dict[Index, str]]:
-        """(found, levels, bad): features of the regions of `indices` that read back intact,
-        per level (n, C_l, h_l, w_l) float16; `bad` maps every region whose bytes are missing,
-        truncated or changed to the reason (they are forgotten: encode them again)."""
+            ) -> tuple[list[Index], list[np.ndarray], dict[Index, str], dict[Index, np.ndarray]]:
+        """(found, levels, bad, masks): features of the regions of `indices` that read back
+        intact, per level (n, C_l, h_l, w_l) float16; `bad` maps every region whose bytes are
+        missing, truncated or changed to the reason (they are forgotten: encode them again);
+        `masks` the (S, S) non-finite-pixel masks of regions that had such pixels."""
         assert self.shapes is not None
         sizes = [int(np.prod(s)) for s in self.shapes]
+        nbytes = 2 * sum(sizes)
         found: list[Index] = []
         parts: list[np.ndarray] = []
         bad: dict[Index, str] = {}
+        masks: dict[Index, np.ndarray] = {}
         for idx in indices:
             try:
                 data = self.packs.read(self.refs[idx])
-                flat = np.frombuffer(data, np.float16)
-                if flat.size != sum(sizes):
-                    raise CorruptBlob(f"{flat.size} values instead of {sum(sizes)}")
+                side = self.mask_side.get(idx, 0)
+                extra = -(-side * side // 8)
+                if len(data) != nbytes + extra:
+                    raise CorruptBlob(f"{len(data)} bytes instead of {nbytes + extra}")
+                flat = np.frombuffer(data[:nbytes], np.float16)
+                if side:
+                    bits = np.unpackbits(np.frombuffer(data[nbytes:], np.uint8),
+                                         count=side * side)
+                    masks[idx] = bits.astype(bool).reshape(side, side)
             except (CorruptBlob, KeyError) as err:
                 bad[idx] = str(err)
                 self.forget(idx)
+                masks.pop(idx, None)
                 continue
             found.append(idx)
             parts.append(flat)
@@ -175,14 +193,18 @@ class EmbeddingCache:
             levels.append(np.stack([p[start:start + n].reshape(shape) for p in parts])
                           if parts else np.empty((0, *shape), np.float16))
             start += n
-        return found, levels, bad
+        return found, levels, bad, masks
 
     def forget(self, idx: Index) -> None:
         self.refs.pop(idx, None)
         self.done[idx] = False
 
-    def put(self, indices: Sequence[Index], features: Sequence[np.ndarray]) -> None:
-        """features: per level (n, C_l, h_l, w_l) (any float dtype; stored fp16)."""
+    def put(self, indices: Sequence[Index], features: Sequence[np.ndarray],
+            masks: dict[Index, np.ndarray] | None = None) -> None:
+        """features: per level (n, C_l, h_l, w_l) (any float dtype; stored fp16); `masks`:
+        (S, S) bool masks of the regions' non-finite pixels (kept with their features, so
+        a region read from the cache is masked as when it was read from the image)."""
+        masks = masks or {}
         shapes = [tuple(int(d) for d in f.shape[1:]) for f in features]
         if self.shapes is None:
             self.shapes = shapes
@@ -192,13 +214,22 @@ class EmbeddingCache:
             raise CacheMismatchError(f"embedding cache {self.path} holds features of shapes "
                                      f"{self.shapes}, not {shapes}")
         halves = [np.ascontiguousarray(f, dtype=np.float16) for f in features]
-        blobs = [b"".join(h[n].tobytes() for h in halves) for n in range(len(indices))]
+        blobs, sides = [], []
+        for n, idx in enumerate(indices):
+            blob = b"".join(h[n].tobytes() for h in halves)
+            mask = masks.get(tuple(idx))
+            if mask is not None:
+                blob += np.packbits(np.asarray(mask, bool).ravel()).tobytes()
+            blobs.append(blob)
+            sides.append(0 if mask is None else int(mask.shape[0]))
         refs = self.packs.append_many(blobs)
         self.index.append([{"r": [[int(r), int(c)] for r, c in indices],
-                            "b": [ref.to_list() for ref in refs]}])
-        for idx, ref in zip(indices, refs):
-            self.refs[(int(idx[0]), int(idx[1]))] = ref
-            self.done[idx] = True
+                            "b": [ref.to_list() for ref in refs], "m": sides}])
+        for idx, ref, side in zip(indices, refs, sides):
+            key = (int(idx[0]), int(idx[1]))
+            self.refs[key] = ref
+            self.mask_side[key] = side
+            self.done[key] = True
 
     def close(self) -> None:
         self.index.close()

@@ -85,6 +85,8 @@ class CropRunner:
         regions = [[i for i in c.regions() if book.usable(i)] for c in group]
         if not regions[0]:
             return
+        if len(regions[0]) < group[0].rows * group[0].cols:  # a region of the crop failed:
+            book.tainted.update(regions[0])  # its context lacked it; the rerun redoes them
         first = group[0]
         rc = np.array([(r - first.row0, c - first.col0) for r, c in regions[0]], np.int64)
         t = time.perf_counter()

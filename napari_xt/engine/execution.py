@@ -211,7 +211,8 @@ class Execution:
         book.finalize(indices)
         self.store.put(RegionTiles(list(indices), tiles.get("labels"),
                                    tiles.get("probabilities"), tiles.get("heat"),
-                                   time.perf_counter() - t))
+                                   time.perf_counter() - t,
+                                   tuple(i for i in indices if i in book.tainted)))
 
     def _done(self) -> int:
         return 0 if self.book is None else int(self.book.final.sum())

@@ -115,11 +115,17 @@ class FeatureSupply:
 
     def _from_cache(self, want: list[Index]) -> Iterator[Event]:
         t = time.perf_counter()
-        found, levels, bad = self.cache.get(want)
+        found, levels, bad, masks = self.cache.get(want)
         if bad:
             first = next(iter(bad.values()))
             yield Notice(f"embedding cache {self.cache.path}: {len(bad)} region(s) did not "
                          f"read back intact ({first}); encoding them again", "cache")
+        if masks:  # regions that had non-finite pixels: masked as when they were read
+            self.book.bad.update(masks)
+            n = sum(int(m.sum()) for m in masks.values())
+            self.book.counts["nonfinite_pixels"] += n
+            yield Notice(f"{n} non-finite pixels (NaN/inf) in regions {sorted(masks)} (as "
+                         "cached): written as label 0 / no data", "nan")
         dtype = torch.float32 if self.spec.device.type == "cpu" else torch.bfloat16
         if found:
             self.lru.put(found, [torch.from_numpy(lv).to(self.spec.device, dtype)
@@ -176,7 +182,7 @@ class FeatureSupply:
         levels = (parts[0] if len(parts) == 1 else
                   [torch.cat([p[lv] for p in parts]) for lv in range(len(parts[0]))])
         if cache is not None:
-            cache.put(batch.indices, [lv.float().cpu().numpy() for lv in levels])
+            cache.put(batch.indices, [lv.float().cpu().numpy() for lv in levels], batch.bad)
             if not self.cache_sized:  # once, when the size of one region is known
                 self.cache_sized = True
                 message, fits = cache.size_notice()

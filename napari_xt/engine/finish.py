@@ -62,5 +62,7 @@ def provenance(spec: Any, complete: bool) -> dict[str, Any]:
         # level-0 pixels per pixel of the processed level (tables are in level-0 pixels)
         "level_scale": [float(v) for v in spec.source.scale],
         "settings": {k: v for k, v in sig.items() if k != "image"},
+        # the model calls' sizes: a resume with another batch size may differ in last bits
+        "batch_size": int(spec.batch_size),
         "device": str(spec.device),
     }

@@ -48,6 +48,7 @@ class RegionBook:
             self.remaining = np.where(self.final, 0, plan.coverage).astype(np.int32)
         self.state = np.where(self.final, DECODED, PENDING).astype(np.uint8)
         self.failed: set[Index] = set()
+        self.tainted: set[Index] = set()  # contextualized in a crop that lacked a failed region
         self.bad: dict[Index, np.ndarray] = {}  # (S, S) masks of non-finite input pixels
         self.done_before = int(self.final.sum())
         self.counts = {"encoded": 0, "from_cache": 0, "decoded": 0, "written": 0,

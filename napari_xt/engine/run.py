@@ -183,7 +183,7 @@ def run(
     dev = pick_device(device)
     pstore = create_store(store, store_spec, overwrite=overwrite, restart=not resume,
                           inputs=source.inputs, spelling=spelling,
-                          threaded=background_threads(dev))
+                          threaded=background_threads(dev), cache_signature=encoder_sig)
     emb = None
     where: Path | None = None
     owned = False

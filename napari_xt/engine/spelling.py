@@ -20,6 +20,7 @@ class Spelling:
     rebuild_cache: str = "pass cache='rebuild' to replace it, or cache=False"
     cache_path: str = "pass another cache=PATH, or cache=False"
     no_cache: str = "cache=False (--no-cache)"
+    name: str = "pass another name= for this run's results, or choose another output store"
 
 
 CLI = Spelling(
@@ -29,6 +30,7 @@ CLI = Spelling(
     rebuild_cache="pass --rebuild-cache to replace it, or --no-cache",
     cache_path="pass --no-cache, or choose another --out",
     no_cache="--no-cache",
+    name="choose another --out",
 )
 
 
@@ -40,6 +42,7 @@ WIDGET = Spelling(
                   "embeddings' in Run xT",
     cache_path="untick 'cache region embeddings' in Run xT, or choose another output store",
     no_cache="'cache region embeddings' unticked in Run xT",
+    name="choose another output store in Run xT",
 )
 
 

@@ -54,7 +54,8 @@ __all__ = [
 
 def create_store(path: str | os.PathLike | None, spec: StoreSpec, *, overwrite: bool = False,
                  restart: bool = False, inputs: tuple[str, ...] = (),
-                 spelling: Spelling | None = None, threaded: bool = True) -> Any:
+                 spelling: Spelling | None = None, threaded: bool = True,
+                 cache_signature: dict | None = None) -> Any:
     """The store of a run: refuses (StoreError) before writing anything when `path` is the
     input, inside it or contains it, is a file or a folder that is not a napari-xt store,
     holds another run's results (without `overwrite`), or is locked by a running run."""
@@ -64,7 +65,7 @@ def create_store(path: str | os.PathLike | None, spec: StoreSpec, *, overwrite: 
 
     try:
         return DiskStore(path, spec, overwrite=overwrite, restart=restart, inputs=inputs,
-                         spelling=spelling, threaded=threaded)
+                         spelling=spelling, threaded=threaded, cache_signature=cache_signature)
     except StoreError:
         raise
     except OSError as err:

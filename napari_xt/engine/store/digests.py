@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 from zarr.storage import LocalStore, WrapperStore
@@ -24,12 +25,44 @@ class DigestStore(WrapperStore[LocalStore]):
             store = LocalStore(str(store))
         super().__init__(store)
         self._digests: dict[str, Digest | None] = {}
+        self._fresh: set[str] = set()
         self._lock = threading.Lock()
 
     def _with_store(self, store: LocalStore) -> DigestStore:
         out = type(self)(store)
-        out._digests, out._lock = self._digests, self._lock
+        out._digests, out._fresh, out._lock = self._digests, self._fresh, self._lock
         return out
+
+    @contextmanager
+    def fresh(self, keys):
+        """While writing `keys` whole: zarr sees them as absent (it would read an existing
+        shard back to merge into it, and fail on a damaged one); the file on disk is
+        replaced atomically by the write, so readers see the old bytes or the new ones."""
+        keys = set(keys)
+        with self._lock:
+            self._fresh |= keys
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._fresh -= keys
+
+    def _is_fresh(self, key: str) -> bool:
+        with self._lock:
+            return key in self._fresh
+
+    async def get(self, key, prototype, byte_range=None):
+        if self._is_fresh(key):
+            return None
+        return await self._store.get(key, prototype, byte_range)
+
+    async def get_partial_values(self, prototype, key_ranges):
+        key_ranges = list(key_ranges)
+        out = await self._store.get_partial_values(prototype, key_ranges)
+        return [None if self._is_fresh(k) else v for (k, _), v in zip(key_ranges, out)]
+
+    async def exists(self, key: str) -> bool:
+        return False if self._is_fresh(key) else await self._store.exists(key)
 
     async def set(self, key, value) -> None:
         view = value.as_buffer_like()

@@ -63,6 +63,7 @@ class ShardBuffer:
     arrays: dict[str, np.ndarray]
     regions: frozenset[Index]
     final: set[Index] = field(default_factory=set)
+    tainted: set[Index] = field(default_factory=set)  # decoded beside a failed region
 
     @property
     def complete(self) -> bool:
@@ -79,7 +80,8 @@ class DiskStore:
     def __init__(self, path: str | Any, spec: StoreSpec, *, overwrite: bool = False,
                  restart: bool = False, inputs: tuple[str, ...] = (),
                  spelling: Spelling | None = None, budget: int | None = None,
-                 threaded: bool = True) -> None:
+                 threaded: bool = True, cache_signature: dict[str, Any] | None = None
+                 ) -> None:
         """`threaded`: write in a thread of its own (overlapping a GPU's work); on the CPU
         the engine writes in its own thread, since a writer thread would only take cores
         from torch's threads."""
@@ -88,6 +90,7 @@ class DiskStore:
         self.spec = spec
         self.spelling = spelling or Spelling()
         self.budget = int(BUDGET if budget is None else budget)
+        self.cache_signature = cache_signature
         self.notices: list[str] = []
         self.resumed = False
         self.complete = False
@@ -95,7 +98,7 @@ class DiskStore:
         self.tiling = Tiling.for_grid(spec.height, spec.width, spec.region_size, spec.strip_px)
         self.defs = array_defs(spec, self.tiling)
         guard.check_not_input(self.path, inputs, self.spelling)
-        kind = guard.check_writable_kind(self.path, self.spelling)
+        guard.check_writable_kind(self.path, self.spelling)  # before anything is created
         self.path.mkdir(parents=True, exist_ok=True)
         self.lock = FolderLock(self.path / PRIVATE, f"result store {self.path}")
         try:
@@ -108,6 +111,8 @@ class DiskStore:
 
         hold(self.path, True)
         try:
+            # again, under the lock: another run may have made or finished the store meanwhile
+            kind = guard.check_writable_kind(self.path, self.spelling)
             self._open(kind, overwrite, restart)
         except BaseException:
             hold(self.path, False)
@@ -134,12 +139,18 @@ class DiskStore:
         self.journal = Journal(self.path / PRIVATE / "journal")
         self.packs = PackFiles(self.path / PRIVATE, "points")
         if same and not restart:
+            recorded = attrs.get("tiling") or {}
+            if recorded:  # the store's own shards, whatever this run would choose
+                self.tiling = Tiling(self.spec.height, self.spec.width, self.spec.region_size,
+                                     tuple(recorded["chunk"]), tuple(recorded["shard"]))
+                self.defs = array_defs(self.spec, self.tiling)
             self.resumed = True
             self._replay(attrs)
             return
         if kind in ("store", "legacy"):
             guard.refuse_to_drop_corrections(self.path)
-            guard.clear_store(self.path, kind)
+            guard.clear_store(self.path, kind, cache_signature=self.cache_signature)
+        guard.refuse_foreign_results(self.path, self._created()[:4], self.spelling)
         self._fresh()
 
     def _created(self) -> list[str]:
@@ -154,28 +165,25 @@ class DiskStore:
 
         write_group(self.path, 3, {"napari-xt": {
             "format": FORMAT, "kind": KIND, "run_signature": self.spec.signature,
-            "complete": False, "created": self._created(),
+            "complete": False, "entries": self._created(),
             "tiling": {"height": self.spec.height, "width": self.spec.width,
                        "region_size": self.spec.region_size,
                        "chunk": list(self.tiling.chunk), "shard": list(self.tiling.shard)},
             "outputs": {k: d.path for k, d in self.defs.items() if not d.private}}})
         write_group(self.path / PRIVATE, 3, {"napari-xt-private": {
             "note": "private state of napari-xt runs (journal, detections, caches)"}})
-        self.journal.reset()
-        self.packs.remove_all()
-        for d in self.defs.values():
-            create_array(self.zstore, d)
-        self.zstore.take()
         self._init_state()
-        self.changed = True
+        self._new_arrays([])
 
     def _init_state(self) -> None:
         self.done = np.zeros(self.grid, bool)  # committed regions (verified)
         self.failed = np.zeros(self.grid, bool)
         self.records: dict[Index, dict[str, Any]] = {}  # latest valid shard record
-        self.frames: dict[Index, dict[str, np.ndarray]] = {}
+        self.frames: dict[Index, dict[str, np.ndarray]] = {}  # loaded halo frames
         self.border_done: set[Index] = set()
-        self.point_parts: list[np.ndarray] = []
+        self.interior: dict[Index, np.ndarray] = {}  # detections per committed shard
+        self.borders: dict[Index, np.ndarray] = {}
+        self.point_parts: list[np.ndarray] = []  # append-only, for live previews
         self.crop_logits: dict[int, list[float]] = {}
         self.published: dict[str, dict[str, Any]] = {}
         self.buffers: OrderedDict[Index, ShardBuffer] = OrderedDict()
@@ -197,12 +205,16 @@ class DiskStore:
         shards: dict[Index, dict[str, Any]] = {}
         borders: dict[Index, dict[str, Any]] = {}
         failed: dict[Index, bool] = {}
+        arrays: dict[str, Any] = {}
         for rec in self.journal.records():
             t = rec.get("t")
-            if t == "shard":
+            if t == "arrays":
+                arrays = rec
+            elif t == "shard":
                 key = (int(rec["k"][0]), int(rec["k"][1]))
                 shards[key] = rec
-                borders.pop(key, None)
+                for n in [key, *self.tiling.neighbours(*key)]:  # their borders read its frames
+                    borders.pop(n, None)
                 for r, c in self._record_regions(rec):
                     failed.pop((r, c), None)
             elif t == "border":
@@ -214,6 +226,13 @@ class DiskStore:
                 self.crop_logits[int(rec["i"])] = [float(v) for v in rec["logits"]]
             elif t == "published":
                 self.published[str(rec["what"])] = rec
+        if not arrays or not verify(self.path, arrays.get("files", {})):
+            # the arrays' own metadata is gone or changed: none of their shards can be trusted
+            if shards or arrays:
+                self.notices.append(f"the arrays of {self.path} lost their metadata; every "
+                                    "region is computed again")
+            self._restart_arrays()
+            shards, borders = {}, {}
         bad: list[Index] = []
         for key, rec in shards.items():
             if not verify(self.path, rec.get("files", {})):
@@ -225,6 +244,7 @@ class DiskStore:
                 except (CorruptBlob, KeyError, TypeError, ValueError):
                     bad.append(key)
                     continue
+                self.interior[key] = pts
                 self.point_parts.append(pts)
                 self.frames[key] = frames
             self.records[key] = rec
@@ -236,12 +256,16 @@ class DiskStore:
             try:
                 pts, _ = unpack(self.packs.read(BlobRef.from_list(rec["points"])))
             except (CorruptBlob, KeyError, TypeError, ValueError):
-                continue
+                continue  # found again below
+            self.borders[key] = pts
             self.point_parts.append(pts)
             self.border_done.add(key)
         for idx in failed:
             if not self.done[idx]:
                 self.failed[idx] = True
+        if self.peaks is not None:  # borders a kill or damage left undone, now decidable
+            for key in list(self.frames):
+                self._try_border(key)
         self._drop_unneeded_frames()
         if bad:
             n = sum(len(self._record_regions(shards[k])) for k in bad)
@@ -255,16 +279,47 @@ class DiskStore:
                                 "are written again")
         self.published = {k: v for k, v in self.published.items()
                           if verify(self.path, v.get("files", {}))}
+        if "metadata" in self.published and "labels" in self.defs and not self._listed():
+            del self.published["metadata"]  # the labels group no longer lists this result
+            published_ok = False
         self.complete = bool(attrs.get("complete")) and not bad and published_ok and (
             self._all_done())
         if attrs.get("complete") and not self.complete:
             self.set_attrs({"complete": False})  # never a "complete" store with wrong data
-        for d in self.defs.values():  # arrays a crash left without metadata
-            if not (self.path / d.path / "zarr.json").is_file():
-                create_array(self.zstore, d)
+        for d in self.defs.values():
             for partial in (self.path / d.path).rglob("*.partial"):  # writes a kill cut off
                 partial.unlink(missing_ok=True)
         self.zstore.take()
+
+    def _restart_arrays(self) -> None:
+        """Make every array of the run afresh (all their data is void) and start a new
+        journal (crop records of a classifier are kept: they need no array)."""
+        self._new_arrays([{"t": "crop", "i": i, "logits": v}
+                          for i, v in self.crop_logits.items()])
+        self.published = {}
+
+    def _new_arrays(self, keep: list[dict[str, Any]]) -> None:
+        """Create every array empty and start the journal with their metadata's digests
+        (verified on replay) followed by the records `keep`."""
+        self.journal.reset()
+        self.packs.remove_all()
+        for d in self.defs.values():
+            create_array(self.zstore, d)
+        files = {k: (list(v) if v else None) for k, v in self.zstore.take().items()
+                 if k.endswith("zarr.json")}
+        self.journal.append([{"t": "arrays", "files": files}] + keep)
+        self.changed = True
+
+    def _listed(self) -> bool:
+        """The labels group lists this run's label image (others may add their own)."""
+        from napari_xt.io.ngff import ome_attrs
+        from napari_xt.io.result_store import group_attrs
+
+        try:
+            block, _ = ome_attrs(group_attrs(self.path / "labels", 3))
+        except (OSError, ValueError):
+            return False
+        return self.spec.name in (block.get("labels") or [])
 
     def _all_done(self) -> bool:
         if self.spec.dense:
@@ -272,9 +327,15 @@ class DiskStore:
         return len(self.crop_logits) == self.spec.crops
 
     def _record_regions(self, rec: dict[str, Any]) -> list[Index]:
+        """The regions a shard record makes done: all of a complete shard or those listed,
+        less those decoded beside a region that failed (`tainted`: their context lacked it,
+        so a rerun computes them again)."""
         if rec.get("complete"):
-            return self.tiling.regions_of(int(rec["k"][0]), int(rec["k"][1]))
-        return [(int(r), int(c)) for r, c in rec.get("regions", [])]
+            regions = self.tiling.regions_of(int(rec["k"][0]), int(rec["k"][1]))
+        else:
+            regions = [(int(r), int(c)) for r, c in rec.get("regions", [])]
+        tainted = {(int(r), int(c)) for r, c in rec.get("tainted", [])}
+        return [i for i in regions if i not in tainted]
 
     # ------------------------------------------------------------------ attributes
     def attrs(self) -> dict[str, Any]:
@@ -457,6 +518,7 @@ class DiskStore:
     def _place(self, tiles: RegionTiles) -> None:
         t0 = time.perf_counter()
         touched: list[Index] = []
+        tainted = set(tiles.tainted)
         for n, idx in enumerate(tiles.indices):
             key = self.tiling.shard_of(*idx)
             buf = self._buffer(key)
@@ -467,6 +529,10 @@ class DiskStore:
                     buf.arrays[name][..., y0 - sy:y1 - sy, x0 - sx:x1 - sx] = \
                         batch[n][..., : y1 - y0, : x1 - x0]
             buf.final.add(idx)
+            if idx in tainted:
+                buf.tainted.add(idx)
+            else:
+                buf.tainted.discard(idx)
             if key not in touched:
                 touched.append(key)
         with self._lock:
@@ -493,21 +559,20 @@ class DiskStore:
                 spare.append(arr)
         buf.arrays = {}
 
-    def _shard_file(self, name: str, key: Index) -> Path:
+    def _shard_key(self, name: str, key: Index) -> str:
         d = self.defs[name]
         lead = ["0"] * (len(d.shape) - 2)  # (K, Y, X) arrays: one shard along K
-        return self.path / d.path / "c" / "/".join([*lead, str(key[0]), str(key[1])])
+        return "/".join([d.path, "c", *lead, str(key[0]), str(key[1])])
 
     def _write(self, buf: ShardBuffer, names: list[str]) -> dict[str, list[int] | None]:
-        """Write the buffer's shard of each array `names` whole. An earlier file of the
-        shard is removed first: the buffer holds everything the shard will hold, and zarr
-        would otherwise read the old file back to merge into it (and fail on a damaged
-        one). A kill in between leaves the shard unverifiable, so it is recomputed."""
+        """Write the buffer's shard of each array `names` whole (the buffer holds all the
+        shard will hold: zarr is kept from reading an earlier file of it back), replacing
+        any earlier file atomically: a reader sees the old shard or the new one."""
         self.changed = True
         y0, x0, y1, x1 = buf.box
         for name in names:
-            self._shard_file(name, buf.key).unlink(missing_ok=True)
-            self._zarray(name)[..., y0:y1, x0:x1] = buf.arrays[name]
+            with self.zstore.fresh([self._shard_key(name, buf.key)]):
+                self._zarray(name)[..., y0:y1, x0:x1] = buf.arrays[name]
         return {k: (list(v) if v is not None else None) for k, v in self.zstore.take().items()}
 
     def _commit_complete(self, key: Index) -> None:
@@ -516,6 +581,8 @@ class DiskStore:
         files = self._write(buf, public)
         record: dict[str, Any] = {"t": "shard", "k": list(key), "files": files,
                                   "complete": True}
+        if buf.tainted:
+            record["tainted"] = sorted(list(i) for i in buf.tainted)
         pts = frames = None
         if self.peaks is not None:
             pts, frames = self.peaks.interior(key, buf.arrays["heat"])
@@ -529,12 +596,16 @@ class DiskStore:
         with self._lock:
             del self.buffers[key]
             self.records[key] = record
-            for idx in buf.regions:
+            for idx in buf.regions - buf.tainted:
                 self.done[idx] = True
             self.readable_mem.difference_update(buf.regions)
             if pts is not None:
+                self.interior[key] = pts
                 self.point_parts.append(pts)
                 self.frames[key] = frames
+                for n in self.peaks.needs(key):  # a shard written again: borders redone
+                    self.borders.pop(n, None)
+                    self.border_done.discard(n)
         self._recycle(buf)
         if self.peaks is not None:
             for k in self.peaks.needs(key):
@@ -547,30 +618,58 @@ class DiskStore:
             files = self._write(buf, list(self.defs))
             record = {"t": "shard", "k": list(key), "files": files, "complete": False,
                       "regions": sorted([list(i) for i in buf.final])}
+            if buf.tainted:
+                record["tainted"] = sorted(list(i) for i in buf.tainted)
             self.journal.append([record])
         else:  # nothing new since the last commit of this shard
             record = self.records[key]
         with self._lock:
             del self.buffers[key]
+            was_complete = self._complete(key)
             self.records[key] = record
-            for idx in buf.final:
+            for idx in buf.final - buf.tainted:
                 self.done[idx] = True
             self.readable_mem.difference_update(buf.final)
+            if was_complete and not record.get("complete") and self.peaks is not None:
+                self.interior.pop(key, None)  # no longer a complete shard: its peaks and
+                self.frames.pop(key, None)  # its neighbours' borders wait for it again
+                for n in self.peaks.needs(key):
+                    self.borders.pop(n, None)
+                    self.border_done.discard(n)
         self._recycle(buf)
 
     def _complete(self, key: Index) -> bool:
         rec = self.records.get(key)
         return rec is not None and bool(rec.get("complete"))
 
+    def _frames_of(self, key: Index) -> dict[str, np.ndarray] | None:
+        """The halo frames of a committed complete shard (read back from its pack blob when
+        they were dropped from memory), or None."""
+        if key in self.frames:
+            return self.frames[key]
+        rec = self.records.get(key)
+        if rec is None or not rec.get("complete") or "points" not in rec:
+            return None
+        try:
+            _, frames = unpack(self.packs.read(BlobRef.from_list(rec["points"])))
+        except (CorruptBlob, TypeError, ValueError):
+            return None
+        self.frames[key] = frames
+        return frames
+
     def _try_border(self, key: Index) -> None:
-        if key in self.border_done or not all(self._complete(n) and n in self.frames
-                                              for n in self.peaks.needs(key)):
+        needs = self.peaks.needs(key)
+        if key in self.border_done or not all(self._complete(n) for n in needs):
             return
-        pts = self.peaks.border(key, {n: self.frames[n] for n in self.peaks.needs(key)})
+        frames = {n: self._frames_of(n) for n in needs}
+        if any(f is None for f in frames.values()):
+            return
+        pts = self.peaks.border(key, frames)
         ref = self.packs.append(pack(pts, None))
         self.journal.append([{"t": "border", "k": list(key), "points": ref.to_list()}])
         with self._lock:
             self.border_done.add(key)
+            self.borders[key] = pts
             self.point_parts.append(pts)
 
     def _drop_unneeded_frames(self) -> None:
@@ -588,11 +687,10 @@ class DiskStore:
             return None
         y0, x0, y1, x1 = self.spec.box(*idx)
         with self._lock:
-            if idx in self.readable_mem:
-                buf = self.buffers.get(self.tiling.shard_of(*idx))
-                if buf is not None and idx in buf.final:
-                    sy, sx = buf.box[0], buf.box[1]
-                    return buf.arrays[name][..., y0 - sy:y1 - sy, x0 - sx:x1 - sx].copy()
+            buf = self.buffers.get(self.tiling.shard_of(*idx))
+            if buf is not None and idx in buf.final:  # in memory (written or not yet)
+                sy, sx = buf.box[0], buf.box[1]
+                return buf.arrays[name][..., y0 - sy:y1 - sy, x0 - sx:x1 - sx].copy()
             if not self.done[idx]:
                 return None
         return np.asarray(self._read_array(name)[..., y0:y1, x0:x1])
@@ -603,14 +701,39 @@ class DiskStore:
         return zarr.open_array(str(self.path / self.defs[name].path), mode="r")
 
     def points(self) -> np.ndarray:
-        """Every committed detection so far (level pixels, sorted by y, x, class)."""
+        """Every detection (level pixels, sorted by y, x, class): those of committed shards,
+        and, where shards are incomplete (regions that failed), the peaks their centre maps
+        give now with the missing regions as zeros, exactly as an in-memory run reports
+        them (not committed: the run that completes those shards finds them again)."""
         from napari_xt.model.heads import POINT_DTYPE
 
         from .peaks import sort_points
 
         with self._lock:
-            parts = list(self.point_parts)
+            parts = [*self.interior.values(), *self.borders.values()]
+        if self.peaks is not None:
+            parts += self._provisional_points()
         return sort_points(np.concatenate(parts)) if parts else np.empty(0, POINT_DTYPE)
+
+    def _provisional_points(self) -> list[np.ndarray]:
+        rows, cols = self.tiling.shard_grid
+        keys = [(i, j) for i in range(rows) for j in range(cols)]
+        open_keys = [k for k in keys if not self._complete(k)]
+        if not open_keys:
+            return []
+        heat = self._zarray("heat")
+        frames, parts = {}, []
+        for key in open_keys:
+            y0, x0, y1, x1 = self.tiling.shard_box(*key)
+            pts, frames[key] = self.peaks.interior(key, np.asarray(heat[..., y0:y1, x0:x1]))
+            parts.append(pts)
+        for key in keys:
+            if key in self.border_done:
+                continue
+            needed = {n: frames.get(n) or self._frames_of(n) for n in self.peaks.needs(key)}
+            if all(f is not None for f in needed.values()):
+                parts.append(self.peaks.border(key, needed))
+        return parts
 
     def points_since(self, cursor: int) -> tuple[np.ndarray | None, int]:
         """Detections committed after `cursor` (a count of parts) and the new cursor."""

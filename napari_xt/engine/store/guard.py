@@ -25,7 +25,8 @@ LEGACY_ENTRIES = ("_work", "_progress", "_embeddings", "probabilities", "zarr.js
 
 
 def _resolved(p: str | os.PathLike) -> Path:
-    return Path(os.path.abspath(os.fspath(p))).resolve()
+    # resolve() follows symlinks before it folds "..": "link/../x" is x beside link's target
+    return Path(os.fspath(p)).resolve()
 
 
 def check_not_input(out: Path, inputs: Iterable[str | os.PathLike], spelling: Spelling,
@@ -71,15 +72,21 @@ def created_entries(path: Path, kind: str) -> list[str]:
     """Store-relative paths that napari-xt runs created in the store at `path`."""
     attrs = root_attrs(path) or {}
     if kind == "store":
-        return [str(p) for p in attrs.get("created", [])]
+        entries = attrs.get("entries")
+        return [str(p) for p in entries] if isinstance(entries, list) else []
     name = (attrs.get("run_signature") or {}).get("name", "prediction")
     return [*LEGACY_ENTRIES, f"labels/{name}", f"tables/{name}", f"classifications/{name}"]
 
 
-def clear_store(path: Path, kind: str, keep_embeddings: bool = True) -> None:
-    """Remove what napari-xt created in a store (see the module docstring)."""
+def clear_store(path: Path, kind: str, cache_signature: dict | None = None) -> None:
+    """Remove what napari-xt created in a store (see the module docstring); the store's own
+    embedding cache is kept when it was made for `cache_signature` (the new run's)."""
     from napari_xt.io.result_store import register_remaining
 
+    from .layout import default_cache
+
+    cache = default_cache(path)
+    keep_embeddings = cache_signature is not None and _cache_signature(cache) == cache_signature
     for rel in created_entries(path, kind):
         target = path / rel
         if rel in ("zarr.json", PRIVATE) or not _inside(target, path):
@@ -96,6 +103,25 @@ def clear_store(path: Path, kind: str, keep_embeddings: bool = True) -> None:
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     for group in ("labels", "tables", "classifications"):
         register_remaining(path, group)
+
+
+def _cache_signature(folder: Path) -> dict | None:
+    import json
+
+    try:
+        meta = json.loads((folder / "cache.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta.get("signature") if isinstance(meta, dict) else None
+
+
+def refuse_foreign_results(path: Path, entries: list[str], spelling: Spelling) -> None:
+    """A fresh run's results must not land on results someone else put in the store."""
+    found = [e for e in entries if (path / e).exists()]
+    if found:
+        raise StoreError(f"{path} holds results napari-xt did not write under this run's "
+                         f"name ({', '.join(found)}); they are never replaced: "
+                         f"{hint(spelling, 'name')}")
 
 
 def _inside(target: Path, root: Path) -> bool:

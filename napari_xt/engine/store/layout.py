@@ -3,7 +3,8 @@
     result.zarr/                      an OME-Zarr 0.5 image (zarr v3)
       zarr.json                       ome.multiscales: a preview pyramid of the input image;
                                       attributes["napari-xt"]: format, run signature,
-                                      provenance, "complete", what the run created
+                                      provenance ("created": when), "complete", "entries":
+                                      what napari-xt runs created here
       0/ 1/ ...                       the preview levels (as many as the label pyramid has)
       labels/zarr.json                ome.labels: the label images
       labels/<name>/                  NGFF image-label (y, x), mode pyramid, sharded

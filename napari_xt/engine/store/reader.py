@@ -66,6 +66,8 @@ class ResultReader:
                     regions = [(int(r), int(c)) for r, c in rec.get("regions", [])]
                 for idx in regions:
                     out[idx] = DONE
+                for r, c in rec.get("tainted", []):  # decoded beside a failed region:
+                    out[int(r), int(c)] = PENDING  # the next run computes them again
             elif rec.get("t") == "failed":
                 for r, c in rec.get("regions", []):
                     if out[int(r), int(c)] != DONE:

@@ -81,13 +81,16 @@ class StoreSpec:
 @dataclass
 class RegionTiles:
     """Final outputs of a batch of R regions, each padded to S x S (cropped by the store):
-    labels (R, S, S), probabilities (R, K, S, S) float16, heat (R, K_h [+ 1], S, S) float32."""
+    labels (R, S, S), probabilities (R, K, S, S) float16, heat (R, K_h [+ 1], S, S) float32.
+    `tainted`: regions decoded in a crop that lacked a region that failed to read (written
+    now, computed again by the next run)."""
 
     indices: list[Index]
     labels: np.ndarray | None = None
     probabilities: np.ndarray | None = None
     heat: np.ndarray | None = None
     seconds: float = 0.0
+    tainted: tuple[Index, ...] = ()
     arrays: dict[str, np.ndarray] = field(init=False)
 
     def __post_init__(self) -> None:
