@@ -8,6 +8,7 @@ covers. A chunk that fails to decode raises `ImageIOError` naming the level and 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,6 +51,22 @@ class ChunkReader:
         return tuple(index)
 
 
+# the reader under each dask array made by lazy_array, by the array's name (its graph holds
+# the reader, so the entry lives exactly as long as some array of that name)
+_READERS: weakref.WeakValueDictionary[str, ChunkReader] = weakref.WeakValueDictionary()
+
+
+def direct_reader(array: Any) -> ChunkReader | None:
+    """The reader under `array` when `array` is exactly what `lazy_array` made (no operation
+    on top: any would give it another name), so that a box can be read without building and
+    running a dask graph (about 3 ms a 512^2 tile, as much as decoding it); else None."""
+    name = getattr(array, "name", None)
+    reader = _READERS.get(name) if isinstance(name, str) else None
+    if reader is None or tuple(array.shape) != reader.shape:
+        return None
+    return reader
+
+
 def lazy_array(array: Any, where: str, chunks: Sequence[int] | None = None) -> da.Array:
     """A dask array reading `array` chunk by chunk (chunks default to `array.chunks`)."""
     if 0 in tuple(array.shape):
@@ -57,6 +74,7 @@ def lazy_array(array: Any, where: str, chunks: Sequence[int] | None = None) -> d
     chunk_shape = tuple(chunks) if chunks is not None else tuple(array.chunks)
     reader = ChunkReader(array, where, chunk_shape)
     name = "xt-read-" + tokenize(where, id(array), reader.shape, reader.dtype.str, chunk_shape)
+    _READERS[name] = reader
     return da.from_array(
         reader,
         chunks=chunk_shape,

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from .chunks import direct_reader
+
 
 class ImageSource:
     def __init__(
@@ -115,8 +117,13 @@ class ImageSource:
         when the source is chunked in tiles larger than the box)."""
         if not self._tiled(y1 - y0, x1 - x0):
             return self._read_raw(y0, x0, y1, x1)
-        ty, tx = self._tile
         out = np.empty((self.channels, y1 - y0, x1 - x0), self.dtype)
+        self._copy_tiles(y0, x0, y1, x1, out)
+        return out
+
+    def _copy_tiles(self, y0: int, x0: int, y1: int, x1: int, out: np.ndarray) -> None:
+        """Copy (casting to out's dtype) pixels [y0:y1, x0:x1] from the tile cache."""
+        ty, tx = self._tile
         for by in range(y0 // ty, (y1 - 1) // ty + 1):
             for bx in range(x0 // tx, (x1 - 1) // tx + 1):
                 tile = self._tile_block(by, bx)
@@ -124,7 +131,6 @@ class ImageSource:
                 xa, xb = max(x0, bx * tx), min(x1, (bx + 1) * tx)
                 out[:, ya - y0:yb - y0, xa - x0:xb - x0] = \
                     tile[:, ya - by * ty:yb - by * ty, xa - bx * tx:xb - bx * tx]
-        return out
 
     def _tile_block(self, by: int, bx: int) -> np.ndarray:
         """Tile (by, bx) from the LRU tile cache. A tile another thread is already reading
@@ -165,6 +171,9 @@ class ImageSource:
 
     def _read_raw(self, y0: int, x0: int, y1: int, x1: int, array: Any = None) -> np.ndarray:
         array = self.array if array is None else array
+        direct = direct_reader(array)  # a store's own array: read it without a dask graph
+        if direct is not None:
+            array = direct
         if self.axes == "YX":
             block = array[y0:y1, x0:x1][None]
         elif self.axes == "YXC":
@@ -205,17 +214,23 @@ class ImageSource:
         zero-padded, non-finite pixels set to 0. Returns their (S, S) mask, or None when
         every pixel is finite (the usual case: no mask is made)."""
         y0, x0, y1, x1 = box
-        block = self.read_box(y0, x0, y1, x1)
-        if self.observer is not None and not self._tiled(y1 - y0, x1 - x0):
-            self.observer.add(y0, x0, block)  # else it saw the tiles
         h, w = y1 - y0, x1 - x0
         size = out.shape[-1]
         if h < size or w < size:
             out[...] = 0.0
         inner = out[:, :h, :w]
-        inner[...] = block  # cast to float32 in the copy
+        if self._tiled(h, w):  # straight from the cached tiles (the observer saw them)
+            self._copy_tiles(y0, x0, y1, x1, inner)
+        else:
+            block = self._read_raw(y0, x0, y1, x1)
+            if self.observer is not None:
+                self.observer.add(y0, x0, block)
+            inner[...] = block  # cast to float32 in the copy
         bad = None
-        if self.dtype.kind == "f" and not np.isfinite(inner).all():
+        # a finite sum means every pixel is finite (NaN and inf propagate); only when it is
+        # not (or it overflowed) are the pixels looked at one by one
+        if (self.dtype.kind == "f" and not np.isfinite(inner.sum())
+                and not np.isfinite(inner).all()):
             finite = np.isfinite(out)
             bad = ~finite.all(axis=0)
             out[~finite] = 0.0

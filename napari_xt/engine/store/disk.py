@@ -22,6 +22,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -519,20 +520,15 @@ class DiskStore:
         t0 = time.perf_counter()
         touched: list[Index] = []
         tainted = set(tiles.tainted)
-        for n, idx in enumerate(tiles.indices):
-            key = self.tiling.shard_of(*idx)
+        for n0, n1, key in self._runs(tiles.indices):
             buf = self._buffer(key)
-            y0, x0, y1, x1 = self.spec.box(*idx)
-            sy, sx = buf.box[0], buf.box[1]
-            for name, batch in tiles.arrays.items():
-                if name in buf.arrays:
-                    buf.arrays[name][..., y0 - sy:y1 - sy, x0 - sx:x1 - sx] = \
-                        batch[n][..., : y1 - y0, : x1 - x0]
-            buf.final.add(idx)
-            if idx in tainted:
-                buf.tainted.add(idx)
-            else:
-                buf.tainted.discard(idx)
+            self._copy_run(buf, tiles, n0, n1)
+            for idx in tiles.indices[n0:n1]:
+                buf.final.add(idx)
+                if idx in tainted:
+                    buf.tainted.add(idx)
+                else:
+                    buf.tainted.discard(idx)
             if key not in touched:
                 touched.append(key)
         with self._lock:
@@ -551,6 +547,45 @@ class DiskStore:
                 continue
             total -= self.buffers[key].nbytes
             self._flush_partial(key)
+
+    def _runs(self, indices: list[Index]) -> Iterator[tuple[int, int, Index]]:
+        """(n0, n1, shard) for the runs of `indices` that are consecutive regions of one
+        row of one shard (a batch usually is a few such runs)."""
+        n0 = 0
+        key = self.tiling.shard_of(*indices[0]) if indices else None
+        for n in range(1, len(indices) + 1):
+            if n < len(indices):
+                (r0, c0), (r, c) = indices[n - 1], indices[n]
+                k = self.tiling.shard_of(r, c)
+                if k == key and r == r0 and c == c0 + 1:
+                    continue
+            yield n0, n, key
+            if n < len(indices):
+                n0, key = n, k
+
+    def _copy_run(self, buf: ShardBuffer, tiles: RegionTiles, n0: int, n1: int) -> None:
+        """Tiles n0..n1 (consecutive regions of one row) into the shard buffer: one copy per
+        array, through a view of the buffer's rows split into region-wide columns."""
+        r, c0 = tiles.indices[n0]
+        y0, x0, y1, _ = self.spec.box(r, c0)
+        x1 = self.spec.box(*tiles.indices[n1 - 1])[3]
+        sy, sx = buf.box[0], buf.box[1]
+        s, m = self.spec.region_size, n1 - n0
+        for name, batch in tiles.arrays.items():
+            dst = buf.arrays.get(name)
+            if dst is None:
+                continue
+            part = batch[n0:n1, ..., : y1 - y0, :]  # (m, ..., h, S)
+            if x1 - x0 == m * s:  # whole regions: (..., h, m, S) <- (m, ..., h, S)
+                view = dst[..., y0 - sy:y1 - sy, x0 - sx:x1 - sx]
+                st = view.strides
+                split = np.lib.stride_tricks.as_strided(
+                    view, (*view.shape[:-1], m, s), (*st[:-1], s * st[-1], st[-1]))
+                split[...] = np.moveaxis(part, 0, -2)
+            else:  # the last column of the image is narrower than a region
+                for j in range(m):
+                    _, a0, _, a1 = self.spec.box(r, c0 + j)
+                    dst[..., y0 - sy:y1 - sy, a0 - sx:a1 - sx] = part[j][..., : a1 - a0]
 
     def _recycle(self, buf: ShardBuffer) -> None:
         for name, arr in buf.arrays.items():

@@ -71,8 +71,10 @@ class PreviewSums:
                 part = np.ascontiguousarray(block[:, :hy, :wx])
                 c = part.shape[0]
                 acc = np.float32 if part.dtype == np.float32 else np.float64
-                s = part.reshape(c, hy, wx // fx, fx).sum(axis=3, dtype=acc)  # rows first
-                s = s.reshape(c, hy // fy, fy, wx // fx).sum(axis=2)
+                # whole rows first (contiguous adds), then the fx columns of the smaller sum:
+                # several times faster than the other order for small factors
+                s = part.reshape(c, hy // fy, fy, wx).sum(axis=2, dtype=acc)
+                s = s.reshape(c, hy // fy, wx // fx, fx).sum(axis=3)
                 oy, ox = y0 // fy, x0 // fx
                 with self._lock:
                     self.sums[:, oy:oy + s.shape[1], ox:ox + s.shape[2]] += s
