@@ -100,3 +100,18 @@ def test_tiled_tiff_region_touches_only_its_tiles(tmp_path, rng, monkeypatch):
     reads.clear()
     image.levels[0][200:300, 500:520].compute()
     assert len(reads) == 4
+
+
+def test_a_store_array_is_read_directly_only_when_nothing_is_on_top(tmp_path, rng):
+    from napari_xt.io.source import ImageSource
+
+    data = rng.random((2, 300, 260)).astype(np.float32)
+    zarr.create_array(str(tmp_path / "a.zarr"), data=data, chunks=(2, 128, 128))
+    level = open_image(tmp_path / "a.zarr").levels[0]
+    assert chunks.direct_reader(level) is not None
+    for derived in (level[:, :100], level + 1, level.rechunk((2, 64, 64))):
+        assert chunks.direct_reader(derived) is None  # any operation: through dask
+    src = ImageSource(level, axes="CYX")
+    np.testing.assert_array_equal(src.read_box(37, 5, 237, 260), data[:, 37:237, 5:260])
+    shifted = ImageSource(level + 1, axes="CYX")
+    np.testing.assert_array_equal(shifted.read_box(0, 0, 50, 50), data[:, :50, :50] + 1)
