@@ -19,7 +19,11 @@ when alike (`batchable`: same shape, every region to decode and readable, no car
 state, dense head). On device out-of-memory a group is split in halves and decoding goes in
 halved chunks (kept that small for the rest of the run).
 
-Interface: `CropRunner(spec, book, features, accumulators, notices, finalize, store)`;
+With whole-image context (`scene`, the `SceneTokens` of the scene pass) every crop's
+tokens read the scene at their place in the image before the context layers run.
+
+Interface: `CropRunner(spec, book, features, accumulators, notices, finalize, store,
+scene=None)`;
 `batchable(crop, group)`; `run(group) -> Iterator[Event]`; `flush() -> Iterator[Event]` (the
 regions still queued for decoding); `context_state` (carried state).
 Layouts: features per level (B, R, C_l, h_l, w_l); tokens (B, N, D); token maps
@@ -49,8 +53,9 @@ PAD_ROW = 1 << 30  # grid row of the zero regions that fill a decode call
 class CropRunner:
     def __init__(self, spec: Any, book: RegionBook, features: Any, acc: Accumulators,
                  notices: list[Event], finalize: Callable[[list[Index], torch.Tensor], None],
-                 store: Any) -> None:
+                 store: Any, scene: Any = None) -> None:
         self.spec, self.book, self.features, self.acc = spec, book, features, acc
+        self.scene = scene  # SceneTokens of whole-image context (None: the crop alone)
         self.notices, self.finalize, self.store = notices, finalize, store
         self.model = spec.model
         self.classify = spec.layout is None
@@ -100,6 +105,12 @@ class CropRunner:
             levels = [lv.reshape(b, r, *lv.shape[1:]) for lv in flat]  # [(B, R, C_l, h, w)]
             with torch.inference_mode(), autocast(self.spec.device):
                 tokens, pos = self.model.region_tokens(levels[-1], rc)  # (B, N, D), (B, N, 2)
+                if self.scene is not None:  # each token reads the whole image's scene
+                    h, w = levels[-1].shape[-2:]
+                    origin = torch.tensor([[c.row0 * h, c.col0 * w] for c in group],
+                                          device=pos.device)
+                    tokens = self.model.read_scene(tokens, pos + origin[:, None], (h, w),
+                                                   self.scene)
                 state = self.context_state if self.spec.carry_state else None
                 tokens, state = self.model.contextualize(tokens, state)  # (B, N[+1], D)
             if self.spec.carry_state:

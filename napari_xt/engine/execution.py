@@ -37,6 +37,7 @@ from .outputs import finalize_regions
 from .pipeline import ReaderError
 from .plan import ViewportOrder
 from .regions import RegionBook
+from .scene import scene_pass
 from .scratch import Accumulators
 from .store import RegionTiles, StoreError
 
@@ -120,9 +121,10 @@ class Execution:
                 else RegionBook(plan, store.done))
         self.book = book
         todo = book.todo_crops(per_crop=classify)
+        pending = set(todo)  # (made once: a set per crop made planning quadratic in crops)
         order = (ViewportOrder(plan, todo, spec.point, spec.priority)
                  if spec.order == "viewport"
-                 else [i for i in plan.order(spec.order) if i in set(todo)])
+                 else [i for i in plan.order(spec.order) if i in pending])
         yield Planned(plan.num_regions, plan.num_regions - book.done_before, plan.grid,
                       plan.region_size, len(todo), plan.k, spec.order,
                       (plan.height, plan.width), store.resumed,
@@ -141,12 +143,19 @@ class Execution:
                                   preview_factor(plan.height, plan.width))
             spec.source.observer = preview
         features = self._features = FeatureSupply(spec, book, self.cache, store, self.notices)
+        scene = None
+        if spec.context == "image" and todo:  # every region once, before any crop
+            scene = yield from scene_pass(spec, features)
+            if scene is None:
+                yield from self._wind_down()
+                return Cancelled(self._done(), plan.num_regions)
         visit = list(order) if isinstance(order, list) else list(order.pending)
         features.start([plan.crops[i] for i in visit])
         cap = (plan.strip_width * plan.stride + plan.k) * plan.k
         # boundary columns waiting for the next strip go to disk instead of growing memory
         acc = self._acc = Accumulators(cap + 2 * spec.batch_size, spec.device)
-        runner = CropRunner(spec, book, features, acc, self.notices, self._finalize, store)
+        runner = CropRunner(spec, book, features, acc, self.notices, self._finalize, store,
+                            scene)
         group: list[Any] = []
         for ci in order:
             if spec.cancelled():

@@ -39,8 +39,9 @@ class FeatureSupply:
         self.runner = BatchRunner(spec.batch_size, spec.device,
                                   lambda m: notices.append(Notice(m, "oom")))
         self.cache_sized = False  # the embedding cache's disk estimate was reported
-        self.prefetch: Prefetcher | None = None
-        self.lru: FeatureSlab | None = None
+        self.prefetch: Prefetcher | None = None  # none before `start`: reads are direct
+        plan, bs = spec.plan, spec.batch_size
+        self.lru = FeatureSlab((plan.strip_width * plan.stride + plan.k) * plan.k + 2 * bs)
 
     def start(self, crops: list[Any]) -> None:
         """Plan the reads for `crops` (visiting order) and start the reader thread."""
@@ -62,14 +63,13 @@ class FeatureSupply:
         self.prefetch = Prefetcher(self.spec.source, plan, batches,
                                    pin=self.spec.device.type == "cuda",
                                    threaded=background_threads(self.spec.device))
-        self.lru = FeatureSlab(cap + 2 * bs)
 
     def stop(self) -> None:
         if self.prefetch is not None:
             self.prefetch.stop()
 
     def __contains__(self, idx: Index) -> bool:
-        return self.lru is not None and idx in self.lru
+        return idx in self.lru
 
     def hold(self, idx: Index) -> None:
         """Keep the features of `idx` in memory until `release` (it waits to be decoded)."""
@@ -104,7 +104,7 @@ class FeatureSupply:
             # the order changed (viewport moved) read what this crop needs directly, so the
             # regions now in view never wait behind the whole old queue
             pf = self.prefetch
-            while (idx not in lru and book.usable(idx) and pf.will_read(idx)
+            while (pf is not None and idx not in lru and book.usable(idx) and pf.will_read(idx)
                    and pf.batches_ahead(idx) < pf.depth):
                 yield from self._encode(pf.next())
             if idx not in lru and book.usable(idx):

@@ -34,6 +34,7 @@ from .store import PALETTE, ClassInfo, StoreSpec, create_store
 from .store.layout import default_cache
 
 BLENDS = ("tokens", "outputs")
+CONTEXTS = ("crop", "image")
 
 
 class EngineInputError(ValueError):
@@ -83,6 +84,7 @@ def run(
     blend: str = "tokens",
     strip_width: int = 16,
     carry_state: bool = False,
+    context: str | None = None,
     threshold: float = 0.5,
     min_distance: int = 2,
     name: str = "prediction",
@@ -115,6 +117,10 @@ def run(
       "outputs" (every covering crop decodes the region and the output maps are averaged;
       about 3-4x the decoder work at the default stride).
     carry_state: pass the context encoder's state from crop to crop in visiting order.
+    context: "crop" (each region sees the crops that cover it) or "image" (whole-image
+      context: a scene pass over every region first, which every crop then reads; needs a
+      model with `global_context`); default: the mode the model was trained for
+      (`cfg.context_mode`).
     threshold, min_distance: detection peaks (score >= threshold, NMS window radius).
     spelling: how refusals name their remedy (`engine.spelling.CLI` for the command line);
       default: the Python arguments.
@@ -136,6 +142,13 @@ def run(
         raise EngineInputError(f"blend must be one of {BLENDS}, not {blend!r}")
     if batch_size < 1:
         raise EngineInputError(f"batch_size must be >= 1, got {batch_size}")
+    context = context or cfg.context_mode
+    if context not in CONTEXTS:
+        raise EngineInputError(f"context must be one of {CONTEXTS}, not {context!r}")
+    if context == "image" and getattr(cfg, "global_context", None) is None:
+        raise EngineInputError(
+            f"model {cfg.name!r} has no whole-image context (it was trained on crops); "
+            "run it with crop context")
     try:
         source = ImageSource(image, level=level, axes=axes, normalize=normalize)
     except ValueError as err:
@@ -177,6 +190,7 @@ def run(
                "crop_stride": plan.stride, "blend": blend, "outputs": list(outputs),
                "threshold": threshold,
                "min_distance": min_distance, "carry_state": carry_state, "name": name,
+               "context": context,
                "order": order if carry_state else None}
     store_spec = _store_spec(cfg, plan, layout, outputs, name, run_sig, threshold,
                              min_distance)
@@ -207,6 +221,7 @@ def run(
         source=source, model=model, plan=plan, layout=layout, outputs=outputs,
         device=dev, batch_size=batch_size, order=order, priority=priority,
         cancelled=_cancel_check(cancel), on_error=on_error, carry_state=carry_state,
+        context=context,
         blend=blend, threshold=threshold, min_distance=min_distance, name=name, point=point,
         signature=run_sig)
     return Execution(spec, pstore, emb)
@@ -228,6 +243,7 @@ class RunSpec:
     cancelled: Callable[[], bool]
     on_error: str
     carry_state: bool
+    context: str  # "crop" | "image"
     blend: str
     threshold: float
     min_distance: int

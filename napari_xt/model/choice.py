@@ -1,10 +1,12 @@
 """How a user's model choice becomes a loaded model, for the CLI, the demo and the widgets.
 
 A choice is a plain string: `DEMO_MODEL` (or the short alias "demo") for the shipped demo
-model, a zoo name, or a path to a checkpoint file. A loaded model comes with the input
-normalization it was trained with (per-channel mean and std, from the checkpoint's training
-config) or None (raw pixels). Zoo models get random weights from a fixed seed, so the same
-choice gives the same model every time and a rerun can resume its store.
+model, "demo-image" for its whole-image context version, "demo-region-only" for its
+region-only baseline, a zoo name, or a path to a checkpoint file. A loaded model comes with
+the input normalization it was trained with (per-channel mean and std, from the
+checkpoint's training config) or None (raw pixels). Zoo models get random weights from a
+fixed seed, so the same choice gives the same model every time and a rerun can resume its
+store.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ Normalize = tuple[tuple[float, ...], tuple[float, ...]]
 
 def is_checkpoint(choice: str) -> bool:
     """True when `choice` names a checkpoint file rather than a zoo model."""
-    return choice not in DEMO_ALIASES and (
+    from .demo_weights import BUILT_IN
+
+    return choice not in DEMO_ALIASES and choice not in BUILT_IN and (
         os.sep in choice or Path(choice).suffix in CHECKPOINT_SUFFIXES
     )
 
@@ -64,8 +68,15 @@ def load_model(choice: str, in_chans: int | None = None):
     """(model in eval mode, description, normalization) for a choice. Zoo models are built
     with `in_chans` input channels; checkpoints keep their own. A checkpoint path that does
     not exist raises FileNotFoundError; an unknown zoo name a KeyError listing close names."""
+    from .demo_weights import BUILT_IN
+
     if choice in DEMO_ALIASES:
         model, what, normalize = load_demo_model(in_chans)
+    elif choice in BUILT_IN:
+        from .demo_weights import demo_weights_path, load_demo_weights
+
+        model, what = load_demo_weights(name=choice), f"built-in model {choice}"
+        normalize = checkpoint_normalization(demo_weights_path(name=choice))
     elif is_checkpoint(choice) or Path(choice).is_file():
         from .checkpoint import load_checkpoint
 

@@ -29,6 +29,12 @@ h x w grid and replace the deepest feature level; the UNet head decodes every re
 1 and `forward` stitches the regions and crops the padding (region-only models decode the raw
 features).
 
+Whole-image context (`XTConfig.global_context`, see `global_context.py`): before the
+context layers, every token reads an encoding of the whole image built from one summary
+vector per region (`summarize` -> `SceneSummary` -> `encode_scene` -> `read_scene`). The
+summaries are detached: the scene is a pass of its own (the engine runs it over every
+region first, then the crops).
+
 Layouts: images (B, C, H, W); regions (N, C, S, S); region features [(N, C_l, S/s_l, S/s_l)];
 tokens (B, N, D); positions (B, N, 2) int64 global (row, col) on the token grid.
 """
@@ -45,6 +51,14 @@ from torch import nn
 
 from .context import ContextConfig, build_context_encoder
 from .fields import from_mapping
+from .global_context import (
+    GlobalContext,
+    GlobalContextConfig,
+    SceneGrid,
+    SceneSummary,
+    SceneTokens,
+    region_summary,
+)
 from .heads import HeadConfig, build_head
 from .region import RegionEncoder, RegionEncoderConfig
 from .tokenizer import TokenizerConfig, merge_regions, split_regions, split_subregions
@@ -63,8 +77,15 @@ class XTConfig:
     head: HeadConfig = field(default_factory=lambda: HeadConfig(num_classes=1000))
     crop_regions: int | None = None
     baseline_mlp_ratio: int = 4
+    global_context: GlobalContextConfig | None = None  # None: context stops at one crop
 
     def __post_init__(self) -> None:
+        if isinstance(self.global_context, dict):  # an override given as a mapping
+            object.__setattr__(self, "global_context",
+                               GlobalContextConfig.from_dict(self.global_context))
+        if self.global_context is not None and self.context.kind == "none":
+            raise ValueError("global_context needs a context encoder (context.kind 'none' "
+                             "has no tokens to read the scene into)")
         if self.region.in_chans != self.in_chans:
             raise ValueError(
                 f"region.in_chans ({self.region.in_chans}) != in_chans ({self.in_chans})"
@@ -87,6 +108,11 @@ class XTConfig:
                 raise ValueError(f"context.dim must be a multiple of 4, got {self.context.dim}")
             if self.head.dim != self.context.dim:  # the head reads context tokens
                 object.__setattr__(self, "head", replace(self.head, dim=self.context.dim))
+
+    @property
+    def context_mode(self) -> str:
+        """"image" when trained to read the whole image (global_context), else "crop"."""
+        return "crop" if self.global_context is None else "image"
 
     @property
     def crop_size(self) -> int | None:
@@ -213,9 +239,13 @@ class XT(nn.Module):
         self.context: nn.Module | None = None
         self.cls_token: nn.Parameter | None = None
         self.token_dim = cfg.context.dim if self.has_context else channels
+        self.global_context: GlobalContext | None = None
         if self.has_context:
             self.input_proj = nn.Linear(channels, cfg.context.dim)
             self.context = build_context_encoder(cfg.context)
+            if cfg.global_context is not None:
+                self.global_context = GlobalContext(cfg.global_context, channels,
+                                                    cfg.context.dim, cfg.context.norm_eps)
             if self.classification:
                 self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.context.dim))
                 nn.init.normal_(self.cls_token, std=1e-6)
@@ -268,6 +298,35 @@ class XT(nn.Module):
             x = self.input_proj(x)
             x = x + sincos_2d(pos, self.token_dim).to(x.dtype)
         return x, pos.unsqueeze(0).expand(b, -1, -1)
+
+    # ------------------------------------------------------------------ whole-image context
+
+    def scene_grid(self, rows: int, cols: int) -> SceneGrid:
+        """How an image of rows x cols regions is pooled into scene cells."""
+        return self._global().grid_for(rows, cols)
+
+    @staticmethod
+    def summarize(last: torch.Tensor) -> torch.Tensor:
+        """Deepest features of N regions (N, C, h, w) -> their summaries (N, C)."""
+        return region_summary(last)
+
+    def encode_scene(self, summary: SceneSummary) -> SceneTokens:
+        """The summed region summaries of a whole image -> its scene tokens (1, M, D)."""
+        g = self._global()
+        device = next(g.parameters()).device
+        return g.encode(summary.cells().to(device), summary.grid)
+
+    def read_scene(self, tokens: torch.Tensor, token_rc: torch.Tensor,
+                   per_region: tuple[int, int], scene: SceneTokens) -> torch.Tensor:
+        """Tokens (B, N, D) (positions added) at image token positions token_rc (B, N, 2)
+        read the scene (cross-attention) -> (B, N, D); before `contextualize`."""
+        return self._global().read(tokens, token_rc, per_region, scene)
+
+    def _global(self) -> GlobalContext:
+        if self.global_context is None:
+            raise ValueError(f"model {self.cfg.name!r} has no whole-image context "
+                             "(its config has no global_context)")
+        return self.global_context
 
     def contextualize(
         self,
@@ -328,6 +387,16 @@ class XT(nn.Module):
         last = feats[-1]
         rc = grid.order("raster")
         tokens, pos = self.region_tokens(last.reshape(b, r, *last.shape[1:]), rc)
+        if self.global_context is not None:  # one scene per image of the batch
+            cells = self.scene_grid(grid.rows, grid.cols)
+            read = []
+            for i in range(b):  # summaries are detached: the scene is a pass of its own
+                summary = SceneSummary(cells, last.shape[1])
+                summary.add(rc, self.summarize(last[i * r:(i + 1) * r]))
+                scene = self.encode_scene(summary)
+                read.append(self.read_scene(tokens[i:i + 1], pos[i:i + 1],
+                                            tuple(last.shape[-2:]), scene))
+            tokens = torch.cat(read)
         tokens, _ = self.contextualize(tokens)
         out = self.decode(tokens, feats, rc)
         if self.classification:

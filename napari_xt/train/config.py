@@ -108,6 +108,10 @@ class DataSpec:
     crop_size: int = 256
     normalize: Normalization = field(default_factory=Normalization)
     heatmap_sigma: float = 2.0
+    # whole-image context training (a model with global_context; see train/whole_image.py)
+    beacon_fraction: float = 0.0  # synthetic: share of scenes in the beacon variant
+    scene_pool: int = 0  # distinct scenes per size (0: a fresh scene every time)
+    crops_per_scene: int = 2  # crops of a scene that carry the loss in a step
 
     def __post_init__(self) -> None:
         if self.kind not in ("synthetic", "zarr"):
@@ -116,6 +120,11 @@ class DataSpec:
             raise ValueError("data.kind 'zarr' needs train_paths")
         if any(int(s) < 1 for s in self.scene_sizes):
             raise ValueError(f"data.scene_sizes must be positive, got {self.scene_sizes}")
+        if not 0.0 <= self.beacon_fraction <= 1.0:
+            raise ValueError(f"data.beacon_fraction must be in [0, 1], got "
+                             f"{self.beacon_fraction}")
+        if self.scene_pool < 0 or self.crops_per_scene < 1:
+            raise ValueError("data.scene_pool must be >= 0 and data.crops_per_scene >= 1")
 
 
 @dataclass(frozen=True)
@@ -134,6 +143,8 @@ class OptimSpec:
 class RunSpec:
     """How to run: device, threads, seeds, memory options, checkpoint and log cadence.
 
+    `freeze`: parameter-name prefixes that do not train (e.g. ``region_encoder``: with
+    whole-image context its scene summaries are then computed once per scene).
     `grad_ratio`: fraction of regions whose encoder activations keep gradients (the others
     run under no_grad). `stream_rows`: region rows per streamed piece for context encoders
     that carry state (transformer_xl); None runs the whole crop at once. `checkpointing`:
@@ -150,6 +161,7 @@ class RunSpec:
     eval_every: int = 200
     log_every: int = 10
     keep_checkpoints: int = 2
+    freeze: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0.0 < self.grad_ratio <= 1.0:

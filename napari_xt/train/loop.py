@@ -129,9 +129,8 @@ class Trainer:
             self._init_centre_bias()
             self._zero_init(cfg.model.zero_init)
         else:  # fine-tuning: the checkpoint's weights (content hash checked on load)
-            from napari_xt.model.checkpoint import load_weights
-
-            self.model = load_weights(XT(self.model_config), start).to(self.device).train()
+            self.model = _fine_tuned(self.model_config, start).to(self.device).train()
+        self._freeze(cfg.run.freeze)
         # training-only token classifier (deep supervision, `loss.token_weight`); not part of
         # the saved model, kept in the training state for resume
         self.token_head: torch.nn.Linear | None = None
@@ -148,6 +147,11 @@ class Trainer:
         )
         self.step = 0
         self._build_data()
+        self.scenes = None  # whole-image context: scenes, their summaries and crops
+        if self.model.global_context is not None:
+            from .whole_image import SceneCrops
+
+            self.scenes = SceneCrops(self)
 
     def _init_centre_bias(self) -> None:
         """Start the centre map at `loss.centre_prior` so the focal loss starts small."""
@@ -156,6 +160,26 @@ class Trainer:
         if isinstance(outputs, torch.nn.ModuleDict) and name in outputs:
             p = self.cfg.loss.centre_prior
             torch.nn.init.constant_(outputs[name].bias, math.log(p / (1 - p)))
+
+    def _freeze(self, prefixes: tuple[str, ...]) -> None:
+        if not prefixes:
+            return
+        hit = False
+        for name, p in self.model.named_parameters():
+            if any(name.startswith(prefix) for prefix in prefixes):
+                p.requires_grad_(False)
+                hit = True
+        if not hit:
+            raise ValueError(f"run.freeze {list(prefixes)} matches no parameter")
+
+    def _keep_frozen_eval(self) -> None:
+        """A module with no trainable parameter stays in eval mode (its norms do not move)."""
+        for module in self.model.children():
+            if all(not p.requires_grad for p in module.parameters()):
+                module.eval()
+
+    def region_encoder_frozen(self) -> bool:
+        return all(not p.requires_grad for p in self.model.region_encoder.parameters())
 
     def _zero_init(self, prefixes: tuple[str, ...]) -> None:
         if not prefixes:
@@ -214,6 +238,9 @@ class Trainer:
             return encode(x)
 
         n = regions.shape[0]
+        if self.region_encoder_frozen():  # nothing to train there: no activations kept
+            with torch.no_grad():
+                return encode(regions)
         if run.grad_ratio >= 1.0:
             return with_grad(regions)
         k = max(1, int(round(run.grad_ratio * n)))
@@ -241,30 +268,47 @@ class Trainer:
             out[key] = split_regions(batch[key], size)[0]
         return out
 
-    def forward_backward(self, batch: dict, step: int) -> tuple[float, dict[str, float]]:
-        """Loss of one batch with gradients accumulated into the parameters (streamed)."""
+    def loss_counts(self, batch: dict) -> dict[str, float]:
+        """What each loss term of `batch` is normalized by (pixels, centres, tokens)."""
+        size = self.model_config.region.region_size
+        targets = self._targets_by_region(batch, size)
+        counts = {
+            "ce": float((targets["mask"] != IGNORE_INDEX).sum()),
+            "heatmap": float((targets["centre"] >= 1.0).sum()),
+            "size": float(targets["size_weight"].sum()),
+        }
+        if self.token_head is not None:
+            stride = self.model.region_encoder.feature_strides[-1]
+            counts["token"] = float(token_class_targets(
+                batch["mask"], stride, self.model_config.num_classes).sum())
+        if self.cfg.loss.class_weights is not None:
+            w = torch.tensor(self.cfg.loss.class_weights)
+            m = targets["mask"]
+            counts["ce"] = float(w[m.clamp(max=len(w) - 1)][m != IGNORE_INDEX].sum())
+        return counts
+
+    def forward_backward(self, batch: dict, step: int, counts: dict[str, float] | None = None,
+                         scene=None, origins: np.ndarray | None = None
+                         ) -> tuple[float, dict[str, float]]:
+        """Loss of one batch with gradients accumulated into the parameters (streamed).
+
+        With whole-image context, `scene` (the `SceneTokens` of the image the batch's crops
+        come from) is read by every token, at its place in the image: `origins` (B, 2) is
+        each crop's first region (row, col). `counts` normalize the loss terms (default: the
+        batch's own), so several calls can make up one step's loss."""
         model, size = self.model, self.model_config.region.region_size
         gen = torch.Generator().manual_seed(int(self.cfg.run.seed) * 1_000_003 + step)
         image = batch["image"].to(self.device)  # (B, C, H, W)
         regions, _, grid = split_regions(image, size)  # (B, R, C, S, S)
         b = regions.shape[0]
         targets = {k: v.to(self.device) for k, v in self._targets_by_region(batch, size).items()}
-        counts = {
-            "ce": float((targets["mask"] != IGNORE_INDEX).sum()),
-            "heatmap": float((targets["centre"] >= 1.0).sum()),
-            "size": float(targets["size_weight"].sum()),
-        }
+        counts = counts or self.loss_counts(batch)
         stride = self.model.region_encoder.feature_strides[-1]
         token_targets = None
         if self.token_head is not None:
             token_targets = token_class_targets(
                 batch["mask"].to(self.device), stride, self.model_config.num_classes
             )  # (B, K, H / stride, W / stride)
-            counts["token"] = float(token_targets.sum())
-        if self.cfg.loss.class_weights is not None:
-            w = torch.tensor(self.cfg.loss.class_weights, device=self.device)
-            m = targets["mask"]
-            counts["ce"] = float(w[m.clamp(max=len(w) - 1)][m != IGNORE_INDEX].sum())
         band = self.cfg.run.stream_rows or grid.rows
         rc_all = grid.order("raster")  # (R, 2)
         state = None
@@ -276,6 +320,10 @@ class Trainer:
             feats = self._encode(regions[:, tidx].flatten(0, 1), gen)
             last = feats[-1]
             tokens, pos = model.region_tokens(last.reshape(b, len(idx), *last.shape[1:]), rc)
+            if scene is not None:
+                h, w = last.shape[-2:]
+                at = torch.as_tensor(np.asarray(origins) * (h, w), device=pos.device)
+                tokens = model.read_scene(tokens, pos + at[:, None], (h, w), scene)
             tokens, state = model.contextualize(tokens, state)
             maps = model.decode(tokens, feats, rc)  # {name: (B, r, K, S, S)}
             maps = {k: v.flatten(0, 1) for k, v in maps.items()}  # (B*r, K, S, S)
@@ -285,7 +333,7 @@ class Trainer:
                 t_sum = token_loss_sum(self.token_head(tokens), token_targets, pos)
                 terms["token"] = (self.cfg.loss.token_weight * t_sum, t_sum.new_tensor(0.0))
             loss = combine(terms, counts)
-            loss.backward()
+            loss.backward(retain_graph=scene is not None)  # the scene is read by every band
             total += float(loss.detach())
             for name, (s, _) in terms.items():
                 parts[name] = parts.get(name, 0.0) + float(s.detach()) / max(counts[name], 1.0)
@@ -294,8 +342,12 @@ class Trainer:
     def train_step(self) -> tuple[float, dict[str, float]]:
         """One optimizer step on the batch of the current step; returns (loss, terms)."""
         self.model.train()
+        self._keep_frozen_eval()
         self.optimizer.zero_grad(set_to_none=True)
-        loss, terms = self.forward_backward(self.batch_for_step(self.step), self.step)
+        if self.scenes is not None:
+            loss, terms = self.scenes.forward_backward(self, self.step)
+        else:
+            loss, terms = self.forward_backward(self.batch_for_step(self.step), self.step)
         if self.cfg.optim.grad_clip:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
@@ -400,6 +452,32 @@ class Trainer:
             self.callback(TrainEvent("done", self.step, total, metrics=metrics, path=str(final),
                                      elapsed=time.monotonic() - start))
         return metrics
+
+
+def _fine_tuned(cfg, start: Path):
+    """The model of `cfg` with the weights of checkpoint `start`. A model that adds
+    whole-image context to a crop model's checkpoint takes every weight of the checkpoint;
+    its new `global_context` part starts fresh (its reader silent: the crop model's
+    outputs at first)."""
+    from napari_xt.model.checkpoint import load_weights
+    from napari_xt.model.xt import XT
+
+    model = XT(cfg)
+    if cfg.global_context is None:
+        return load_weights(model, start)
+    import json
+
+    from napari_xt.model.checkpoint import CONFIG_KEY, read_metadata
+    from napari_xt.model.xt import XTConfig
+
+    saved = XTConfig.from_dict(json.loads(read_metadata(start)[CONFIG_KEY]))
+    if saved.global_context is not None:
+        return load_weights(model, start)
+    base = load_weights(XT(replace(cfg, global_context=None)), start)
+    result = model.load_state_dict(base.state_dict(), strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    assert all(k.startswith("global_context.") for k in result.missing_keys), result
+    return model
 
 
 def _json(values: dict[str, float]) -> str:

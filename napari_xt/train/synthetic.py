@@ -22,6 +22,13 @@ comes from fixed tiles seeded by (seed, tile row, tile col) and targets from fix
 seeded by (seed, cell row, cell col), so any window of any scene renders the same pixels whatever
 the chunking, and a window costs only its own size (plus the layout).
 
+Beacon variant (`beacon=True`), a task whose answer lies far away: no sea enters from a
+side; every water body lies inland, and one beacon (a bright `beacon_px` mark on land,
+anywhere in the scene) sets the class of all of them: a ring (bright in VV and VH) makes every
+water body "sea", a cross (bright in VV only) makes every one "lake". Beacon kind and place are
+drawn per scene, each kind with probability 1/2. A region, or a crop, that does not see the
+beacon cannot do better than chance on water; only context across the whole image can.
+
 Image layout: (C, H, W) float32 in dB, C = 2 (VV, VH) or 1 (VV). Mask: (H, W) uint8.
 Targets: dict of 1-D arrays `y`, `x` (float pixel centre), `cls` (1 vessel, 0 not), `size`
 (length in pixels), `angle` (radians).
@@ -40,7 +47,8 @@ LAND, SEA, LAKE = 0, 1, 2
 CLASS_NAMES = ("land", "sea", "lake")
 TARGET_NAMES = ("not_vessel", "vessel")
 
-_LAYOUT, _SPECKLE, _TARGETS = 0, 1, 2  # stream ids mixed into the seeds
+_LAYOUT, _SPECKLE, _TARGETS, _BEACON = 0, 1, 2, 3  # stream ids mixed into the seeds
+RING, CROSS = 1, 0  # beacon kinds: every water body is sea (ring) or lake (cross)
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,8 @@ class SceneConfig:
     targets_per_cell: float = 0.35  # Poisson rate of candidate targets per target cell
     land_target_keep: float = 0.3  # fraction of candidates kept when they fall on land
     target_length: tuple[float, float] = (4.0, 10.0)  # pixels
+    beacon: bool = False  # the beacon variant (see the module docstring)
+    beacon_px: int = 40  # size of the beacon mark
 
     def __post_init__(self) -> None:
         if self.height <= 0 or self.width <= 0:
@@ -74,6 +84,9 @@ class SceneConfig:
             raise ValueError("lake_fraction must be in (0, 1), sea_probability in [0, 1]")
         if min(self.layout_cell, self.tile, self.target_cell) <= 0:
             raise ValueError("layout_cell, tile and target_cell must be positive")
+        if self.beacon and not 8 <= self.beacon_px <= min(self.height, self.width) // 2:
+            raise ValueError(f"beacon_px must be in [8, half the scene side], got "
+                             f"{self.beacon_px} for a {self.height} x {self.width} scene")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -134,6 +147,30 @@ def _water_layout(rng: np.random.Generator, shape: tuple[int, int], cfg: SceneCo
     return sea | lakes
 
 
+def _no_sea(cfg: SceneConfig) -> SceneConfig:
+    from dataclasses import replace
+
+    return replace(cfg, sea_probability=0.0)
+
+
+def _place_beacon(rng: np.random.Generator, layout: np.ndarray,
+                  cfg: SceneConfig) -> tuple[int, float, float]:
+    """(kind, centre y, centre x): a beacon on land, clear of water and of the border."""
+    c = cfg.layout_cell
+    kind = int(rng.integers(2))
+    clear = int(np.ceil((cfg.beacon_px / 2 + cfg.margin_px) / c))
+    land = layout == LAND
+    away = ndimage.distance_transform_edt(land) > clear  # blocks from any water
+    h, w = layout.shape
+    inner = np.zeros_like(away)
+    inner[clear:h - clear, clear:w - clear] = True
+    where = np.argwhere(away & inner)
+    if len(where) == 0:  # no land clear enough: the most central land block
+        where = np.argwhere(land & inner) if (land & inner).any() else np.array([[h // 2, w // 2]])
+    r, col = where[int(rng.integers(len(where)))]
+    return kind, (r + 0.5) * c, (col + 0.5) * c
+
+
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
     field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="reflect")
     return (field - field.mean()) / (field.std() + 1e-12)
@@ -152,11 +189,18 @@ class SyntheticScene:
         self.layout_shape = (-(-cfg.height // c), -(-cfg.width // c))
         rng = np.random.default_rng([self.seed, _LAYOUT])
         sigma = cfg.feature_px / c
-        water = _water_layout(rng, self.layout_shape, cfg)
+        layout_cfg = cfg if not cfg.beacon else _no_sea(cfg)
+        water = _water_layout(rng, self.layout_shape, layout_cfg)
         # the layout block grid may overhang the image; only blocks inside decide connectivity
         # through the border, which is the border of the padded block grid (same thing up to
         # less than one block)
         self.layout = _layout_classes(water, max(1, cfg.min_body_px // (c * c)))
+        self.beacon: tuple[int, float, float] | None = None  # (kind, centre y, centre x) px
+        if cfg.beacon:
+            self.beacon = _place_beacon(np.random.default_rng([self.seed, _BEACON]),
+                                        self.layout, cfg)
+            water_class = SEA if self.beacon[0] == RING else LAKE
+            self.layout = np.where(self.layout != LAND, water_class, LAND).astype(np.uint8)
         # texture fields at layout resolution: land brightness, land patches, water wind
         self._land_db = 2.0 * _smooth_noise(rng, self.layout_shape, 3.0)
         self._patch_db = rng.uniform(-2.5, 2.5, self.layout_shape)
@@ -265,8 +309,33 @@ class SyntheticScene:
         lin = lin + self._target_intensity(y0, x0, y1, x1)[None] * np.array(
             [1.0, 0.3]
         )[: self.config.channels, None, None]
+        if self.beacon is not None:
+            lin = lin + self._beacon_intensity(y0, x0, y1, x1)
         image = 10.0 * np.log10(lin * self._speckle(y0, x0, y1, x1) + 1e-6)
         return image.astype(np.float32), mask
+
+    def _beacon_intensity(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
+        """(C, h, w) linear intensity of the beacon in the window (zeros when outside)."""
+        kind, cy, cx = self.beacon
+        cfg = self.config
+        half = cfg.beacon_px / 2
+        out = np.zeros((cfg.channels, y1 - y0, x1 - x0))
+        ya, yb = max(y0, int(cy - half)), min(y1, int(np.ceil(cy + half)))
+        xa, xb = max(x0, int(cx - half)), min(x1, int(np.ceil(cx + half)))
+        if ya >= yb or xa >= xb:
+            return out
+        yy, xx = np.mgrid[ya:yb, xa:xb] + 0.5
+        dy, dx = (yy - cy) / half, (xx - cx) / half  # -1 .. 1 over the mark
+        if kind == RING:
+            r = np.hypot(dy, dx)
+            mark = (r > 0.6) & (r < 0.95)
+            weights = (1.0, 1.0)
+        else:
+            mark = ((np.abs(dy) < 0.2) | (np.abs(dx) < 0.2)) & (np.maximum(abs(dy), abs(dx)) < 0.95)
+            weights = (1.0, 0.05)
+        for ch in range(cfg.channels):
+            out[ch, ya - y0:yb - y0, xa - x0:xb - x0] = 2.0 * weights[ch] * mark
+        return out
 
     def _target_intensity(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
         """(h, w) linear intensity added by the targets (bright elongated blobs)."""

@@ -1,0 +1,236 @@
+"""Whole-image context: what every crop of an image learns about the rest of the image.
+
+A k x k crop of regions sees only itself. With a `GlobalContextConfig` in the model's
+config, an image is understood in two passes of bounded cost:
+
+1. **Scene summary.** Every region's deepest feature map (C, h, w) is averaged to one
+   vector (C,) (`region_summary`). The region grid (rows x cols) is pooled into at most
+   `grid` x `grid` cells of `cell` x `cell` regions each (`SceneGrid`); a cell keeps the
+   mean and the maximum of its regions' vectors (2C,). The maximum keeps a small, strong
+   cue (one bright marker) visible in a cell of many regions.
+2. **Scene encoding.** The cells become tokens (Linear(2C -> D) + LayerNorm + a fixed
+   position of the cell centre and of its distance to the far borders, in region units) and
+   `depth` non-causal attention blocks mix them: `scene_tokens` (1, M, D), M <= grid^2.
+3. **Reading.** Before a crop's context layers run, each of its tokens reads the scene by
+   cross-attention (`GlobalReader`): the query is the token plus the same position code of
+   its own place in the image (so it can find the cells around it and knows how far every
+   border is), keys and values are the scene tokens. The output projection starts at zero:
+   a model given whole-image context starts exactly as its crop model.
+
+Memory is flat in the image size: the summary holds grid^2 cells whatever the number of
+regions (rows x cols); the scene encoder and the readers attend over at most grid^2 tokens.
+Every context encoder kind (Hyper, Transformer-XL, Mamba) gets the same reader; the
+scene pass is bidirectional by construction (every cell sees every other).
+
+Layouts: region summaries (N, C); cells (Gr, Gc, 2C); scene tokens (1, M, D) with
+M = Gr * Gc row-major; token positions (B, N, 2) in token units of the image grid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .context.base import ContextConfig, RMSNorm
+from .context.hyper import HyperContextEncoder
+from .fields import from_mapping
+
+
+@dataclass(frozen=True)
+class GlobalContextConfig:
+    """Whole-image context (see the module docstring). `grid`: at most grid x grid scene
+    cells; `depth` scene-encoder layers; `head_dim`, `mlp_dim` of the scene encoder and the
+    reader (width = the context encoder's `dim`)."""
+
+    grid: int = 64
+    depth: int = 2
+    head_dim: int = 32
+    mlp_dim: int = 256
+
+    def __post_init__(self) -> None:
+        if self.grid < 1 or self.depth < 0 or self.head_dim < 1 or self.mlp_dim < 1:
+            raise ValueError(f"global_context: grid, head_dim, mlp_dim >= 1 and depth >= 0, "
+                             f"got {self}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GlobalContextConfig:
+        return from_mapping(cls, data)
+
+
+@dataclass(frozen=True)
+class SceneGrid:
+    """How a rows x cols region grid is pooled into cells of `cell` x `cell` regions."""
+
+    rows: int
+    cols: int
+    cell: int
+
+    @classmethod
+    def for_regions(cls, rows: int, cols: int, grid: int) -> SceneGrid:
+        if rows < 1 or cols < 1:
+            raise ValueError(f"a scene needs at least one region, got {rows} x {cols}")
+        return cls(int(rows), int(cols), max(1, math.ceil(max(rows, cols) / grid)))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(Gr, Gc) cells."""
+        return -(-self.rows // self.cell), -(-self.cols // self.cell)
+
+    def cell_of(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Flat cell index of regions (rows, cols) (any shape, int64)."""
+        return (rows // self.cell) * self.shape[1] + cols // self.cell
+
+    def cell_centres(self, device: Any = None) -> torch.Tensor:
+        """(M, 2) float64 centre of every cell in region units (row, col), row-major."""
+        gr, gc = self.shape
+        c = self.cell
+        ys = torch.arange(gr, dtype=torch.float64, device=device) * c
+        xs = torch.arange(gc, dtype=torch.float64, device=device) * c
+        cy = (ys + torch.clamp(ys + c, max=self.rows) - 1) / 2
+        cx = (xs + torch.clamp(xs + c, max=self.cols) - 1) / 2
+        return torch.stack(torch.meshgrid(cy, cx, indexing="ij"), -1).reshape(-1, 2)
+
+
+class SceneSummary:
+    """Running sums of region summaries per cell (streamed: regions come in any order, each
+    counted once): `add(rc (N, 2), vectors (N, C))`, then `cells()` -> (Gr, Gc, 2C)."""
+
+    def __init__(self, grid: SceneGrid, channels: int) -> None:
+        self.grid = grid
+        m = grid.shape[0] * grid.shape[1]
+        self.sums = torch.zeros(m, channels, dtype=torch.float64)
+        self.maxima = torch.full((m, channels), float("-inf"), dtype=torch.float64)
+        self.counts = torch.zeros(m, dtype=torch.float64)
+
+    def add(self, rc: Any, vectors: torch.Tensor) -> None:
+        rc = torch.as_tensor(rc, dtype=torch.int64).reshape(-1, 2)
+        v = vectors.detach().to("cpu", torch.float64)
+        idx = self.grid.cell_of(rc[:, 0], rc[:, 1])
+        self.sums.index_add_(0, idx, v)
+        self.counts.index_add_(0, idx, torch.ones(len(idx), dtype=torch.float64))
+        self.maxima.scatter_reduce_(0, idx[:, None].expand_as(v), v, "amax")
+
+    @property
+    def regions(self) -> int:
+        return int(self.counts.sum())
+
+    def cells(self) -> torch.Tensor:
+        """(Gr, Gc, 2C) float32: [mean, max] of each cell's regions (zeros for a cell with
+        none, e.g. every region of it failed to read)."""
+        n = self.counts.clamp_min(1)[:, None]
+        empty = self.counts[:, None] == 0
+        mean = (self.sums / n).masked_fill(empty, 0.0)
+        peak = self.maxima.masked_fill(empty, 0.0)
+        gr, gc = self.grid.shape
+        return torch.cat([mean, peak], -1).to(torch.float32).reshape(gr, gc, -1)
+
+
+def region_summary(last: torch.Tensor) -> torch.Tensor:
+    """Deepest feature maps (N, C, h, w) -> one vector per region (N, C) (mean)."""
+    return last.float().mean(dim=(-2, -1))
+
+
+def place_code(where: torch.Tensor, rows: int, cols: int, dim: int) -> torch.Tensor:
+    """Fixed code of places in the image: where (..., 2) float (row, col) in region units
+    -> (..., dim) float32: sin-cos of the row, the column and their distances to the far
+    (bottom, right) borders, dim / 4 channels each."""
+    quarter = dim // 4
+    eighth = quarter // 2
+    omega = 1.0 / 10000 ** (torch.arange(eighth, dtype=torch.float64, device=where.device)
+                            / max(1, eighth))
+    w = where.to(torch.float64)
+    parts = []
+    for value in (w[..., 0], w[..., 1], (rows - 1) - w[..., 0], (cols - 1) - w[..., 1]):
+        a = value[..., None] * omega
+        parts += [a.sin(), a.cos()]
+    code = torch.cat(parts, -1)
+    if code.shape[-1] < dim:
+        code = F.pad(code, (0, dim - code.shape[-1]))
+    return code.to(torch.float32)
+
+
+@dataclass(frozen=True)
+class SceneTokens:
+    """The encoded scene of one image: tokens (1, M, D) and its grid."""
+
+    tokens: torch.Tensor
+    grid: SceneGrid
+
+
+class GlobalReader(nn.Module):
+    """h = h + proj(attention(q = norm(h) + place, k, v = scene tokens)); proj starts at 0."""
+
+    def __init__(self, dim: int, head_dim: int, eps: float) -> None:
+        super().__init__()
+        if dim % head_dim:
+            raise ValueError(f"global_context.head_dim {head_dim} does not divide {dim}")
+        self.heads, self.head_dim = dim // head_dim, head_dim
+        self.norm = RMSNorm(dim, eps)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, h: torch.Tensor, place: torch.Tensor, scene: torch.Tensor) -> torch.Tensor:
+        """h (B, N, D), place (B, N, D), scene (1 or B, M, D) -> (B, N, D)."""
+        b, n, d = h.shape
+        q = self.q(self.norm(h) + place.to(h.dtype))
+        q = q.view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        kv = self.kv(scene.to(h.dtype))
+        m = kv.shape[1]
+        k, v = kv.view(kv.shape[0], m, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if k.shape[0] != b:
+            k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
+        o = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, d)
+        return h + self.proj(o.transpose(1, 2).reshape(b, n, d))
+
+
+class GlobalContext(nn.Module):
+    """Scene encoder and reader (see the module docstring); `channels` C of the region
+    encoder's deepest level, `dim` D of the context tokens."""
+
+    def __init__(self, cfg: GlobalContextConfig, channels: int, dim: int,
+                 eps: float = 1e-5) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.dim = dim
+        self.cell_proj = nn.Linear(2 * channels, dim)
+        self.cell_norm = nn.LayerNorm(dim)
+        self.encoder = HyperContextEncoder(ContextConfig(
+            kind="hyper", dim=dim, depth=cfg.depth, head_dim=cfg.head_dim,
+            mlp_dim=cfg.mlp_dim, causal=False, lsh_threshold=max(4096, cfg.grid ** 2),
+            norm_eps=eps))
+        self.reader = GlobalReader(dim, cfg.head_dim, eps)
+
+    def grid_for(self, rows: int, cols: int) -> SceneGrid:
+        return SceneGrid.for_regions(rows, cols, self.cfg.grid)
+
+    def encode(self, cells: torch.Tensor, grid: SceneGrid) -> SceneTokens:
+        """cells (Gr, Gc, 2C) -> the scene's tokens (1, Gr*Gc, D)."""
+        gr, gc, _ = cells.shape
+        if (gr, gc) != grid.shape:
+            raise ValueError(f"cells {tuple(cells.shape[:2])} do not match grid {grid.shape}")
+        x = self.cell_norm(self.cell_proj(cells.reshape(1, gr * gc, -1)))
+        place = place_code(grid.cell_centres(cells.device), grid.rows, grid.cols, self.dim)
+        x = x + place.to(x.dtype)[None]
+        x, _ = self.encoder(x)
+        return SceneTokens(x, grid)
+
+    def read(self, tokens: torch.Tensor, token_rc: torch.Tensor, per_region: tuple[int, int],
+             scene: SceneTokens) -> torch.Tensor:
+        """tokens (B, N, D) at image token positions token_rc (B, N, 2) (rows, cols of the
+        image's token grid, `per_region` = (h, w) tokens per region) -> tokens (B, N, D)."""
+        h, w = per_region
+        where = torch.stack([(token_rc[..., 0].to(torch.float64) + 0.5) / h - 0.5,
+                             (token_rc[..., 1].to(torch.float64) + 0.5) / w - 0.5], -1)
+        place = place_code(where, scene.grid.rows, scene.grid.cols, self.dim)
+        return self.reader(tokens, place.to(tokens.device), scene.tokens)

@@ -1,0 +1,156 @@
+"""Training with whole-image context, memory bounded whatever the scene size.
+
+A model with `global_context` learns to read an encoding of the whole image (see
+`napari_xt.model.global_context`). Each step takes `optim.batch_size` synthetic scenes
+(sizes from `data.scene_sizes` in turn, a share `data.beacon_fraction` of them in the beacon
+variant) and for each:
+
+1. the scene summary: the whole scene is rendered in bands of rows, its regions go through
+   the region encoder under no_grad and are summed into the scene cells (`SceneSummary`),
+   exactly as the engine's scene pass does. With a frozen region encoder
+   (`run.freeze: [region_encoder]`) a scene's summary never changes, so it is kept and a
+   pool of `data.scene_pool` scenes per size is reused (0: fresh scenes, summaries made
+   every time);
+2. the scene tokens, with gradients (`XT.encode_scene`);
+3. `data.crops_per_scene` crops of k x k regions (k = the model's `crop_regions`) at random
+   places, rendered alone (the scene renders any window lazily), run as in ordinary
+   training but reading the scene at their place (`Trainer.forward_backward(..., scene,
+   origins)`), and backpropagated; then the next scene. The loss is normalized by the
+   counts of the whole step, so it is the mean over every crop of the step.
+
+What a step holds at once: one scene's cells (at most grid^2), one scene's crops and their
+activations; never the scene's pixels beyond one band of rows, nor its regions' features.
+Determinism: scenes and crop places derive from (run.seed, step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from napari_xt.model.global_context import SceneSummary
+from napari_xt.model.tokenizer import split_regions
+
+from .data import Sample, collate
+from .synthetic import SceneConfig, SyntheticScene
+
+BAND = 512  # pixel rows rendered at a time for a scene summary
+ENCODE_BATCH = 64  # regions per no-grad encoder call of a scene summary
+
+
+def scene_summary(model: Any, scene: SyntheticScene, normalization: Any) -> SceneSummary:
+    """The summary of a whole synthetic scene, as the engine's scene pass makes it."""
+    s = model.cfg.region.region_size
+    h, w = scene.shape
+    rows, cols = -(-h // s), -(-w // s)
+    summary: SceneSummary | None = None
+    band = max(s, BAND // s * s)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for y0 in range(0, h, band):
+            y1 = min(h, y0 + band)
+            img, _ = scene.read(y0, 0, y1, w)
+            x = torch.from_numpy(normalization(img))[None]
+            regions, _, grid = split_regions(x, s)  # (1, r*cols, C, S, S), zero padded
+            regions = regions[0]
+            rc = grid.order("raster") + np.array([y0 // s, 0])
+            for start in range(0, len(regions), ENCODE_BATCH):
+                part = regions[start:start + ENCODE_BATCH].to(device)
+                last = model.encode_regions(part)[-1]
+                vectors = model.summarize(last)
+                if summary is None:
+                    summary = SceneSummary(model.scene_grid(rows, cols), vectors.shape[1])
+                summary.add(rc[start:start + ENCODE_BATCH], vectors)
+    return summary
+
+
+class SceneCrops:
+    """The scenes, summaries and crops of whole-image training (see the module docstring)."""
+
+    def __init__(self, trainer: Any) -> None:
+        cfg = trainer.cfg
+        if cfg.data.kind != "synthetic":
+            raise ValueError("whole-image context training needs data.kind 'synthetic' "
+                             "(scenes it can render window by window)")
+        k = trainer.model_config.crop_regions
+        if k is None:
+            raise ValueError("whole-image context training needs the model's crop_regions")
+        self.crop_px = k * trainer.model_config.region.region_size
+        self.data = cfg.data
+        self.sizes = [int(n) for n in cfg.data.scene_sizes] or [cfg.data.scene.height]
+        self.normalization = trainer.normalization
+        self.seed = int(cfg.run.seed)
+        self.kept: dict[tuple[int, int], SceneSummary] = {}
+
+    def scene_config(self, size: int, seed: int) -> SceneConfig:
+        """Scene `seed` of side `size`, in the beacon variant for a share of the seeds."""
+        beacon = bool(np.random.default_rng([seed, 7]).uniform() < self.data.beacon_fraction)
+        return replace(self.data.scene, height=size, width=size, beacon=beacon)
+
+    def scenes_for_step(self, step: int, count: int) -> list[tuple[int, int]]:
+        """(size, seed) of the step's scenes."""
+        size = self.sizes[step % len(self.sizes)]
+        rng = np.random.default_rng([self.seed, step, 11])
+        pool = self.data.scene_pool or self.data.train_count
+        picks = rng.integers(0, pool, count)
+        base = self.data.train_seed + 10_000_000 * self.sizes.index(size)
+        return [(size, base + int(i)) for i in picks]
+
+    def summary(self, trainer: Any, size: int, seed: int, scene: SyntheticScene) -> SceneSummary:
+        key = (size, seed)
+        if key in self.kept:
+            return self.kept[key]
+        out = scene_summary(trainer.model, scene, self.normalization)
+        if trainer.region_encoder_frozen() and self.data.scene_pool:
+            self.kept[key] = out
+        return out
+
+    def crops(self, scene: SyntheticScene, rng: np.random.Generator, n: int,
+              region: int) -> tuple[list[Sample], np.ndarray]:
+        """n crops of the scene at region-aligned random places: samples and origins (n, 2)
+        (first region row, col)."""
+        h, w = scene.shape
+        side_y, side_x = min(self.crop_px, h), min(self.crop_px, w)
+        rows, cols = -(-h // region), -(-w // region)
+        k_y, k_x = -(-side_y // region), -(-side_x // region)
+        samples, origins = [], []
+        for _ in range(n):
+            r0 = int(rng.integers(0, rows - k_y + 1))
+            c0 = int(rng.integers(0, cols - k_x + 1))
+            y0, x0 = r0 * region, c0 * region
+            y1, x1 = min(h, y0 + side_y), min(w, x0 + side_x)
+            img, mask = scene.read(y0, x0, y1, x1)
+            t = scene.targets(y0, x0, y1, x1)
+            vessel = t["cls"] == 1
+            points = np.stack([t["y"][vessel] - y0, t["x"][vessel] - x0], -1).reshape(-1, 2)
+            samples.append(Sample(self.normalization(img), mask.astype(np.int64), points,
+                                  t["size"][vessel]))
+            origins.append((r0, c0))
+        return samples, np.array(origins, np.int64)
+
+    def forward_backward(self, trainer: Any, step: int) -> tuple[float, dict[str, float]]:
+        """One step's loss over every crop of its scenes, gradients accumulated."""
+        region = trainer.model_config.region.region_size
+        rng = np.random.default_rng([self.seed, step, 13])
+        work = []
+        for size, seed in self.scenes_for_step(step, trainer.cfg.optim.batch_size):
+            scene = SyntheticScene(seed, self.scene_config(size, seed))
+            samples, origins = self.crops(scene, rng, self.data.crops_per_scene, region)
+            batch = collate(samples, trainer.cfg.data.heatmap_sigma)
+            work.append((size, seed, scene, batch, origins))
+        counts: dict[str, float] = {}
+        for *_, batch, _ in work:
+            for name, v in trainer.loss_counts(batch).items():
+                counts[name] = counts.get(name, 0.0) + v
+        total, parts = 0.0, {}
+        for size, seed, scene, batch, origins in work:
+            summary = self.summary(trainer, size, seed, scene)
+            tokens = trainer.model.encode_scene(summary)
+            loss, terms = trainer.forward_backward(batch, step, counts, tokens, origins)
+            total += loss
+            for name, v in terms.items():
+                parts[name] = parts.get(name, 0.0) + v
+        return total, parts

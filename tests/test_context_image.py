@@ -1,0 +1,169 @@
+"""Whole-image context (`context="image"`): the scene pass, its reading by every crop, and
+its equivalence with the model's own whole-image forward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_xt.engine import Cancelled, EngineInputError, Finished, run
+from napari_xt.model.global_context import SceneGrid, SceneSummary
+from napari_xt.model.xt import XT
+from napari_xt.model.zoo import apply_overrides, get_config
+from napari_xt.train.synthetic import SceneConfig, SyntheticScene
+
+NORM = ([-14.0, -22.0], [7.0, 7.0])
+
+
+def _with_scene(base: XT, seed: int = 0) -> XT:
+    """`base` with whole-image context whose reader is not silent (random, seeded)."""
+    model = XT(apply_overrides(base.cfg, global_context={"grid": 8}))
+    model.load_state_dict(base.state_dict(), strict=False)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.global_context.reader.proj.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from napari_xt.model.choice import load_model
+
+    model, _, _ = load_model("demo")
+    return model
+
+
+@pytest.fixture(scope="module")
+def demo_image(demo):
+    return _with_scene(demo)
+
+
+def _scene(seed: int, size: int) -> np.ndarray:
+    img, _ = SyntheticScene(seed, SceneConfig(height=size, width=size)).read()
+    return img
+
+
+def _probs(events) -> np.ndarray:
+    last = events[-1]
+    assert isinstance(last, Finished), last
+    return np.asarray(last.summary["arrays"]["probabilities"], np.float32)
+
+
+def _run(image, model, **kw) -> list:
+    kw.setdefault("outputs", ("labels", "probabilities"))
+    kw.setdefault("cache", False)
+    return list(run(image, model, kw.pop("store", None), normalize=NORM, **kw))
+
+
+def test_a_silent_reader_leaves_the_crop_model_unchanged(demo):
+    model = XT(apply_overrides(demo.cfg, global_context={}))
+    model.load_state_dict(demo.state_dict(), strict=False)
+    model.eval()
+    x = torch.randn(1, 2, 192, 256)
+    with torch.no_grad():
+        a, b = demo(x), model(x)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_scene_summary_is_the_same_whatever_order_and_batches(rng):
+    grid = SceneGrid.for_regions(37, 21, 8)  # cells of 5 x 5 regions, 8 x 5 cells
+    assert grid.cell == 5 and grid.shape == (8, 5)
+    rc = np.array([(r, c) for r in range(37) for c in range(21)])
+    vec = torch.from_numpy(rng.normal(size=(len(rc), 6)))
+    one = SceneSummary(grid, 6)
+    one.add(rc, vec)
+    perm = rng.permutation(len(rc))
+    other = SceneSummary(grid, 6)
+    for part in np.array_split(perm, 7):
+        other.add(rc[part], vec[part])
+    torch.testing.assert_close(one.cells(), other.cells(), rtol=1e-6, atol=1e-6)
+    cells = one.cells()
+    assert cells.shape == (8, 5, 12)
+    inside = (rc[:, 0] // 5 == 7) & (rc[:, 1] // 5 == 4)  # the last, partial cell (2 x 1)
+    assert inside.sum() == 2
+    torch.testing.assert_close(cells[7, 4, :6], vec[inside].mean(0).float())
+    torch.testing.assert_close(cells[7, 4, 6:], vec[inside].max(0).values.float())
+
+
+def test_scene_memory_is_flat_in_the_number_of_regions():
+    small = SceneSummary(SceneGrid.for_regions(64, 64, 64), 128)
+    huge = SceneSummary(SceneGrid.for_regions(1600, 1600, 64), 128)  # a 100k^2 slide
+    assert huge.grid.shape == small.grid.shape == (64, 64)
+    assert huge.sums.numel() == small.sums.numel()
+
+
+def test_one_crop_image_through_the_engine_equals_the_models_forward(demo_image):
+    img = _scene(3, 512)  # 8 x 8 regions: one crop of the demo model
+    probs = _probs(_run(img, demo_image, context="image"))
+    x = (torch.from_numpy(img) - torch.tensor(NORM[0])[:, None, None]) / 7.0
+    with torch.no_grad():
+        ref = torch.softmax(demo_image(x[None])["logits"], 1)[0].numpy()
+    np.testing.assert_allclose(probs, ref, atol=2e-3)  # probabilities are stored as float16
+
+
+@pytest.mark.parametrize("kind", ["transformer_xl", "mamba"])
+def test_every_context_encoder_kind_reads_the_scene_as_its_forward_does(kind):
+    cfg = get_config("xt_tiny_demo_seg", context={"kind": kind, "chunk_len": 16,
+                                                  "mem_len": 48, "d_state": 8},
+                     global_context={"grid": 4})
+    torch.manual_seed(1)
+    model = XT(cfg)
+    with torch.no_grad():
+        for p in model.global_context.reader.proj.parameters():
+            p.normal_(0, 0.2)
+    model.eval()
+    img = np.random.default_rng(2).normal(size=(3, 384, 512)).astype(np.float32)
+    events = list(run(img, model, None, outputs=("probabilities",), cache=False))
+    probs = _probs(events)
+    with torch.no_grad():
+        ref = torch.softmax(model(torch.from_numpy(img)[None])["logits"], 1)[0].numpy()
+    np.testing.assert_allclose(probs, ref, atol=2e-3)
+
+
+def test_far_away_pixels_change_a_region_only_with_whole_image_context(demo_image):
+    img = _scene(4, 1024)  # 16 x 16 regions; crops of 8 x 8 at stride 4
+    far = img.copy()
+    far[:, 768:, 768:] += 12.0  # a change more than one crop away from region (0, 0)
+    corner = (slice(None), slice(0, 64), slice(0, 64))
+    for context, changes in (("crop", False), ("image", True)):
+        a = _probs(_run(img, demo_image, context=context))[corner]
+        b = _probs(_run(far, demo_image, context=context))[corner]
+        assert bool(np.abs(a - b).max() > 1e-3) is changes, context
+
+
+def test_a_crop_model_cannot_run_with_whole_image_context(demo):
+    with pytest.raises(EngineInputError, match="no whole-image context"):
+        run(_scene(1, 256), demo, None, normalize=NORM, context="image")
+    with pytest.raises(EngineInputError, match="context must be one of"):
+        run(_scene(1, 256), demo, None, normalize=NORM, context="everything")
+
+
+def test_a_cancelled_image_run_resumes_to_the_same_results(demo_image, tmp_path):
+    img = _scene(5, 768)
+    whole = _run(img, demo_image, context="image", store=tmp_path / "whole.zarr", cache=True)
+    assert isinstance(whole[-1], Finished)
+    crops = 0
+
+    def cancel():
+        return crops >= 3
+
+    out = tmp_path / "part.zarr"
+    events = []
+    for e in run(img, demo_image, out, normalize=NORM, context="image",
+                 outputs=("labels", "probabilities"), cancel=cancel):
+        events.append(e)
+        crops += type(e).__name__ == "ContextStep"
+    assert isinstance(events[-1], Cancelled)
+    again = _run(img, demo_image, context="image", store=out, cache=True)
+    assert isinstance(again[-1], Finished)
+    from napari_xt.io import read_labels, read_probabilities
+
+    np.testing.assert_array_equal(np.asarray(read_labels(out, "prediction").levels[0]),
+                                  np.asarray(read_labels(tmp_path / "whole.zarr",
+                                                         "prediction").levels[0]))
+    np.testing.assert_array_equal(
+        np.asarray(read_probabilities(out, "prediction").levels[0]),
+        np.asarray(read_probabilities(tmp_path / "whole.zarr", "prediction").levels[0]))

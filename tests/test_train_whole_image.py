@@ -1,0 +1,107 @@
+"""Training with whole-image context: the scene summary equals the engine's scene pass, a few
+steps lower the loss, and what backward keeps does not grow with the scene."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_xt.train.config import TrainConfig
+from napari_xt.train.loop import Trainer
+from napari_xt.train.synthetic import SceneConfig, SyntheticScene
+from napari_xt.train.whole_image import scene_summary
+
+
+def _config(sizes, steps=4, pool=1, lr=2e-3, grid=8) -> TrainConfig:
+    return TrainConfig.from_dict({
+        "model": {"checkpoint": "demo", "overrides": {"global_context": {"grid": grid}}},
+        "data": {"scene": {"height": 256, "width": 256}, "scene_sizes": sizes,
+                 "beacon_fraction": 1.0, "scene_pool": pool, "crops_per_scene": 2,
+                 "val_count": 1},
+        "optim": {"steps": steps, "batch_size": 1, "lr": lr, "warmup_steps": 1},
+        "loss": {"token_weight": 0.5},
+        "run": {"threads": 1, "freeze": ["region_encoder"], "checkpoint_every": 0,
+                "eval_every": 0, "log_every": 1},
+    })
+
+
+def test_the_training_summary_is_the_engines_scene_pass(tmp_path):
+    from napari_xt.engine import run
+    from napari_xt.engine import scene as engine_scene
+
+    trainer = Trainer(_config([640]), tmp_path / "run")
+    model = trainer.model.eval()
+    scene = SyntheticScene(3, SceneConfig(height=640, width=576, beacon=True))
+    ours = scene_summary(model, scene, trainer.normalization).cells()
+    seen = {}
+    real = engine_scene.SceneSummary.cells
+
+    def keep(self):
+        seen["cells"] = real(self)
+        return seen["cells"]
+
+    engine_scene.SceneSummary.cells = keep
+    try:
+        img, _ = scene.read()
+        norm = (trainer.normalization.mean, trainer.normalization.std)
+        for _ in run(img, model, None, normalize=norm, context="image", cache=False):
+            pass
+    finally:
+        engine_scene.SceneSummary.cells = real
+    torch.testing.assert_close(seen["cells"], ours, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_few_whole_image_steps_lower_the_loss(tmp_path):
+    trainer = Trainer(_config([512], steps=5, lr=3e-3), tmp_path / "run")
+    fixed = trainer.scenes
+
+    def step_loss() -> float:
+        trainer.model.train()
+        trainer._keep_frozen_eval()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss, _ = fixed.forward_backward(trainer, 0)  # the same scene and crops each time
+        trainer.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    before = step_loss()
+    trainer.fit(5)
+    after = step_loss()
+    assert after < 0.8 * before, (before, after)
+    frozen = dict(trainer.model.region_encoder.named_parameters())
+    assert all(not p.requires_grad for p in frozen.values())
+
+
+@pytest.mark.slow
+def test_what_backward_keeps_does_not_grow_with_the_scene(tmp_path):
+    """Bytes of the tensors autograd saves for backward in one step: a 512 px scene and a
+    2048 px one (16 times the area; both pooled into 8 x 8 scene cells)."""
+    kept = {}
+    for size in (512, 2048):
+        trainer = Trainer(_config([size]), tmp_path / f"run{size}")
+        total = [0]
+
+        def pack(t: torch.Tensor):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        trainer.model.train()
+        trainer._keep_frozen_eval()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            trainer.scenes.forward_backward(trainer, 0)
+        kept[size] = total[0]
+    assert kept[512] > 0
+    assert kept[2048] <= 1.05 * kept[512], kept
+
+
+def test_beacon_scenes_are_drawn_as_configured(tmp_path):
+    trainer = Trainer(_config([512], pool=0), tmp_path / "run")
+    scenes = trainer.scenes
+    kinds = [scenes.scene_config(512, s).beacon for s in range(20)]
+    assert all(kinds)
+    scenes.data = type(scenes.data)(**{**scenes.data.__dict__, "beacon_fraction": 0.0})
+    assert not any(scenes.scene_config(512, s).beacon for s in range(20))
+    picks = scenes.scenes_for_step(3, 2)
+    assert picks == scenes.scenes_for_step(3, 2)  # a pure function of (seed, step)
+    assert np.all([size == 512 for size, _ in picks])
