@@ -386,7 +386,12 @@ def test_embedding_cache_says_what_disk_it_will_take(tmp_path, monkeypatch):
     assert "more for 8 regions" in notes[0].message  # 12 regions, the first batch of 4 done
     assert " free" in notes[0].message and "NOT" not in notes[0].message
 
+    # a disk that fills after the run was planned (a disk full at the start is refused
+    # before anything is written: tests/test_cli_bad_input.py)
+    from napari_xt.engine import budget
+
     usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(budget, "free_disk", lambda path: (10**9, tmp_path))
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 100, 100))
     events = list(run(img, seg_model(), tmp_path / "b.zarr", batch_size=4))
     warn = [e for e in events if isinstance(e, Notice) and "embedding cache" in e.message]

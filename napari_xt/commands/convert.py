@@ -10,6 +10,8 @@ import argparse
 import sys
 import time
 
+from napari_xt.commands.inputs import add_image_options
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -20,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="input image: file, zarr directory or URL")
     p.add_argument("dst", help="output OME-Zarr store (a directory ending in .zarr)")
     p.add_argument("--level", type=int, default=None, help="source level to convert from")
-    p.add_argument("--series", type=int, default=0, help="TIFF series index")
+    add_image_options(p)
     p.add_argument("--chunk", type=int, default=1024, help="chunk edge in pixels (256-4096)")
     p.add_argument("--method", choices=("mean", "nearest", "mode"), default="mean",
                    help="downsampling for the pyramid (mode for label images)")
@@ -31,25 +33,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from napari_xt.cli import bad_input_line
+    from napari_xt.commands.inputs import image_request
     from napari_xt.io import ImageIOError, iter_convert
 
     start = time.perf_counter()
     last = 0.0
+    request = image_request(args.src, args)
+    shown = False  # a progress bar is on the line
     try:
         for event in iter_convert(
-            args.src, args.dst, level=args.level, series=args.series, chunk=args.chunk,
-            method=args.method, compressor=args.compressor, overwrite=args.overwrite,
+            args.src, args.dst, level=args.level, series=request.series,
+            plane=dict(request.plane) if request.plane else None, axes=request.axes,
+            chunk=args.chunk, method=args.method, compressor=args.compressor,
+            overwrite=args.overwrite,
         ):
             now = time.perf_counter()
             if not args.quiet and (now - last > 0.2 or event.done == event.total):
-                last = now
+                last, shown = now, True
                 bar = "#" * int(30 * event.fraction)
                 print(f"\r[{bar:<30}] {event.done}/{event.total} blocks, level "
                       f"{event.level + 1}/{event.num_levels}", end="", file=sys.stderr)
     except ImageIOError as err:
-        print(f"\nnapari-xt convert: {err}", file=sys.stderr)
+        print(("\n" if shown else "") + bad_input_line("convert", err), file=sys.stderr)
         return 2
-    if not args.quiet:
+    if shown:
         print(file=sys.stderr)
     print(f"wrote {args.dst} in {time.perf_counter() - start:.1f} s")
     return 0

@@ -89,9 +89,10 @@ def run_headless(args: argparse.Namespace) -> int:
     from napari_xt.widgets.run_job import run_outputs
 
     out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     image, what = scene(args.size, args.seed)
+    # a model that cannot load is bad input (cli: one line, exit 2): nothing is written then
     model, model_what, normalize = load_model(_model_choice(args.model), in_chans=image.shape[0])
+    out.mkdir(parents=True, exist_ok=True)
     store = out / "demo.xt.zarr"
     print(f"scene: {what}\nmodel: {model_what}\nstore: {store}", flush=True)
     t0, last = time.perf_counter(), 0.0

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from napari_xt.commands.inputs import add_image_options
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -28,11 +30,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="pixels of context around the corrected windows (default 256)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the pairs exported earlier from this store")
+    add_image_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from napari_xt.cli import EXIT_OK, EXIT_USAGE
+    from napari_xt.cli import EXIT_OK, EXIT_USAGE, bad_input_line
+    from napari_xt.commands.inputs import image_request
     from napari_xt.io import ImageIOError
     from napari_xt.train.from_corrections import ExportError, export_pairs
 
@@ -40,10 +44,10 @@ def run(args: argparse.Namespace) -> int:
         print("napari-xt export-pairs: --margin must be >= 0", file=sys.stderr)
         return EXIT_USAGE
     try:
-        pairs = export_pairs(args.store, args.image, args.out, name=args.name,
-                             margin=args.margin, overwrite=args.overwrite)
+        pairs = export_pairs(args.store, image_request(args.image, args), args.out,
+                             name=args.name, margin=args.margin, overwrite=args.overwrite)
     except (ExportError, ImageIOError, FileNotFoundError) as err:
-        print(f"napari-xt export-pairs: {err}", file=sys.stderr)
+        print(bad_input_line("export-pairs", err), file=sys.stderr)
         return EXIT_USAGE
     for p in pairs:
         y0, y1, x0, x1 = p.box

@@ -9,6 +9,14 @@ Many images: ``napari-xt predict A B C ... --out-dir DIR [--workers N]`` writes
 ``DIR/<name>.xt.zarr`` per image, N images at a time in worker processes (dask.distributed;
 ``--scheduler ADDRESS`` uses an existing cluster). An image that fails is reported and the
 others go on; exit code 1 if any failed.
+
+How the image is read: ``--axes`` (a bare array's axes), ``--plane z=0,t=3`` (extra axes),
+``--series N`` (a TIFF holding several image series is refused without it). What the model
+assumes about pixel values is said before the run; values that clearly do not match its
+training data (an integer image for a model trained on dB, say) are refused unless
+``--accept-range``. A run that cannot fit in memory or on disk is refused before anything
+is written, and a run of many regions says its estimate first; ``--batch-size`` is capped
+to the memory there is.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ import sys
 import threading
 import time
 
+from napari_xt.commands.inputs import add_image_options
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("predict", help="run a model over an image of any size",
@@ -27,7 +37,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("image", nargs="+", help="input image(s): OME-Zarr, TIFF/SVS, zarr, npy")
     p.add_argument("--model", required=True,
                    help="'demo' (the built-in model), a zoo model name (untrained weights "
-                        "from seed 0) or a checkpoint file")
+                        "from seed 0, or those of --weights) or a checkpoint file")
+    p.add_argument("--weights", default=None,
+                   help="weights for the zoo --model: an official xT checkpoint (.pth/.ckpt, "
+                        "read with torch.load(weights_only=True)) or a napari-xt "
+                        ".safetensors file of that architecture")
+    add_image_options(p)
+    p.add_argument("--accept-range", action="store_true",
+                   help="run on pixel values that do not look like the model's training "
+                        "data (they are never rescaled)")
     p.add_argument("--out", default=None,
                    help="output store of one image (a directory ending in .zarr)")
     p.add_argument("--out-dir", default=None,
@@ -37,7 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--scheduler", default=None,
                    help="address of a running dask.distributed scheduler to run the images on")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
-    p.add_argument("--batch-size", type=int, default=8, help="regions per encoder batch")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="regions per encoder batch (capped to the memory there is)")
     p.add_argument("--order", choices=("raster", "zigzag", "viewport"), default="raster")
     p.add_argument("--level", type=int, default=0, help="pyramid level to predict on")
     p.add_argument("--outputs", default=None,
@@ -46,6 +65,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--blend", choices=("tokens", "outputs"), default="tokens",
                    help="merge overlapping crops by their context tokens (each region "
                         "decoded once, default) or by their decoded outputs (3-4x slower)")
+    p.add_argument("--context", choices=("crop", "image"), default=None,
+                   help="what each region sees: 'crop' (the crops that cover it) or 'image' "
+                        "(a summary of the whole image, read by every crop; models trained "
+                        "for it). Default: the mode the model was trained for")
     p.add_argument("--threshold", type=float, default=0.5, help="detection score threshold")
     p.add_argument("--no-cache", action="store_true", help="do not keep region embeddings")
     p.add_argument("--rebuild-cache", action="store_true",
@@ -95,6 +118,12 @@ def run_command(args: argparse.Namespace) -> int:
     from napari_xt.cli import EXIT_USAGE
 
     if args.out_dir or len(args.image) > 1 or args.workers > 1 or args.scheduler:
+        given = [f"--{k.replace('_', '-')}" for k in ("axes", "plane", "series", "weights")
+                 if getattr(args, k) is not None]
+        if given:
+            print(f"napari-xt predict: {', '.join(given)} apply to one image (--out); "
+                  "predict such images one at a time", file=sys.stderr)
+            return EXIT_USAGE
         if not args.out_dir:
             print("napari-xt predict: several images (or --workers, --scheduler) need "
                   "--out-dir; --out names the store of a single image", file=sys.stderr)
@@ -120,7 +149,8 @@ def engine_options(args: argparse.Namespace) -> dict:
                 level=args.level, cache=False if args.no_cache else
                 ("rebuild" if args.rebuild_cache else True), overwrite=args.overwrite,
                 resume=not args.restart, on_error=args.on_error, outputs=outputs,
-                crop_stride=args.crop_stride, blend=args.blend, threshold=args.threshold)
+                crop_stride=args.crop_stride, blend=args.blend, threshold=args.threshold,
+                context=args.context)
 
 
 def run_many(args: argparse.Namespace) -> int:
@@ -182,27 +212,36 @@ def run_many(args: argparse.Namespace) -> int:
 
 
 def run_one(args: argparse.Namespace) -> int:
-    from napari_xt.cli import EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, EXIT_USAGE
+    """One image into one store. Everything that can refuse the run (the image read as
+    asked, the model, its value range, the engine's checks) does before anything is written;
+    the package's bad-input errors end in `cli.main` with one line, exit code 2."""
+    from napari_xt.cli import EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, EXIT_USAGE, bad_input_line
+    from napari_xt.commands.inputs import image_request, load_cli_model
     from napari_xt.engine import events as ev
     from napari_xt.engine import run
-    from napari_xt.engine.cache import CacheMismatchError
-    from napari_xt.engine.store import StoreError
-    from napari_xt.io import ImageIOError
-    from napari_xt.model.choice import load_model
+    from napari_xt.io.source import ImageSource
+    from napari_xt.io.value_range import check_value_range
 
     cancel = threading.Event()
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    image = image_request(args.image, args)
     try:
-        model, _, normalize = load_model(args.model)
-        events = run(args.image, model, args.out, normalize=normalize, cancel=cancel,
-                     **engine_options(args))
-    except (ValueError, KeyError, FileNotFoundError, ImageIOError, CacheMismatchError,
-            StoreError) as err:
-        print(f"napari-xt predict: {err}", file=sys.stderr)
+        source = ImageSource(image, level=args.level)  # (a level that is not there, ...)
+        model, _, normalize = load_cli_model(args.model, args.weights, source.channels)
+        options = engine_options(args)
+        values = None
+        if source.channels == model.cfg.in_chans:  # (else the engine names the mismatch)
+            values = check_value_range(source, normalize, accept=args.accept_range,
+                                       where=args.image)
+        events = run(image, model, args.out, normalize=normalize, cancel=cancel, **options)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        print(bad_input_line("predict", err), file=sys.stderr)
         return EXIT_USAGE
+    if values and not args.quiet:  # what is assumed about the values, once the run is on
+        print(values, file=sys.stderr, flush=True)
 
     bar = Progress(args.quiet)
     code = EXIT_FAILED

@@ -106,6 +106,7 @@ class Execution:
         """Every event but the last; returns the last (Finished or Cancelled)."""
         spec, store = self.spec, self.store
         plan = spec.plan
+        yield from spec.notices  # the run's estimate and what it capped, before planning
         for text in (*store.notices, *(self.cache.notices if self.cache else ())):
             yield Notice(text, "warning")
         seen = len(store.notices)

@@ -24,12 +24,13 @@ import numpy as np
 
 from napari_xt.io.source import ImageSource
 
+from .budget import plan_budget
 from .cache import EmbeddingCache
 from .device import background_threads, pick_device
 from .execution import Execution
 from .outputs import OUTPUT_KINDS, MapLayout, map_layout
 from .plan import ORDERS, RegionPlan
-from .spelling import Spelling
+from .spelling import Spelling, hint
 from .store import PALETTE, ClassInfo, StoreSpec, create_store
 from .store.layout import default_cache
 
@@ -148,7 +149,7 @@ def run(
     if context == "image" and getattr(cfg, "global_context", None) is None:
         raise EngineInputError(
             f"model {cfg.name!r} has no whole-image context (it was trained on crops); "
-            "run it with crop context")
+            f"{hint(spelling, 'crop_context')}")
     try:
         source = ImageSource(image, level=level, axes=axes, normalize=normalize)
     except ValueError as err:
@@ -170,10 +171,13 @@ def run(
     if "detections" in outputs and (layout is None or layout.heat is None):
         raise EngineInputError("detections need a model with a 'heatmap' or 'centre' map")
     try:
+        budget = plan_budget(source, model, outputs, layout, store, cache, batch_size, device,
+                             crop_stride, spelling)  # refuses what cannot fit; caps the batch
         plan = RegionPlan(source.height, source.width, cfg.region.region_size,
                           cfg.crop_regions, crop_stride, strip_width)
     except ValueError as err:
         raise EngineInputError(str(err)) from err
+    batch_size = budget.batch_size
     # the reads of one strip (its width, a couple of crop rows) fit; nothing more is kept
     size = plan.region_size
     source.fit_tile_cache((plan.strip_width * plan.stride + plan.k) * size, 2 * plan.k * size)
@@ -223,7 +227,7 @@ def run(
         cancelled=_cancel_check(cancel), on_error=on_error, carry_state=carry_state,
         context=context,
         blend=blend, threshold=threshold, min_distance=min_distance, name=name, point=point,
-        signature=run_sig)
+        signature=run_sig, notices=budget.notices)
     return Execution(spec, pstore, emb)
 
 
@@ -250,6 +254,7 @@ class RunSpec:
     name: str
     point: tuple[float, float] | None
     signature: dict[str, Any]
+    notices: tuple[Any, ...] = ()  # what the run says first (its estimate, a capped batch)
 
 
 def class_infos(head: Any) -> tuple[ClassInfo, ...]:

@@ -7,7 +7,7 @@ This package never imports Qt or napari.
 from .convert import convert, iter_convert
 from .errors import ImageIOError
 from .image import MultiscaleImage
-from .open import from_arrays, open_image
+from .open import ImagePath, from_arrays, open_image
 from .progress import ProgressCallback, ProgressEvent
 from .pyramid import build_pyramid, downsample, pyramid_shapes
 from .results import (
@@ -26,6 +26,7 @@ from .stats import ImageStats, check_finite, contrast_limits, image_stats
 
 __all__ = [
     "ImageIOError",
+    "ImagePath",
     "ImageStats",
     "LabelsResult",
     "ProbabilitiesResult",

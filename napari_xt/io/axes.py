@@ -3,7 +3,7 @@
 Files name their axes in many ways (`TCZYX` in OME, `YXS` for interleaved TIFF samples,
 `ZYXS` for SVS focal planes, xarray-style dimension names in plain zarr). `select_plane`
 squeezes singleton axes, picks the requested T/Z (or other) plane, and refuses anything else
-with a message naming the axes and the `plane=` to pass.
+with a message naming the axes and the plane to choose (remedies "axes" and "plane").
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def axes_from_names(names: Sequence[str | None]) -> str | None:
 
 def guess_axes(shape: Sequence[int], where: str) -> str:
     """Axes for a bare array: 2-D is YX; 3-D is YXC when the last axis is 1-4 long (RGB(A)),
-    CYX when the first axis is short; anything else must be told with `axes=`."""
+    CYX when the first axis is short; anything else must be told (remedy "axes")."""
     shape = tuple(int(s) for s in shape)
     if len(shape) == 2:
         return "YX"
@@ -58,10 +58,8 @@ def guess_axes(shape: Sequence[int], where: str) -> str:
             return "YXC"
         if shape[0] <= 64 and shape[0] < min(shape[1:]):
             return "CYX"
-    raise ImageIOError(
-        f"{where}: cannot tell the axes of an array of shape {shape}; pass axes= "
-        "(e.g. axes='YX', 'YXC', 'CYX' or 'TCZYX' with plane={'t': 0, 'z': 0})"
-    )
+    raise ImageIOError(f"{where}: cannot tell the axes of an array of shape {shape}",
+                       remedy="axes")
 
 
 def select_plane(
@@ -115,12 +113,11 @@ def select_plane(
         else:
             unresolved.append(f"{letter}={size}")
     if unresolved:
-        example = ", ".join(f"'{u.split('=')[0].lower()}': 0" for u in unresolved)
+        example = {u.split("=")[0].lower(): 0 for u in unresolved}
         raise ImageIOError(
             f"{where}: image has axes {axes!r} (shape {tuple(levels[0].shape)}) with "
-            f"{', '.join(unresolved)}; only Y, X and one channel axis can be shown — choose a "
-            f"plane, e.g. plane={{{example}}}"
-        )
+            f"{', '.join(unresolved)}; only Y, X and one channel axis can be used",
+            remedy="plane", plane=example)
     out = [lv[tuple(index)] for lv in levels]
     target = ("YXC" if kept.endswith("C") else "CYX") if "C" in kept else "YX"
     if kept != target:
@@ -141,8 +138,8 @@ def _channel_letter(axes: str, shape: dict[str, int], chosen: dict[str, int], wh
             return "S"
         raise ImageIOError(
             f"{where}: image has both channels (C={shape['C']}) and interleaved samples "
-            f"(S={shape['S']}); choose a channel with plane={{'c': 0}}"
-        )
+            f"(S={shape['S']}); only one channel axis can be used", remedy="plane",
+            plane={"c": 0})
     if has_s:
         return "S"
     if has_c:

@@ -56,7 +56,7 @@ def iter_convert(
         raise ImageIOError(f"chunk must be between 256 and 4096 pixels, not {chunk}")
     dst = Path(dst)
     if dst.exists() and not overwrite:
-        raise ImageIOError(f"{dst}: already exists; pass overwrite=True to replace it")
+        raise ImageIOError(f"{dst}: already exists", remedy="overwrite_it")
     image = open_image(src, level=level, plane=plane, series=series, axes=axes)
     try:
         yield from _write_store(

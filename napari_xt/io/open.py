@@ -3,14 +3,16 @@
 Sources: OME-Zarr (0.4 / 0.5) and plain zarr arrays (local, URL through fsspec, store or zarr
 object), TIFF family files (OME-TIFF, SVS, NDPI, tiled/pyramidal TIFF), `.npy` files
 (memory-mapped), numpy and dask arrays, a list of arrays as pyramid levels, or an existing
-`MultiscaleImage`. Nothing is decoded when opening.
+`MultiscaleImage`. Nothing is decoded when opening. An `ImagePath` is a path together with
+how to read it (TIFF series, plane, axes): what the engine and the command line pass when
+an image must be read in a particular way but still be known by its path.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +32,34 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _NPY_MAGIC = b"\x93NUMPY"
 
 
+@dataclass(frozen=True)
+class ImagePath(os.PathLike):
+    """A local path or URL with how to read it; `open_image` applies these options, and
+    everything that records where an image came from sees the plain path.
+
+    series: the TIFF series (None: the file's only image series; several are refused).
+    plane: (axis, index) pairs for axes other than Y, X and channels, e.g. (("z", 0),).
+    axes: the native axes when they cannot be read or guessed.
+    """
+
+    path: str
+    series: int | None = None
+    plane: tuple[tuple[str, int], ...] | None = None
+    axes: str | None = None
+
+    def __fspath__(self) -> str:
+        return self.path
+
+    def __str__(self) -> str:
+        return self.path
+
+
 def open_image(
     path_or_array: Any,
     level: int | None = None,
     plane: Mapping[str, int] | None = None,
     *,
-    series: int = 0,
+    series: int | None = 0,
     axes: str | None = None,
 ) -> MultiscaleImage:
     """Open an image lazily as a `MultiscaleImage` (levels are dask arrays, level 0 = full).
@@ -43,13 +67,21 @@ def open_image(
     level: start the pyramid at this file level (its pixel size becomes the image's).
     plane: the index to take along axes other than Y, X and channels, e.g.
         `{"t": 0, "z": 3}`; singleton axes are dropped without being named.
-    series: which TIFF series (SVS: 0 = baseline slide; label/macro images follow).
+    series: which TIFF series (SVS: 0 = baseline slide; label/macro images follow); None:
+        the file's only image series (a slide's label, macro and thumbnail images and a
+        pyramid's levels do not count), refusing a file that holds several.
     axes: the native axes of a bare array or zarr array when they cannot be read or guessed
         (`"YX"`, `"YXC"`, `"CYX"`, `"TCZYX"`, ...).
+    An `ImagePath` brings its own series, plane and axes (they replace these arguments).
 
     Raises `ImageIOError` (a `ValueError`) with the path and the reason when the source does
     not exist, is not an image, has unsupported axes, zero size or a bool/complex dtype.
     """
+    if isinstance(path_or_array, ImagePath):
+        request = path_or_array
+        series, axes = request.series, request.axes or axes
+        plane = dict(request.plane) if request.plane else plane
+        path_or_array = request.path
     image = _open(path_or_array, plane=plane, series=series, axes=axes)
     where = _local_path(path_or_array)
     if where is not None and not image.paths:

@@ -1,9 +1,10 @@
 """`ImageSource`: one level of an image as (C, H, W) float32 region reads, plus its identity.
 
 Accepts a `MultiscaleImage` (any axes; `level` picks the pyramid level), a path (opened with
-`napari_xt.io.open_image`), or a bare numpy / np.memmap / dask array laid out `YX`, `YXC` or
-`CYX` (`axes` when it cannot be guessed: a 3-D array whose last axis is <= 4 is `YXC`). Bare
-numpy arrays need neither zarr nor dask.
+`napari_xt.io.open_image`, with `axes` when given; a TIFF holding several image series is
+refused unless an `ImagePath` chooses one), or a bare numpy / np.memmap / dask array laid
+out `YX`, `YXC` or `CYX` (`axes` when it cannot be guessed: a 3-D array whose last axis is
+<= 4 is `YXC`). Bare numpy arrays need neither zarr nor dask.
 
 `read(row, col)` returns the region padded with zeros to `S x S` (layout (C, S, S) float32,
 normalised `(x - mean) / std` when given) and a (S, S) bool mask of non-finite pixels, which
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .chunks import direct_reader
+from .errors import ImageIOError
 
 
 class ImageSource:
@@ -38,7 +40,7 @@ class ImageSource:
             from napari_xt.io import open_image
 
             self.path = os.path.abspath(os.fspath(image))
-            image = open_image(image)
+            image = open_image(image, series=None, axes=axes)  # an ImagePath: its own
         levels = getattr(image, "levels", None)
         self.channel_names: tuple[str, ...] | None = None
         if levels is not None:  # a MultiscaleImage
@@ -270,4 +272,4 @@ def _guess_axes(shape: tuple[int, ...]) -> str:
         return "YX"
     if len(shape) == 3:
         return "YXC" if shape[-1] <= 4 else "CYX"
-    raise ValueError(f"cannot guess the axes of an array of shape {shape}; pass axes=")
+    raise ImageIOError(f"cannot guess the axes of an array of shape {shape}", remedy="axes")

@@ -37,7 +37,7 @@ def atomic_directory(dst: str | os.PathLike, *, overwrite: bool, what: str) -> I
     """
     dst = Path(dst)
     if dst.exists() and not overwrite:
-        raise ImageIOError(f"{dst}: {what} already exists; pass overwrite=True to replace it")
+        raise ImageIOError(f"{dst}: {what} already exists", remedy="overwrite_it")
     dst.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(dst)
     tag = f"{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -47,9 +47,8 @@ def atomic_directory(dst: str | os.PathLike, *, overwrite: bool, what: str) -> I
         yield tmp
         if dst.exists():
             if not overwrite:
-                raise ImageIOError(
-                    f"{dst}: {what} appeared while writing; pass overwrite=True to replace it"
-                )
+                raise ImageIOError(f"{dst}: {what} appeared while writing",
+                                   remedy="overwrite_it")
             trash = dst.parent / f".{dst.name}.old-{tag}"
             os.replace(dst, trash)
             os.replace(tmp, dst)

@@ -37,7 +37,7 @@ def is_tiff_path(path: str | os.PathLike) -> bool:
 def open_tiff(
     path: str | os.PathLike,
     *,
-    series: int = 0,
+    series: int | None = 0,
     plane: Mapping[str, int] | None = None,
     axes: str | None = None,
     where: str | None = None,
@@ -60,6 +60,8 @@ def _open_series(tif: tifffile.TiffFile, *, series, plane, axes, where) -> Multi
     all_series = tif.series
     if not all_series:
         raise ImageIOError(f"{where}: TIFF holds no image series")
+    if series is None:
+        series = only_image_series(all_series, where)
     if not 0 <= series < len(all_series):
         names = [s.name or f"#{i}" for i, s in enumerate(all_series)]
         raise ImageIOError(f"{where}: series {series} does not exist; series are {names}")
@@ -89,6 +91,26 @@ def _open_series(tif: tifffile.TiffFile, *, series, plane, axes, where) -> Multi
         source=f"{kind} series {series} '{s.name}' ({where})",
         resources=(tif,),
     )
+
+
+ASSOCIATED = frozenset({"thumbnail", "label", "macro", "map", "overview"})
+
+
+def only_image_series(all_series, where: str) -> int:
+    """The index of the file's one image series. A slide's label, macro and thumbnail
+    images (SVS, NDPI) are not image series, nor are a pyramid's levels (tifffile keeps them
+    inside their series); two or more image series are ambiguous: refused, listing them."""
+    images = [i for i, s in enumerate(all_series) if str(s.name).lower() not in ASSOCIATED]
+    if len(images) == 1:
+        return images[0]
+    if not images:
+        return 0
+    listed = ", ".join(f"{i}: {tuple(all_series[i].shape)} {all_series[i].axes} "
+                       f"{all_series[i].dtype}" + (f" '{all_series[i].name}'"
+                                                  if all_series[i].name else "")
+                       for i in images)
+    raise ImageIOError(f"{where}: the TIFF holds {len(images)} image series ({listed}) and "
+                       "none was chosen", remedy="series")
 
 
 def _kind(tif: tifffile.TiffFile) -> str:

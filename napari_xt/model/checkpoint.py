@@ -59,8 +59,25 @@ _DERIVED_KEYS = re.compile(r"\.lsh_projections$")
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
+PYTHON_REMEDIES = {
+    "official": "an official xT checkpoint is loaded with import_official_checkpoint(path, "
+                "zoo_name)",
+    "in_chans": "pass in_chans={in_chans}",
+}
+
+
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read, does not fit its model, or is not a checkpoint."""
+    """A checkpoint that cannot be read, does not fit its model, or is not a checkpoint.
+
+    `remedy` (a key of `PYTHON_REMEDIES`, with `values`) names what the user can do about
+    it; the message ends with it in Python words, and `problem` is the message without it
+    (the command line spells the remedy in its own words)."""
+
+    def __init__(self, message: str, *, remedy: str | None = None, **values: Any) -> None:
+        self.problem, self.remedy, self.values = message, remedy, values
+        if remedy is not None:
+            message = f"{message}; {PYTHON_REMEDIES[remedy].format(**values)}"
+        super().__init__(message)
 
 
 def _config_json(cfg: XTConfig) -> str:
@@ -129,12 +146,11 @@ def save_checkpoint(
     return path
 
 
-def _describe_non_safetensors(path: Path) -> str:
+def _is_torch_save(path: Path) -> bool:
+    """The file starts like a torch.save file (a zip archive, or the legacy pickle)."""
     with open(path, "rb") as f:
         head = f.read(4)
-    if head == _ZIP_MAGIC:
-        return " (it looks like a torch.save file; use import_official_checkpoint for xT .ckpt)"
-    return ""
+    return head == _ZIP_MAGIC or head[:1] == b"\x80"
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -148,10 +164,17 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return dict(f.metadata() or {})
     except Exception as exc:  # safetensors raises its own error types
+        if _is_torch_save(path):
+            raise CheckpointError(f"{path} is not a readable safetensors checkpoint: it is a "
+                                  "torch.save file", remedy="official") from None
         raise CheckpointError(
-            f"{path} is not a readable safetensors checkpoint{_describe_non_safetensors(path)}: "
-            f"{exc}"
-        ) from None
+            f"{path} is not a readable safetensors checkpoint: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """An error's message up to its first line break (libraries' messages can run long)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load_weights(model: XT, path: str | os.PathLike) -> XT:
@@ -319,9 +342,11 @@ def _read_official(path: Path) -> dict[str, torch.Tensor]:
     try:
         payload: Any = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(
-            f"{path} could not be read as a torch checkpoint with weights_only=True: {exc}"
-        ) from None
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        why = (f"it holds a {found.group(1)} object, and objects other than tensors and plain "
+               "containers are never unpickled" if found else _first_line(exc))
+        raise CheckpointError(f"{path} could not be read as a torch checkpoint with "
+                              f"weights_only=True: {why}") from None
     state = payload
     if isinstance(payload, Mapping):
         for wrapper in ("state_dict", "model", "model_state_dict"):
@@ -362,10 +387,9 @@ def import_official_checkpoint(
         (k for k, v in ours.items() if k.startswith("region_encoder.") and v.ndim == 4), None
     )
     if stem in renamed and renamed[stem].ndim == 4 and renamed[stem].shape[1] != cfg.in_chans:
-        problems.append(
-            f"the checkpoint's region encoder takes {renamed[stem].shape[1]} channels, "
-            f"the model {cfg.in_chans} (pass in_chans={renamed[stem].shape[1]})"
-        )
+        raise CheckpointError(
+            f"{path}: the checkpoint's region encoder takes {renamed[stem].shape[1]} channels, "
+            f"the model {cfg.in_chans}", remedy="in_chans", in_chans=int(renamed[stem].shape[1]))
     missing = sorted(k for k in ours if k not in renamed and not _DERIVED_KEYS.search(k))
     mismatched = sorted(
         f"{k} {tuple(v.shape)} vs model {tuple(ours[k].shape)}"

@@ -206,6 +206,17 @@ def _plain(value: Any) -> Any:
 
 
 def load_config(path: str | os.PathLike) -> TrainConfig:
-    """Read a training YAML file."""
+    """Read a training YAML file; a file that is not YAML, or not a mapping of sections, is
+    a ValueError naming where it stops making sense."""
     text = Path(path).read_text()
-    return TrainConfig.from_dict(yaml.safe_load(text) or {})
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ValueError(f"not valid YAML{where}: {problem}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ValueError(f"expected a mapping of sections (model:, data:, ...), found a "
+                         f"{type(data).__name__}")
+    return TrainConfig.from_dict(data or {})
