@@ -6,6 +6,10 @@ Images become multiscale Image layers: scale from the physical pixel size, `rgb=
 from the smallest pyramid level (never from level 0). Results stored beside an OME-Zarr
 image (`labels/<name>`, `tables/<name>`) open as Labels and Points layers.
 
+Stores of napari-xt runs on a pyramid level are placed on the input image's level 0
+(`store_shift`, `level_offset`), classification records become a labelled rectangle. The SAR
+sample is the demo task's scene with its truth (`napari_xt.train.scene_image`).
+
 napari itself is imported lazily (only for colormaps), so importing this module is cheap.
 """
 
@@ -30,7 +34,7 @@ from .io import (
     write_labels,
 )
 from .io.zarr_reader import looks_like_zarr
-from .sample_data import sar_scene, slide_scene
+from .sample_data import slide_scene
 
 LayerData = tuple[Any, dict[str, Any], str]
 SUFFIXES = (".zarr", ".tif", ".tiff", ".svs", ".ndpi", ".npy")
@@ -69,14 +73,14 @@ def read_paths(path: str | Sequence[str]) -> list[LayerData]:
 
 def _has_results(path: Any) -> bool:
     """A zarr store holding results (labels, tables, probabilities) or a napari-xt run."""
-    attrs = _store_attrs(path)
+    attrs = store_attrs(path)
     if "run_signature" in attrs:
         return True
     found = list_results(path)
     return any(found[k] for k in ("labels", "tables", "probabilities"))
 
 
-def _store_attrs(path: Any) -> dict[str, Any]:
+def store_attrs(path: Any) -> dict[str, Any]:
     """The "napari-xt" attributes of a store's root group ({} when none)."""
     from .io.result_store import group_attrs, zarr_format
 
@@ -91,9 +95,10 @@ def _store_attrs(path: Any) -> dict[str, Any]:
 def store_layers(path: Any, name: str) -> list[LayerData]:
     """Layers of a store of results: its own image (for a napari-xt result store, the
     preview of the input), then every label image (Labels, with class names and colours),
-    probability image (one Image per class) and detection table (Points with their
-    features), all placed in the same world coordinates."""
-    attrs = _store_attrs(path)
+    probability image (one Image per class), detection table (Points with their features)
+    and classification record (a labelled rectangle), all placed in the same world
+    coordinates: those of the input image's level 0 (`store_shift`)."""
+    attrs = store_attrs(path)
     layers: list[LayerData] = []
     image = None
     try:
@@ -104,7 +109,56 @@ def store_layers(path: Any, name: str) -> list[LayerData]:
         suffix = " (input preview)" if "run_signature" in attrs else ""
         layers.extend(image_layers(image, f"{name}{suffix}"))
     layers.extend(result_layers(path, image, attrs))
+    shift = store_shift(path, attrs, image)
+    if any(shift):
+        for _, kwargs, _ in layers:
+            ty, tx = kwargs.get("translate", (0.0, 0.0))
+            kwargs["translate"] = (float(ty) + shift[0], float(tx) + shift[1])
     return layers
+
+
+def store_shift(path: Any, attrs: dict[str, Any], image: MultiscaleImage | None = None
+                ) -> tuple[float, float]:
+    """World offset of a napari-xt store run on a pyramid level downsampled by f
+    (`level_scale`): its arrays are the level's pixel grid with the level's pixel size, whose
+    pixel i napari draws over the input's level-0 pixels f*i .. f*i + f - 1 (the detection
+    table's level-0 coordinates are f times level pixels), so everything moves by
+    (f - 1) / 2 level-0 pixels to sit on the input image."""
+    level_scale = attrs.get("level_scale")
+    if not level_scale:
+        return 0.0, 0.0
+    fy, fx = (float(v) for v in level_scale)
+    px = _run_pixel_size(path, attrs, image)
+    if px is None:
+        return 0.0, 0.0
+    return (fy - 1) / 2 * px[0] / fy, (fx - 1) / 2 * px[1] / fx
+
+
+def _run_pixel_size(path: Any, attrs: dict[str, Any], image: MultiscaleImage | None
+                    ) -> tuple[float, float] | None:
+    """World size of one pixel of the level the store's run processed."""
+    from .io import read_probabilities
+
+    found = list_results(path)
+    try:
+        if found["labels"]:
+            px = read_labels(path, found["labels"][0]).pixel_size
+        elif found.get("probabilities"):
+            px = read_probabilities(path, found["probabilities"][0]).pixel_size
+        else:
+            px = None
+    except ImageIOError:
+        px = None
+    if px is None and image is not None and image.pixel_size:
+        tiling = attrs.get("tiling") or {}
+        if tiling.get("height") and tiling.get("width"):
+            h, w = image.level_shape(0)
+            px = (image.pixel_size[0] * h / float(tiling["height"]),
+                  image.pixel_size[1] * w / float(tiling["width"]))
+    if px is None:
+        level_scale = attrs.get("level_scale") or (1.0, 1.0)
+        px = tuple(float(v) for v in level_scale)  # stores without a physical pixel size
+    return float(px[0]), float(px[1])
 def _stem(path: Any) -> str:
     name = Path(str(path).rstrip("/\\")).name
     for suffix in (".ome.zarr", ".ome.tiff", ".ome.tif", ".zarr", ".tiff", ".tif", ".svs",
@@ -242,7 +296,58 @@ def result_layers(store: Any, image: MultiscaleImage | None,
                             float) / 255.0
             kwargs["face_color"] = rgba
         layers.append((coords, kwargs, "points"))
+    tiling = attrs.get("tiling") or {}
+    for name in results.get("classifications", []):
+        from .io import read_classification
+
+        record = read_classification(store, name)
+        if not (tiling.get("height") and tiling.get("width")):
+            continue  # not a napari-xt run: no image extent to draw the record on
+        run_px = label_px or _run_pixel_size(store, attrs, image) or (1.0, 1.0)
+        data, kwargs = classification_shapes(record, int(tiling["height"]),
+                                             int(tiling["width"]))
+        kwargs.update(name=f"{name} class", scale=run_px)
+        layers.append((data, kwargs, "shapes"))
     return layers
+
+
+def classification_text(record: dict[str, Any], names: Sequence[str] = ()) -> str:
+    """"name (score)" of a classification record (names: the model's class names)."""
+    k = int(record.get("class", 0))
+    name = record.get("class_name") or (names[k] if 0 <= k < len(names) else f"class {k}")
+    return f"{name} ({float(record.get('score', float('nan'))):.2f})"
+
+
+def classification_shapes(record: dict[str, Any], height: int, width: int,
+                          names: Sequence[str] = ()) -> tuple[list, dict[str, Any]]:
+    """Shapes layer data for a classification record: one rectangle around the `height` x
+    `width` pixels the classifier saw, labelled "name (score)"; features `class`,
+    `class_name`, `score`, `crops`; the record in `metadata["classification"]`."""
+    k = int(record.get("class", 0))
+    text = classification_text(record, names)
+    box = np.array([[-0.5, -0.5], [-0.5, width - 0.5], [height - 0.5, width - 0.5],
+                    [height - 0.5, -0.5]])
+    features = {"class": [k], "class_name": [text.rsplit(" (", 1)[0]],
+                "score": [float(record.get("score", float("nan")))],
+                "crops": [int(record.get("crops", 1))], "label": [text]}
+    kwargs = {"shape_type": "rectangle", "edge_color": "yellow", "face_color": "transparent",
+              "edge_width": max(2.0, 0.004 * max(height, width)), "features": features,
+              "text": {"string": "{label}", "size": 14, "color": "yellow",
+                       "anchor": "upper_left"},
+              "metadata": {"classification": dict(record)}}
+    return [box], kwargs
+
+
+def level_offset(factor: Sequence[float], scale: Sequence[float],
+                 translate: Sequence[float] = (0.0, 0.0)):
+    """(scale, translate) in world units of the pixels of a level downsampled by `factor`
+    (fy, fx) from a level 0 whose pixels have world `scale` and `translate`. napari draws
+    pixel i of such a level over level-0 pixels f*i .. f*i + f - 1, so its centre lies
+    (f - 1) / 2 level-0 pixels beyond f*i."""
+    fy, fx = (float(v) for v in factor)
+    sy, sx = (float(v) for v in scale)
+    ty, tx = (float(v) for v in translate)
+    return (sy * fy, sx * fx), (ty + (fy - 1) / 2 * sy, tx + (fx - 1) / 2 * sx)
 
 
 # ------------------------------------------------------------------------------ writers
@@ -311,6 +416,33 @@ def sample_slide() -> list[LayerData]:
     return image_layers(slide_scene(32768, 32768, seed=0), "synthetic slide", units=False)
 
 
-def sample_sar() -> list[LayerData]:
-    """A lazily generated 16384 x 16384 two-channel (VV, VH) SAR-like scene in dB."""
-    return image_layers(sar_scene(16384, 16384, seed=0), "synthetic SAR", units=False)
+SAMPLE_SAR_SIZE = 2048
+
+
+def sample_sar(size: int | None = None, seed: int = 0) -> list[LayerData]:
+    """The demo task's scene (what the built-in model was trained on), `size` px a side
+    (default `SAMPLE_SAR_SIZE`), generated lazily: VV and VH in dB as a pyramid, then its
+    truth, hidden: a Labels pyramid (land / sea / lake) and the vessels as Points."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    from .train.scene_image import CLASS_COLORS, scene_image
+
+    scene = scene_image(SAMPLE_SAR_SIZE if size is None else size, seed)
+    name = "synthetic SAR"
+    layers = image_layers(scene.image, name, units=False)
+    names = scene.class_names
+    colors = {None: (0, 0, 0, 0), **{k: tuple(c / 255.0 for c in v)
+                                     for k, v in CLASS_COLORS.items()}}
+    truth = scene.labels if len(scene.labels) > 1 else scene.labels[0]
+    layers.append((truth, {
+        "name": f"{name} truth", "multiscale": len(scene.labels) > 1, "visible": False,
+        "opacity": 0.5, "colormap": DirectLabelColormap(color_dict=colors),
+        "features": {"index": list(range(len(names))), "class": list(names)},
+        "metadata": {"source": scene.image.source, "truth": "classes"}}, "labels"))
+    v = scene.vessels
+    layers.append((np.stack([v["y"], v["x"]], 1).reshape(-1, 2), {
+        "name": f"{name} truth vessels", "visible": False, "size": np.clip(v["size"], 6, None),
+        "face_color": "transparent", "border_color": "red", "border_width": 0.15,
+        "features": {"class_name": ["vessel"] * len(v["y"]), "length": v["size"]},
+        "metadata": {"source": scene.image.source, "truth": "vessels"}}, "points"))
+    return layers

@@ -28,3 +28,20 @@ def _seed_torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _no_modal_dialogs(monkeypatch):
+    """A message box would wait for a click that never comes: in tests it fails instead.
+    Tests that expect a question answer it by replacing the function that asks (e.g.
+    `run_widget.confirm_replace`)."""
+    try:
+        from qtpy.QtWidgets import QMessageBox
+    except Exception:  # no Qt binding in this environment: nothing can be shown
+        return
+
+    def modal(*args, **kwargs):
+        raise AssertionError(f"a modal dialog would block the test: {args[1:3]}")
+
+    for name in ("question", "warning", "critical", "information"):
+        monkeypatch.setattr(QMessageBox, name, staticmethod(modal))

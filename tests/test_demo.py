@@ -83,7 +83,7 @@ def test_demo_window_opens_with_the_run_started(qtbot, tmp_path):
         assert widget.order_combo.currentText() == "viewport-first"
         qtbot.waitUntil(lambda: not widget.running, timeout=60000)
         assert widget.last_session.outcome == "finished"
-        assert "scene VV xT labels" in viewer.layers
+        assert "scene VV xT demo labels" in viewer.layers
         assert (tmp_path / "gui" / "demo.xt.zarr" / "labels").is_dir()
     finally:
         viewer.close()

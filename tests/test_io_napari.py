@@ -111,5 +111,9 @@ def test_sample_data_opens_lazily(make_napari_viewer):
     (slide,) = layers
     assert slide.multiscale and slide.rgb and slide.data[0].shape == (32768, 32768, 3)
     sar = viewer.open_sample("napari-xt", "sar")
-    assert [lyr.name for lyr in sar] == ["synthetic SAR VV", "synthetic SAR VH"]
-    assert sar[0].data[0].shape == (16384, 16384) and sar[0].contrast_limits == [-25.0, 5.0]
+    from napari_xt._napari_io import SAMPLE_SAR_SIZE
+
+    assert [lyr.name for lyr in sar] == ["synthetic SAR VV", "synthetic SAR VH",
+                                         "synthetic SAR truth", "synthetic SAR truth vessels"]
+    side = (SAMPLE_SAR_SIZE, SAMPLE_SAR_SIZE)
+    assert sar[0].data[0].shape == side and sar[0].contrast_limits == [-25.0, 5.0]

@@ -110,9 +110,16 @@ def test_correct_a_window_and_the_detections_of_a_run(make_napari_viewer, qtbot,
     widget.discard()
     assert cw.LAYER_EDIT not in viewer.layers and len(edits(store, "prediction")) == 1
 
-    # a fresh run into the store would delete the corrections: refused, said clearly
+    # a fresh run into the store would delete the corrections: even when the user confirms
+    # replacing the store, it is refused, said clearly
+    from napari_xt.widgets import run_widget
+
+    asked = []
+    monkeypatch.setattr(run_widget, "confirm_replace",
+                        lambda parent, path, kind: asked.append(kind) or True)
     run.resume_check.setChecked(False)
     run.start()
+    assert asked == ["store"]
     wait_done(qtbot, run)
     assert errors and "corrections" in str(errors[-1])
     assert np.array_equal(np.asarray(read_labels(store, "prediction-corrected").levels[0]),

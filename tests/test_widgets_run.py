@@ -79,8 +79,9 @@ def test_run_shows_results_as_layers(make_napari_viewer, qtbot, tmp_path, checkp
                 "QComboBox", "QSpinBox", "QDoubleSpinBox", "QCheckBox", "QPushButton",
                 "QLineEdit", "QToolButton"):
             assert w.toolTip(), f"{type(w).__name__} without a tooltip"
-    assert widget.store_edit.text().endswith("VV.xt.zarr")  # no file: temporary folder
+    assert widget.store_edit.text().endswith("VV.demo.xt.zarr")  # no file: temporary folder
     widget.set_checkpoint(checkpoint)
+    assert widget.store_edit.text().endswith("VV.tiny.xt.zarr")  # one store per model
     widget.order_combo.setCurrentText("raster")
     widget.batch_spin.setValue(3)
     widget.blend_combo.setCurrentText("decoded outputs")
@@ -101,12 +102,13 @@ def test_run_shows_results_as_layers(make_napari_viewer, qtbot, tmp_path, checkp
 
     settings = zarr.open_group(str(store), mode="r").attrs["napari-xt"]["settings"]
     assert settings["blend"] == "outputs"  # the merge the widget named
-    labels = viewer.layers["VV xT labels"]
+    assert settings["context"] == "crop"  # "as the model was trained": a crop model
+    labels = viewer.layers["VV xT tiny labels"]
     stored = np.asarray(read_labels(store, "prediction").levels[0])
     assert labels.data.shape == (384, 384)
     assert np.array_equal(np.asarray(labels.data), stored)
     assert len(np.unique(stored)) > 1
-    points = viewer.layers["VV xT detections"]
+    points = viewer.layers["VV xT tiny detections"]
     table = read_detections(store, "prediction")
     assert len(table["y"]) > 0 and len(points.data) == len(table["y"])
     assert np.allclose(points.data, np.stack([table["y"], table["x"]], 1))
@@ -115,7 +117,7 @@ def test_run_shows_results_as_layers(make_napari_viewer, qtbot, tmp_path, checkp
     from napari_xt.widgets.result_layers import class_color
 
     assert np.allclose(points.face_color, [class_color(k) for k in table["class"]])
-    probs = [viewer.layers[f"VV xT p(class {k})"] for k in range(3)]
+    probs = [viewer.layers[f"VV xT tiny p(class {k})"] for k in range(3)]
     from napari_xt.io import read_probabilities
 
     stored_p = np.asarray(read_probabilities(store, "prediction").levels[0])
@@ -123,6 +125,7 @@ def test_run_shows_results_as_layers(make_napari_viewer, qtbot, tmp_path, checkp
         assert np.allclose(layer.data, stored_p[k].astype(np.float32))
     grid = viewer.layers[LAYER_NAME]
     assert grid.data.shape == (3, 3) and (grid.data == DECODED).all()
+    assert not grid.visible  # everything decoded: the grid is out of the way
     for layer in (labels, points, *probs):
         assert tuple(layer.scale) == SCALE and tuple(layer.translate) == TRANSLATE
     saved = json.loads((tmp_path / "config" / "widgets.json").read_text())["run"]
@@ -169,7 +172,7 @@ def test_cancel_leaves_clean_state_and_resumable_store(make_napari_viewer, qtbot
     state = open_result(store).region_status()
     done = {tuple(int(v) for v in rc) for rc in np.argwhere(state == DONE)}
     assert 0 < len(done) < 36
-    live = np.asarray(viewer.layers["VV xT labels"].data)  # previews match the written part
+    live = np.asarray(viewer.layers["VV xT tiny labels"].data)  # previews match the written part
     written = open_result(store)
     for r, c in done:
         assert np.array_equal(live[r * 128:(r + 1) * 128, c * 128:(c + 1) * 128],
@@ -181,7 +184,7 @@ def test_cancel_leaves_clean_state_and_resumable_store(make_napari_viewer, qtbot
     assert second.planned.resumed and second.planned.todo_regions == 36 - len(done)
     assert not (second.decoded & done)  # finished regions are not computed again
     assert second.decoded | done == {(r, c) for r in range(6) for c in range(6)}
-    assert viewer.layers["VV xT labels"].data.shape == (768, 768)
+    assert viewer.layers["VV xT tiny labels"].data.shape == (768, 768)
 
 
 def test_errors_are_notified_and_widget_recovers(make_napari_viewer, qtbot, tmp_path,
@@ -244,8 +247,10 @@ def test_viewport_first_follows_the_camera_on_a_pyramid_level(make_napari_viewer
     first, second = session.context_steps[0], session.context_steps[1]
     assert (5, 5) in first and (0, 0) not in first  # bottom-right crop first
     assert (0, 0) in second  # then the camera moved: top-left next
-    labels = viewer.layers["grey xT labels"]
-    assert tuple(labels.scale) == (4.0, 4.0) and tuple(labels.translate) == TRANSLATE
+    labels = viewer.layers["grey xT xt_tiny_demo_seg L1 labels"]
+    # level 1: pixel i covers level-0 pixels 2i, 2i + 1, centred half a level-0 pixel on
+    assert tuple(labels.scale) == (4.0, 4.0)
+    assert tuple(labels.translate) == (TRANSLATE[0] + 1.0, TRANSLATE[1] + 1.0)
     assert labels.data.shape == (768, 768)
     # the store knows it is level 1: level-0 table pixels, labels with the level's pixel size
     from napari_xt.io import read_labels
@@ -270,6 +275,6 @@ def test_detections_of_a_pyramid_level_run_land_where_they_were_found(make_napar
     assert wait_done(qtbot, widget).outcome == "finished"
     table = read_detections(tmp_path / "l1.zarr", "prediction")  # level-0 pixels
     assert len(table["y"]) > 0
-    points = viewer.layers["VV xT detections"]
+    points = viewer.layers["VV xT tiny L1 detections"]
     assert tuple(points.scale) == (2 * SCALE[0], 2 * SCALE[1])  # level-1 pixels
     assert np.allclose(points.data, np.stack([table["y"], table["x"]], 1) / 2)

@@ -41,6 +41,7 @@ from .correction_points import add_points_layer, points_table
 from .result_layers import label_colormap
 from .run_session import last_session
 from .viewport import camera_of
+from .workers import start_worker
 
 LAYER_EDIT, LAYER_POINTS, LAYER_CORRECTED = "xT correction", "xT detections correction", \
     "xT corrected labels"
@@ -161,11 +162,14 @@ class CorrectWidget(WorkerPanel, QWidget):
 
     def _world_transform(self, labels) -> tuple[tuple[float, float], tuple[float, float]]:
         """World (scale, translate) of a label pixel: the last run's when this is its
-        store, else the labels' own pixel size (as the napari-xt reader shows them)."""
+        store, else the labels' own pixel size, placed as the napari-xt reader places them."""
         s = last_session(self.viewer)
         if s is not None and s.store and Path(s.store) == Path(self.store):
             return tuple(s.request.scale), tuple(s.request.translate)
-        return tuple(labels.pixel_size or (1.0, 1.0)), (0.0, 0.0)
+        from napari_xt._napari_io import store_attrs, store_shift
+
+        return tuple(labels.pixel_size or (1.0, 1.0)), store_shift(self.store,
+                                                                  store_attrs(self.store))
 
     # ------------------------------------------------------------------ editing
     @property
@@ -221,12 +225,9 @@ class CorrectWidget(WorkerPanel, QWidget):
         except Exception as err:  # noqa: BLE001 - a missing/corrupt store: say so
             show_warning(f"Correct results: {err}")
             return False
-        from napari.qt.threading import create_worker
-
         self.status.setText(f"loading rows {box[0]}:{box[1]}, columns {box[2]}:{box[3]}…")
         target = (self.store, self.result)
-        self.worker = create_worker(load_window, *target, box, _start_thread=False,
-                                    _ignore_errors=True)
+        self.worker = start_worker(load_window, *target, box)
         self.worker.returned.connect(lambda loaded: self._show_window(loaded, target))
         self._start_worker()
         return True
@@ -302,11 +303,8 @@ class CorrectWidget(WorkerPanel, QWidget):
             layer = self.viewer.layers[LAYER_POINTS]
             snapshot = (layer.data.copy(), layer.features.copy())  # what this save holds
             table = self._points_table()
-        from napari.qt.threading import create_worker
-
         self.status.setText("saving…")
-        self.worker = create_worker(save_edits, *self.target, self.window, labels, table,
-                                    _start_thread=False, _ignore_errors=True)
+        self.worker = start_worker(save_edits, *self.target, self.window, labels, table)
         self.worker.returned.connect(lambda out: self._saved(out, labels, snapshot))
         self._start_worker()
         return True
@@ -400,15 +398,12 @@ class CorrectWidget(WorkerPanel, QWidget):
                 return False
             image, axes, default_margin = run_image
             margin = default_margin if margin is None else margin
-        from napari.qt.threading import create_worker
-
         from napari_xt.train.from_corrections import export_pairs
 
         self.status.setText("exporting training pairs…")
-        self.worker = create_worker(export_pairs, self.store, image, out_dir, name=self.result,
-                                    overwrite=True,  # the current corrections replace older pairs
-                                    margin=256 if margin is None else int(margin), axes=axes,
-                                    _start_thread=False, _ignore_errors=True)
+        self.worker = start_worker(export_pairs, self.store, image, out_dir, name=self.result,
+                                   overwrite=True,  # the current corrections replace older pairs
+                                   margin=256 if margin is None else int(margin), axes=axes)
         self.worker.returned.connect(lambda pairs: self._exported(pairs, out_dir))
         self._start_worker()
         return True

@@ -74,11 +74,13 @@ class ImageChoice:
         return h0 / h, w0 / w
 
     def level_transform(self, level: int) -> tuple[tuple[float, float], tuple[float, float]]:
-        """World (scale, translate) of a `level` pixel, as napari draws that level."""
-        fy, fx = self.level_factor(level)
-        sy, sx = (float(v) for v in self.layer.scale[-2:])
-        ty, tx = (float(v) for v in self.layer.translate[-2:])
-        return (sy * fy, sx * fx), (ty, tx)
+        """World (scale, translate) of a `level` pixel, as napari draws that level: a pixel
+        of a level downsampled by f covers level-0 pixels f*i .. f*i + f - 1, so its centre
+        lies (f - 1) / 2 level-0 pixels beyond f*i (see `level_offset`)."""
+        from napari_xt._napari_io import level_offset
+
+        return level_offset(self.level_factor(level), self.layer.scale[-2:],
+                            self.layer.translate[-2:])
 
     def source_path(self) -> str | None:
         """The file the layer came from, if any (napari's `source.path` or reader metadata)."""
@@ -100,9 +102,11 @@ def _is_2d_image(layer) -> bool:
 
 
 def image_choices(layers) -> list[ImageChoice]:
-    """All runnable images among `layers` (viewer.layers), in layer order."""
+    """All runnable images among `layers` (viewer.layers): channel stacks first (a SAR
+    scene's VV + VH, as multi-channel models need them), then each layer, in layer order."""
     images = [lay for lay in layers if _is_2d_image(lay)]
-    choices = [ImageChoice(lay.name, (lay,)) for lay in images]
+    singles = [ImageChoice(lay.name, (lay,)) for lay in images]
+    choices: list[ImageChoice] = []
     groups: dict[tuple, list] = {}
     for lay in images:
         source = lay.metadata.get("source") if isinstance(lay.metadata, dict) else None
@@ -113,4 +117,4 @@ def image_choices(layers) -> list[ImageChoice]:
         if len(group) > 1:
             label = " + ".join(lay.name for lay in group) + f" ({len(group)} channels)"
             choices.append(ImageChoice(label, tuple(group)))
-    return choices
+    return choices + singles

@@ -36,11 +36,34 @@ if TYPE_CHECKING:
 from .context_probe import change_map, compare_region
 from .controls import WorkerPanel, status_label
 from .region_grid import grid_transform
+from .result_layers import class_name, label_colormap
 from .run_session import last_session
+from .workers import start_worker
 
 MODE_LABELS = {"region alone": "alone", "no context (identity)": "identity"}
 LAYER_ONLY, LAYER_CHANGED, LAYER_MAP = "xT region only", "xT changed by context", \
     "xT context change"
+
+
+def class_names(session) -> tuple[str, ...]:
+    """The class names of the session's model (its config), () when it has none."""
+    head = getattr(getattr(session.model, "cfg", None), "head", None)
+    return tuple(getattr(head, "class_names", ()) or ())
+
+
+def changes_text(alone: np.ndarray, context: np.ndarray, names, top: int = 3) -> str:
+    """"; most: sea -> lake 60%, ..." — the commonest class changes (share of the changed
+    pixels), by class name."""
+    diff = alone != context
+    if not diff.any():
+        return ""
+    pairs, counts = np.unique(np.stack([alone[diff], context[diff]], 1), axis=0,
+                              return_counts=True)
+    order = np.argsort(-counts)[:top]
+    total = int(diff.sum())
+    parts = [f"{class_name(names, pairs[i][0])} -> {class_name(names, pairs[i][1])} "
+             f"{100 * counts[i] / total:.0f}%" for i in order]
+    return "; without -> with context: " + ", ".join(parts)
 
 
 class InspectWidget(WorkerPanel, QWidget):
@@ -136,13 +159,10 @@ class InspectWidget(WorkerPanel, QWidget):
         s = self._ready()
         if s is None:
             return
-        from napari.qt.threading import create_worker
-
         row, col = self.row_spin.value(), self.col_spin.value()
         self.status.setText(f"comparing region ({row}, {col})…")
-        self.worker = create_worker(compare_region, s.model, self._source(s), s.store, row, col,
-                                    s.planned.region_size, self.mode, _start_thread=False,
-                                    _ignore_errors=True)
+        self.worker = start_worker(compare_region, s.model, self._source(s), s.store, row, col,
+                                   s.planned.region_size, self.mode)
         self.worker.returned.connect(lambda result: self._show_comparison(s, result))
         self._start_worker()
 
@@ -153,23 +173,29 @@ class InspectWidget(WorkerPanel, QWidget):
         y0, x0 = result.box[:2]
         translate = (ty + y0 * sy, tx + x0 * sx)
         changed = (result.region_only != result.with_context).astype(np.uint8)
+        names = class_names(session)
         for name, data in ((LAYER_ONLY, result.region_only), (LAYER_CHANGED, changed)):
             if name in self.viewer.layers:
                 self.viewer.layers.remove(name)
+            kwargs = {}
+            if name == LAYER_ONLY:
+                kwargs["colormap"] = label_colormap()
+                if names:
+                    kwargs["features"] = {"index": list(range(len(names))),
+                                          "class": list(names)}
             layer = self.viewer.add_labels(data, name=name, scale=(sy, sx), translate=translate,
-                                           opacity=0.7)
+                                           opacity=0.7, **kwargs)
             layer.editable = False
         self.status.setText(
             f"region ({result.row}, {result.col}): {100 * result.changed_fraction:.1f}% of "
-            f"pixels change class with context ({self.mode_combo.currentText()} vs the run)")
+            f"pixels change class with context ({self.mode_combo.currentText()} vs the run)"
+            + changes_text(result.region_only, result.with_context, names))
 
     # ------------------------------------------------------------------ all regions
     def context_map(self) -> None:
         s = self._ready()
         if s is None:
             return
-        from napari.qt.threading import create_worker
-
         from napari_xt.engine.store import DONE
 
         states = s.region_states()
@@ -180,9 +206,8 @@ class InspectWidget(WorkerPanel, QWidget):
         self.change = np.full(states.shape, np.nan, np.float32)
         self._ensure_map_layer(s)
         self.status.setText(f"context change of {len(regions)} regions…")
-        self.worker = create_worker(change_map, s.model, self._source(s), s.store,
-                                    s.planned.region_size, regions, self.mode,
-                                    _start_thread=False, _ignore_errors=True)
+        self.worker = start_worker(change_map, s.model, self._source(s), s.store,
+                                   s.planned.region_size, regions, self.mode)
         self.worker.yielded.connect(self._on_fraction)
         self._timer.start()
         self._start_worker()

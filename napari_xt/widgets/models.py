@@ -5,13 +5,14 @@ there, never when the widget is built.
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
-from napari_xt.model.choice import DEMO_MODEL
+from napari_xt.model.choice import DEMO_MODEL, is_checkpoint
 
-__all__ = ["CHECKPOINT_FILTER", "DEMO_MODEL", "LOAD_CHECKPOINT",
-           "keep_triton_out", "load_model", "zoo_names"]
+__all__ = ["CHECKPOINT_FILTER", "DEMO_MODEL", "LOAD_CHECKPOINT", "is_checkpoint",
+           "keep_triton_out", "load_model", "run_tag", "training_note", "zoo_names"]
 
 LOAD_CHECKPOINT = "Load checkpoint…"
 CHECKPOINT_FILTER = "xT checkpoints (*.safetensors *.ckpt *.pth *.pt);;All files (*)"
@@ -52,3 +53,56 @@ def load_model(choice: str, in_chans: int | None = None):
 
     keep_triton_out()
     return load(choice, in_chans)
+
+
+def run_tag(choice: str, level: int = 0) -> str:
+    """A short name of a run for layer names and default outputs: "demo", the zoo name or
+    the checkpoint's file stem, with "L<level>" for a pyramid level above 0."""
+    if choice == DEMO_MODEL:
+        tag = "demo"
+    elif choice == LOAD_CHECKPOINT:
+        tag = "checkpoint"
+    elif is_checkpoint(choice):
+        tag = Path(choice).name.split(".")[0] or "checkpoint"
+    else:
+        tag = choice
+    return f"{tag} L{level}" if level > 0 else tag
+
+
+@functools.lru_cache(maxsize=32)
+def _trained_here(path: str, mtime: float) -> bool:
+    from napari_xt.model.checkpoint import CheckpointError, read_metadata
+
+    try:
+        return "train.config" in read_metadata(path)
+    except (CheckpointError, OSError):
+        return False
+
+
+def trained_on_full_resolution(choice: str) -> bool:
+    """True for models napari-xt trained (the built-in demo model, checkpoints that carry
+    a training config): they learned from the full-resolution pixels of their images."""
+    if choice == DEMO_MODEL:
+        from napari_xt.model.demo_weights import DEMO_WEIGHTS
+
+        path = DEMO_WEIGHTS
+    elif is_checkpoint(choice) or Path(choice).is_file():
+        path = Path(choice)
+    else:
+        return False  # zoo models: random weights, no training resolution
+    try:
+        return _trained_here(str(path), path.stat().st_mtime)
+    except OSError:
+        return False
+
+
+def training_note(choice: str, level: int, factor: tuple[float, float]) -> str | None:
+    """What to say when `level` (downsampled by `factor` from level 0) is coarser than the
+    pixels the model was trained on; None when it is not (or nothing is known)."""
+    f = max(float(v) for v in factor)
+    if level <= 0 or f <= 1.0 or not trained_on_full_resolution(choice):
+        return None
+    name = "the built-in demo model" if choice == DEMO_MODEL else Path(choice).name
+    return (f"level {level} is {f:g}x coarser than full resolution, and {name} was trained "
+            "on full-resolution pixels: objects look smaller than it learned, expect poorer "
+            "results (level 0 matches its training)")

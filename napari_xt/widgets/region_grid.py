@@ -1,11 +1,16 @@
-"""Live per-region progress: a Labels layer with one pixel per region.
+"""Live per-region progress: a Labels layer of region states over the image.
 
 States are written into a small (rows, cols) uint8 array as events arrive (cheap, any rate);
-`flush()` pushes them to the layer (in place, then a refresh: no copy, no dims update),
-called by the run session's timer or, with `auto_flush`, by the painter's own timer at most
-`max_rate` times a second, so a burst of thousands of events costs a handful of redraws.
-The layer is scaled by the region size so each pixel covers its region of the image, with
-the image's translate.
+`flush()` pushes them to the layer (in place, then a refresh: no dims update), called by the
+run session's timer or, with `auto_flush`, by the painter's own timer at most `max_rate`
+times a second, so a burst of thousands of events costs a handful of redraws.
+
+The layer ends at the image's edge: its cells are `q` pixels a side, q the largest divisor
+of the region size that divides the image's height and width and keeps the layer within
+`MAX_CELLS` a side (one cell per region when the image is a whole number of regions; when
+no divisor fits exactly, the smallest that fits: the layer overhangs by less than a cell).
+When the run ends the layer is hidden (everything decoded) or fades to what is left:
+decoded regions become transparent, queued ones stay grey, failed ones red.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ STATE_COLORS = {
     FAILED: (0.95, 0.1, 0.1, 1.0),  # red
 }
 LAYER_NAME = "xT regions"
+MAX_CELLS = 1024  # the layer's largest side, in cells
+DONE_OPACITY = 0.3  # what is left of a run that did not finish everything
 
 
 def grid_transform(
@@ -43,6 +50,18 @@ def grid_transform(
     ty, tx = (float(v) for v in list(translate)[-2:])
     half = (region_size - 1) / 2.0
     return (sy * region_size, sx * region_size), (ty + half * sy, tx + half * sx)
+
+
+def cell_size(region_size: int, height: int | None, width: int | None,
+              limit: int = MAX_CELLS) -> int:
+    """Pixels per cell of the grid layer (see the module docstring)."""
+    s = int(region_size)
+    if not height or not width:
+        return s
+    fits = [q for q in range(1, s + 1) if s % q == 0
+            and -(-height // q) <= limit and -(-width // q) <= limit]
+    exact = [q for q in fits if height % q == 0 and width % q == 0]
+    return exact[-1] if exact else (fits or [s])[0]  # fewest cells, else least overhang
 
 
 class RegionGridPainter:
@@ -59,27 +78,33 @@ class RegionGridPainter:
         max_rate: float = 10.0,
         opacity: float = 0.45,
         auto_flush: bool = True,
+        image_shape: tuple[int, int] | None = None,
     ) -> None:
-        from napari.utils.colormaps import DirectLabelColormap
         from qtpy.QtCore import QTimer
 
         self.viewer = viewer
         self.states = np.zeros((rows, cols), dtype=np.uint8)
         self.refreshes = 0
         self._dirty = False
-        grid_scale, grid_translate = grid_transform(region_size, scale, translate)
-        colormap = DirectLabelColormap(
-            color_dict={**STATE_COLORS, None: (0.0, 0.0, 0.0, 0.0)}
-        )
+        if image_shape is None:  # whole regions
+            q, self.cell_shape = region_size, (rows, cols)
+        else:
+            h, w = (int(v) for v in image_shape)
+            q = cell_size(region_size, h, w)
+            self.cell_shape = (-(-h // q), -(-w // q))
+        self.repeat = region_size // q  # cells per region side
+        self.cells = self.states if self.cell_shape == (rows, cols) else np.zeros(
+            self.cell_shape, np.uint8)
+        grid_scale, grid_translate = grid_transform(q, scale, translate)
         if LAYER_NAME in viewer.layers:
             viewer.layers.remove(LAYER_NAME)
         self.layer = viewer.add_labels(
-            self.states,
+            self.cells,
             name=LAYER_NAME,
             scale=grid_scale,
             translate=grid_translate,
             opacity=opacity,
-            colormap=colormap,
+            colormap=_colormap(STATE_COLORS),
             blending="translucent",
         )
         self.layer.editable = False
@@ -114,10 +139,30 @@ class RegionGridPainter:
         if not self._dirty or self.layer not in self.viewer.layers:
             return
         self._dirty = False
-        self.layer.refresh()  # the layer's data is `states` itself
+        if self.cells is not self.states:
+            m, (ch, cw) = self.repeat, self.cell_shape
+            self.cells[...] = np.repeat(np.repeat(self.states, m, 0), m, 1)[:ch, :cw]
+        self.layer.refresh()  # the layer's data is `cells` itself
         self.refreshes += 1
 
-    def stop(self) -> None:
-        """Final push and stop the timer (the layer stays as a record of the run)."""
+    def stop(self, outcome: str | None = None) -> None:
+        """Final push and stop the timer. The layer stays as a record of the run, out of
+        the way: hidden when every region was decoded, else faded with decoded regions
+        transparent (queued grey and failed red remain)."""
         self._timer.stop()
         self.flush()
+        if self.layer not in self.viewer.layers or outcome is None:
+            return
+        if outcome == "finished" and bool((self.states == DECODED).all()):
+            self.layer.visible = False
+        else:
+            self.layer.colormap = _colormap({**STATE_COLORS, ENCODED: STATE_COLORS[QUEUED],
+                                             CONTEXTUALIZED: STATE_COLORS[QUEUED],
+                                             DECODED: (0.0, 0.0, 0.0, 0.0)})
+            self.layer.opacity = DONE_OPACITY
+
+
+def _colormap(colors):
+    from napari.utils.colormaps import DirectLabelColormap
+
+    return DirectLabelColormap(color_dict={**colors, None: (0.0, 0.0, 0.0, 0.0)})

@@ -3,8 +3,15 @@
 While a run streams, finished regions arrive as preview tiles (`run_job.ResultTiles`): they
 are copied into small in-memory mirrors and pushed to the layers at most a few times a
 second. At the end the labels layer switches to the store's multiscale label pyramid and
-the points to the final detection table. All layers keep the source image's world transform
-(for a pyramid level: the layer's scale times the level's factor, same translate).
+the points to the final detection table, and a classifier's record becomes a rectangle
+around the image labelled with the class. All layers keep the world transform of the
+processed level's pixels (for a pyramid level: the layer's scale times the level's factor,
+shifted by (f - 1) / 2 level-0 pixels, as napari draws that level).
+
+Each run's layers are named after the image and the run (`tag`: the model, and the level
+when it is not 0), carry `metadata["napari-xt"]` = {"store", "run", "output"} and are kept
+when another run starts: only the layers of the same store are replaced (that run resumes
+or replaces them). Class names come from the model's config (or the store's metadata).
 Main thread only.
 """
 
@@ -38,9 +45,24 @@ def label_colormap(colors=None):
     return DirectLabelColormap(color_dict=palette)
 
 
-def layer_names(image_name: str) -> dict[str, str]:
-    return {"labels": f"{image_name} xT labels", "points": f"{image_name} xT detections",
-            "probability": f"{image_name} xT p(class {{k}})"}
+def layer_names(image_name: str, tag: str = "") -> dict[str, str]:
+    base = f"{image_name} xT {tag}".rstrip()
+    return {"labels": f"{base} labels", "points": f"{base} detections",
+            "probability": f"{base} p({{name}})", "classification": f"{base} class"}
+
+
+def class_name(names: Sequence[str], k: int) -> str:
+    k = int(k)
+    return str(names[k]) if 0 <= k < len(names) else f"class {k}"
+
+
+def same_path(a, b) -> bool:
+    from pathlib import Path
+
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, TypeError):
+        return False
 
 
 def _zeros_like(old: np.ndarray | None, shape, dtype) -> np.ndarray:
@@ -56,10 +78,18 @@ class LiveResults:
 
     def __init__(self, viewer, image_name: str, height: int, width: int, stride: int,
                  scale: Sequence[float], translate: Sequence[float],
-                 table_scale: Sequence[float] = (1.0, 1.0)) -> None:
+                 table_scale: Sequence[float] = (1.0, 1.0), *, tag: str = "",
+                 store: str | None = None, class_names: Sequence[str] = (),
+                 point_names: Sequence[str] = ()) -> None:
         self.viewer = viewer
         self.table_scale = tuple(float(v) for v in table_scale)  # table px per label px
-        self.names = layer_names(image_name)
+        self.names = layer_names(image_name, tag)
+        self.tag, self.store = tag, (str(store) if store else None)
+        self.height, self.width = int(height), int(width)
+        self.class_names = tuple(str(n) for n in class_names)
+        self.point_names = tuple(str(n) for n in point_names)
+        self.classification_layer = None
+        self.classification: dict | None = None  # the store's record, once finished
         self.stride = int(stride)
         self.scale = tuple(float(s) for s in scale)
         self.translate = tuple(float(t) for t in translate)
@@ -79,17 +109,33 @@ class LiveResults:
         return self.scale[0] * self.stride, self.scale[1] * self.stride
 
     def _remove_old(self) -> None:
+        """Remove the layers of an earlier run into the same store (this run resumes or
+        replaces that store); other runs' layers stay. Without a store: the same names."""
         for layer in list(self.viewer.layers):
-            if layer.name in (self.names["labels"], self.names["points"]) or layer.name.startswith(
+            meta = layer.metadata.get("napari-xt") if isinstance(layer.metadata, dict) else None
+            if self.store is not None:
+                if isinstance(meta, dict) and same_path(meta.get("store"), self.store):
+                    self.viewer.layers.remove(layer)
+            elif layer.name in (self.names["labels"], self.names["points"],
+                                self.names["classification"]) or layer.name.startswith(
                     self.names["probability"].split("{")[0]):
                 self.viewer.layers.remove(layer)
+
+    def _meta(self, output: str) -> dict:
+        return {"napari-xt": {"store": self.store, "run": self.tag, "output": output}}
 
     def _owned(self, layer) -> bool:
         return layer is not None and layer in self.viewer.layers
 
     def layers(self) -> list:
-        return [lay for lay in (self.labels_layer, self.points_layer, *self.prob_layers)
-                if self._owned(lay)]
+        return [lay for lay in (self.labels_layer, self.points_layer, *self.prob_layers,
+                                self.classification_layer) if self._owned(lay)]
+
+    def _label_features(self, names: Sequence[str]):
+        import pandas as pd
+
+        values = list(range(len(names)))
+        return pd.DataFrame({"index": values, "class": [str(n) for n in names]})
 
     # ------------------------------------------------------------------ live updates
     def expect(self, outputs: Sequence[str], num_classes: int) -> None:
@@ -176,17 +222,20 @@ class LiveResults:
             return
         if self._owned(self.labels_layer):
             self.viewer.layers.remove(self.labels_layer)
+        kwargs = {}
+        if self.class_names:
+            kwargs["features"] = self._label_features(self.class_names)
         self.labels_layer = self.viewer.add_labels(
             data, name=self.names["labels"], scale=scale, translate=self.translate,
             multiscale=multiscale, opacity=0.5,
-            colormap=label_colormap(colors),
+            colormap=label_colormap(colors), metadata=self._meta("labels"), **kwargs,
         )
         self.labels_layer.editable = False
 
     def _set_probabilities(self, probs: np.ndarray, create: int | None = None) -> None:
         cmaps = ("red", "blue", "yellow", "magenta", "green", "cyan")
         for k in range(probs.shape[0]):
-            name = self.names["probability"].format(k=k)
+            name = self.names["probability"].format(name=class_name(self.class_names, k))
             if k < len(self.prob_layers) and self._owned(self.prob_layers[k]):
                 if self.prob_layers[k].visible:
                     self.prob_layers[k].data = probs[k].copy()
@@ -198,7 +247,7 @@ class LiveResults:
             layer = self.viewer.add_image(
                 probs[k].copy(), name=name, scale=self.preview_scale, translate=self.translate,
                 colormap=cmaps[k % len(cmaps)], contrast_limits=(0.0, 1.0), opacity=0.6,
-                blending="additive", visible=False,
+                blending="additive", visible=False, metadata=self._meta(f"probability {k}"),
             )
             layer.events.visible.connect(lambda event, k=k: self._show_probability(k))
             self.prob_layers.append(layer)
@@ -212,8 +261,10 @@ class LiveResults:
         import pandas as pd
 
         coords = np.stack([np.asarray(table["y"], float), np.asarray(table["x"], float)], 1)
+        classes = np.asarray(table["class"], np.int64)
         features = pd.DataFrame({
-            "class": np.asarray(table["class"], np.int64),
+            "class": classes,
+            "class_name": [class_name(self.point_names, k) for k in classes],
             "score": np.asarray(table["score"], np.float32),
             "size": np.asarray(table["size"], np.float32),
         })
@@ -232,7 +283,7 @@ class LiveResults:
         self.points_layer = self.viewer.add_points(
             coords, features=features, name=self.names["points"], scale=self.scale,
             translate=self.translate, size=size, face_color=colors, border_color="white",
-            border_width=0.1, opacity=0.9,
+            border_width=0.1, opacity=0.9, metadata=self._meta("detections"),
         )
         self.points_layer.editable = False
 
@@ -251,6 +302,10 @@ class LiveResults:
             lab = read_labels(store, results["labels"][0])
             levels = lab.levels
             multiscale = len(levels) > 1
+            if not self.class_names and lab.properties:
+                top = max(lab.properties)
+                self.class_names = tuple(str(lab.properties.get(k, {}).get("class", f"class {k}"))
+                                         for k in range(top + 1))
             self._set_labels(levels if multiscale else levels[0], self.scale,
                              multiscale=multiscale, colors=lab.colors)
         if results["tables"]:
@@ -259,4 +314,32 @@ class LiveResults:
                 fy, fx = self.table_scale
                 self._set_points({**table, "y": np.asarray(table["y"], float) / fy,
                                   "x": np.asarray(table["x"], float) / fx})
+        if results.get("classifications"):
+            from napari_xt.io import read_classification
+
+            self.classification = read_classification(store, results["classifications"][0])
+            self._set_classification(self.classification)
         self.final = True
+
+    def _set_classification(self, record: dict) -> None:
+        """The record as a rectangle around the processed image, labelled "class (score)";
+        features and metadata hold the class, its name, the score and the crop count."""
+        from napari_xt._napari_io import classification_shapes
+
+        data, kwargs = classification_shapes(record, self.height, self.width,
+                                             self.class_names)
+        if self._owned(self.classification_layer):
+            self.viewer.layers.remove(self.classification_layer)
+        kwargs["metadata"] = {**kwargs["metadata"], **self._meta("classification")}
+        self.classification_layer = self.viewer.add_shapes(
+            data, name=self.names["classification"], scale=self.scale,
+            translate=self.translate, **kwargs)
+        self.classification_layer.editable = False
+
+    def describe_classification(self) -> str | None:
+        """"name (score)" of the finished classifier run, None for other runs."""
+        if self.classification is None:
+            return None
+        from napari_xt._napari_io import classification_text
+
+        return classification_text(self.classification, self.class_names)

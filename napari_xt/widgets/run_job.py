@@ -44,7 +44,10 @@ class RunRequest:
     translate: tuple[float, float]
     channels: int
     blend: str = "tokens"  # merge overlapping crops by context tokens or decoded outputs
-    pyramid: Any = None  # every level (MultiscaleImage) when `level` > 0, for provenance
+    context: str | None = None  # "crop" | "image"; None: the mode the model was trained for
+    pyramid: Any = None  # every level (MultiscaleImage): provenance, the input's file
+    replace: bool = False  # replace a napari-xt store holding another run (confirmed)
+    tag: str = ""  # names this run's layers (model, level)
 
     @property
     def table_scale(self) -> tuple[float, float]:
@@ -159,10 +162,10 @@ def run_events(
         spelling=WIDGET,
         batch_size=request.batch_size, order=request.order, cancel=cancel,
         priority=priority if viewport else None, point=priority() if viewport else None,
-        resume=request.resume, overwrite=not request.resume,
+        resume=request.resume, overwrite=request.replace,
         cache=(True if request.resume else "rebuild") if request.cache else False,
         outputs=run_outputs(model, request.probabilities), normalize=normalize,
-        crop_stride=request.crop_stride, blend=request.blend,
+        crop_stride=request.crop_stride, blend=request.blend, context=request.context,
         carry_state=request.carry_state,
         threshold=request.threshold,
     )

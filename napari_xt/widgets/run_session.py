@@ -122,18 +122,17 @@ class RunSession:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        from napari.qt.threading import create_worker
         from qtpy.QtCore import QTimer
 
         from .models import keep_triton_out
+        from .workers import start_worker
 
         keep_triton_out()  # before the worker imports torch
         shape = _yx_shape(self.request)
         if self.request.order == "viewport":
             self.priority = ViewportPriority(self.viewer, self.request.scale,
                                              self.request.translate, shape)
-        self.worker = create_worker(run_events, self.request, self.cancel_event, self.priority,
-                                    _start_thread=False, _ignore_errors=True)
+        self.worker = start_worker(run_events, self.request, self.cancel_event, self.priority)
         self.worker.yielded.connect(self._queue.append)
         self.worker.errored.connect(lambda err: self._queue.append(_WorkerError(err)))
         self.worker.finished.connect(self._on_worker_finished)
@@ -201,7 +200,9 @@ class RunSession:
 
         self.counts[type(item).__name__] += 1
         if isinstance(item, _WorkerError):
-            self._fail(f"{type(item.error).__name__}: {item.error}")
+            from .workers import describe
+
+            self._fail(describe(item.error))
         elif isinstance(item, ResultTiles):
             if self.results is not None:
                 self.results.add(item)
@@ -253,11 +254,15 @@ class RunSession:
         h, w = plan.image_shape
         self.painter = RegionGridPainter(self.viewer, rows, cols, plan.region_size,
                                          self.request.scale, self.request.translate,
-                                         auto_flush=False)
+                                         auto_flush=False, image_shape=(h, w))
         self.painter.mark_all(QUEUED)
+        head = getattr(getattr(self.model, "cfg", None), "head", None)
         self.results = LiveResults(self.viewer, self.request.name, h, w, preview_stride(h, w),
                                    self.request.scale, self.request.translate,
-                                   table_scale=self.request.table_scale)
+                                   table_scale=self.request.table_scale, tag=self.request.tag,
+                                   store=self.store,
+                                   class_names=getattr(head, "class_names", ()) or (),
+                                   point_names=getattr(head, "point_names", ()) or ())
         if self.model is not None:  # create the result layers now, not mid-stream
             head = self.model.cfg.head
             self.results.expect(run_outputs(self.model, self.request.probabilities),
@@ -344,7 +349,7 @@ class RunSession:
         except Exception as err:  # keep the previews; they match the written regions
             show_error(f"Run xT: results written to {self.store} but not shown: {err}")
         if self.painter is not None:
-            self.painter.stop()
+            self.painter.stop(self.outcome)
         if self.progress is not None:
             if self._progress_pending:
                 self.progress.update(self._progress_pending)
@@ -356,7 +361,10 @@ class RunSession:
             show_warning(f"Run xT: {self.failed_regions} region(s) failed; see the red "
                          "regions of the grid layer")
         if self.outcome == "finished":
-            self.on_status(f"finished; results in {self.store}")
+            label = self.results.describe_classification() if self.results else None
+            shown = f": {label} over {self.results.classification.get('crops', 1)} crop(s)" \
+                if label else ""
+            self.on_status(f"finished{shown}; results in {self.store}")
         elif self.outcome == "cancelled":
             self.on_status(f"cancelled; finished regions kept in {self.store} (Run resumes)")
         self.on_done(self)

@@ -4,6 +4,12 @@ A thin shell over `napari_xt.engine.run`: the engine's event generator runs in a
 thread worker (`run_job.run_events`); every event comes back to the main thread through the
 worker's `yielded` signal and is handed to `RunSession`, which paints the region grid,
 updates the progress bar and the result layers. Nothing here computes a prediction.
+
+Nothing the user had is lost: the output goes through the result store, which refuses
+files, folders that are not napari-xt stores and the input image itself, whatever the
+controls say. With "resume a matching store" unticked, a napari-xt store already at the
+output is replaced only after `confirm_replace` said yes, and the unticked box is never
+saved: every new widget starts with resume on.
 """
 
 from __future__ import annotations
@@ -32,7 +38,15 @@ if TYPE_CHECKING:
 
 from .controls import status_label
 from .image_choice import ImageChoice, image_choices
-from .models import CHECKPOINT_FILTER, DEMO_MODEL, LOAD_CHECKPOINT, zoo_names
+from .models import (
+    CHECKPOINT_FILTER,
+    DEMO_MODEL,
+    LOAD_CHECKPOINT,
+    is_checkpoint,
+    run_tag,
+    training_note,
+    zoo_names,
+)
 from .run_job import RunRequest
 from .run_session import RunSession
 from .settings import WidgetSettings
@@ -40,10 +54,28 @@ from .settings import WidgetSettings
 DEVICES = ("auto", "cpu", "cuda", "mps")
 ORDERS = {"raster": "raster", "zigzag": "zigzag", "viewport-first": "viewport"}
 BLENDS = {"context tokens": "tokens", "decoded outputs": "outputs"}
+CONTEXTS = {"as the model was trained": None, "crop": "crop", "whole image": "image"}
 DEFAULTS = {"model": DEMO_MODEL, "device": "auto", "batch_size": 4, "order": "viewport-first",
-            "crop_stride": 0, "blend": "context tokens", "carry_state": False,
-            "probabilities": True, "threshold": 0.5, "cache": True, "resume": True,
-            "checkpoints": []}
+            "crop_stride": 0, "blend": "context tokens", "context": "as the model was trained",
+            "carry_state": False,
+            "probabilities": True, "threshold": 0.5, "cache": True, "checkpoints": []}
+# "resume a matching store" is not saved: unticked it replaces a store, which a widget
+# opened later must not do silently
+
+
+def confirm_replace(parent, path: str, kind: str) -> bool:
+    """Ask before a run replaces the napari-xt store at `path` (True: replace). Tests
+    replace this function; the store removes only what napari-xt wrote there."""
+    from qtpy.QtWidgets import QMessageBox
+
+    what = ("results of an older napari-xt version" if kind == "legacy"
+            else "the results of a napari-xt run")
+    answer = QMessageBox.question(
+        parent, "Replace the results?",
+        f"{path} holds {what}.\n\nStart afresh and replace them? Only what napari-xt "
+        "wrote there is removed; tick 'resume a matching store' to continue a matching "
+        "run instead.", QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
+    return answer == QMessageBox.Yes
 
 
 def preload() -> None:
@@ -77,7 +109,7 @@ class RunWidget(QWidget):
         self.settings = WidgetSettings("run", settings_path)
         self.session: RunSession | None = None
         self._choices: list[ImageChoice] = []
-        self._store_edited = False
+        self._default_store = ""  # the output the controls last proposed
         preload()
         self._build()
         self._restore()
@@ -94,6 +126,9 @@ class RunWidget(QWidget):
         self.level_combo = QComboBox()
         self.level_combo.setToolTip("Pyramid level of a multiscale image: 0 is full "
                                     "resolution, higher levels are faster and coarser.")
+        self.level_note = status_label("", "How the chosen level compares with the pixels "
+                                       "the model was trained on.")
+        self.level_note.setVisible(False)
         self.model_combo = QComboBox()
         self.model_combo.setToolTip("Model: the built-in demo model, a zoo model (random "
                                     "weights) or a checkpoint file (Load checkpoint…).")
@@ -120,6 +155,13 @@ class RunWidget(QWidget):
                                     "context tokens over its crops and decode it once "
                                     "(fast), or decode it in every crop and average the "
                                     "outputs (3-4x the decoder work).")
+        self.context_combo = QComboBox()
+        self.context_combo.addItems(list(CONTEXTS))
+        self.context_combo.setToolTip("What each region sees: 'crop' the crops that cover it; "
+                                      "'whole image' also a summary of every region of the "
+                                      "image, made first and read by every crop (only models "
+                                      "trained for it, such as 'demo-image'). Default: the "
+                                      "mode the model was trained for.")
         self.carry_check = QCheckBox("carry context between crops")
         self.carry_check.setToolTip("Pass the context encoder's state (e.g. Transformer-XL "
                                     "memory) from one crop to the next in visiting order.")
@@ -140,11 +182,14 @@ class RunWidget(QWidget):
                                     "another context setting skips the region encoder.")
         self.resume_check = QCheckBox("resume a matching store")
         self.resume_check.setToolTip("Continue an interrupted run in the same store: finished "
-                                     "regions are kept, not recomputed. Off: start afresh.")
+                                     "regions are kept, not recomputed. Off: start afresh, "
+                                     "replacing a napari-xt store at the output after you "
+                                     "confirm (never anything else). Ticked again in every "
+                                     "new widget.")
         self.store_edit = QLineEdit()
         self.store_edit.setToolTip("Output OME-Zarr store. Default: beside the image file, "
-                                   "or a temporary folder for images without a file.")
-        self.store_edit.textEdited.connect(self._on_store_edited)
+                                   "or a temporary folder for images without a file, one "
+                                   "per model and level.")
         browse = QToolButton()
         browse.setText("…")
         browse.setToolTip("Choose the output store folder.")
@@ -153,9 +198,11 @@ class RunWidget(QWidget):
         store_row.addWidget(self.store_edit)
         store_row.addWidget(browse)
         for label, w in (("image", self.image_combo), ("level", self.level_combo),
+                         ("", self.level_note),
                          ("model", self.model_combo), ("device", self.device_combo),
                          ("batch size", self.batch_spin), ("crop stride", self.stride_spin),
                          ("merge crops by", self.blend_combo),
+                         ("context", self.context_combo),
                          ("", self.carry_check), ("", self.probs_check),
                          ("detection threshold", self.threshold_spin),
                          ("order", self.order_combo), ("", self.cache_check),
@@ -180,6 +227,8 @@ class RunWidget(QWidget):
         layout.addStretch(1)
         self.image_combo.currentIndexChanged.connect(self._on_image_changed)
         self.model_combo.activated.connect(self._on_model_activated)
+        self.model_combo.currentIndexChanged.connect(self._on_run_changed)
+        self.level_combo.currentIndexChanged.connect(self._on_run_changed)
         self.run_button.clicked.connect(self.start)
         self.cancel_button.clicked.connect(self.cancel)
 
@@ -195,11 +244,12 @@ class RunWidget(QWidget):
         self.batch_spin.setValue(int(values["batch_size"]))
         self.stride_spin.setValue(int(values["crop_stride"]))
         self._select(self.blend_combo, values["blend"])
+        self._select(self.context_combo, values["context"])
         self.carry_check.setChecked(bool(values["carry_state"]))
         self.probs_check.setChecked(bool(values["probabilities"]))
         self.threshold_spin.setValue(float(values["threshold"]))
         self.cache_check.setChecked(bool(values["cache"]))
-        self.resume_check.setChecked(bool(values["resume"]))
+        self.resume_check.setChecked(True)  # never restored unticked (see DEFAULTS)
 
     def save_settings(self) -> None:
         items = [self.model_combo.itemText(i) for i in range(self.model_combo.count())]
@@ -207,10 +257,10 @@ class RunWidget(QWidget):
             "model": self.model_combo.currentText(), "device": self.device_combo.currentText(),
             "order": self.order_combo.currentText(), "batch_size": self.batch_spin.value(),
             "crop_stride": self.stride_spin.value(), "blend": self.blend_combo.currentText(),
+            "context": self.context_combo.currentText(),
             "carry_state": self.carry_check.isChecked(),
             "probabilities": self.probs_check.isChecked(),
             "threshold": self.threshold_spin.value(), "cache": self.cache_check.isChecked(),
-            "resume": self.resume_check.isChecked(),
             "checkpoints": [t for t in items if t not in (DEMO_MODEL, LOAD_CHECKPOINT)
                             and Path(t).is_file()],
         })
@@ -249,30 +299,51 @@ class RunWidget(QWidget):
             for i, (h, w) in enumerate(choice.level_shapes()):
                 self.level_combo.addItem(f"{i}: {w} x {h}")
         self.level_combo.setEnabled(choice is not None and choice.multiscale)
-        if not self._store_edited:
-            self.store_edit.setText(self.default_store(choice))
+        self._on_run_changed()
         self.run_button.setEnabled(choice is not None and self.session is None)
 
+    def _on_run_changed(self, index: int | None = None) -> None:
+        """Image, level or model changed: propose the matching output (unless another one
+        was chosen) and say whether the level is coarser than the model was trained on."""
+        choice = self.current_image()
+        text = self.store_edit.text().strip()
+        if not text or text == self._default_store:
+            self._default_store = self.default_store(choice)
+            self.store_edit.setText(self._default_store)
+        note = None
+        if choice is not None:
+            level = max(0, self.level_combo.currentIndex())
+            note = training_note(self.model_combo.currentText(), level,
+                                 choice.level_factor(level))
+        self.level_note.setText(note or "")
+        self.level_note.setVisible(bool(note))
+
+    @property
+    def tag(self) -> str:
+        """What this run is called in layer names and the default output."""
+        return run_tag(self.model_combo.currentText(), max(0, self.level_combo.currentIndex()))
+
     def default_store(self, choice: ImageChoice | None) -> str:
-        """Beside the image file if it has one, else in a temporary folder."""
+        """Beside the image file if it has one, else in a temporary folder; one store per
+        model and level (`<image>.<tag>.xt.zarr`), so another model's run keeps the first."""
         if choice is None:
             return ""
-        name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in choice.layer.name)
+
+        def safe(text: str) -> str:
+            return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)
+
+        name, tag = safe(choice.layer.name), safe(self.tag)
         path = choice.source_path()
         if path:
             p = Path(path)
             stem = p.name.split(".")[0] or name
-            return str(p.parent / f"{stem}.xt.zarr")
-        return str(Path(tempfile.gettempdir()) / "napari-xt" / f"{name}.xt.zarr")
-
-    def _on_store_edited(self, text: str) -> None:
-        self._store_edited = bool(text)
+            return str(p.parent / f"{stem}.{tag}.xt.zarr")
+        return str(Path(tempfile.gettempdir()) / "napari-xt" / f"{name}.{tag}.xt.zarr")
 
     def _browse_store(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Output store folder")
         if folder:
             self.store_edit.setText(str(Path(folder) / Path(self.store_edit.text()).name))
-            self._store_edited = True
 
     def _on_model_activated(self, index: int) -> None:
         if self.model_combo.itemText(index) != LOAD_CHECKPOINT:
@@ -292,6 +363,16 @@ class RunWidget(QWidget):
         self._add_checkpoint_item(str(path))
         self._select(self.model_combo, str(path))
 
+    def forget_checkpoint(self, path: str) -> None:
+        """Take a checkpoint the loader refused out of the model list (and the settings)."""
+        i = self.model_combo.findText(str(path))
+        if i < 0:
+            return
+        if self.model_combo.currentIndex() == i:
+            self._select(self.model_combo, DEMO_MODEL)
+        self.model_combo.removeItem(i)
+        self.save_settings()
+
     # ------------------------------------------------------------------ running
     def request(self) -> RunRequest:
         """The run the controls describe (main thread: reads layers)."""
@@ -304,17 +385,19 @@ class RunWidget(QWidget):
         level = max(0, self.level_combo.currentIndex())
         array, axes = choice.level_array(level)
         scale, translate = choice.level_transform(level)
+        store = self.store_edit.text().strip()
         return RunRequest(
             image=array, axes=axes, level=level, name=choice.layer.name, model=model,
             device=self.device_combo.currentText(), batch_size=self.batch_spin.value(),
             crop_stride=self.stride_spin.value() or None,
             blend=BLENDS[self.blend_combo.currentText()],
+            context=CONTEXTS[self.context_combo.currentText()],
             carry_state=self.carry_check.isChecked(), probabilities=self.probs_check.isChecked(),
             threshold=self.threshold_spin.value(),
-            order=ORDERS[self.order_combo.currentText()], store=self.store_edit.text().strip(),
+            order=ORDERS[self.order_combo.currentText()], store=store,
             cache=self.cache_check.isChecked(), resume=self.resume_check.isChecked(),
             scale=scale, translate=translate, channels=choice.channels,
-            pyramid=choice.pyramid() if level > 0 else None,
+            pyramid=choice.pyramid(), tag=self.tag,
         )
 
     def start(self) -> RunSession | None:
@@ -330,6 +413,17 @@ class RunWidget(QWidget):
         except ValueError as err:
             show_error(f"Run xT: {err}")
             return None
+        if not request.resume:
+            from dataclasses import replace
+
+            from napari_xt.engine.store import store_kind
+
+            kind = store_kind(request.store)
+            if kind in ("store", "legacy"):  # anything else the store refuses by itself
+                if not confirm_replace(self, request.store, kind):
+                    self.status.setText(f"not started: {request.store} kept as it is")
+                    return None
+                request = replace(request, replace=True)
         self.save_settings()
         self.session = RunSession(self.viewer, request, on_done=self._on_done,
                                   on_status=self.status.setText)
@@ -347,12 +441,18 @@ class RunWidget(QWidget):
         self.last_session = session
         self.session = None
         self._set_running(False)
+        model = session.request.model
+        if session.outcome == "failed" and session.model is None and is_checkpoint(model):
+            self.forget_checkpoint(model)  # the loader refused it: not offered again
+            self.status.setText(f"{self.status.text()} (removed from the model list)")
 
     def _set_running(self, running: bool) -> None:
         self.run_button.setEnabled(not running and self.current_image() is not None)
         self.cancel_button.setEnabled(running)
         for w in (self.image_combo, self.level_combo, self.model_combo, self.device_combo,
-                  self.batch_spin, self.stride_spin, self.carry_check, self.probs_check,
+                  self.batch_spin, self.stride_spin, self.blend_combo, self.context_combo,
+                  self.carry_check,
+                  self.probs_check,
                   self.threshold_spin, self.order_combo, self.cache_check, self.resume_check,
                   self.store_edit):
             w.setEnabled(not running)
