@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 CONSTRAINTS := constraints/dev.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: setup display test lint demo bench clean
+.PHONY: setup display test lint demo bench wheel-check clean
 
 TEST_DATA := $(VENV)/test-data
 SVS := $(TEST_DATA)/CMU-1-Small-Region.svs
@@ -35,7 +35,7 @@ display:
 	@bash scripts/ensure_display_deps.sh
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check napari_xt tests benchmarks scripts
+	$(VENV)/bin/ruff check napari_xt tests benchmarks scripts hatch_build.py
 
 test: setup lint
 	$(VENV)/bin/pytest -q
@@ -45,6 +45,12 @@ demo: setup
 
 bench: setup
 	$(VENV)/bin/napari-xt bench
+
+# The sdist and the wheel built, the wheel installed without extras into fresh venvs (newest
+# and lowest declared dependency versions, torch at the pin) and its CLI run there; then the
+# napari extra (plugin manifest, napari rendering under Xvfb).
+wheel-check: $(STAMP) display $(SVS)
+	$(PY) scripts/wheel_smoke.py all --svs $(SVS)
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .ruff_cache
