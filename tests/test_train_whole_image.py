@@ -82,7 +82,7 @@ def test_what_backward_keeps_does_not_grow_with_the_scene(tmp_path):
         trainer = Trainer(_config([size]), tmp_path / f"run{size}")
         total = [0]
 
-        def pack(t: torch.Tensor):
+        def pack(t: torch.Tensor, total=total):
             total[0] += t.numel() * t.element_size()
             return t
 
