@@ -167,3 +167,23 @@ def test_a_cancelled_image_run_resumes_to_the_same_results(demo_image, tmp_path)
     np.testing.assert_array_equal(
         np.asarray(read_probabilities(out, "prediction").levels[0]),
         np.asarray(read_probabilities(tmp_path / "whole.zarr", "prediction").levels[0]))
+
+
+def test_context_bench_ranks_the_crop_model_above_region_only(tmp_path, capsys):
+    """`napari-xt bench context` through the engine on held-out scenes: the shipped crop
+    model beats its region-only baseline on the sea/lake question; unknown rows are usage
+    errors."""
+    import json
+
+    from napari_xt.cli import main
+
+    out = tmp_path / "context.json"
+    assert main(["bench", "context", "--coast-sizes", "256", "--beacon-sizes", "", "--count",
+                 "2", "--rows", "region-only,crop", "--threads", "1", "--json", str(out)]) == 0
+    rows = {r["row"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"region-only", "crop model, crop"}
+    crop, alone = rows["crop model, crop"], rows["region-only"]
+    assert crop["miou_sea_lake"] > alone["miou_sea_lake"] + 0.1, (crop, alone)
+    assert crop["iou_land"] > 0.9 and crop["scenes"] == 2 and crop["mp_per_s"] > 0
+    assert "crop model, crop" in capsys.readouterr().out
+    assert main(["bench", "context", "--rows", "crop,nonsense"]) == 2

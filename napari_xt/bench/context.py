@@ -122,12 +122,7 @@ HEADER = (f"{'task':>6} {'size':>5} {'model / context':>26} {'s/l':>7} {'land':>
           f"{'F1':>6} {'far':>6} {'s/scene':>8} {'MP/s':>6}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    import torch
-
-    from napari_xt.train.demo import HELD_OUT_SEED
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coast-sizes", default="256,512,1024,2048,4096")
     p.add_argument("--beacon-sizes", default="2048,8192")
     p.add_argument("--count", type=int, default=4, help="held-out scenes per task and size")
@@ -136,13 +131,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default="region-only,crop,image-as-crop,image",
                    help="comma list of: region-only, crop, image-as-crop, image")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json")
-    args = p.parse_args(argv)
+    p.add_argument("--json", help="also write the results to this JSON file")
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    import torch
+
+    from napari_xt.train.demo import HELD_OUT_SEED
+
     torch.set_num_threads(args.threads)
     known = {"region-only": ("region-only", "demo-region-only", "crop"),
              "crop": ("crop model, crop", "demo", "crop"),
              "image-as-crop": ("image model, crop", args.model, "crop"),
              "image": ("image model, image", args.model, "image")}
+    unknown = [r for r in args.rows.split(",") if r.strip() and r.strip() not in known]
+    if unknown:
+        print(f"napari-xt bench context: unknown rows {unknown} (choose from "
+              f"{', '.join(known)})", file=sys.stderr)
+        return 2
     rows = [known[r.strip()] for r in args.rows.split(",") if r.strip()]
     sizes = {t: [int(s) for s in v.split(",") if s] for t, v in
              (("coast", args.coast_sizes), ("beacon", args.beacon_sizes))}
@@ -156,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"count": args.count, "threads": args.threads, "model": args.model,
                        "results": out}, f, indent=1)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run_benchmark(p.parse_args(argv))
 
 
 if __name__ == "__main__":
