@@ -1,11 +1,19 @@
 """``napari-xt demo``: a generated SAR-like scene, the built-in model, a run you can watch.
 
-With a screen: napari opens on the scene with the "Run xT" widget docked and already
-running (viewport-first, so the regions in view come first). With no screen (`$DISPLAY`
-unset on Linux) or `--headless`: the same engine runs without a window, then a screenshot
-PNG of the scene with its result overlays is rendered (a hidden napari viewer on a virtual
-X display when `Xvfb` is available, else composed with numpy) next to the output store;
-both paths are printed.
+The scene is the built-in task's (`napari_xt.train.synthetic`): water is sea when its body
+reaches the scene border, lake when land encloses it; on a scene several crops wide, a crop
+inland cannot see the border that decides. By default the demo runs the built-in model
+with whole-image context (`demo-image`, when installed) and then the crop-context demo
+model on the same scene, so the two can be compared against the scene's truth.
+
+With a screen: napari opens on the scene (its truth as a hidden layer) with the "Run xT"
+widget docked and running (viewport-first, so the regions in view come first), then the
+comparison run. With no screen (`$DISPLAY` unset on Linux) or `--headless`: the same
+engine runs without a window, then a screenshot PNG of the scene with its result overlays
+is rendered (a hidden napari viewer on a virtual X display when `Xvfb` is available, else
+composed with numpy) next to the output store, plus `compare.png` (crop context | whole-
+image context | truth) and each run's sea/lake IoU against the truth; the paths are
+printed.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_OUT = "napari-xt-demo"
+IMAGE_MODEL, CROP_MODEL = "demo-image", "demo"  # built-in models (napari_xt.model.demo_weights)
 
 
 def register(subparsers) -> None:
@@ -26,16 +35,18 @@ def register(subparsers) -> None:
         "demo", help="open napari on a generated scene with the built-in model running",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--size", type=int, default=512,
-                   help="scene height and width in pixels (default 512: one 512 px context "
-                        "crop of the built-in model; larger scenes stream overlapping crops)")
+    p.add_argument("--size", type=int, default=None,
+                   help="scene height and width in pixels (default 2048, four crops of the "
+                        "built-in model a side, where whole-image context matters; 512 "
+                        "without the whole-image model)")
     p.add_argument("--seed", type=int, default=0, help="which generated scene (default 0)")
     p.add_argument("--headless", action="store_true",
                    help="no window: run, then save a screenshot PNG and the store")
     p.add_argument("--out", default=DEFAULT_OUT,
                    help=f"folder for the store and the screenshot (default ./{DEFAULT_OUT})")
     p.add_argument("--model", default=None,
-                   help="zoo model name or checkpoint file (default: the built-in demo model)")
+                   help="built-in model (demo, demo-image, demo-region-only), zoo model name "
+                        "or checkpoint file (default: demo-image, then demo for comparison)")
     p.add_argument("--render", choices=("auto", "napari", "numpy"), default="auto",
                    help="headless screenshot: napari on a (virtual) display, or numpy "
                         "composition (auto: napari when a display or Xvfb is available)")
@@ -44,16 +55,42 @@ def register(subparsers) -> None:
 
 def scene(size: int, seed: int) -> tuple[np.ndarray, str]:
     """(image (C, H, W) float32 dB, description): the training task's synthetic scene."""
+    image, _, what = scene_with_truth(size, seed)
+    return image, what
+
+
+def scene_with_truth(size: int, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """(image (C, H, W) float32 dB, truth (H, W) labels land 0 / sea 1 / lake 2, what)."""
     from napari_xt.train.synthetic import SceneConfig, make_scene
 
-    image, _, _ = make_scene(seed, SceneConfig(height=size, width=size))
-    return np.asarray(image, np.float32), f"synthetic SAR-like scene {size} x {size}, seed {seed}"
+    image, truth, _ = make_scene(seed, SceneConfig(height=size, width=size))
+    return (np.asarray(image, np.float32), np.asarray(truth),
+            f"synthetic SAR-like scene {size} x {size}, seed {seed}")
 
 
-def _model_choice(name: str | None) -> str:
+def _image_model_installed() -> bool:
+    from napari_xt.model.demo_weights import BUILT_IN
+
+    return BUILT_IN[IMAGE_MODEL].is_file()
+
+
+def plan_models(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(the model to run, the model to compare it with or None): a named --model runs
+    alone; by default the whole-image model, then the crop model (the crop model alone
+    when the whole-image model is not installed)."""
     from napari_xt.model.choice import DEMO_MODEL
 
-    return name or DEMO_MODEL
+    if args.model:
+        return args.model, None
+    if _image_model_installed():
+        return IMAGE_MODEL, CROP_MODEL
+    return DEMO_MODEL, None
+
+
+def _size(args: argparse.Namespace) -> int:
+    if args.size is not None:
+        return args.size
+    return 2048 if plan_models(args)[1] else 512
 
 
 def _has_screen() -> bool:
@@ -63,6 +100,7 @@ def _has_screen() -> bool:
 
 
 def main(args: argparse.Namespace) -> int:
+    args.size = _size(args)
     if args.size < 64:
         print("napari-xt demo: --size must be at least 64", file=sys.stderr)
         return 2
@@ -76,9 +114,12 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _known_model(name: str) -> bool:
+    from napari_xt.model.choice import DEMO_ALIASES
+    from napari_xt.model.demo_weights import BUILT_IN
     from napari_xt.model.zoo import list_models
 
-    return name in list_models() or Path(name).is_file()
+    return (name in list_models() or name in BUILT_IN or name in DEMO_ALIASES
+            or Path(name).is_file())
 
 
 # ---------------------------------------------------------------------------- headless
@@ -89,34 +130,88 @@ def run_headless(args: argparse.Namespace) -> int:
     from napari_xt.widgets.run_job import run_outputs
 
     out = Path(args.out).resolve()
-    image, what = scene(args.size, args.seed)
+    image, truth, what = scene_with_truth(args.size, args.seed)
+    main_choice, other_choice = plan_models(args)
     # a model that cannot load is bad input (cli: one line, exit 2): nothing is written then
-    model, model_what, normalize = load_model(_model_choice(args.model), in_chans=image.shape[0])
+    models = [(load_model(main_choice, in_chans=image.shape[0]), out / "demo.xt.zarr")]
+    if other_choice:
+        models.append((load_model(other_choice, in_chans=image.shape[0]),
+                       out / "demo-crop.xt.zarr"))
     out.mkdir(parents=True, exist_ok=True)
-    store = out / "demo.xt.zarr"
-    print(f"scene: {what}\nmodel: {model_what}\nstore: {store}", flush=True)
-    t0, last = time.perf_counter(), 0.0
-    outcome = None
-    for event in run(image, model, str(store), axes="CYX", device="auto", order="zigzag",
-                     overwrite=True, cache="rebuild", normalize=normalize,
-                     outputs=run_outputs(model, probabilities=False)):
-        if isinstance(event, Planned):
-            print(f"{event.grid[0]} x {event.grid[1]} regions of {event.region_size} px, "
-                  f"{event.crops} crops", flush=True)
-        elif isinstance(event, Written) and time.perf_counter() - last > 2.0:
-            last = time.perf_counter()
-            print(f"  {event.done} / {event.total} regions", flush=True)
-        elif isinstance(event, (Finished, Failed, Cancelled)):
-            outcome = event
-    if not isinstance(outcome, Finished):
-        message = getattr(outcome, "message", "run did not finish")
-        print(f"napari-xt demo: {message}", file=sys.stderr)
-        return 1
-    print(f"run finished in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(f"scene: {what}", flush=True)
+    scores = []
+    for (model, model_what, normalize), store in models:
+        context = model.cfg.context_mode
+        print(f"model: {model_what} ({context} context)\nstore: {store}", flush=True)
+        t0, last = time.perf_counter(), 0.0
+        outcome = None
+        for event in run(image, model, str(store), axes="CYX", device="auto", order="zigzag",
+                         overwrite=True, cache="rebuild", normalize=normalize,
+                         outputs=run_outputs(model, probabilities=False)):
+            if isinstance(event, Planned):
+                print(f"{event.grid[0]} x {event.grid[1]} regions of {event.region_size} px, "
+                      f"{event.crops} crops", flush=True)
+            elif isinstance(event, Written) and time.perf_counter() - last > 2.0:
+                last = time.perf_counter()
+                print(f"  {event.done} / {event.total} regions", flush=True)
+            elif isinstance(event, (Finished, Failed, Cancelled)):
+                outcome = event
+        if not isinstance(outcome, Finished):
+            message = getattr(outcome, "message", "run did not finish")
+            print(f"napari-xt demo: {message}", file=sys.stderr)
+            return 1
+        labels = _labels(store)
+        score = sea_lake_iou(labels, truth) if labels is not None else None
+        scores.append((model_what, context, store, labels, score))
+        said = "" if score is None else f"; sea/lake IoU against the truth {100 * score:.1f} %"
+        print(f"run finished in {time.perf_counter() - t0:.1f} s{said}", flush=True)
     png = out / "demo.png"
+    store = models[0][1]
     how = render_png(png, image, store, args.render)
     print(f"screenshot: {png} ({how})\nstore: {store}")
+    if len(scores) == 2 and all(s[3] is not None for s in scores):
+        compare = out / "compare.png"
+        compare_png(compare, image, [(scores[1][3], "crop context"),
+                                     (scores[0][3], "whole-image context"), (truth, "truth")])
+        (_, _, _, _, image_score), (_, _, _, _, crop_score) = scores
+        print(f"whole-image context: sea/lake IoU {100 * image_score:.1f} %, crop context "
+              f"{100 * crop_score:.1f} % on this scene; compared in {compare} (crop | whole "
+              "image | truth)")
     return 0
+
+
+def _labels(store: Path) -> np.ndarray | None:
+    from napari_xt.io import list_results, read_labels
+
+    results = list_results(store)
+    if not results["labels"]:
+        return None
+    return np.asarray(read_labels(store, results["labels"][0]).levels[0])
+
+
+def sea_lake_iou(labels: np.ndarray, truth: np.ndarray) -> float:
+    """Mean IoU of the sea (1) and lake (2) classes; a class absent from both counts 1."""
+    ious = []
+    for k in (1, 2):
+        a, b = labels == k, truth == k
+        union = int((a | b).sum())
+        ious.append(1.0 if union == 0 else int((a & b).sum()) / union)
+    return float(np.mean(ious))
+
+
+def compare_png(png: Path, image: np.ndarray, panels: list[tuple[np.ndarray, str]]) -> None:
+    """Side by side: the scene with each labels map tinted (numpy composition), 8 px apart."""
+    from napari_xt.widgets.snapshot import compose_overlay, write_png
+
+    pictures = [compose_overlay(image[0], labels, max_side=768) for labels, _ in panels]
+    h = max(p.shape[0] for p in pictures)
+    gap = np.full((h, 8, 3), 255, np.uint8)
+    row = []
+    for i, pic in enumerate(pictures):
+        if i:
+            row.append(gap)
+        row.append(np.pad(pic, ((0, h - pic.shape[0]), (0, 0), (0, 0)), constant_values=255))
+    write_png(png, np.concatenate(row, axis=1))
 
 
 def render_png(png: Path, image: np.ndarray, store: Path, render: str = "auto") -> str:
@@ -214,27 +309,66 @@ def run_gui(args: argparse.Namespace) -> int:
 
 
 def open_demo(args: argparse.Namespace):
-    """A napari window on the scene with "Run xT" docked and its run started."""
+    """A napari window on the scene (its truth hidden beside it) with "Run xT" docked and
+    its run started; by default the crop-context model runs next on the same scene. Each
+    model and size has its own store under --out, resumed when it is there (a second demo
+    shows the kept results at once)."""
     import napari
 
+    from napari_xt.widgets.models import run_tag
     from napari_xt.widgets.run_widget import RunWidget
 
-    image, what = scene(args.size, args.seed)
+    if getattr(args, "size", None) is None:
+        args.size = _size(args)
+    image, truth, what = scene_with_truth(args.size, args.seed)
     viewer = napari.Viewer(title=f"napari-xt demo: {what}")
     add_scene(viewer, image)
+    add_truth(viewer, truth)
     widget = RunWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Run xT", area="right")
     widget.select_image("scene VV + scene VH (2 channels)")
-    if args.model:
-        if Path(args.model).is_file():
-            widget.set_checkpoint(args.model)
+    first, then = plan_models(args)
+    out = Path(args.out).resolve()
+
+    def start(choice: str) -> None:
+        if Path(choice).is_file():
+            widget.set_checkpoint(choice)
         else:
-            widget.model_combo.setCurrentText(args.model)
-    else:
-        widget.model_combo.setCurrentText(_model_choice(None))
-    widget.order_combo.setCurrentText("viewport-first")
-    widget.store_edit.setText(str(Path(args.out).resolve() / "demo.xt.zarr"))
-    widget.resume_check.setChecked(False)
-    widget.start()
+            widget._select(widget.model_combo, _widget_name(choice))
+        widget._select(widget.context_combo, "as the model was trained")
+        widget.order_combo.setCurrentText("viewport-first")
+        tag = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run_tag(
+            widget.model_combo.currentText()))
+        widget.store_edit.setText(str(out / f"demo-{args.size}px.{tag}.xt.zarr"))
+        widget.resume_check.setChecked(True)
+        widget.start()
+
+    if then:  # the comparison once the first run has finished (not after a failure or a
+        # cancel: the user is looking at why)
+        widget.when_done(lambda session: start(then) if session.outcome == "finished"
+                         else None)
+    start(first)
     print(f"scene: {what}", flush=True)
     return viewer, widget
+
+
+def _widget_name(choice: str) -> str:
+    """The Run xT model list's name of a built-in model ("demo" is listed by its title)."""
+    from napari_xt.model.choice import DEMO_ALIASES, DEMO_MODEL
+
+    return DEMO_MODEL if choice in DEMO_ALIASES else choice
+
+
+def add_truth(viewer, truth: np.ndarray):
+    """The scene's truth as a hidden labels layer (land / sea / lake, the demo colours)."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    from napari_xt.model.demo_weights import CLASS_NAMES
+    from napari_xt.train.scene_image import CLASS_COLORS
+
+    colors = {None: (0, 0, 0, 0), **{k: tuple(c / 255.0 for c in v)
+                                     for k, v in CLASS_COLORS.items()}}
+    return viewer.add_labels(
+        truth, name="scene truth", visible=False, opacity=0.5,
+        colormap=DirectLabelColormap(color_dict=colors),
+        features={"index": list(range(len(CLASS_NAMES))), "class": list(CLASS_NAMES)})

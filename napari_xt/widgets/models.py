@@ -12,7 +12,8 @@ from pathlib import Path
 from napari_xt.model.choice import DEMO_MODEL, is_checkpoint
 
 __all__ = ["CHECKPOINT_FILTER", "DEMO_MODEL", "LOAD_CHECKPOINT", "is_checkpoint",
-           "keep_triton_out", "load_model", "run_tag", "training_note", "zoo_names"]
+           "built_in_names", "keep_triton_out", "load_model", "run_tag", "training_note",
+           "zoo_names"]
 
 LOAD_CHECKPOINT = "Load checkpoint…"
 CHECKPOINT_FILTER = "xT checkpoints (*.safetensors *.ckpt *.pth *.pt);;All files (*)"
@@ -36,6 +37,14 @@ def keep_triton_out() -> bool:
         return False
     sys.modules["triton"] = None  # `import triton` raises ImportError from now on
     return True
+
+
+def built_in_names() -> list[str]:
+    """The shipped models other than the demo model itself ("demo-image": whole-image
+    context; "demo-region-only": no context), those whose weights this installation has."""
+    from napari_xt.model.demo_weights import BUILT_IN
+
+    return [name for name, path in BUILT_IN.items() if name != "demo" and path.is_file()]
 
 
 def zoo_names() -> list[str]:
@@ -82,10 +91,12 @@ def _trained_here(path: str, mtime: float) -> bool:
 def trained_on_full_resolution(choice: str) -> bool:
     """True for models napari-xt trained (the built-in demo model, checkpoints that carry
     a training config): they learned from the full-resolution pixels of their images."""
-    if choice == DEMO_MODEL:
-        from napari_xt.model.demo_weights import DEMO_WEIGHTS
+    from napari_xt.model.demo_weights import BUILT_IN, DEMO_WEIGHTS
 
+    if choice == DEMO_MODEL:
         path = DEMO_WEIGHTS
+    elif choice in BUILT_IN:
+        path = BUILT_IN[choice]
     elif is_checkpoint(choice) or Path(choice).is_file():
         path = Path(choice)
     else:
@@ -102,7 +113,10 @@ def training_note(choice: str, level: int, factor: tuple[float, float]) -> str |
     f = max(float(v) for v in factor)
     if level <= 0 or f <= 1.0 or not trained_on_full_resolution(choice):
         return None
-    name = "the built-in demo model" if choice == DEMO_MODEL else Path(choice).name
+    from napari_xt.model.demo_weights import BUILT_IN
+
+    name = ("the built-in demo model" if choice == DEMO_MODEL else
+            f"the built-in model {choice}" if choice in BUILT_IN else Path(choice).name)
     return (f"level {level} is {f:g}x coarser than full resolution, and {name} was trained "
             "on full-resolution pixels: objects look smaller than it learned, expect poorer "
             "results (level 0 matches its training)")

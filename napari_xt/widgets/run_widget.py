@@ -42,6 +42,7 @@ from .models import (
     CHECKPOINT_FILTER,
     DEMO_MODEL,
     LOAD_CHECKPOINT,
+    built_in_names,
     is_checkpoint,
     run_tag,
     training_note,
@@ -110,6 +111,8 @@ class RunWidget(QWidget):
         self.session: RunSession | None = None
         self._choices: list[ImageChoice] = []
         self._default_store = ""  # the output the controls last proposed
+        self.last_session: RunSession | None = None
+        self._when_done: list = []  # callbacks for the end of the current run (`when_done`)
         preload()
         self._build()
         self._restore()
@@ -130,9 +133,12 @@ class RunWidget(QWidget):
                                        "the model was trained on.")
         self.level_note.setVisible(False)
         self.model_combo = QComboBox()
-        self.model_combo.setToolTip("Model: the built-in demo model, a zoo model (random "
-                                    "weights) or a checkpoint file (Load checkpoint…).")
+        self.model_combo.setToolTip("Model: the built-in demo model (crop context), its "
+                                    "whole-image context version (demo-image) or its "
+                                    "region-only baseline, a zoo model (random weights) or a "
+                                    "checkpoint file (Load checkpoint…).")
         self.model_combo.addItem(DEMO_MODEL)
+        self.model_combo.addItems(built_in_names())
         self.model_combo.addItems(zoo_names())
         self.model_combo.addItem(LOAD_CHECKPOINT)
         self.device_combo = QComboBox()
@@ -159,9 +165,12 @@ class RunWidget(QWidget):
         self.context_combo.addItems(list(CONTEXTS))
         self.context_combo.setToolTip("What each region sees: 'crop' the crops that cover it; "
                                       "'whole image' also a summary of every region of the "
-                                      "image, made first and read by every crop (only models "
-                                      "trained for it, such as 'demo-image'). Default: the "
-                                      "mode the model was trained for.")
+                                      "image, made by a first pass over all regions and read "
+                                      "by every crop (only models trained for it). Cost: with "
+                                      "the embedding cache about the time of crop context "
+                                      "(the first pass encodes what the crops then reuse); "
+                                      "without it the regions are encoded twice. Default: "
+                                      "the mode the model was trained for.")
         self.carry_check = QCheckBox("carry context between crops")
         self.carry_check.setToolTip("Pass the context encoder's state (e.g. Transformer-XL "
                                     "memory) from one crop to the next in visiting order.")
@@ -437,6 +446,11 @@ class RunWidget(QWidget):
             self.status.setText("cancelling at the next region…")
             self.session.cancel()
 
+    def when_done(self, callback) -> None:
+        """Call `callback(session)` once, when the current run ends (any outcome), after the
+        widget is ready for another run (a callback may start one)."""
+        self._when_done.append(callback)
+
     def _on_done(self, session: RunSession) -> None:
         self.last_session = session
         self.session = None
@@ -445,6 +459,9 @@ class RunWidget(QWidget):
         if session.outcome == "failed" and session.model is None and is_checkpoint(model):
             self.forget_checkpoint(model)  # the loader refused it: not offered again
             self.status.setText(f"{self.status.text()} (removed from the model list)")
+        callbacks, self._when_done = self._when_done, []
+        for callback in callbacks:
+            callback(session)
 
     def _set_running(self, running: bool) -> None:
         self.run_button.setEnabled(not running and self.current_image() is not None)
