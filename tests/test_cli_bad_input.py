@@ -177,6 +177,11 @@ def test_hints_name_the_command_line_options_that_apply(tmp_path, capsys):
     refused(capsys, [*run, "--axes", "ZCYX"], "Z=4", "--plane z=0")
     refused(capsys, [*run, "--axes", "ZCYX", "--plane", "z=9"], "z=9 is out of range")
     refused(capsys, [*run, "--axes", "ZCYX", "--plane", "z"], "AXIS=INDEX")
+    refused(capsys, [*run, "--axes", "ZCYX", "--plane", "z=\u00b2"], "AXIS=INDEX")
+    refused(capsys, [*run, "--axes", "ZCYX", "--plane", "z=0", "--series", "1"],
+            "not a TIFF file")
+    refused(capsys, [*run, "--axes", "ZCYX", "--plane", "z=0", "--threads", "0"],
+            "--threads must be at least 1")
     refused(capsys, [*run, "--axes", "ZCYX", "--plane", "z=1", "--level", "3"],
             "level 3 does not exist")
     assert not out.exists()
@@ -310,6 +315,38 @@ def test_disk_that_cannot_hold_the_cache_names_no_cache(scene, tmp_path, capsys,
     assert not out.exists(), line
     assert main(["predict", str(scene), "--model", "demo", "--out", str(out), "--no-cache",
                  "--quiet"]) == 0
+
+
+def test_a_cache_on_another_disk_is_checked_against_that_disk(scene, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from napari_xt.engine import Finished, budget, run
+    from napari_xt.engine.run import EngineInputError
+    from napari_xt.model.choice import load_model
+
+    model, _, normalize = load_model("demo")
+    image = np.load(scene)
+    (tmp_path / "disk1").mkdir()
+    (tmp_path / "disk2").mkdir()
+    second = str(tmp_path / "disk2")
+
+    def on_second(path) -> bool:
+        return str(Path(path).absolute()).startswith(second)
+
+    monkeypatch.setattr(budget, "_device", lambda path: 2 if on_second(path) else 1)
+    # results (86 KB) fit the store's disk; the cache (112 KB) does not fit its own
+    monkeypatch.setattr(budget, "free_disk", lambda path: (
+        (50 * 1024 if on_second(path) else 100 * 1024), Path(path)))
+    store, cache = tmp_path / "disk1" / "out.zarr", tmp_path / "disk2" / "cache"
+    with pytest.raises(EngineInputError,
+                       match="embedding cache .* of disk at .*disk2.*cache=False"):
+        run(image, model, store, cache=cache, normalize=normalize, axes="CYX")
+    assert not store.exists() and not cache.exists()
+    # the cache's own disk holds it: the store's disk needs to hold the results only
+    monkeypatch.setattr(budget, "free_disk", lambda path: (
+        (10 * 2**30 if on_second(path) else 100 * 1024), Path(path)))
+    events = list(run(image, model, store, cache=cache, normalize=normalize, axes="CYX"))
+    assert isinstance(events[-1], Finished)
 
 
 def test_memory_that_cannot_hold_the_plan_names_a_coarser_level(tmp_path, capsys,

@@ -258,18 +258,32 @@ def plan_budget(source: Any, model: Any, outputs, layout: Any, store: Any, cache
     disk, disk_at = (None, None)
     if where is not None or cache_path is not None:
         disk, disk_at = free_disk(where if where is not None else cache_path)
+    # a cache on another file system than the store is checked against its own free space
+    split = (where is not None and cache_path is not None
+             and _device(where) is not None and _device(cache_path) != _device(where))
     had = 0  # what a resumed store (and a cache of its own place) already holds
     if where is not None and (where / "zarr.json").is_file():
         had += _bytes_under(where)
+    had_cache = 0
     if cache_path is not None and where is not None and not _inside(cache_path, where) \
             and (cache_path / "cache.json").is_file():
-        had += _bytes_under(cache_path)
+        had_cache = _bytes_under(cache_path)
+    if split:
+        cache_disk, cache_at = free_disk(cache_path)
+        if cache_disk is not None and need.cache - had_cache > cache_disk:
+            raise PlanError(
+                f"the embedding cache of {need.regions:,} regions needs about "
+                f"{size_text(need.cache - had_cache)} more of disk at {cache_at} "
+                f"({size_text(cache_disk)} free); run with {hint(spelling, 'no_cache')}, "
+                "or put the cache on a larger disk")
+    else:
+        had += had_cache
 
     def memory_need(n: Need) -> int:
         return n.plan_memory + (0 if on_disk else n.results)
 
     def disk_need(n: Need) -> int:
-        return (n.results if on_disk else 0) + n.cache
+        return (n.results if on_disk else 0) + (0 if split else n.cache)
 
     def fits(n: Need) -> bool:
         mem_ok = memory is None or memory_need(n) <= PLAN_SHARE * memory
@@ -314,6 +328,17 @@ def plan_budget(source: Any, model: Any, outputs, layout: Any, store: Any, cache
                                            memory_need(need), disk, disk_at, disk_need(need),
                                            on_disk, capped, per_region), "info"))
     return Budget(need, capped, per_region, memory, disk, tuple(notices))
+
+
+def _device(path: Path) -> int | None:
+    """The file system (st_dev) that `path` is on or will be on; None when unknown."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return os.stat(p).st_dev
+    except OSError:
+        return None
 
 
 def _inside(path: Path, root: Path) -> bool:

@@ -24,7 +24,7 @@ import numpy as np
 
 from napari_xt.io.source import ImageSource
 
-from .budget import plan_budget
+from .budget import PlanError, plan_budget
 from .cache import EmbeddingCache
 from .device import background_threads, pick_device
 from .execution import Execution
@@ -170,11 +170,17 @@ def run(
     layout = None if kind == "classification" else map_layout(cfg.head)
     if "detections" in outputs and (layout is None or layout.heat is None):
         raise EngineInputError("detections need a model with a 'heatmap' or 'centre' map")
-    try:
+    k = max(1, int(cfg.crop_regions or 1))
+    if crop_stride is not None and not 1 <= int(crop_stride) <= k:  # (before the budget)
+        raise EngineInputError(f"crop stride must be in [1, {k}] regions, got {crop_stride}")
+    try:  # refuses what cannot fit, before a plan of that size is made; caps the batch
         budget = plan_budget(source, model, outputs, layout, store, cache, batch_size, device,
-                             crop_stride, spelling)  # refuses what cannot fit; caps the batch
+                             crop_stride, spelling)
+    except PlanError as err:  # (its probe of the model failing is not bad input)
+        raise EngineInputError(str(err)) from err
+    try:
         plan = RegionPlan(source.height, source.width, cfg.region.region_size,
-                          cfg.crop_regions, crop_stride, strip_width)
+                          cfg.crop_regions, crop_stride, strip_width)  # its option checks
     except ValueError as err:
         raise EngineInputError(str(err)) from err
     batch_size = budget.batch_size
