@@ -100,6 +100,18 @@ def test_cli_many_images(images, tmp_path, capsys):
     assert main(["predict", paths[0], str(tmp_path / "missing.npy"), "--model", "demo",
                  "--out-dir", str(out)]) == 2
     assert "no such image" in capsys.readouterr().err
+    # values the model was not trained on are refused as for one image; the others run
+    counts = tmp_path / "counts.npy"
+    np.save(counts, np.random.default_rng(0).integers(0, 255, (2, 96, 96)).astype(np.uint8))
+    assert main(["predict", paths[0], str(counts), "--model", "demo", "--out-dir",
+                 str(out)]) == 2
+    captured = capsys.readouterr()
+    assert "uint8" in captured.err and "--accept-range" in captured.err
+    assert "left out; the others run" in captured.err
+    assert "1 of 1 images finished" in captured.out and not (out / "counts.xt.zarr").exists()
+    assert main(["predict", paths[0], str(counts), "--model", "demo", "--out-dir", str(out),
+                 "--accept-range"]) == 0
+    assert (out / "counts.xt.zarr").is_dir()
 
 
 def test_cancel_reaches_the_workers(images, tmp_path, cluster):

@@ -34,7 +34,9 @@ def parse_plane(text: str | None) -> dict[str, int] | None:
     for part in text.split(","):
         axis, sep, index = part.strip().partition("=")
         axis = axis.strip().lower()
-        if not sep or len(axis) != 1 or not axis.isalpha() or not index.strip().isdigit():
+        index = index.strip()
+        if not sep or len(axis) != 1 or not axis.isascii() or not axis.isalpha() \
+                or not (index.isascii() and index.isdigit()):
             raise ImageIOError(f"--plane {text!r}: expected AXIS=INDEX pairs separated by "
                                "commas, such as z=0,t=3")
         if axis in out:
@@ -49,6 +51,11 @@ def image_request(path: str, args: argparse.Namespace):
 
     if args.series is not None and args.series < 0:
         raise ImageIOError(f"--series {args.series}: series are numbered from 0")
+    from napari_xt.io.tiff_reader import is_tiff_path
+
+    if args.series is not None and not is_tiff_path(Path(path)):
+        raise ImageIOError(f"--series {args.series}: {path} is not a TIFF file; only TIFF "
+                           "files (.tif, .tiff, .svs, ...) hold several image series")
     plane = parse_plane(args.plane)
     return ImagePath(str(path), series=args.series,
                      plane=tuple(plane.items()) if plane else None,

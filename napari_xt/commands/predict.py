@@ -117,6 +117,11 @@ class Progress:
 def run_command(args: argparse.Namespace) -> int:
     from napari_xt.cli import EXIT_USAGE
 
+    for option, value in (("--threads", args.threads), ("--workers", args.workers)):
+        if value is not None and value < 1:
+            print(f"napari-xt predict: {option} must be at least 1, not {value}",
+                  file=sys.stderr)
+            return EXIT_USAGE
     if args.out_dir or len(args.image) > 1 or args.workers > 1 or args.scheduler:
         given = [f"--{k.replace('_', '-')}" for k in ("axes", "plane", "series", "weights")
                  if getattr(args, k) is not None]
@@ -153,6 +158,32 @@ def engine_options(args: argparse.Namespace) -> dict:
                 context=args.context)
 
 
+def _refused_values(args: argparse.Namespace, model, normalize) -> set[str]:
+    """The images whose pixel values do not look like the model's training data (unless
+    --accept-range), each said in one line; they are left out, the others run."""
+    from napari_xt.cli import bad_input_line, is_bad_input
+    from napari_xt.io.source import ImageSource
+    from napari_xt.io.value_range import check_value_range
+
+    refused = set()
+    for image in args.image:
+        try:
+            source = ImageSource(image, level=args.level)
+        except Exception:  # an image that cannot be read fails in its own run, said there
+            continue
+        if source.channels != model.cfg.in_chans:  # (its run names the mismatch)
+            continue
+        try:
+            check_value_range(source, normalize, accept=args.accept_range, where=image)
+        except Exception as err:
+            if not is_bad_input(err):
+                raise
+            refused.add(image)
+            print(bad_input_line("predict", err) + " (left out; the others run)",
+                  file=sys.stderr)
+    return refused
+
+
 def run_many(args: argparse.Namespace) -> int:
     from napari_xt.cli import EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, EXIT_USAGE
     from napari_xt.distributed import predict_many
@@ -168,9 +199,13 @@ def run_many(args: argparse.Namespace) -> int:
     try:  # a model that cannot load is bad input for every image: say it once
         from napari_xt.distributed import _model
 
-        _model(args.model)  # also kept for the images run in this process
+        model, normalize = _model(args.model)[:2]  # also kept for the images run here
     except (ValueError, KeyError, FileNotFoundError, OSError, RuntimeError) as err:
         print(f"napari-xt predict: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    refused = _refused_values(args, model, normalize)  # what one image would refuse
+    args.image = [i for i in args.image if i not in refused]
+    if not args.image:
         return EXIT_USAGE
     cancel = threading.Event()
     counts: dict[str, int] = {}
@@ -208,7 +243,9 @@ def run_many(args: argparse.Namespace) -> int:
               f", {v} {k}" for k, v in counts.items() if k != "finished"), flush=True)
     if counts.get("failed"):
         return EXIT_FAILED
-    return EXIT_CANCELLED if counts.get("cancelled") or counts.get("skipped") else EXIT_OK
+    if counts.get("cancelled") or counts.get("skipped"):
+        return EXIT_CANCELLED
+    return EXIT_USAGE if refused else EXIT_OK  # (the images left out were bad input)
 
 
 def run_one(args: argparse.Namespace) -> int:
@@ -228,18 +265,24 @@ def run_one(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     image = image_request(args.image, args)
+    # only what names bad input is caught here (the package's own bad-input errors end in
+    # cli.main); anything else is a failure of the work, with its traceback
     try:
-        source = ImageSource(image, level=args.level)  # (a level that is not there, ...)
-        model, _, normalize = load_cli_model(args.model, args.weights, source.channels)
-        options = engine_options(args)
-        values = None
-        if source.channels == model.cfg.in_chans:  # (else the engine names the mismatch)
-            values = check_value_range(source, normalize, accept=args.accept_range,
-                                       where=args.image)
-        events = run(image, model, args.out, normalize=normalize, cancel=cancel, **options)
-    except (ValueError, KeyError, FileNotFoundError) as err:
+        source = ImageSource(image, level=args.level)  # its checks of the image as asked
+    except ValueError as err:  # (a level that is not there, an unreadable layout, ...)
         print(bad_input_line("predict", err), file=sys.stderr)
         return EXIT_USAGE
+    try:
+        model, _, normalize = load_cli_model(args.model, args.weights, source.channels)
+    except (KeyError, FileNotFoundError) as err:  # an unknown name, a missing file
+        print(bad_input_line("predict", err), file=sys.stderr)
+        return EXIT_USAGE
+    options = engine_options(args)
+    values = None
+    if source.channels == model.cfg.in_chans:  # (else the engine names the mismatch)
+        values = check_value_range(source, normalize, accept=args.accept_range,
+                                   where=args.image)
+    events = run(image, model, args.out, normalize=normalize, cancel=cancel, **options)
     if values and not args.quiet:  # what is assumed about the values, once the run is on
         print(values, file=sys.stderr, flush=True)
 
