@@ -13,25 +13,27 @@ from pathlib import Path
 
 from hatchling.metadata.plugin.interface import MetadataHookInterface
 
-_IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
-_LINK = re.compile(r"(?<!!)\[([^\]]+)\]\(([^)\s]+)\)")
+_TARGET = r"\(\s*(<[^>]*>|[^)\s]+)(?:\s+\"[^\"]*\")?\s*\)"  # (target "optional title")
+_IMAGE = re.compile(r"!\[([^\]]*)\]" + _TARGET)
+_LINK = re.compile(r"(?<!!)\[([^\]]+)\]" + _TARGET)
+_CODE = re.compile(r"(`+)(?:.*?)\1")  # an inline code span, left as it is
+_FENCE = re.compile(r"^\s*(```|~~~)")
 
 
 def _relative(target: str) -> bool:
-    return not re.match(r"^[a-z][a-z0-9+.-]*:|^#", target, re.IGNORECASE)
+    """A path inside the repository (not a URL, not //host, not an #anchor)."""
+    return not re.match(r"^([a-z][a-z0-9+.-]*:|//|#)", target, re.IGNORECASE)
 
 
-def package_description(text: str) -> str:
-    """README text with no link a package index cannot follow."""
-
+def _rewrite(text: str) -> str:
     def image(m: re.Match) -> str:
-        alt, target = m.groups()
+        alt, target = m.group(1), m.group(2).strip("<>")
         if not _relative(target):
             return m.group(0)
         return f"*(picture: {alt}; `{target}` in the source distribution)*"
 
     def link(m: re.Match) -> str:
-        label, target = m.groups()
+        label, target = m.group(1), m.group(2).strip("<>")
         if not _relative(target):
             return m.group(0)
         label = label.strip("`")
@@ -40,6 +42,28 @@ def package_description(text: str) -> str:
         return f"{label} (`{target}` in the source distribution)"
 
     return _LINK.sub(link, _IMAGE.sub(image, text))
+
+
+def package_description(text: str) -> str:
+    """README text with no link a package index cannot follow; code blocks and inline code
+    are left as they are."""
+    out, fenced = [], False
+    for line in text.splitlines(keepends=True):
+        if _FENCE.match(line):
+            fenced = not fenced
+            out.append(line)
+            continue
+        if fenced:
+            out.append(line)
+            continue
+        pieces, last = [], 0
+        for m in _CODE.finditer(line):
+            pieces.append(_rewrite(line[last:m.start()]))
+            pieces.append(m.group(0))
+            last = m.end()
+        pieces.append(_rewrite(line[last:]))
+        out.append("".join(pieces))
+    return "".join(out)
 
 
 class DescriptionHook(MetadataHookInterface):

@@ -170,6 +170,24 @@ def test_package_description_has_no_link_an_index_cannot_follow(dists):
         assert "Install for use" in description  # README.md's text, not a stand-in
 
 
+def test_package_description_rewrites_links_not_code():
+    sys.path.insert(0, str(ROOT))
+    try:
+        from hatch_build import package_description
+    finally:
+        sys.path.remove(str(ROOT))
+    same = ["Use `[a](b.md)` in code", "```\nx = f[0](docs/z)\n```\n",
+            "[x](//cdn.example.com/a.png)", "[site](https://napari.org) and [top](#install)"]
+    for text in same:
+        assert package_description(text) == text
+    assert package_description('[a](docs/a.md "Title")') == \
+        "a (`docs/a.md` in the source distribution)"
+    assert package_description("[x](<docs/a b.md>)") == \
+        "x (`docs/a b.md` in the source distribution)"
+    assert package_description("![pic](docs/p.png)") == \
+        "*(picture: pic; `docs/p.png` in the source distribution)*"
+
+
 def test_classifiers_are_known_and_match_requires_python():
     from trove_classifiers import classifiers as known
 
