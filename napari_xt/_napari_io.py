@@ -80,6 +80,20 @@ def _has_results(path: Any) -> bool:
     return any(found[k] for k in ("labels", "tables", "probabilities"))
 
 
+def _declares_image(path: Any) -> bool:
+    """The root group declares multiscale images (OME-Zarr 0.5 `ome.multiscales`, or 0.4
+    `multiscales`)."""
+    from .io.result_store import group_attrs, zarr_format
+
+    fmt = zarr_format(Path(path))
+    try:
+        attrs = group_attrs(Path(path), fmt) if fmt else {}
+    except (OSError, ValueError):
+        return False
+    ome = attrs.get("ome")
+    return bool(attrs.get("multiscales") or (isinstance(ome, dict) and ome.get("multiscales")))
+
+
 def store_attrs(path: Any) -> dict[str, Any]:
     """The "napari-xt" attributes of a store's root group ({} when none)."""
     from .io.result_store import group_attrs, zarr_format
@@ -100,11 +114,10 @@ def store_layers(path: Any, name: str) -> list[LayerData]:
     coordinates: those of the input image's level 0 (`store_shift`)."""
     attrs = store_attrs(path)
     layers: list[LayerData] = []
-    image = None
-    try:
-        image = open_image(path)
-    except ImageIOError:
-        pass  # results without an image (e.g. saved from napari's Labels/Points writers)
+    # results without an image of their own (e.g. saved from napari's Labels/Points
+    # writers) show their results alone; an image the root declares and that cannot be
+    # read is an error (ImageIOError) the reader reports, not a missing layer
+    image = open_image(path) if _declares_image(path) else None
     if image is not None:
         suffix = " (input preview)" if "run_signature" in attrs else ""
         layers.extend(image_layers(image, f"{name}{suffix}"))

@@ -117,3 +117,23 @@ def test_sample_data_opens_lazily(make_napari_viewer):
                                          "synthetic SAR truth", "synthetic SAR truth vessels"]
     side = (SAMPLE_SAR_SIZE, SAMPLE_SAR_SIZE)
     assert sar[0].data[0].shape == side and sar[0].contrast_limits == [-25.0, 5.0]
+
+
+def test_a_store_whose_image_is_damaged_is_an_error_not_a_missing_layer(tmp_path):
+    import shutil
+
+    from napari_xt._napari_io import store_layers
+    from napari_xt.engine import run
+    from napari_xt.io import ImageIOError
+    from napari_xt.model.choice import load_model
+
+    model, _, normalize = load_model("demo")
+    image = np.random.default_rng(0).normal(-16, 6, (2, 128, 128)).astype(np.float32)
+    store = tmp_path / "out.zarr"
+    for _ in run(image, model, store, normalize=normalize, axes="CYX"):
+        pass
+    names = [kwargs["name"] for _, kwargs, _ in store_layers(store, "out")]
+    assert "out (input preview)" in str(names[0]) and len(names) > 2
+    shutil.rmtree(store / "0")  # the preview's level 0, declared by the root
+    with pytest.raises(ImageIOError):
+        store_layers(store, "out")
