@@ -90,6 +90,19 @@ _complete = complete
 
 
 # ---------------------------------------------------------------------------- kills
+def _damage(path, how: str, at: int, span: int, mask: int, part: int) -> None:
+    """Damage a file: "garble" flips `span` bytes from `at` (XOR `mask`), "truncate" keeps
+    the first 1 / `part` of it, anything else removes it."""
+    data = path.read_bytes()
+    if how == "garble":
+        path.write_bytes(data[:at] + bytes(b ^ mask for b in data[at:at + span])
+                         + data[at + span:])
+    elif how == "truncate":
+        path.write_bytes(data[: len(data) // part])
+    else:
+        path.unlink()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["commit:3", "finish:pyramid", "finish:preview",
                                    "finish:table", "finish:metadata", "finish:root",
@@ -137,14 +150,8 @@ def test_damaged_label_shard_is_found_and_recomputed(scene, demo, reference, tmp
 
     out = tmp_path / "o.zarr"
     shutil.copytree(reference, out)
-    shard = _shards(out, "labels/prediction/0")[4]
-    data = shard.read_bytes()
-    if damage == "garble":
-        shard.write_bytes(data[:100] + bytes(b ^ 0x5A for b in data[100:140]) + data[140:])
-    elif damage == "truncate":
-        shard.write_bytes(data[: len(data) // 2])
-    else:
-        shard.unlink()
+    _damage(_shards(out, "labels/prediction/0")[4], damage, at=100, span=40, mask=0x5A,
+            part=2)
     events = _run(scene, demo, out)
     assert isinstance(events[-1], Finished), events[-1]
     notes = [e.message for e in events if isinstance(e, Notice)]
@@ -179,14 +186,8 @@ def test_damaged_embedding_cache_is_encoded_again(scene, demo, reference, tmp_pa
 
     out = tmp_path / "o.zarr"
     shutil.copytree(reference, out)
-    pack = out / ".napari-xt/embeddings/pack-000000.bin"
-    data = pack.read_bytes()
-    if damage == "garble":
-        pack.write_bytes(data[:5000] + bytes(b ^ 0xFF for b in data[5000:5100]) + data[5100:])
-    elif damage == "truncate":
-        pack.write_bytes(data[: len(data) // 3])
-    else:
-        pack.unlink()
+    _damage(out / ".napari-xt/embeddings/pack-000000.bin", damage, at=5000, span=100,
+            mask=0xFF, part=3)
     events = _run(scene, demo, out, resume=False)  # start again: features from the cache
     notes = [e.message for e in events if isinstance(e, Notice) and e.kind == "cache"]
     assert any("did not read back intact" in n for n in notes), notes
