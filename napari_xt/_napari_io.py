@@ -80,29 +80,28 @@ def _has_results(path: Any) -> bool:
     return any(found[k] for k in ("labels", "tables", "probabilities"))
 
 
-def _declares_image(path: Any) -> bool:
-    """The root group declares multiscale images (OME-Zarr 0.5 `ome.multiscales`, or 0.4
-    `multiscales`)."""
+def _root_attrs(path: Any) -> dict[str, Any]:
+    """The attributes of a store's root group ({} when it has none or cannot be read)."""
     from .io.result_store import group_attrs, zarr_format
 
     fmt = zarr_format(Path(path))
     try:
-        attrs = group_attrs(Path(path), fmt) if fmt else {}
+        return group_attrs(Path(path), fmt) if fmt else {}
     except (OSError, ValueError):
-        return False
+        return {}
+
+
+def _declares_image(path: Any) -> bool:
+    """The root group declares multiscale images (OME-Zarr 0.5 `ome.multiscales`, or 0.4
+    `multiscales`)."""
+    attrs = _root_attrs(path)
     ome = attrs.get("ome")
     return bool(attrs.get("multiscales") or (isinstance(ome, dict) and ome.get("multiscales")))
 
 
 def store_attrs(path: Any) -> dict[str, Any]:
     """The "napari-xt" attributes of a store's root group ({} when none)."""
-    from .io.result_store import group_attrs, zarr_format
-
-    fmt = zarr_format(Path(path))
-    try:
-        value = group_attrs(Path(path), fmt).get("napari-xt", {}) if fmt else {}
-    except (OSError, ValueError):
-        return {}
+    value = _root_attrs(path).get("napari-xt", {})
     return value if isinstance(value, dict) else {}
 
 

@@ -105,11 +105,17 @@ def device_memory(device: Any) -> int | None:
     return int(free)
 
 
-def free_disk(path: Path) -> tuple[int | None, Path | None]:
-    """(free bytes, folder asked) on the file system that `path` will be on."""
+def _existing(path: Path) -> Path:
+    """`path`, or its nearest folder that exists (where it will be made)."""
     p = Path(path).absolute()
     while not p.exists() and p != p.parent:
         p = p.parent
+    return p
+
+
+def free_disk(path: Path) -> tuple[int | None, Path | None]:
+    """(free bytes, folder asked) on the file system that `path` will be on."""
+    p = _existing(path)
     try:
         return int(shutil.disk_usage(p).free), p
     except OSError:
@@ -332,11 +338,8 @@ def plan_budget(source: Any, model: Any, outputs, layout: Any, store: Any, cache
 
 def _device(path: Path) -> int | None:
     """The file system (st_dev) that `path` is on or will be on; None when unknown."""
-    p = Path(path).absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
     try:
-        return os.stat(p).st_dev
+        return os.stat(_existing(path)).st_dev
     except OSError:
         return None
 
