@@ -359,3 +359,34 @@ def test_threaded_reader_and_writer_give_the_same_results(wide_scene, demo, tmp_
         events[0], Planned) else True
     assert next(e for e in events if isinstance(e, Planned)).todo_regions < 100
     assert_same_results(out, reference)
+
+
+def test_every_result_reaches_the_disk_before_the_store_says_complete(scene, demo, tmp_path,
+                                                                     monkeypatch):
+    # A power cut must not leave a store marked complete whose files were still only in
+    # the page cache: every file of the results is fsynced before the root is rewritten
+    # with "complete", the root after it; the embedding cache (checked when read) is not.
+    from napari_xt.engine.store import publish
+
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    marks: dict[str, int] = {}
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(publish, "FAULT_HOOK", lambda step: marks.setdefault(step, len(synced)))
+    out = tmp_path / "o.zarr"
+    fin = run_demo(scene, demo, out, cache=True)[-1]
+    assert isinstance(fin, Finished) and fin.summary["complete"]
+    before = set(synced[:marks["root"]])
+    results = [str(p) for p in out.rglob("*") if p.is_file()
+               and not str(p).startswith(str(layout.default_cache(out)))]
+    late = [p for p in results if p not in before and p != str(out / "zarr.json")]
+    assert not late, late
+    assert any("labels" in p for p in before) and any("tables" in p for p in before)
+    assert str(out / "zarr.json") in synced[marks["root"]:marks["done"]]
+    packs = list(layout.default_cache(out).rglob("*.bin"))
+    assert packs and not {str(p) for p in packs} & set(synced)

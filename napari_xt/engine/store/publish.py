@@ -23,10 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from .digests import file_digest
+from .digests import file_digest, sync_dir, sync_file, sync_tree
 from .layout import (
     Tiling,
     classification_path,
+    default_cache,
     labels_path,
     probabilities_path,
     table_path,
@@ -247,6 +248,9 @@ def publish(store: Any, source: Any, *, record: dict[str, Any] | None,
         _fault("metadata")
         write_metadata(store, source)
     store.journal.sync()
+    # every result on disk before the root says "complete" (the embedding cache checks
+    # itself when read, and may be gigabytes)
+    sync_tree(store.path, skip=(os.path.relpath(default_cache(store.path), store.path),))
     _fault("root")
     import json
 
@@ -255,5 +259,7 @@ def publish(store: Any, source: Any, *, record: dict[str, Any] | None,
     ours.update(json.loads(json.dumps(provenance, default=json_default)))
     ours.update({"complete": bool(complete), "summary": summary})
     write_group(store.path, 3, {"ome": root_block(store, source), "napari-xt": ours})
+    sync_file(store.path / "zarr.json")
+    sync_dir(store.path)
     _fault("done")
     return summary
