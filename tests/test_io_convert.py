@@ -132,3 +132,19 @@ def test_convert_rejects_bad_chunk_size(tmp_path, rng):
     with pytest.raises(ImageIOError, match="chunk must be between"):
         convert(rng.random((10, 10)), tmp_path / "x.zarr", chunk=16)
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_the_2x2_mode_is_the_first_most_frequent_of_every_combination():
+    # Every combination of four samples over four values: the most frequent, ties to the
+    # first in (top-left, top-right, bottom-left, bottom-right) order.
+    import itertools
+
+    from napari_xt.io.pyramid import downsample_block
+
+    combos = np.array(list(itertools.product(range(4), repeat=4)), np.uint8)  # (256, 4)
+    block = np.zeros((2, 2 * len(combos)), np.uint8)  # one 2 x 2 block per combination
+    block[0, 0::2], block[0, 1::2], block[1, 0::2], block[1, 1::2] = combos.T
+    got = downsample_block(block, 0, 1, 2, "mode")[0]
+    want = [max(c.tolist(), key=lambda v, c=c: (c.tolist().count(v), -c.tolist().index(v)))
+            for c in combos]
+    np.testing.assert_array_equal(got, want)

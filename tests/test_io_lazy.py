@@ -5,12 +5,13 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pytest
 import tifffile
 import zarr
 from zarr.storage import LocalStore, WrapperStore
 
 from napari_xt import sample_data
-from napari_xt.io import chunks, open_image
+from napari_xt.io import ImageIOError, chunks, open_image
 
 
 class CountingStore(WrapperStore):
@@ -115,3 +116,84 @@ def test_a_store_array_is_read_directly_only_when_nothing_is_on_top(tmp_path, rn
     np.testing.assert_array_equal(src.read_box(37, 5, 237, 260), data[:, 37:237, 5:260])
     shifted = ImageSource(level + 1, axes="CYX")
     np.testing.assert_array_equal(shifted.read_box(0, 0, 50, 50), data[:, :50, :50] + 1)
+
+
+def test_missing_tiles_are_read_a_band_at_a_time_and_equal_the_pixels(tmp_path, rng):
+    # A missing tile is read with the missing tiles right of it (up to the strip's width)
+    # in one store read; every region read still gives exactly the stored pixels, also
+    # with two threads reading at once (the engine's reader and its compute thread).
+    from napari_xt.io.source import ImageSource
+
+    data = rng.random((2, 256, 320)).astype(np.float32)
+    zarr.create_array(str(tmp_path / "a.zarr"), data=data, chunks=(2, 32, 32))
+    src = ImageSource(open_image(tmp_path / "a.zarr").levels[0], axes="CYX")
+    src.fit_tile_cache(128, 64)  # a strip 128 px wide: bands of up to 5 tiles
+    reads = []
+    original = src._read_raw
+    src._read_raw = lambda *a, **k: reads.append(a[:4]) or original(*a, **k)
+    boxes = [(y, x, min(y + 16, 256), min(x + 16, 320)) for y in range(0, 256, 16)
+             for x in range(0, 128, 16)]
+    for box in boxes:
+        np.testing.assert_array_equal(src.read_box(*box), data[:, box[0]:box[2], box[1]:box[3]])
+    assert all(x1 - x0 == 5 * 32 for y0, x0, y1, x1 in reads), reads
+    assert len(reads) == 256 // 32  # one read per tile row, not one per tile (40)
+
+    fresh = ImageSource(open_image(tmp_path / "a.zarr").levels[0], axes="CYX")
+    fresh.fit_tile_cache(320, 64)
+    bad = []
+
+    def reader(order):
+        try:
+            for box in order:
+                if not np.array_equal(fresh.read_box(*box),
+                                      data[:, box[0]:box[2], box[1]:box[3]]):
+                    bad.append(box)
+        except Exception as err:
+            bad.append(err)
+
+    wide = [(y, x, y + 16, x + 16) for y in range(0, 256, 16) for x in range(0, 320, 16)]
+    threads = [threading.Thread(target=reader, args=(o,)) for o in (wide, wide[::-1])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads) and not bad
+
+    # a garbled tile fails only the regions on it, and is the tile named
+    chunk = tmp_path / "a.zarr" / "c" / "0" / "2" / "3"
+    chunk.write_bytes(b"garbage" * 10)
+    broken = ImageSource(open_image(tmp_path / "a.zarr").levels[0], axes="CYX")
+    broken.fit_tile_cache(320, 64)
+    np.testing.assert_array_equal(broken.read_box(64, 0, 80, 16), data[:, 64:80, :16])
+    with pytest.raises(ImageIOError, match=r"chunk \(0, 2, 3\)"):
+        broken.read_box(64, 96, 80, 112)
+    np.testing.assert_array_equal(broken.read_box(64, 128, 80, 144), data[:, 64:80, 128:144])
+
+
+def test_a_batch_is_normalised_as_each_region_alone(tmp_path, rng):
+    # Regions are normalised in whole-batch operations: the same values as one region at a
+    # time, the padding of edge regions still 0 and non-finite pixels 0 with their mask.
+    from napari_xt.io.source import ImageSource
+
+    data = rng.random((2, 100, 90)).astype(np.float32) * 50
+    data[1, 40:44, 10:13] = np.nan
+    data[0, 99, 89] = np.inf
+    src = ImageSource(data, axes="CYX", normalize=([3.0, 5.0], [2.0, 4.0]))
+    boxes = [(0, 0, 32, 32), (32, 0, 64, 32), (96, 64, 100, 90), (64, 80, 96, 90)]
+    one = []
+    for box in boxes:
+        out = np.full((2, 32, 32), 7.0, np.float32)
+        one.append((out, src.read_into(box, out)))
+    batch = np.full((len(boxes), 2, 32, 32), 7.0, np.float32)
+    sizes = [src.fill(box, batch[n]) for n, box in enumerate(boxes)]
+    masks = src.finish(batch, sizes)
+    for n, (out, mask) in enumerate(one):
+        np.testing.assert_array_equal(batch[n], out)
+        assert (mask is None) == (masks[n] is None)
+        if mask is not None:
+            np.testing.assert_array_equal(mask, masks[n])
+    assert masks[1] is not None and masks[1][8:12, 10:13].all() and masks[1].sum() == 12
+    assert masks[2] is not None and masks[2][3, 25] and masks[2].sum() == 1
+    assert (batch[2][:, 4:, :] == 0).all() and (batch[2][:, :, 26:] == 0).all()
+    assert (batch[3][:, :, 10:] == 0).all()
+    np.testing.assert_allclose(batch[0][0], (data[0, :32, :32] - 3) / 2, rtol=1e-6)

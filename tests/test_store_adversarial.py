@@ -306,15 +306,15 @@ def test_nonfinite_pixels_are_masked_when_features_come_from_the_cache(scene, de
 # ------------------------------------------------------------------ on_error="continue"
 def _unreadable(monkeypatch, box):
     source_cls = sys.modules[run.__module__].ImageSource
-    original = source_cls.read_into
+    original = source_cls.fill  # every region read of the engine goes through it
 
-    def read_into(self, b, out):
+    def fill(self, b, out):
         if tuple(b[:2]) == box:
             raise OSError("simulated unreadable tile")
         return original(self, b, out)
 
-    monkeypatch.setattr(source_cls, "read_into", read_into)
-    return lambda: monkeypatch.setattr(source_cls, "read_into", original)
+    monkeypatch.setattr(source_cls, "fill", fill)
+    return lambda: monkeypatch.setattr(source_cls, "fill", original)
 
 
 def test_one_unreadable_region_drops_only_its_own_detections(scene, demo, tmp_path,
@@ -423,3 +423,33 @@ def test_a_garbled_journal_line_means_recompute_from_there(scene, demo, referenc
     planned = next(e for e in events if isinstance(e, Planned))
     assert isinstance(events[-1], Finished) and planned.todo_regions > 0
     _same_results(out, reference)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 0.9])
+def test_regions_whose_centre_map_stays_below_the_threshold_lose_no_detection(
+        scene, demo, tmp_path, monkeypatch, threshold):
+    # The store skips copying the centre/size maps of regions with no value >= the
+    # threshold (zeros stand in for them). Expected: the same table, bit for bit, as a run
+    # that copies every region, at every threshold (0.0: no region may be skipped, its
+    # zeros would be peaks), and the skip taken for most regions at 0.9.
+    from napari_xt.engine.store import disk
+
+    cold = []
+    original = disk.DiskStore._cold
+    monkeypatch.setattr(disk.DiskStore, "_cold", lambda self, buf, heat, regions: cold.append(
+        r := original(self, buf, heat, regions)) or r)
+    fin = _run(scene, demo, tmp_path / "skip.zarr", threshold=threshold, min_distance=3)[-1]
+    assert isinstance(fin, Finished) and fin.summary["complete"]
+    if threshold == 0.0:
+        assert cold and not any(cold)
+    if threshold == 0.9:
+        assert sum(cold) > len(cold) / 2
+
+    def copy_all(self, buf, heat, regions):
+        buf.heat_kept.update(regions)
+        return False
+
+    monkeypatch.setattr(disk.DiskStore, "_cold", copy_all)
+    _run(scene, demo, tmp_path / "all.zarr", threshold=threshold, min_distance=3)
+    _same_table(tmp_path / "skip.zarr", tmp_path / "all.zarr")
+    assert len(read_detections(tmp_path / "skip.zarr", "prediction")["y"]) > 0

@@ -11,7 +11,8 @@ demo model, no embedding cache, `--threads` torch threads. Measured in the same 
   shapes, with no reading, blending, finalising or writing around it;
 - ceiling: the engine with the model's stages replaced by stand-ins that return cached
   tensors of the right shapes (no compute at all): what the engine itself can sustain, in
-  megapixels per second, into a store and in memory;
+  megapixels per second, into a store and in memory (the best of `CEILING_TRIES` runs each,
+  all of them in the JSON: a run of about a second varies by 10-20 % on a shared CPU);
 - files: how many files a finished store holds, with and without the embedding cache, and
   what the layout gives for a 100k x 100k slide.
 
@@ -33,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+CEILING_TRIES = 3
+
 
 class CachedStagesXT:
     """The model's configuration and stage interface, with every stage returning cached
@@ -51,6 +54,7 @@ class CachedStagesXT:
         self._maps = model.cfg.head.maps
         self._size = s
         self._param = torch.nn.Parameter(torch.zeros(1))
+        self._outputs: dict[tuple[int, int], dict[str, Any]] = {}
 
     # the engine treats the model as a torch module
     def eval(self):
@@ -86,8 +90,13 @@ class CachedStagesXT:
         n = len(np.asarray(region_rc).reshape(-1, 2))
         b = tokens.shape[0]
         s = self._size
-        # low logits: centre maps far below any threshold, as a real model's mostly are
-        return {k: torch.full((b, n, c, s, s), -8.0) for k, c in self._maps}
+        # low logits: centre maps far below any threshold, as a real model's mostly are;
+        # made once per shape (the engine only reads a stage's outputs)
+        maps = self._outputs.get((b, n))
+        if maps is None:
+            maps = self._outputs[(b, n)] = {k: torch.full((b, n, c, s, s), -8.0)
+                                            for k, c in self._maps}
+        return maps
 
 
 def _scene(path: Path, size: int) -> None:
@@ -235,8 +244,15 @@ def measure(size: int = 4096, threads: int = 2, batch: int = 8) -> dict[str, Any
             results["memory_s"], _ = _timed_run(image, model, None, normalize, batch)
         results["model_s"] = recorder.replay()
         stub = CachedStagesXT(model)
-        results["ceiling_store_s"], _ = _timed_run(image, stub, tmp / "n.zarr", normalize, batch)
-        results["ceiling_memory_s"], _ = _timed_run(image, stub, None, normalize, batch)
+        tries: dict[str, list[float]] = {"store": [], "memory": []}
+        for n in range(CEILING_TRIES):  # the best of a few: a capability, on a shared CPU
+            tries["store"].append(_timed_run(image, stub, tmp / f"n{n}.zarr", normalize,
+                                             batch)[0])
+            shutil.rmtree(tmp / f"n{n}.zarr", ignore_errors=True)
+            tries["memory"].append(_timed_run(image, stub, None, normalize, batch)[0])
+        results["ceiling_store_s"] = min(tries["store"])
+        results["ceiling_memory_s"] = min(tries["memory"])
+        results["ceiling_tries_s"] = tries
         results["files"] = count_files(tmp / "a.zarr")
         last = None
         for last in run(image, model, tmp / "c.zarr", cache=True, normalize=normalize,  # noqa: B007
@@ -299,7 +315,8 @@ def report(r: dict[str, Any]) -> str:
         f"{r['store_over_memory']:.2f} (goal <= 1.2)   store/model "
         f"{r['store_over_model']:.2f} (goal <= 1.5)",
         f"  engine's share of the store run: {100 * r['engine_share_of_store_run']:.0f} %",
-        f"  ceiling (no compute)    {r['ceiling_store_mp_s']:7.1f} MP/s into a store, "
+        f"  ceiling (no compute, best of {len(r['ceiling_tries_s']['store'])}) "
+        f"{r['ceiling_store_mp_s']:.1f} MP/s into a store, "
         f"{r['ceiling_memory_mp_s']:.1f} MP/s in memory (goal >= 15)",
         f"  files: {r['files']} (with the embedding cache {r['files_with_cache']}); by size "
         f"with cache: " + ", ".join(f"{k}^2 {v}" for k, v in r['files_by_size'].items())

@@ -199,13 +199,30 @@ class CropRunner:
         hw = tuple(values.shape[-2:])
         wins = self._windows(crop, regions, hw)  # (R, s, s)
         weighted = values * wins[:, None]  # one op for the whole crop (a fresh tensor)
+        parts, weights = weighted.unbind(0), wins.unbind(0)
+        # accumulators in memory: the same additions, in one call each (not two per region)
+        # and before any other comes back from disk (which may spill one of them)
+        sums, adds, wsums, wadds, rest = [], [], [], [], []
         for j, idx in enumerate(regions):
+            slot = self.acc.resident(idx)
+            if slot is None:
+                rest.append(j)
+                continue
+            sums.append(slot[0])
+            adds.append(parts[j])
+            wsums.append(slot[1])
+            wadds.append(weights[j])
+        if sums:
+            torch._foreach_add_(sums, adds)
+            torch._foreach_add_(wsums, wadds)
+        for j in rest:
+            idx = regions[j]
             slot = self.acc.get(idx)
             if slot is None:  # the first crop's weighted map is the accumulator itself
-                self.acc.new(idx, weighted[j], wins[j].clone())
-            else:
-                slot[0] += weighted[j]
-                slot[1] += wins[j]
+                self.acc.new(idx, parts[j], weights[j].clone())
+            else:  # brought back from disk
+                slot[0] += parts[j]
+                slot[1] += weights[j]
         return self.book.crop_passed(crop, regions)
 
     def _windows(self, crop: Any, regions: list[Index], hw: tuple[int, int]) -> torch.Tensor:

@@ -43,16 +43,16 @@ def read_batch(source: Any, plan: Any, indices: Sequence[Index], pin: bool) -> P
     t0 = time.perf_counter()
     s = plan.region_size
     out = np.empty((len(indices), source.channels, s, s), np.float32)  # (n, C, S, S)
-    ok, bad, failed = [], {}, {}
+    ok, sizes, failed = [], [], {}
     for r, c in indices:
         try:
-            mask = source.read_into(plan.box(r, c), out[len(ok)])
+            sizes.append(source.fill(plan.box(r, c), out[len(ok)]))
         except Exception as err:  # any read error marks only this region failed
             failed[(r, c)] = f"{type(err).__name__}: {err}"
             continue
-        if mask is not None:
-            bad[(r, c)] = mask
         ok.append((r, c))
+    masks = source.finish(out[: len(ok)], sizes)  # normalised in whole-batch operations
+    bad = {i: m for i, m in zip(ok, masks) if m is not None}
     pixels = None
     if ok:
         pixels = torch.from_numpy(out[: len(ok)])

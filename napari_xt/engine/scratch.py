@@ -49,6 +49,14 @@ class Accumulators:
     def in_memory(self) -> int:
         return len(self._mem)
 
+    def resident(self, idx: Index) -> list[torch.Tensor] | None:
+        """The accumulator of `idx` when it is in memory (marked recently used), else None
+        (never loads one, so never spills another)."""
+        slot = self._mem.get(idx)
+        if slot is not None:
+            self._mem.move_to_end(idx)
+        return slot
+
     def get(self, idx: Index) -> list[torch.Tensor] | None:
         """The accumulator of `idx` (brought back from disk if spilled), or None."""
         slot = self._mem.get(idx)

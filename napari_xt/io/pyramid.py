@@ -71,16 +71,16 @@ def downsample_block(
 
 
 def _mode4(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """Most frequent of four samples, ties to the first (a, then b, c, d)."""
-    ab, ac, ad = a == b, a == c, a == d
-    bc, bd, cd = b == c, b == d, c == d
-    counts = [1 + ab.astype(np.int8) + ac + ad, 1 + ab.astype(np.int8) + bc + bd,
-              1 + ac.astype(np.int8) + bc + cd, 1 + ad.astype(np.int8) + bd + cd]
-    out, best = a.copy(), counts[0]
-    for value, count in zip((b, c, d), counts[1:]):
-        better = count > best
-        out[better] = value[better]
-        best = np.maximum(best, count)
+    """Most frequent of four samples, ties to the first (a, then b, c, d). Of four samples
+    a value seen twice is never beaten (3 + 2 > 4), so: a when it repeats, else b when it
+    repeats, else c when c == d, else a."""
+    out = a.copy()
+    lone = (a != b) & (a != c) & (a != d)
+    if lone.any():
+        take_b = lone & ((b == c) | (b == d))
+        out[take_b] = b[take_b]
+        take_c = lone & ~take_b & (c == d)
+        out[take_c] = c[take_c]
     return out
 
 

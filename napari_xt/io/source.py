@@ -87,6 +87,7 @@ class ImageSource:
         self._tile_bytes = 0
         self._lock = threading.Lock()
         self._reading: dict[tuple[int, int], threading.Event] = {}  # tiles being read
+        self._span = 1  # tiles read at once along a row (set by `fit_tile_cache`)
         self._tile = _regular_tile(self.array, self.axes)
         if normalize is not None:
             mean, std = normalize
@@ -108,6 +109,7 @@ class ImageSource:
                                                              + 1)
             need = tiles * ty * tx * self.channels * self.dtype.itemsize
             self.tile_cache_bytes = int(min(max(need, floor), ceiling))
+            self._span = -(-min(width, self.width) // tx) + 1
         return self.tile_cache_bytes
 
     def _tiled(self, h: int, w: int) -> bool:
@@ -137,7 +139,10 @@ class ImageSource:
     def _tile_block(self, by: int, bx: int) -> np.ndarray:
         """Tile (by, bx) from the LRU tile cache. A tile another thread is already reading
         is waited for, not read again (the reader thread and a direct read of the compute
-        thread often want the same tile at the same moment)."""
+        thread often want the same tile at the same moment). A missing tile is read together
+        with the missing tiles to its right in the same tile row, up to the strip's width
+        (`fit_tile_cache`): one read of a band of tiles lets the store decode its chunks
+        concurrently (about twice as fast as tile by tile on 2 cores)."""
         key = (by, bx)
         while True:
             with self._lock:
@@ -147,29 +152,57 @@ class ImageSource:
                 else:
                     pending = self._reading.get(key)
                     if pending is None:
-                        pending = self._reading[key] = threading.Event()
-                        break  # this thread reads it
+                        run = self._claim_run(by, bx)
+                        break  # this thread reads them
             if tile is not None:
                 if self.observer is not None:  # (it may have been read before watching)
                     self.observer.add(by * self._tile[0], bx * self._tile[1], tile)
                 return tile
             pending.wait()  # then take it from the cache (or read it, if already evicted)
+        claimed = run
         try:
             ty, tx = self._tile
-            tile = self._read_raw(by * ty, bx * tx, min((by + 1) * ty, self.height),
-                                  min((bx + 1) * tx, self.width))
+            y1 = min((by + 1) * ty, self.height)
+            try:
+                band = self._read_raw(by * ty, bx * tx, y1, min((bx + run) * tx, self.width))
+            except Exception:
+                if run == 1:
+                    raise
+                # one bad tile must fail only the regions on it (and be the one named)
+                run = 1
+                band = self._read_raw(by * ty, bx * tx, y1, min((bx + 1) * tx, self.width))
+            tiles = [band[:, :, j * tx:(j + 1) * tx] for j in range(run)]
             if self.observer is not None:
-                self.observer.add(by * ty, bx * tx, tile)
+                for j, t in enumerate(tiles):
+                    self.observer.add(by * ty, (bx + j) * tx, t)
             with self._lock:
-                self._tiles[key] = tile
-                self._tile_bytes += tile.nbytes
-                while self._tile_bytes > self.tile_cache_bytes and len(self._tiles) > 1:
+                for j, t in enumerate(tiles):
+                    self._tiles[(by, bx + j)] = t
+                    self._tile_bytes += t.nbytes
+                while self._tile_bytes > self.tile_cache_bytes and len(self._tiles) > run:
                     _, old = self._tiles.popitem(last=False)
                     self._tile_bytes -= old.nbytes
         finally:
             with self._lock:
-                self._reading.pop(key).set()
-        return tile
+                for j in range(claimed):
+                    self._reading.pop((by, bx + j)).set()
+        return tiles[0]
+
+    def _claim_run(self, by: int, bx: int) -> int:
+        """(under the lock) Mark tile (by, bx) and the uncached, unclaimed tiles right of it
+        in its row, up to the read span and a quarter of the cache, as being read by this
+        thread; returns how many."""
+        ty, tx = self._tile
+        cols = -(-self.width // tx)
+        tile_bytes = ty * tx * self.channels * self.dtype.itemsize
+        most = max(1, min(self._span, self.tile_cache_bytes // 4 // max(tile_bytes, 1)))
+        run = 1
+        while (run < most and bx + run < cols and (by, bx + run) not in self._tiles
+               and (by, bx + run) not in self._reading):
+            run += 1
+        for j in range(run):
+            self._reading[(by, bx + j)] = threading.Event()
+        return run
 
     def _read_raw(self, y0: int, x0: int, y1: int, x1: int, array: Any = None) -> np.ndarray:
         array = self.array if array is None else array
@@ -215,6 +248,11 @@ class ImageSource:
         """Read a region box (y0, x0, y1, x1) into `out` (C, S, S) float32: normalised,
         zero-padded, non-finite pixels set to 0. Returns their (S, S) mask, or None when
         every pixel is finite (the usual case: no mask is made)."""
+        return self.finish(out[None], [self.fill(box, out)])[0]
+
+    def fill(self, box: tuple[int, int, int, int], out: np.ndarray) -> tuple[int, int]:
+        """The raw pixels of a region box into `out` (C, S, S) (cast to its dtype), the rest
+        zero; `finish` then normalises. Returns the box's (h, w)."""
         y0, x0, y1, x1 = box
         h, w = y1 - y0, x1 - x0
         size = out.shape[-1]
@@ -228,20 +266,34 @@ class ImageSource:
             if self.observer is not None:
                 self.observer.add(y0, x0, block)
             inner[...] = block  # cast to float32 in the copy
-        bad = None
+        return h, w
+
+    def finish(self, out: np.ndarray, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray | None]:
+        """Regions filled by `fill` (n, C, S, S), of `sizes` (h, w) each, made what the model
+        sees: non-finite pixels set to 0, normalised, the padding beyond (h, w) kept 0 - in
+        whole-batch operations. Returns per region the (S, S) mask of its non-finite pixels,
+        or None when every pixel is finite (the usual case: no mask is made)."""
+        masks: list[np.ndarray | None] = [None] * len(sizes)
         # a finite sum means every pixel is finite (NaN and inf propagate); only when it is
-        # not (or it overflowed) are the pixels looked at one by one
-        if (self.dtype.kind == "f" and not np.isfinite(inner.sum())
-                and not np.isfinite(inner).all()):
-            finite = np.isfinite(out)
-            bad = ~finite.all(axis=0)
-            out[~finite] = 0.0
+        # not (or it overflowed) are the regions looked at one by one
+        if self.dtype.kind == "f" and not np.isfinite(out.sum()):
+            for n in range(len(sizes)):
+                if not np.isfinite(out[n]).all():
+                    finite = np.isfinite(out[n])
+                    masks[n] = ~finite.all(axis=0)
+                    out[n][~finite] = 0.0
         if self.mean is not None:
-            inner -= self.mean
-            inner /= self.std
-            if bad is not None:
-                out[:, bad] = 0.0
-        return bad
+            out -= self.mean
+            out /= self.std
+            size = out.shape[-1]
+            for n, (h, w) in enumerate(sizes):
+                if h < size:
+                    out[n, :, h:, :] = 0.0
+                if w < size:
+                    out[n, :, :, w:] = 0.0
+                if masks[n] is not None:
+                    out[n][:, masks[n]] = 0.0
+        return masks
 
     def identity(self, samples: int = 4, size: int = 64) -> dict[str, Any]:
         """Path, shape, dtype, level and a SHA-256 fingerprint of a few sampled patches

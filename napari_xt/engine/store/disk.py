@@ -57,6 +57,17 @@ from .spec import DONE, FAILED, PENDING, RegionTiles, StoreError, StoreSpec
 BUDGET = 512 * 2**20  # bytes of shard buffers kept in memory before partial flushes
 
 
+def lazy_zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """Zeros in anonymous memory that the system maps only where it is written: a buffer
+    left mostly untouched costs neither the zeroing nor the pages (np.zeros may have to
+    clear reused memory)."""
+    import mmap
+
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape)) * dtype.itemsize
+    return np.frombuffer(mmap.mmap(-1, max(n, 1)), dtype, count=n // dtype.itemsize).reshape(shape)
+
+
 @dataclass
 class ShardBuffer:
     key: Index
@@ -65,6 +76,8 @@ class ShardBuffer:
     regions: frozenset[Index]
     final: set[Index] = field(default_factory=set)
     tainted: set[Index] = field(default_factory=set)  # decoded beside a failed region
+    zeroed: bool = False  # began as zeros (nothing read back from disk)
+    heat_kept: set[Index] = field(default_factory=set)  # regions whose heat was copied in
 
     @property
     def complete(self) -> bool:
@@ -503,6 +516,8 @@ class DiskStore:
             if rec is not None:  # regions committed earlier: start from what is on disk
                 arr = self._zarray(name)
                 arrays[name] = np.asarray(arr[..., y0:y1, x0:x1], dtype=d.dtype)
+            elif name == "heat":  # mostly never written: pages only where it is (`_cold`)
+                arrays[name] = lazy_zeros(shape, d.dtype)
             else:  # a written shard's memory when there is one (no fresh page faults)
                 spare = self._pool.get((shape, d.dtype))
                 if spare:
@@ -512,7 +527,7 @@ class DiskStore:
                     arrays[name] = np.zeros(shape, d.dtype)
         regions = frozenset(self.tiling.regions_of(*key))
         buf = ShardBuffer(key, (y0, x0, y1, x1), arrays, regions,
-                          {i for i in regions if self.done[i]})
+                          {i for i in regions if self.done[i]}, zeroed=rec is None)
         self.buffers[key] = buf
         return buf
 
@@ -576,6 +591,8 @@ class DiskStore:
             if dst is None:
                 continue
             part = batch[n0:n1, ..., : y1 - y0, :]  # (m, ..., h, S)
+            if name == "heat" and self._cold(buf, part, tiles.indices[n0:n1]):
+                continue
             if x1 - x0 == m * s:  # whole regions: (..., h, m, S) <- (m, ..., h, S)
                 view = dst[..., y0 - sy:y1 - sy, x0 - sx:x1 - sx]
                 st = view.strides
@@ -587,8 +604,24 @@ class DiskStore:
                     _, a0, _, a1 = self.spec.box(r, c0 + j)
                     dst[..., y0 - sy:y1 - sy, a0 - sx:a1 - sx] = part[j][..., : a1 - a0]
 
+    def _cold(self, buf: ShardBuffer, heat: np.ndarray, regions: list[Index]) -> bool:
+        """True when copying these regions' heat (m, K [+ 1], h, S) can be skipped: every
+        centre value is below the detection threshold (> 0) and the buffer holds zeros
+        there. Peaks see only values >= the threshold (a lower one never beats them in the
+        max-pool), so the zeros find the same points; most regions of a centre map are
+        far below it, and their 8 bytes a pixel are then neither copied nor paged in."""
+        peaks = self.peaks
+        cold = (peaks is not None and peaks.threshold > 0 and buf.zeroed
+                and buf.heat_kept.isdisjoint(regions)
+                and bool(heat[:, :peaks.k].max() < peaks.threshold))
+        if not cold:  # copied: the shard's peaks are searched
+            buf.heat_kept.update(regions)
+        return cold
+
     def _recycle(self, buf: ShardBuffer) -> None:
         for name, arr in buf.arrays.items():
+            if name == "heat":
+                continue
             spare = self._pool.setdefault((arr.shape, self.defs[name].dtype), [])
             if len(spare) < 4:
                 spare.append(arr)
@@ -620,7 +653,8 @@ class DiskStore:
             record["tainted"] = sorted(list(i) for i in buf.tainted)
         pts = frames = None
         if self.peaks is not None:
-            pts, frames = self.peaks.interior(key, buf.arrays["heat"])
+            pts, frames = self.peaks.interior(key, buf.arrays["heat"],
+                                              cold=buf.zeroed and not buf.heat_kept)
             record["points"] = self.packs.append(pack(pts, frames)).to_list()
         self.journal.append([record])
         old = self.records.get(key)

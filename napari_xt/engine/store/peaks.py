@@ -57,14 +57,19 @@ class ShardPeaks:
         y, x = pts["y"].astype(np.int64), pts["x"].astype(np.int64)
         return ((y - y0 >= mt) & (y1 - 1 - y >= mb) & (x - x0 >= ml) & (x1 - 1 - x >= mr))
 
-    def interior(self, key: Index, heat: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """(peaks that follow from the shard alone, the shard's frames)."""
+    def interior(self, key: Index, heat: np.ndarray, cold: bool = False
+                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(peaks that follow from the shard alone, the shard's frames). `cold`: the
+        caller knows no value reaches the threshold (no search)."""
+        from napari_xt.model.heads import POINT_DTYPE
+
         y0, x0, y1, x1 = self.tiling.shard_box(*key)
         heat = heat[:, : y1 - y0, : x1 - x0]
-        pts = self._points(heat, y0, x0)
+        pts = np.empty(0, POINT_DTYPE) if cold else self._points(heat, y0, x0)
         f = self.frame
-        frames = {"top": heat[:, :f].copy(), "bottom": heat[:, -f:].copy(),
-                  "left": heat[:, :, :f].copy(), "right": heat[:, :, -f:].copy()}
+        sides = {"top": heat[:, :f], "bottom": heat[:, -f:], "left": heat[:, :, :f],
+                 "right": heat[:, :, -f:]}
+        frames = {k: np.zeros(v.shape, v.dtype) if cold else v.copy() for k, v in sides.items()}
         return pts[self._interior_mask(key, pts)], frames
 
     def needs(self, key: Index) -> list[Index]:
