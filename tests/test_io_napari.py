@@ -15,7 +15,9 @@ def test_get_reader_claims_only_supported_paths(tmp_path):
     assert _napari_io.get_reader(str(tmp_path / "a.txt")) is None
     assert _napari_io.get_reader(str(tmp_path)) is None  # a plain folder
     assert _napari_io.get_reader(str(tmp_path / "a.ome.tif")) is _napari_io.read_paths
-    assert _napari_io.get_reader([str(tmp_path / "a.svs"), str(tmp_path / "b.npy")]) is not None
+    assert _napari_io.get_reader([str(tmp_path / "a.svs"),
+                                  str(tmp_path / "b.npy")]) is _napari_io.read_paths
+    assert _napari_io.get_reader([str(tmp_path / "a.svs"), str(tmp_path / "a.txt")]) is None
 
 
 def test_manifest_is_valid_and_lists_the_contributions():

@@ -94,7 +94,8 @@ def test_export_refuses_another_image_or_no_edits(corrected_run, tmp_path):
         export_pairs(r["store"], r["image"][:, :128], tmp_path / "b", axes="CYX")
     with pytest.raises(ExportError, match="no saved corrections of 'other'"):
         export_pairs(r["store"], r["image"], tmp_path / "c", name="other", axes="CYX")
-    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
+    for refused in ("a", "b", "c"):  # nothing written for any of the three refusals
+        assert not (tmp_path / refused).exists() or not any((tmp_path / refused).iterdir())
 
 
 def test_fine_tuning_a_checkpoint_on_exported_pairs(corrected_run, tmp_path):

@@ -113,10 +113,23 @@ def test_streaming_bands_give_the_whole_crop_gradient(tmp_path):
 
 
 def test_streaming_with_transformer_xl_memory_trains(tmp_path):
-    cfg = tiny(context={"kind": "transformer_xl", "chunk_len": 4, "mem_len": 8},
-               run={"stream_rows": 1}, optim={"steps": 3})
+    # Streamed band by band, the second band sees the first only through the memory:
+    # with the same weights and batch, the loss must differ from a run without memory.
+    def xl(mem_len, folder, **kw):
+        return Trainer(tiny(context={"kind": "transformer_xl", "chunk_len": 4,
+                                     "mem_len": mem_len},
+                            run={"stream_rows": 1}, **kw), tmp_path / folder)
+
+    with_memory, without = xl(8, "m"), xl(0, "n")
+    without.model.load_state_dict(with_memory.model.state_dict())
+    batch = with_memory.batch_for_step(0)
+    loss_m, _ = with_memory.forward_backward(batch, 0)
+    loss_n, _ = without.forward_backward(batch, 0)
+    assert abs(loss_m - loss_n) > 1e-6 * abs(loss_n)
     events = []
-    Trainer(cfg, tmp_path, events.append).fit()
+    Trainer(tiny(context={"kind": "transformer_xl", "chunk_len": 4, "mem_len": 8},
+                 run={"stream_rows": 1}, optim={"steps": 3}), tmp_path / "fit",
+            events.append).fit()
     assert len(_losses(events)) == 3 and all(torch.isfinite(torch.tensor(_losses(events))))
 
 

@@ -129,3 +129,52 @@ def test_live_results_create_announced_layers_before_regions_arrive(make_napari_
     assert {layer.name: layer for layer in viewer.layers} == made  # same layers, updated
     assert (np.asarray(made["img xT labels"].data)[:10, :20] == 2).all()
     assert np.allclose(made["img xT detections"].data, [[12.0, 30.0]])
+
+
+def test_triton_is_kept_out_only_beside_mesas_llvm_and_not_when_allowed(monkeypatch, caplog):
+    import sys
+
+    from napari_xt.widgets import models
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # (the entry is restored afterwards)
+    monkeypatch.delitem(sys.modules, "triton")
+    monkeypatch.delenv("NAPARI_XT_ALLOW_TRITON", raising=False)
+    monkeypatch.setattr(models, "_mapped_libraries", lambda: ["/usr/lib/libc.so.6"])
+    assert not models.keep_triton_out() and "triton" not in sys.modules  # no Mesa LLVM
+    monkeypatch.setattr(models, "_mapped_libraries",
+                        lambda: ["/usr/lib/x86_64-linux-gnu/libLLVM-15.so.1"])
+    monkeypatch.setenv("NAPARI_XT_ALLOW_TRITON", "1")
+    assert not models.keep_triton_out() and "triton" not in sys.modules  # opted out
+    monkeypatch.delenv("NAPARI_XT_ALLOW_TRITON")
+    with caplog.at_level("WARNING", logger="napari_xt"):
+        assert models.keep_triton_out()
+    assert sys.modules["triton"] is None and "NAPARI_XT_ALLOW_TRITON=1" in caplog.text
+    with pytest.raises(ImportError):
+        import triton  # noqa: F401
+    assert not models.keep_triton_out()  # once is enough
+
+
+def test_a_run_freezes_the_collector_only_when_nobody_else_has(monkeypatch):
+    # napari-xt's freeze is its own: unfreezing at the end must not undo a freeze made by
+    # someone else in the process, and NAPARI_XT_GC_FREEZE=0 turns it off.
+    import gc
+
+    from napari_xt.widgets import run_session
+
+    assert gc.get_freeze_count() == 0
+    monkeypatch.delenv("NAPARI_XT_GC_FREEZE", raising=False)
+    try:
+        assert run_session._gc_freeze(first=True)
+        assert gc.get_freeze_count() > 0
+        run_session._gc_thaw()
+        assert gc.get_freeze_count() == 0
+        gc.freeze()  # another plugin's freeze
+        theirs = gc.get_freeze_count()
+        assert not run_session._gc_freeze(first=True)  # left alone: no thaw to call
+        assert gc.get_freeze_count() == theirs
+        gc.unfreeze()
+        monkeypatch.setenv("NAPARI_XT_GC_FREEZE", "0")
+        assert not run_session._gc_freeze(first=True) and gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
+        run_session._FROZEN[0] = 0

@@ -196,10 +196,22 @@ def test_streaming_by_region_rows_equals_whole_image():
 
 @pytest.mark.parametrize("name", ["xt_tiny_demo_xl", "xt_tiny_demo_mamba"])
 def test_other_context_encoders_classify(name):
+    # One class vector per image, independent of the other images of the batch, and made
+    # through the context encoder (changing its last layer changes the answer).
+    torch.manual_seed(0)
     model = create_model(name).eval()
+    x = torch.randn(2, 3, 256, 256)
     with torch.no_grad():
-        a = model(torch.randn(2, 3, 256, 256))["logits"]
+        a = model(x)["logits"]
+        alone = model(x[1:])["logits"]
     assert a.shape == (2, 10) and torch.isfinite(a).all()
+    assert not torch.allclose(a[0], a[1])
+    torch.testing.assert_close(alone[0], a[1], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        last = list(model.context.parameters())[-1]
+        last.add_(torch.randn_like(last))
+        other = model(x)["logits"]
+    assert not torch.allclose(other, a, atol=1e-4)
 
 
 def test_segmentation_maps_cover_the_image_exactly():

@@ -25,18 +25,36 @@ def keep_triton_out() -> bool:
     Triton's bundled LLVM clashes with the LLVM that Mesa's software OpenGL (llvmpipe: Xvfb,
     machines without a GPU driver) has already loaded for the canvas: loading triton after it
     kills the process (segfault while torch imports `torch._dynamo`). When that LLVM is
-    mapped and triton is not loaded yet, triton is marked unavailable, so torch runs eagerly
-    (no `torch.compile`; the widgets never compile). Returns True when it did so."""
+    mapped and triton is not loaded yet, triton is marked unavailable (an entry None in
+    `sys.modules`), so torch runs eagerly (no `torch.compile`; the widgets never compile).
+    This holds for the rest of the process - the LLVM stays loaded with the canvas, so any
+    later import of triton, by any code, would crash it - and is said in the log once.
+    Nothing happens on a machine with a GPU OpenGL driver (no Mesa LLVM), when triton is
+    already loaded, or with `NAPARI_XT_ALLOW_TRITON=1`. Returns True when it did so."""
+    import logging
+    import os
+
     if "triton" in sys.modules or not sys.platform.startswith("linux"):
         return False
+    if os.environ.get("NAPARI_XT_ALLOW_TRITON", "").strip() == "1":
+        return False
+    if not any("libLLVM" in lib for lib in _mapped_libraries()):
+        return False
+    sys.modules["triton"] = None  # `import triton` raises ImportError from now on
+    logging.getLogger("napari_xt").warning(
+        "napari-xt: triton marked unavailable in this process (Mesa's software OpenGL has "
+        "its own LLVM loaded; loading triton's would crash napari); torch runs eagerly. "
+        "NAPARI_XT_ALLOW_TRITON=1 leaves triton alone.")
+    return True
+
+
+def _mapped_libraries() -> list[str]:
+    """Paths of the shared libraries this process has mapped (Linux; else none)."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
-        return False
-    if "libLLVM" not in maps:
-        return False
-    sys.modules["triton"] = None  # `import triton` raises ImportError from now on
-    return True
+        return []
+    return sorted({line.rsplit(" ", 1)[-1] for line in maps.splitlines() if ".so" in line})
 
 
 def built_in_names() -> list[str]:

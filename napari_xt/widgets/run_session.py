@@ -10,7 +10,10 @@ Garbage collection: with napari, torch and a large plan in memory a full (genera
 collection scans ~600k objects and pauses every thread for ~0.3 s, mid-stream. A run
 therefore freezes the objects that exist when it starts and again once it is planned
 (`gc.freeze`: collections skip them) and unfreezes them when the last running session
-ends, so only objects made during the run are scanned while it streams.
+ends, so only objects made during the run are scanned while it streams. The freeze is the
+run's own: when something else in the process had frozen objects before (another plugin,
+napari itself), napari-xt neither freezes nor unfreezes anything (unfreezing would undo
+theirs), and `NAPARI_XT_GC_FREEZE=0` turns it off.
 
 Cancel sets the engine's cancel `Event`: the engine stops at the next region, writes what
 is finished, reports `Cancelled` and the worker ends by itself (its generator is never
@@ -56,14 +59,22 @@ CREATE_GAP_MS = 30  # between two result layers created at the start of a run
 _LAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-_FROZEN = [0]  # running sessions that asked for a frozen garbage collector
+_FROZEN = [0]  # running sessions that froze the garbage collector (napari-xt's own freeze)
 
 
-def _gc_freeze(first: bool) -> None:
+def _gc_freeze(first: bool) -> bool:
+    """Freeze the objects that exist now (see the module docstring); `first`: a session
+    starts. Returns whether this session holds a freeze (to pass to `_gc_thaw`)."""
     import gc
+    import os
 
+    if os.environ.get("NAPARI_XT_GC_FREEZE", "1").strip() == "0":
+        return False
+    if _FROZEN[0] == 0 and gc.get_freeze_count() > 0:
+        return False  # someone else's freeze: leave the collector as it is
     gc.freeze()
     _FROZEN[0] += int(first)
+    return True
 
 
 def _gc_thaw() -> None:
@@ -145,8 +156,7 @@ class RunSession:
         self._probe.timeout.connect(self._on_probe)
         self._probe.start()
         self.on_status("loading the model…")
-        _gc_freeze(first=True)
-        self._frozen = True
+        self._frozen = _gc_freeze(first=True)
         self.worker.start()
 
     def cancel(self) -> None:
