@@ -197,3 +197,25 @@ def test_a_batch_is_normalised_as_each_region_alone(tmp_path, rng):
     assert (batch[2][:, 4:, :] == 0).all() and (batch[2][:, :, 26:] == 0).all()
     assert (batch[3][:, :, 10:] == 0).all()
     np.testing.assert_allclose(batch[0][0], (data[0, :32, :32] - 3) / 2, rtol=1e-6)
+
+
+def test_the_tile_cache_counts_whole_bands_and_stays_in_its_budget(tmp_path, rng):
+    # Cached tiles are views of the band read with them: the cache charges a band's bytes
+    # until its last tile leaves, so keeping one tile per band in use cannot hold many
+    # bands beyond the budget.
+    from napari_xt.io.source import ImageSource
+
+    data = rng.random((2, 512, 512)).astype(np.float32)
+    zarr.create_array(str(tmp_path / "a.zarr"), data=data, chunks=(2, 32, 32))
+    src = ImageSource(open_image(tmp_path / "a.zarr").levels[0], axes="CYX")
+    src.fit_tile_cache(512, 32, floor=0)  # bands of up to 16 tiles (128 KiB)
+    src.tile_cache_bytes = 4 * 16 * 2 * 32 * 32 * 4  # four bands' worth
+    for by in range(16):
+        src.read_box(by * 32, 0, by * 32 + 8, 8)  # reads the whole band of row by
+        for keep in range(by + 1):  # ... and keeps the first tile of every band hot
+            src.read_box(keep * 32, 0, keep * 32 + 8, 8)
+        held = {id(t.base if t.base is not None else t): (t.base if t.base is not None
+                                                          else t).nbytes
+                for t in src._tiles.values()}
+        assert src._tile_bytes == sum(held.values())
+        assert src._tile_bytes <= src.tile_cache_bytes + 16 * 2 * 32 * 32 * 4

@@ -181,3 +181,43 @@ def test_digest_store_records_what_zarr_writes(tmp_path):
     assert verify(tmp_path, {k: list(v) for k, v in files.items()})
     (tmp_path / "a/c/0/0").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     assert not verify(tmp_path, {k: list(v) for k, v in files.items()})
+
+
+def test_sync_leaves_refused_fsyncs_to_the_system_but_reports_io_errors(tmp_path, monkeypatch):
+    # Windows refuses fsync on read-only handles and some file systems refuse it outright:
+    # the data is then left to the system (the run goes on); a real I/O error is raised.
+    import errno as errno_mod
+
+    from napari_xt.engine.store import digests
+
+    (tmp_path / "d").mkdir()
+    f = tmp_path / "d" / "f.bin"
+    f.write_bytes(b"x")
+    seen = []
+
+    def refuse(code):
+        def fsync(fd):
+            seen.append(fd)
+            raise OSError(code, os.strerror(code))
+        return fsync
+
+    for code in (errno_mod.EBADF, errno_mod.EINVAL, errno_mod.ENOTSUP):
+        monkeypatch.setattr(os, "fsync", refuse(code))
+        assert digests.sync_tree(tmp_path) == 1
+    monkeypatch.setattr(os, "fsync", refuse(errno_mod.EIO))
+    with pytest.raises(OSError):
+        digests.sync_file(f)
+    assert len(seen) >= 4
+
+
+def test_preview_sums_do_not_depend_on_the_memory_layout_of_a_block():
+    # Channel-last reads arrive as strided views; their sums equal a contiguous block's
+    # bit for bit (the preview of a rerun must equal the first run's).
+    from napari_xt.engine.store.preview import PreviewSums
+
+    rng = np.random.default_rng(0)
+    yxc = rng.random((64, 64, 3)).astype(np.float32) * 1000
+    a, b = PreviewSums(64, 64, 3, 16), PreviewSums(64, 64, 3, 16)
+    a.add(0, 0, np.moveaxis(yxc, -1, 0))  # a view, channel stride 4 bytes
+    b.add(0, 0, np.ascontiguousarray(np.moveaxis(yxc, -1, 0)))
+    np.testing.assert_array_equal(a.sums, b.sums)

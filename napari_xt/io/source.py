@@ -84,6 +84,10 @@ class ImageSource:
         self.observer: Any = None  # gets every region's raw pixels (the store's preview)
         self.tile_cache_bytes = 256 * 2**20
         self._tiles: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        # tiles are views of the band read with them: a band's memory counts until its
+        # last tile leaves the cache (id(band) -> [tiles still cached, bytes])
+        self._band_of: dict[tuple[int, int], int] = {}
+        self._bands: dict[int, list[int]] = {}
         self._tile_bytes = 0
         self._lock = threading.Lock()
         self._reading: dict[tuple[int, int], threading.Event] = {}  # tiles being read
@@ -176,12 +180,20 @@ class ImageSource:
                 for j, t in enumerate(tiles):
                     self.observer.add(by * ty, (bx + j) * tx, t)
             with self._lock:
+                band_id = id(band)
+                self._bands[band_id] = [run, band.nbytes]
+                self._tile_bytes += band.nbytes
                 for j, t in enumerate(tiles):
                     self._tiles[(by, bx + j)] = t
-                    self._tile_bytes += t.nbytes
+                    self._band_of[(by, bx + j)] = band_id
                 while self._tile_bytes > self.tile_cache_bytes and len(self._tiles) > run:
-                    _, old = self._tiles.popitem(last=False)
-                    self._tile_bytes -= old.nbytes
+                    old, _ = self._tiles.popitem(last=False)
+                    old_band = self._band_of.pop(old)
+                    entry = self._bands[old_band]
+                    entry[0] -= 1
+                    if entry[0] == 0:  # the band's last tile: its memory is free
+                        self._tile_bytes -= entry[1]
+                        del self._bands[old_band]
         finally:
             with self._lock:
                 for j in range(claimed):

@@ -8,6 +8,7 @@ False): what a rerun does before it trusts a committed shard.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import zlib
@@ -126,15 +127,24 @@ def sync_tree(root: str | os.PathLike, skip: tuple[str, ...] = ()) -> int:
 
 def sync_file(path: str | os.PathLike, folder: bool = False) -> None:
     """fsync a file (missing: nothing to do), or a folder (its entries: files created or
-    renamed in it) where the system allows it."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+    renamed in it). Where the system cannot sync (a folder on Windows, file systems that
+    refuse fsync) the data is left to it, as without this call."""
+    if folder and os.name == "nt":
+        return
+    fd = None
+    for flags in ((os.O_RDONLY,) if folder else (os.O_RDWR, os.O_RDONLY)):
+        try:
+            fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
+            break
+        except OSError:
+            continue
+    if fd is None:
         return
     try:
         os.fsync(fd)
-    except OSError:
-        if not folder:  # some file systems refuse fsync on folders
+    except OSError as err:
+        if err.errno not in (errno.EBADF, errno.EINVAL, errno.ENOTSUP, errno.EACCES,
+                             errno.EPERM):
             raise
     finally:
         os.close(fd)

@@ -68,7 +68,9 @@ class PreviewSums:
             if hy == min(h, self.h0 * fy - y0) and wx == min(w, self.w0 * fx - x0):
                 if hy <= 0 or wx <= 0:
                     return
-                part = block[:, :hy, :wx]  # a view (a tile of a band read is one too)
+                part = block[:, :hy, :wx]
+                if not part.strides[0] >= part.strides[1] >= part.strides[2]:
+                    part = np.ascontiguousarray(part)  # channel-last: sums in C order
                 c = part.shape[0]
                 acc = np.float32 if part.dtype == np.float32 else np.float64
                 # whole rows first (contiguous adds), then the fx columns of the smaller sum:
