@@ -19,7 +19,7 @@ def test_predict_correct_export_finetune(tmp_path, capsys):
 
     # by default a segmentation model with a centre map writes its detections too
     assert list_results(store)["tables"] == ["prediction"]
-    save_window(store, "prediction", (0, 128, 0, 128), truth[:128, :128])
+    save_window(store, "prediction", (0, 0, 128, 128), truth[:128, :128])
     from napari_xt.widgets.correction_jobs import recorded_image
 
     assert recorded_image(store) == str(scene.resolve())  # what the widget exports from

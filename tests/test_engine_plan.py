@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from napari_xt.engine.plan import RegionPlan, ViewportOrder, window_1d
+from napari_xt.io import Box
 
 
 def test_grid_padding_and_boxes():
@@ -11,6 +12,9 @@ def test_grid_padding_and_boxes():
     assert plan.grid == (3, 3)
     assert plan.box(2, 2) == (256, 256, 300, 260)
     assert plan.box(0, 1) == (0, 128, 128, 256)
+    corner = plan.box(2, 2)  # a Box: (y0, x0, y1, x1) with names
+    assert isinstance(corner, Box) and (corner.x0, corner.y1) == (256, 300)
+    assert corner.shape == (44, 4)
 
 
 @pytest.mark.parametrize("k,stride", [(2, None), (4, None), (4, 1), (3, 2)])

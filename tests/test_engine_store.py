@@ -97,7 +97,7 @@ def test_a_store_with_corrections_is_never_wiped(tmp_path):
     model = seg_model()
     list(run(img, model, out))
     fixed = np.zeros((8, 8), np.uint8)
-    save_window(out, "prediction", (0, 8, 0, 8), fixed)
+    save_window(out, "prediction", (0, 0, 8, 8), fixed)
     with pytest.raises(StoreError, match="corrections.*labels/prediction-corrected"):
         run(img, model, out, resume=False)  # a fresh start of the same run
     with pytest.raises(StoreError, match="corrections"):

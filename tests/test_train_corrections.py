@@ -39,9 +39,9 @@ def corrected_run(tmp_path_factory):
     events = list(run(image, load_checkpoint(ckpt), store, axes="CYX",
                       normalize=(NORM["mean"], NORM["std"]), outputs=("labels", "detections")))
     assert isinstance(events[-1], Finished)
-    boxes = [(0, 64, 0, 64), (64, 96, 80, 128), (192, 256, 192, 256)]
-    for y0, y1, x0, x1 in boxes:
-        save_window(store, "prediction", (y0, y1, x0, x1), truth[y0:y1, x0:x1])
+    boxes = [(0, 0, 64, 64), (64, 80, 96, 128), (192, 192, 256, 256)]  # (y0, x0, y1, x1)
+    for y0, x0, y1, x1 in boxes:
+        save_window(store, "prediction", (y0, x0, y1, x1), truth[y0:y1, x0:x1])
     table = read_detections(store, "prediction")
     keep = slice(0, max(1, len(table["y"]) // 2))
     fixed = {k: np.asarray(v)[keep] for k, v in table.items()}
@@ -51,7 +51,7 @@ def corrected_run(tmp_path_factory):
 
 
 def test_group_boxes_joins_neighbours_within_the_margin():
-    boxes = [(0, 10, 0, 10), (12, 20, 0, 10), (50, 60, 50, 60)]
+    boxes = [(0, 0, 10, 10), (12, 0, 20, 10), (50, 50, 60, 60)]
     assert group_boxes(boxes, 1) == [[0], [1], [2]]
     assert group_boxes(boxes, 3) == [[0, 1], [2]]
     assert group_boxes(boxes, 100) == [[0, 1, 2]]
@@ -60,7 +60,7 @@ def test_group_boxes_joins_neighbours_within_the_margin():
 def test_export_pairs_hold_the_corrected_windows_only(corrected_run, tmp_path):
     r = corrected_run
     pairs = export_pairs(r["store"], r["image"], tmp_path / "pairs", margin=32, axes="CYX")
-    assert [p.box for p in pairs] == [(0, 128, 0, 160), (160, 256, 160, 256)]
+    assert [p.box for p in pairs] == [(0, 0, 128, 160), (160, 160, 256, 256)]
     assert [p.edits for p in pairs] == [2, 1]
     assert [p.labelled for p in pairs] == [64 * 64 + 32 * 48, 64 * 64]
     data = ZarrPairDataset(tmp_path / "pairs", Normalization())
@@ -73,7 +73,7 @@ def test_export_pairs_hold_the_corrected_windows_only(corrected_run, tmp_path):
     # points: the corrected table's detections inside an edited window, pair coordinates
     t = r["table"]
     inside = np.zeros(len(t["y"]), bool)
-    for y0, y1, x0, x1 in r["boxes"][:2]:
+    for y0, x0, y1, x1 in r["boxes"][:2]:
         inside |= (t["y"] >= y0) & (t["y"] < y1) & (t["x"] >= x0) & (t["x"] < x1)
     assert pairs[0].points == int(inside.sum())
     assert np.allclose(np.sort(first.points[:, 0]), np.sort(t["y"][inside]))
@@ -117,7 +117,8 @@ def test_fine_tuning_a_checkpoint_on_exported_pairs(corrected_run, tmp_path):
         x = torch.from_numpy(Normalization((-14.0, -22.0), (7.0, 7.0))(r["image"]))[None]
         with torch.no_grad():
             pred = model.eval()(x)["logits"][0].argmax(0).numpy()
-        wrong = [np.mean(pred[a:b, c:d] != r["truth"][a:b, c:d]) for a, b, c, d in r["boxes"]]
+        wrong = [np.mean(pred[y0:y1, x0:x1] != r["truth"][y0:y1, x0:x1])
+                 for y0, x0, y1, x1 in r["boxes"]]
         return float(np.mean(wrong))
 
     before = reviewed_error(start)
@@ -219,14 +220,14 @@ def test_export_from_a_run_on_a_pyramid_level(tmp_path):
     assert table_scale(store) == (2.0, 2.0)
     # no physical pixel size: the labels are placed in level-0 pixels over the image
     assert read_labels(store, "prediction").pixel_size == (2.0, 2.0)
-    save_window(store, "prediction", (0, 128, 0, 128), np.full((128, 128), 2, np.uint8))
+    save_window(store, "prediction", (0, 0, 128, 128), np.full((128, 128), 2, np.uint8))
     save_detections(store, "prediction", {"y": np.array([100.0, 900.0]),
                                           "x": np.array([60.0, 900.0]),
                                           "class": np.array([0, 0]),
                                           "score": np.array([1.0, 1.0]),
                                           "size": np.array([8.0, 8.0])})
     [pair] = export_pairs(store, tmp_path / "big.ome.zarr", tmp_path / "pairs", margin=32)
-    assert pair.box == (0, 160, 0, 160) and pair.points == 1
+    assert pair.box == (0, 0, 160, 160) and pair.points == 1
     [sample] = ZarrPairDataset(tmp_path / "pairs", Normalization())
     level1 = np.asarray(open_image(tmp_path / "big.ome.zarr").levels[1][:, :160, :160])
     assert np.allclose(sample.image, level1)

@@ -50,7 +50,7 @@ def test_correct_a_window_and_the_detections_of_a_run(make_napari_viewer, qtbot,
     world = (TRANSLATE[0] + 100 * SCALE[0], TRANSLATE[1] + 300 * SCALE[1])
     assert widget.edit_view(world)
     _wait(qtbot, widget)
-    assert widget.window == (36, 164, 236, 364)
+    assert widget.window == (36, 236, 164, 364)
     edit = viewer.layers[cw.LAYER_EDIT]
     assert np.array_equal(edit.data, predicted[36:164, 236:364])
     assert tuple(edit.translate) == (TRANSLATE[0] + 36 * SCALE[0], TRANSLATE[1] + 236 * SCALE[1])
@@ -81,7 +81,7 @@ def test_correct_a_window_and_the_detections_of_a_run(make_napari_viewer, qtbot,
     assert np.array_equal(np.asarray(corrected.levels[0]), expected)
     assert np.array_equal(np.asarray(read_labels(store, "prediction").levels[0]), predicted)
     [saved] = edits(store, "prediction")
-    assert saved.box == (36, 164, 236, 364)
+    assert saved.box == (36, 236, 164, 364)
     assert saved.changed == int(np.count_nonzero(predicted[36:76, 236:286] != 2))
     assert f"{saved.changed:,} pixels changed" in widget.status.text()
     fixed = read_corrected_detections(store, "prediction")
@@ -104,7 +104,7 @@ def test_correct_a_window_and_the_detections_of_a_run(make_napari_viewer, qtbot,
     # a new window overlapping the saved one starts from the correction
     assert widget.edit_view((TRANSLATE[0] + 64 * SCALE[0], TRANSLATE[1] + 250 * SCALE[1]))
     _wait(qtbot, widget)
-    y0, y1, x0, x1 = widget.window
+    y0, x0, y1, x1 = widget.window
     assert np.array_equal(viewer.layers[cw.LAYER_EDIT].data, expected[y0:y1, x0:x1])
     viewer.layers[cw.LAYER_EDIT].data[0, 0] = 0
     widget.discard()
@@ -141,7 +141,7 @@ def test_a_store_opened_from_disk_uses_its_pixel_size(make_napari_viewer, qtbot,
     widget.size_spin.setValue(64)
     assert widget.edit_view((25.0, 149.0))  # label pixel (50, 298): moved inside the image
     _wait(qtbot, widget)
-    assert widget.window == (18, 82, 236, 300)
+    assert widget.window == (18, 236, 82, 300)
     layer = viewer.layers[cw.LAYER_EDIT]
     assert tuple(layer.scale) == (0.5, 0.5) and tuple(layer.translate) == (9.0, 118.0)
     assert np.array_equal(layer.data, labels[18:82, 236:300])
@@ -154,7 +154,7 @@ def test_a_store_opened_from_disk_uses_its_pixel_size(make_napari_viewer, qtbot,
 
     widget._on_click(viewer, Press())
     _wait(qtbot, widget)
-    assert widget.window == (0, 64, 0, 64)
+    assert widget.window == (0, 0, 64, 64)
     layer = viewer.layers[cw.LAYER_EDIT]
     assert tuple(layer.translate) == (0.0, 0.0)
     widget.pick_check.setChecked(False)

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         print(bad_input_line("export-pairs", err), file=sys.stderr)
         return EXIT_USAGE
     for p in pairs:
-        y0, y1, x0, x1 = p.box
+        y0, x0, y1, x1 = p.box
         print(f"{p.path}: rows {y0}:{y1}, columns {x0}:{x1}, {p.edits} edit(s), "
               f"{p.labelled:,} labelled pixels, {p.points} points")
     print(f"{len(pairs)} training pair(s) in {args.out}")

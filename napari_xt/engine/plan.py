@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from napari_xt.io.box import Box
+
 ORDERS = ("raster", "zigzag", "viewport")
 WINDOW_FLOOR = 1e-3
 
@@ -123,9 +125,9 @@ class RegionPlan:
     def num_regions(self) -> int:
         return self.rows * self.cols
 
-    def box(self, row: int, col: int) -> tuple[int, int, int, int]:
-        """(y0, x0, y1, x1) pixel box of a region, clipped to the image."""
-        return self.regions.box(row, col)
+    def box(self, row: int, col: int) -> Box:
+        """Pixel box of a region, clipped to the image."""
+        return Box(*self.regions.box(row, col))
 
     def _axis_window(self, n: int, start: int, total: int) -> np.ndarray:
         key = (n, start == 0, start + n == total)

@@ -4,6 +4,7 @@ write and read results (labels, detection tables, classification records).
 This package never imports Qt or napari.
 """
 
+from .box import Box
 from .convert import convert, iter_convert
 from .errors import ImageIOError
 from .image import MultiscaleImage
@@ -25,6 +26,7 @@ from .results import (
 from .stats import ImageStats, check_finite, contrast_limits, image_stats
 
 __all__ = [
+    "Box",
     "ImageIOError",
     "ImagePath",
     "ImageStats",

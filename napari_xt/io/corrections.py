@@ -10,7 +10,8 @@ The prediction (`labels/<name>`, `tables/<name>`) is never modified, so a correc
 always be compared with, or reset to, what the model said. A saved window updates level 0
 and the matching part of every pyramid level (same downsampling as the prediction's
 pyramid), and is recorded as an `Edit` (box, time, changed pixels, class counts before and
-after) after its pixels are written.
+after) after its pixels are written. Boxes are `Box` (y0, x0, y1, x1) level-0 pixels; the
+edit log in the store keeps its own (y0, y1, x0, x1) order (`_box_record`, `_record_box`).
 
 This module never imports Qt or napari.
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from .box import Box
 from .errors import ImageIOError
 from .ngff import ome_attrs, parse_image
 from .pyramid import downsample_block
@@ -49,9 +51,9 @@ MAX_WINDOW = 8192  # pixels a side: one window is held in memory (and in a napar
 
 @dataclass(frozen=True)
 class Edit:
-    """One saved window of a correction: `box` = (y0, y1, x0, x1) level-0 pixels."""
+    """One saved window of a correction: `box` in level-0 pixels."""
 
-    box: tuple[int, int, int, int]
+    box: Box
     time: str
     changed: int  # pixels whose label differs from what the correction held before
     before: dict[int, int]  # label value -> pixel count in the window before the save
@@ -122,18 +124,20 @@ def _open_correction(store: str | os.PathLike, name: str) -> LabelsResult:
     return read_labels(root, target)
 
 
-def read_window(store: str | os.PathLike, name: str, box: tuple[int, int, int, int],
+def read_window(store: str | os.PathLike, name: str, box: Box | Sequence[int],
                 *, corrected: bool = True) -> np.ndarray:
-    """Level-0 labels of `box` = (y0, y1, x0, x1): from the correction when there is one
+    """Level-0 labels of `box` (y0, x0, y1, x1): from the correction when there is one
     (and `corrected`), else from the prediction."""
     use = corrected_name(name) if corrected and has_correction(store, name) else name
     levels = read_labels(store, use).levels
-    y0, y1, x0, x1 = check_box(box, levels[0].shape)
-    return np.asarray(levels[0][y0:y1, x0:x1])
+    return np.asarray(levels[0][check_box(box, levels[0].shape).slices])
 
 
-def check_box(box, shape) -> tuple[int, int, int, int]:
-    y0, y1, x0, x1 = (int(v) for v in box)
+def check_box(box: Box | Sequence[int], shape) -> Box:
+    """`box` (y0, x0, y1, x1) as a Box, refused when empty, outside a (h, w, ...) `shape`
+    or larger than `MAX_WINDOW`."""
+    box = Box.of(box)
+    y0, x0, y1, x1 = box
     h, w = int(shape[0]), int(shape[1])
     if not (0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w):
         raise ImageIOError(f"window (rows {y0}:{y1}, columns {x0}:{x1}) is empty or outside "
@@ -141,12 +145,13 @@ def check_box(box, shape) -> tuple[int, int, int, int]:
     if max(y1 - y0, x1 - x0) > MAX_WINDOW:
         raise ImageIOError(f"window {y1 - y0} x {x1 - x0} is larger than {MAX_WINDOW} pixels "
                            "a side; correct it in smaller windows")
-    return y0, y1, x0, x1
+    return box
 
 
-def save_window(store: str | os.PathLike, name: str, box: tuple[int, int, int, int],
+def save_window(store: str | os.PathLike, name: str, box: Box | Sequence[int],
                 data: np.ndarray) -> Edit:
-    """Write `data` (the window's labels) into the correction of `name` and its pyramid.
+    """Write `data` (the labels of `box`, (y0, x0, y1, x1)) into the correction of `name`
+    and its pyramid.
 
     Labels that are not classes of the result (when its metadata lists them) are refused
     before anything is written. The store is locked meanwhile (never beside a run)."""
@@ -154,15 +159,14 @@ def save_window(store: str | os.PathLike, name: str, box: tuple[int, int, int, i
         return _save_window(store, name, box, data)
 
 
-def _save_window(store: str | os.PathLike, name: str, box: tuple[int, int, int, int],
+def _save_window(store: str | os.PathLike, name: str, box: Box | Sequence[int],
                  data: np.ndarray) -> Edit:
     result = open_correction(store, name)
-    level0 = result.levels[0]
-    y0, y1, x0, x1 = check_box(box, level0.shape)
+    box = check_box(box, result.levels[0].shape)
     data = np.asarray(data)
-    if data.shape != (y1 - y0, x1 - x0):
-        raise ImageIOError(f"corrected window has shape {data.shape}, the window "
-                           f"(rows {y0}:{y1}, columns {x0}:{x1}) is {(y1 - y0, x1 - x0)}")
+    if data.shape != box.shape:
+        raise ImageIOError(f"corrected window has shape {data.shape}, the window (rows "
+                           f"{box.y0}:{box.y1}, columns {box.x0}:{box.x1}) is {box.shape}")
     if data.dtype.kind not in "iub":
         raise ImageIOError(f"corrected labels must be integers, not {data.dtype}")
     values = np.unique(data)
@@ -178,16 +182,15 @@ def _save_window(store: str | os.PathLike, name: str, box: tuple[int, int, int, 
     if values.size and (int(values.min()) < info.min or int(values.max()) > info.max):
         raise ImageIOError(f"labels {int(values.min())}..{int(values.max())} do not fit the "
                            f"result's {arrays[0].dtype}; nothing was saved")
-    old = np.asarray(arrays[0][y0:y1, x0:x1])
+    old = np.asarray(arrays[0][box.slices])
     new = data.astype(arrays[0].dtype, copy=False)
-    arrays[0][y0:y1, x0:x1] = new
-    _update_pyramid(arrays, (y0, y1, x0, x1), _method(path))
-    edit = Edit((y0, y1, x0, x1), _now(), int(np.count_nonzero(old != new)),
-                _counts(old), _counts(new))
+    arrays[0][box.slices] = new
+    _update_pyramid(arrays, box, _method(path))
+    edit = Edit(box, _now(), int(np.count_nonzero(old != new)), _counts(old), _counts(new))
     fmt = zarr_format(path)
     attrs = group_attrs(path, fmt)
     attrs.setdefault("napari-xt", {}).setdefault(KEY, {"source": f"labels/{name}", "edits": []})
-    attrs["napari-xt"][KEY]["edits"].append(asdict(edit))
+    attrs["napari-xt"][KEY]["edits"].append({**asdict(edit), "box": _box_record(box)})
     write_group(path, fmt, attrs)
     return edit
 
@@ -200,7 +203,7 @@ def edits(store: str | os.PathLike, name: str) -> list[Edit]:
         return []
     out = []
     for e in group_attrs(path, fmt).get("napari-xt", {}).get(KEY, {}).get("edits", []):
-        out.append(Edit(tuple(e["box"]), e["time"], int(e["changed"]),
+        out.append(Edit(_record_box(e["box"]), e["time"], int(e["changed"]),
                         {int(k): int(v) for k, v in e["before"].items()},
                         {int(k): int(v) for k, v in e["after"].items()}))
     return out
@@ -239,9 +242,23 @@ def table_scale(store: str | os.PathLike) -> tuple[float, float]:
     return float(fy), float(fx)
 
 
-def _update_pyramid(arrays: list, box: tuple[int, int, int, int], method: str) -> None:
+# The edit log in the store (`napari-xt.corrections.edits[].box`) keeps the order it was
+# first written in, (y0, y1, x0, x1), so that existing stores read the same; these two convert
+# at that boundary, nothing else sees that order.
+def _box_record(box: Box) -> list[int]:
+    """The log's [y0, y1, x0, x1] of a Box."""
+    return [box.y0, box.y1, box.x0, box.x1]
+
+
+def _record_box(record: Sequence[int]) -> Box:
+    """The Box of the log's [y0, y1, x0, x1]."""
+    y0, y1, x0, x1 = (int(v) for v in record)
+    return Box(y0, x0, y1, x1)
+
+
+def _update_pyramid(arrays: list, box: Box, method: str) -> None:
     """Recompute every coarser level over the part that `box` (level 0) touches."""
-    y0, y1, x0, x1 = box
+    y0, x0, y1, x1 = box
     for above, target in zip(arrays[:-1], arrays[1:]):
         h, w = target.shape
         y0, x0 = y0 // 2, x0 // 2

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from .box import Box
 from .errors import ImageIOError
 from .pyramid import downsample_block
 
@@ -102,20 +103,20 @@ def glob_escape(name: str) -> str:
     return glob.escape(name)
 
 
-def block_grid(shape: tuple[int, int], block: tuple[int, int]) -> list[tuple[int, int, int, int]]:
-    """(y0, y1, x0, x1) of every output block, raster order."""
+def block_grid(shape: tuple[int, int], block: tuple[int, int]) -> list[Box]:
+    """The box of every output block, raster order."""
     h, w = shape
     bh, bw = block
     return [
-        (y0, min(y0 + bh, h), x0, min(x0 + bw, w))
+        Box(y0, x0, min(y0 + bh, h), min(x0 + bw, w))
         for y0 in range(0, h, bh)
         for x0 in range(0, w, bw)
     ]
 
 
 def _run_blocks(
-    boxes: list[tuple[int, int, int, int]],
-    job: Callable[[tuple[int, int, int, int]], None],
+    boxes: list[Box],
+    job: Callable[[Box], None],
     workers: int,
 ) -> Iterator[int]:
     """Run `job(box)` for every box with at most 2*workers in flight; yield after each."""
@@ -151,10 +152,9 @@ def write_blocks(
     iy, ix = axes.index("Y"), axes.index("X")
     shape = (target.shape[iy], target.shape[ix])
 
-    def job(box):
-        y0, y1, x0, x1 = box
+    def job(box: Box) -> None:
         index = [slice(None)] * len(axes)
-        index[iy], index[ix] = slice(y0, y1), slice(x0, x1)
+        index[iy], index[ix] = box.slices
         region = source[tuple(index)]
         if hasattr(region, "compute"):
             region = region.compute(scheduler="synchronous")
@@ -177,13 +177,13 @@ def write_pyramid_level(
     iy, ix = axes.index("Y"), axes.index("X")
     shape = (target.shape[iy], target.shape[ix])
 
-    def job(box):
-        y0, y1, x0, x1 = box
+    def job(box: Box) -> None:
+        y0, x0, y1, x1 = box
         src = [slice(None)] * len(axes)
         src[iy], src[ix] = slice(y0 * factor, y1 * factor), slice(x0 * factor, x1 * factor)
         region = downsample_block(np.asarray(above[tuple(src)]), iy, ix, factor, method)
         dst = [slice(None)] * len(axes)
-        dst[iy], dst[ix] = slice(y0, y1), slice(x0, x1)
+        dst[iy], dst[ix] = box.slices
         target[tuple(dst)] = region
 
     yield from _run_blocks(block_grid(shape, block), job, workers)

@@ -19,12 +19,14 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from napari_xt.io.box import Box
 
 from .data import IGNORE_INDEX, write_pair
 
@@ -32,7 +34,7 @@ from .data import IGNORE_INDEX, write_pair
 @dataclass(frozen=True)
 class ExportedPair:
     path: Path
-    box: tuple[int, int, int, int]  # (y0, y1, x0, x1) label pixels the pair covers
+    box: Box  # label pixels the pair covers
     edits: int  # saved edits it holds
     labelled: int  # pixels with a corrected label (the rest is IGNORE_INDEX)
     points: int
@@ -42,8 +44,10 @@ class ExportError(ValueError):
     """The corrections cannot be exported (no edits, another image, ...)."""
 
 
-def group_boxes(boxes: list[tuple[int, int, int, int]], margin: int) -> list[list[int]]:
-    """Indices of boxes grouped so that boxes closer than `margin` share a group."""
+def group_boxes(boxes: Sequence[Box | Sequence[int]], margin: int) -> list[list[int]]:
+    """Indices of boxes (y0, x0, y1, x1) grouped so that boxes closer than `margin` share
+    a group."""
+    boxes = [Box.of(b) for b in boxes]
     parent = list(range(len(boxes)))
 
     def find(i: int) -> int:
@@ -55,8 +59,8 @@ def group_boxes(boxes: list[tuple[int, int, int, int]], margin: int) -> list[lis
     for i, a in enumerate(boxes):
         for j in range(i):
             b = boxes[j]
-            if (a[0] < b[1] + margin and b[0] < a[1] + margin
-                    and a[2] < b[3] + margin and b[2] < a[3] + margin):
+            if (a.y0 < b.y1 + margin and b.y0 < a.y1 + margin
+                    and a.x0 < b.x1 + margin and b.x0 < a.x1 + margin):
                 parent[find(i)] = find(j)
     groups: dict[int, list[int]] = {}
     for i in range(len(boxes)):
@@ -145,30 +149,31 @@ def export_pairs(
         shutil.rmtree(path)
     pairs = []
     for g, members in enumerate(groups):
-        y0 = max(0, min(boxes[i][0] for i in members) - margin)
-        y1 = min(h, max(boxes[i][1] for i in members) + margin)
-        x0 = max(0, min(boxes[i][2] for i in members) - margin)
-        x1 = min(w, max(boxes[i][3] for i in members) + margin)
-        corrected = np.asarray(labels[y0:y1, x0:x1])
+        y0 = max(0, min(boxes[i].y0 for i in members) - margin)
+        x0 = max(0, min(boxes[i].x0 for i in members) - margin)
+        y1 = min(h, max(boxes[i].y1 for i in members) + margin)
+        x1 = min(w, max(boxes[i].x1 for i in members) + margin)
+        pair = Box(y0, x0, y1, x1)
+        corrected = np.asarray(labels[pair.slices])
         mask = np.full(corrected.shape, IGNORE_INDEX, np.uint8 if corrected.max(
             initial=0) < IGNORE_INDEX else corrected.dtype)
         reviewed = np.zeros(corrected.shape, bool)
         for i in members:
-            a, b, c, d = boxes[i]
-            reviewed[a - y0:b - y0, c - x0:d - x0] = True
+            b = boxes[i]
+            reviewed[b.y0 - y0:b.y1 - y0, b.x0 - x0:b.x1 - x0] = True
         mask[reviewed] = corrected[reviewed]
         points = sizes = None
         if table is not None and len(table["y"]):
             py, px = np.asarray(table["y"], float) / fy, np.asarray(table["x"], float) / fx
             iy, ix = np.floor(py).astype(int) - y0, np.floor(px).astype(int) - x0
-            inside = (iy >= 0) & (iy < y1 - y0) & (ix >= 0) & (ix < x1 - x0)
+            inside = (iy >= 0) & (iy < pair.height) & (ix >= 0) & (ix < pair.width)
             inside[inside] = reviewed[iy[inside], ix[inside]]
             points = np.stack([py[inside] - y0, px[inside] - x0], 1)
             size = np.asarray(table.get("size", np.zeros(len(py))), float)
             sizes = size[inside] / float(np.sqrt(fy * fx))
         path = out / f"{stem}-{name}-{y0}-{x0}.zarr"  # one folder can collect many stores
         write_pair(path, source.read_box(y0, x0, y1, x1), mask, points, sizes)
-        pairs.append(ExportedPair(path, (y0, y1, x0, x1), len(members),
+        pairs.append(ExportedPair(path, pair, len(members),
                                   int(reviewed.sum()), 0 if points is None else len(points)))
         if progress is not None:
             progress(g + 1, len(groups))

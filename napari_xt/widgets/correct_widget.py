@@ -35,6 +35,8 @@ from qtpy.QtWidgets import (
 if TYPE_CHECKING:
     import napari.viewer
 
+    from napari_xt.io.box import Box
+
 from .controls import WorkerPanel, status_label
 from .correction_jobs import load_window, recorded_image, save_edits
 from .correction_points import add_points_layer, points_table
@@ -57,7 +59,7 @@ class CorrectWidget(WorkerPanel, QWidget):
         super().__init__(parent)
         self.viewer = viewer
         self.worker = None
-        self.window: tuple[int, int, int, int] | None = None  # (y0, y1, x0, x1) label pixels
+        self.window: Box | None = None  # label pixels
         self.target: tuple[str, str] | None = None  # (store, result) the window came from
         self._loaded: np.ndarray | None = None  # the window as loaded or last saved
         self._loaded_points: tuple[np.ndarray, Any] | None = None
@@ -189,10 +191,10 @@ class CorrectWidget(WorkerPanel, QWidget):
         layer = self.viewer.layers[LAYER_POINTS]
         return not (np.array_equal(layer.data, data) and layer.features.equals(features))
 
-    def window_at(self, world) -> tuple[int, int, int, int]:
+    def window_at(self, world) -> Box:
         """The window of the chosen size centred on a world position, moved inside the
-        label image: (y0, y1, x0, x1) label pixels."""
-        from napari_xt.io import read_labels
+        label image, in label pixels."""
+        from napari_xt.io import Box, read_labels
 
         labels = read_labels(self.store, self.result)
         (sy, sx), (ty, tx) = self._world_transform(labels)
@@ -202,7 +204,7 @@ class CorrectWidget(WorkerPanel, QWidget):
         ny, nx = min(n, h), min(n, w)
         y0 = int(np.clip(round(cy - ny / 2), 0, h - ny))
         x0 = int(np.clip(round(cx - nx / 2), 0, w - nx))
-        return y0, y0 + ny, x0, x0 + nx
+        return Box(y0, x0, y0 + ny, x0 + nx)
 
     def edit_view(self, world=None) -> bool:
         """Load the window around `world` (default: the camera centre) for editing.
@@ -225,7 +227,7 @@ class CorrectWidget(WorkerPanel, QWidget):
         except Exception as err:  # noqa: BLE001 - a missing/corrupt store: say so
             show_warning(f"Correct results: {err}")
             return False
-        self.status.setText(f"loading rows {box[0]}:{box[1]}, columns {box[2]}:{box[3]}…")
+        self.status.setText(f"loading rows {box.y0}:{box.y1}, columns {box.x0}:{box.x1}…")
         target = (self.store, self.result)
         self.worker = start_worker(load_window, *target, box)
         self.worker.returned.connect(lambda loaded: self._show_window(loaded, target))
@@ -235,7 +237,9 @@ class CorrectWidget(WorkerPanel, QWidget):
     def _show_window(self, loaded: dict[str, Any], target: tuple[str, str]) -> None:
         from napari.utils.notifications import show_warning
 
-        box, labels = loaded["box"], loaded["labels"]
+        from napari_xt.io import Box
+
+        box, labels = Box.of(loaded["box"]), loaded["labels"]
         if self.dirty:  # never replace unsaved edits
             show_warning("Correct results: the current window has unsaved edits; save or "
                          "discard them, then edit the next window")
@@ -247,15 +251,15 @@ class CorrectWidget(WorkerPanel, QWidget):
         self._transform = self._world_transform(loaded["meta"])
         self._table_scale = loaded["table_scale"]
         (sy, sx), (ty, tx) = self._transform
-        translate = (ty + box[0] * sy, tx + box[2] * sx)
+        translate = (ty + box.y0 * sy, tx + box.x0 * sx)
         for name in EDIT_LAYERS:
             if name in self.viewer.layers:
                 self.viewer.layers.remove(name)
         frame = self.viewer.add_shapes(
-            [[[box[0] - 0.5, box[2] - 0.5], [box[1] - 0.5, box[3] - 0.5]]],
+            [[[box.y0 - 0.5, box.x0 - 0.5], [box.y1 - 0.5, box.x1 - 0.5]]],
             shape_type="rectangle", name=LAYER_FRAME, scale=(sy, sx), translate=(ty, tx),
             edge_color="white", face_color="transparent",
-            edge_width=2 * max(1, (box[1] - box[0]) // 256))
+            edge_width=2 * max(1, box.height // 256))
         frame.editable = False
         layer = self.viewer.add_labels(labels, name=LAYER_EDIT, scale=(sy, sx),
                                        translate=translate, opacity=0.7,
@@ -268,7 +272,7 @@ class CorrectWidget(WorkerPanel, QWidget):
         layer.selected_label = 1 if 1 in self.classes or not self.classes else self.classes[0]
         self._activate_edit_layer()
         self.status.setText(
-            f"editing rows {box[0]}:{box[1]}, columns {box[2]}:{box[3]} of {target[1]!r}"
+            f"editing rows {box.y0}:{box.y1}, columns {box.x0}:{box.x1} of {target[1]!r}"
             f" (classes {self.classes}); paint, then Save")
 
     def _activate_edit_layer(self) -> None:
