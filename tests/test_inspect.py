@@ -1,0 +1,175 @@
+"""Contribution maps (`napari_xt.inspect`) on models whose answer is known."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from napari_xt.inspect import METHODS, attention_matrices, contribution_map
+from napari_xt.io.source import ImageSource
+from napari_xt.model import create_model
+from napari_xt.model.xt import token_layout
+
+HEAD = {"kind": "segmentation", "num_classes": 3, "decoder_channels": [8, 8, 8, 8, 8]}
+
+
+def tiny(context, crop_regions=2):
+    torch.manual_seed(0)
+    return create_model("xt_tiny_demo_seg", in_chans=1, num_classes=3,
+                        region={"backbone": "test_convnext3", "region_size": 32, "in_chans": 1},
+                        tokenizer={"region_size": 32}, context=context,
+                        crop_regions=crop_regions, head=HEAD).eval()
+
+
+def image(seed=0, size=64):
+    return np.random.default_rng(seed).random((size, size)).astype(np.float32) + 0.5
+
+
+def copy_model(beta=25.0, alpha=5.0):
+    """A 2 x 2-region crop model (one token per region) whose region A = (0, 0) reads
+    region B = (1, 1): its query matches only B's key (also when A is blanked), the value
+    path copies B's token 25-fold into A's, the MLP adds nothing. Region tokens are one-hot
+    (10 e_j for region j of the crop, 10 e_15 for a region with no content)."""
+    model = tiny({"kind": "hyper", "dim": 16, "depth": 1, "head_dim": 16, "mlp_dim": 16,
+                  "causal": False})
+    blk = model.context.layers[0]
+    d = 16
+    m = torch.eye(d)
+    m[:, 0] = 0.0
+    m[3, 0] = 1.0  # A -> B
+    m[:, 15] = 0.0
+    m[3, 15] = 1.0  # a blanked A still asks for B
+    with torch.no_grad():
+        blk.attn.qkv.weight.copy_(torch.cat([alpha * m, torch.eye(d), torch.eye(d)]))
+        blk.attn.qkv.bias.zero_()
+        blk.attn.proj.weight.copy_(beta * torch.eye(d))
+        blk.attn.proj.bias.zero_()
+        blk.mlp.down_proj.weight.zero_()
+
+    def region_tokens(self, last, region_rc):
+        b, r = last.shape[:2]
+        blank = last.flatten(2).abs().sum(-1) == 0  # (B, R)
+        tokens = torch.zeros(b, r, d)
+        tokens[:, torch.arange(r), torch.arange(r)] = 10.0
+        tokens[blank] = 0.0
+        tokens[..., 15] = torch.where(blank, 10.0, 0.0)
+        _, pos = token_layout(region_rc, 1, 1)
+        return tokens, pos.unsqueeze(0).expand(b, -1, -1)
+
+    model.region_tokens = types.MethodType(region_tokens, model)
+    return model
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_region_reading_another_gives_it_nearly_all_the_weight(method):
+    model = copy_model()
+    cm = contribution_map(model, ImageSource(image()), (0, 0), method)
+    assert cm.spans == ((0, 0, 2, 2),) and np.isclose(np.nansum(cm.values), 1.0)
+    assert cm.values[1, 1] > 0.8, cm.values  # B
+    assert cm.top(1)[0][0] == (1, 1)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_region_only_model_gives_the_region_itself_all_the_weight(method):
+    model = tiny({"kind": "none", "dim": 128, "depth": 0})
+    cm = contribution_map(model, ImageSource(image(1, 96)), (1, 1), method)
+    assert cm.self_share == pytest.approx(1.0)
+    assert np.nansum(cm.values) == pytest.approx(1.0)
+    assert "region-only" in cm.note
+
+
+@pytest.mark.parametrize("context", [
+    {"kind": "hyper", "dim": 16, "depth": 2, "head_dim": 8, "mlp_dim": 16, "causal": False},
+    {"kind": "hyper", "dim": 16, "depth": 2, "head_dim": 8, "mlp_dim": 16, "causal": True},
+    {"kind": "transformer_xl", "dim": 16, "depth": 2, "head_dim": 8, "mlp_dim": 16,
+     "chunk_len": 3, "mem_len": 2, "causal": True},
+])
+def test_attention_is_the_encoders_own_and_each_row_sums_to_one(context):
+    # the attention shown is that of the computation the run makes: the same output as the
+    # encoder's forward; each query's weights sum to 1 over the keys it can see
+    model = tiny(context)
+    tokens = torch.randn(1, 10, 16)
+    with torch.no_grad():
+        want, _ = model.contextualize(tokens)
+        out, mats, shares = attention_matrices(model, tokens)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    assert len(mats) == len(shares) == 2
+    for a, share in zip(mats, shares):
+        assert a.shape == (2, 10, 10)
+        torch.testing.assert_close(a.sum(-1), torch.ones(2, 10), rtol=1e-5, atol=1e-5)
+        assert ((share > 0) & (share < 1)).all()
+        if context["causal"]:
+            assert torch.all(a.triu(1) == 0)  # no query sees a later key
+    if context["kind"] == "transformer_xl":  # token 6 (segment 6..8) sees memory 4, 5 only
+        assert torch.all(mats[0][:, 6, :4] == 0) and torch.all(mats[0][:, 6, 4:7] > 0)
+
+
+def test_mamba_has_no_attention_but_gradient_and_occlusion_work():
+    model = tiny({"kind": "mamba", "dim": 16, "depth": 2, "d_state": 4, "expand": 2})
+    src = ImageSource(image(2, 96))
+    for method in ("attention", "rollout"):
+        with pytest.raises(ValueError, match="gradient or occlusion"):
+            contribution_map(model, src, (1, 1), method)
+    for method in ("gradient", "occlusion"):
+        cm = contribution_map(model, src, (1, 1), method)
+        assert np.nansum(cm.values) == pytest.approx(1.0) and 0 < cm.self_share < 1
+
+
+def test_crops_and_pixels_follow_the_engines_plan():
+    # a region covered by several crops gets their blend of maps (weights of the run's
+    # windows); a pixel narrows the answer to its own token; bad input is refused
+    model = tiny({"kind": "hyper", "dim": 16, "depth": 2, "head_dim": 8, "mlp_dim": 16,
+                  "causal": False})
+    src = ImageSource(image(3, 128))  # 4 x 4 regions, crops of 2 x 2 at stride 1
+    cm = contribution_map(model, src, (1, 2), "occlusion")
+    assert len(cm.spans) == 4 and np.isclose(sum(cm.weights), 1.0)
+    assert np.isnan(cm.values[3, 0]) and np.isfinite(cm.values[0:3, 1:4]).all()
+    px = contribution_map(model, src, (1, 2), "attention", pixel=(5, 7))
+    assert px.pixel == (5, 7) and np.isclose(np.nansum(px.values), 1.0)
+    with pytest.raises(ValueError, match="outside"):
+        contribution_map(model, src, (4, 0), "occlusion")
+    with pytest.raises(ValueError, match="method"):
+        contribution_map(model, src, (0, 0), "saliency")
+    with pytest.raises(ValueError, match="layer 5"):
+        contribution_map(model, src, (0, 0), "attention", layer=5)
+
+
+@pytest.fixture(scope="module")
+def lake_scene():
+    """A held-out scene of the built-in model's task (512 px, one crop wide) and a region
+    inside one of its lakes that the model calls lake (on most of its pixels)."""
+    from napari_xt.model.choice import load_model
+    from napari_xt.train.synthetic import SceneConfig, SyntheticScene
+
+    model, _, norm = load_model("demo")
+    for seed in range(900, 960):
+        img, truth = SyntheticScene(seed, SceneConfig(height=512, width=512)).read()
+        src = ImageSource(img, axes="CYX", normalize=norm)
+        with torch.no_grad():
+            x = torch.from_numpy(src.read((0, 0, 512, 512), 512)[0])[None]
+            pred = model(x)["logits"][0].argmax(0).numpy()
+        for r in range(8):
+            for c in range(8):
+                box = (slice(r * 64, (r + 1) * 64), slice(c * 64, (c + 1) * 64))
+                if (truth[box] == 2).all() and (pred[box] == 2).mean() > 0.8:
+                    return model, src, (r, c)
+    pytest.fail("no held-out scene with a lake region the model gets right")
+
+
+def test_the_built_in_model_reads_far_for_a_lake_and_the_region_only_one_does_not(lake_scene):
+    # A lake differs from the sea only by being closed: the model must look beyond the
+    # region (at its shores) to call it lake; the region-only baseline cannot.
+    from napari_xt.model.choice import load_model
+
+    model, src, region = lake_scene
+    shares = {m: contribution_map(model, src, region, m).self_share
+              for m in ("attention", "rollout", "occlusion", "gradient")}
+    assert max(shares["attention"], shares["rollout"], shares["occlusion"]) < 0.5, shares
+    assert shares["gradient"] < 0.6, shares
+    alone, _, norm = load_model("demo-region-only")
+    src_alone = ImageSource(src.array, axes="CYX", normalize=norm)
+    cm = contribution_map(alone, src_alone, region, "occlusion")
+    assert cm.self_share == pytest.approx(1.0)
