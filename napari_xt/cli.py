@@ -1,4 +1,4 @@
-"""Command line: ``napari-xt predict | convert | train | export-pairs | bench | demo``.
+"""Command line: ``napari-xt predict | convert | train | export-pairs | inspect | bench | demo``.
 
 Each subcommand lives in its own module under :mod:`napari_xt.commands` and exposes
 ``register(subparsers)``, which adds its parser and sets ``func(args) -> int`` as the
@@ -22,7 +22,8 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("predict", "convert", "train", "export_pairs", "bench", "demo")  # modules
+SUBCOMMANDS = ("predict", "convert", "train", "export_pairs", "inspect", "bench",
+               "demo")  # modules
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -53,6 +54,7 @@ BAD_INPUT = (
     ("napari_xt.engine.cache", "CacheMismatchError"),
     ("napari_xt.engine.store.spec", "StoreError"),
     ("napari_xt.train.from_corrections", "ExportError"),
+    ("napari_xt.inspect.stored", "InspectError"),
 )
 
 

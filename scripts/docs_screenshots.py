@@ -29,9 +29,10 @@ def settle(steps=50):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", choices=("running", "run", "correct"), default=None,
-                        help="re-take only the streaming picture, the Run/Inspect pictures or "
-                             "the Correct one")
+    parser.add_argument("--only", choices=("running", "run", "correct", "contributions"),
+                        default=None,
+                        help="re-take only the streaming picture, the Run/Inspect pictures, "
+                             "the Correct one or the contribution maps")
     only = parser.parse_args().only
     if only in (None, "running"):
         running()
@@ -43,9 +44,11 @@ def main():
     viewer.window._qt_window.resize(1500, 950)
     wait(lambda: widget.run_button.isEnabled())
     settle()
-    if only != "correct":
+    if only in (None, "run"):
         run_and_inspect(viewer)
-    if only != "run":
+    if only in (None, "contributions"):
+        contributions(viewer)
+    if only in (None, "correct"):
         correct(viewer)
     viewer.close()
 
@@ -95,6 +98,51 @@ def run_and_inspect(viewer):
     viewer.window.remove_dock_widget(inspect)
     for layer in [x for x in viewer.layers if x.name.startswith("xT ")]:
         viewer.layers.remove(layer)
+
+
+def contributions(viewer):
+    """Two contribution maps of the finished demo run (occlusion): a region inside a lake
+    (the model can only call it lake by looking at its shores) and a detection (a beacon
+    pixel, explained by the centre map)."""
+    from imageio.v3 import imwrite
+    from scipy import ndimage
+
+    from napari_xt.io import read_detections, read_labels
+    from napari_xt.widgets.inspect_widget import InspectWidget
+    from napari_xt.widgets.run_session import last_session
+
+    session = last_session(viewer)
+    inspect = InspectWidget(viewer)
+    viewer.window.add_dock_widget(inspect, name="Inspect context", area="right")
+    inspect.sync()
+    labels = np.asarray(read_labels(session.store, "prediction").levels[0])
+    depth = ndimage.distance_transform_edt(labels == 2)[32::64, 32::64]  # lake, at centres
+    row, col = np.unravel_index(np.argmax(depth), depth.shape)
+    hidden = [layer for layer in viewer.layers if layer.name.startswith("xT ")
+              and layer.name not in ("xT contributions", "xT context seen")]
+    for layer in hidden:
+        layer.visible = False
+    shots = [("inspect_lake.png", (int(row), int(col)), "classes")]
+    table = read_detections(session.store, "prediction")
+    if len(table["y"]):
+        best = int(np.argmax(table["score"]))
+        shots.append(("inspect_detection.png",
+                      (int(table["y"][best]) // 64, int(table["x"][best]) // 64), "detections"))
+    for name, (r, c), answer in shots:
+        inspect.row_spin.setValue(r)
+        inspect.col_spin.setValue(c)
+        inspect.answer_combo.setCurrentText(answer)
+        inspect.method_combo.setCurrentText("occlusion")
+        inspect.last_contributions = None
+        inspect.contributions()
+        wait(lambda: inspect.last_contributions is not None and inspect.worker is None, 120)
+        settle()
+        imwrite(OUT / name, viewer.screenshot(canvas_only=False))
+    viewer.window.remove_dock_widget(inspect)
+    for layer in [x for x in viewer.layers if x.name in ("xT contributions", "xT context seen")]:
+        viewer.layers.remove(layer)
+    for layer in hidden:
+        layer.visible = True
 
 
 def correct(viewer):

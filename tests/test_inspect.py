@@ -173,3 +173,104 @@ def test_the_built_in_model_reads_far_for_a_lake_and_the_region_only_one_does_no
     src_alone = ImageSource(src.array, axes="CYX", normalize=norm)
     cm = contribution_map(alone, src_alone, region, "occlusion")
     assert cm.self_share == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """A store of the built-in model on a 256 x 320 scene, and the scene."""
+    from napari_xt.cli import main
+    from napari_xt.train.synthetic import SceneConfig, SyntheticScene
+
+    d = tmp_path_factory.mktemp("run")
+    img, _ = SyntheticScene(907, SceneConfig(height=256, width=320)).read()
+    np.save(d / "scene.npy", img)
+    assert main(["predict", str(d / "scene.npy"), "--model", "demo", "--out",
+                 str(d / "r.zarr")]) == 0
+    return d
+
+
+def test_cli_inspect_explains_a_region_of_a_stored_run(demo_run, capsys):
+    from napari_xt.cli import main
+    from napari_xt.widgets.snapshot import read_png
+
+    d = demo_run
+    args = ["inspect", str(d / "r.zarr"), str(d / "scene.npy"), "--model", "demo",
+            "--region", "2,3"]
+    assert main([*args, "--method", "rollout", "--out", str(d / "m.png")]) == 0
+    out = capsys.readouterr().out
+    assert "region (2, 3)" in out and "rollout" in out and "<- itself" in out
+    pic = read_png(d / "m.png")
+    assert pic.shape[:2] == (4 * (512 // 5), 5 * (512 // 5))  # the 4 x 5 region grid
+    assert main([*args, "--out", str(d / "m.json"), "--pixel", "10,20"]) == 0
+    import json
+
+    doc = json.loads((d / "m.json").read_text())
+    assert doc["method"] == "occlusion" and doc["pixel"] == [10, 20]
+    assert len(doc["values"]) == 4 and abs(sum(x for row in doc["values"] for x in row
+                                               if x is not None) - 1) < 1e-5
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "demo-region-only"], "not the one the run used"),
+    (["--model", "demo", "--region", "4,0"], "outside the 4 x 5 grid"),
+    (["--model", "demo", "--out", "map.tif"], "give a .png, .npy or .json"),
+    (["--model", "demo", "--image-other"], "differs from the one the run read"),
+])
+def test_cli_inspect_refuses_what_does_not_belong_to_the_run(demo_run, capsys, extra, message):
+    from napari_xt.cli import main
+
+    d = demo_run
+    image = d / "scene.npy"
+    if "--image-other" in extra:
+        other = np.load(image)
+        other[:, :64, :64] += 1.0
+        np.save(d / "other.npy", other)
+        image, extra = d / "other.npy", ["--model", "demo"]
+    args = ["inspect", str(d / "r.zarr"), str(image), *extra]
+    if "--region" not in args:
+        args += ["--region", "1,1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_region_alone_at_a_crops_centre_is_position_neutral():
+    # "centred" puts the region where its position says nothing of the image border: the
+    # answer for border region (0, 0) is the answer for the same pixels at region (4, 4)
+    from napari_xt.model.choice import load_model
+    from napari_xt.train.synthetic import SceneConfig, SyntheticScene
+    from napari_xt.widgets.context_probe import region_only_labels
+
+    model, _, norm = load_model("demo")
+    img, _ = SyntheticScene(3, SceneConfig(height=640, width=640)).read()
+    moved = np.zeros_like(img)
+    moved[:, 256:320, 256:320] = img[:, :64, :64]
+    a = region_only_labels(model, ImageSource(img, axes="CYX", normalize=norm), 0, 0, 64,
+                           "centred")
+    b = region_only_labels(model, ImageSource(moved, axes="CYX", normalize=norm), 4, 4, 64,
+                           "alone")
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="mode"):
+        region_only_labels(model, ImageSource(img, axes="CYX", normalize=norm), 0, 0, 64,
+                           "nowhere")
+
+
+def test_a_detection_is_explained_by_the_centre_map(demo_run, capsys):
+    # --output centre: the change of the detection score (a yes/no probability per pixel)
+    from napari_xt.cli import main
+    from napari_xt.io import read_detections
+
+    d = demo_run
+    table = read_detections(d / "r.zarr", "prediction")
+    assert len(table["y"]) > 0
+    y, x = int(table["y"][0]), int(table["x"][0])
+    args = ["inspect", str(d / "r.zarr"), str(d / "scene.npy"), "--model", "demo",
+            "--region", f"{y // 64},{x // 64}", "--pixel", f"{y % 64},{x % 64}",
+            "--output", "centre", "--out", str(d / "det.json")]
+    assert main(args) == 0
+    import json
+
+    doc = json.loads((d / "det.json").read_text())
+    assert abs(sum(v for row in doc["values"] for v in row if v is not None) - 1) < 1e-5
+    assert main([*args[:-4], "--output", "nope"]) == 2
+    assert "no output 'nope'" in capsys.readouterr().err

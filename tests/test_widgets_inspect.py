@@ -87,3 +87,78 @@ def test_inspect_compares_region_only_with_the_run(make_napari_viewer, qtbot, tm
     world = (TRANSLATE[0] + 300 * SCALE[0], TRANSLATE[1] + 140 * SCALE[1])
     assert inspect.region_at(world) == (2, 1)
     assert inspect.region_at((TRANSLATE[0] - 50, 0)) is None
+
+
+def test_contribution_maps_of_the_last_run_and_of_a_reopened_store(
+        make_napari_viewer, qtbot, tmp_path, checkpoint, monkeypatch):  # noqa: F811
+    import napari.utils.notifications as notifications
+
+    from napari_xt.cli import main
+    from napari_xt.widgets.contribution_view import LAYER_CONTRIB, LAYER_SPAN
+    from napari_xt.widgets.inspect_widget import InspectWidget
+    from napari_xt.widgets.region_grid import grid_transform
+
+    errors = []
+    monkeypatch.setattr(notifications, "show_error", errors.append)
+    viewer, run = docked(make_napari_viewer, scene(384))
+    inspect = InspectWidget(viewer)
+    viewer.window.add_dock_widget(inspect, name="Inspect context")
+    run.set_checkpoint(checkpoint)
+    run.store_edit.setText(str(tmp_path / "run.zarr"))
+    run.start()
+    assert wait_done(qtbot, run).outcome == "finished"
+
+    # a click on level pixel (300, 140) with "contribution map": region (2, 1)
+    inspect.click_combo.setCurrentText("contribution map")
+    inspect.method_combo.setCurrentText("occlusion")
+    inspect._picked((TRANSLATE[0] + 300 * SCALE[0], TRANSLATE[1] + 140 * SCALE[1]))
+    qtbot.waitUntil(lambda: inspect.worker is None, timeout=60000)
+    assert not errors, errors
+    layer = viewer.layers[LAYER_CONTRIB]
+    assert layer.data.shape == (3, 3) and layer.colorbar.visible
+    assert np.nansum(layer.data) == pytest.approx(1.0, abs=1e-5)
+    scale, translate = grid_transform(128, SCALE, TRANSLATE)
+    assert tuple(layer.scale) == scale and tuple(layer.translate) == translate
+    cm = inspect.last_contributions.map
+    assert cm.region == (2, 1) and "region (2, 1), occlusion" in inspect.status.text()
+    spans = viewer.layers[LAYER_SPAN]
+    assert len(spans.data) == len(cm.spans) + 1
+    assert list(spans.features["kind"]) == ["crop"] * len(cm.spans) + ["region"]
+    y0, x0 = spans.data[-1].min(0)  # the region's outline, in world coordinates
+    assert (y0, x0) == pytest.approx((TRANSLATE[0] + (256 - 0.5) * SCALE[0],
+                                      TRANSLATE[1] + (128 - 0.5) * SCALE[1]))
+
+    inspect.method_combo.setCurrentText("attention")  # switching the method recomputes
+    inspect.head_spin.setValue(0)
+    inspect.contributions()
+    qtbot.waitUntil(lambda: inspect.worker is None, timeout=60000)
+    again = inspect.last_contributions.map
+    assert again.method == "attention" and again.head == 0
+    assert viewer.layers[LAYER_CONTRIB].metadata["contribution"]["method"] == "attention"
+
+    # a store reopened from disk (a CLI run on a file, so the store knows the image)
+    from napari_xt.train.synthetic import SceneConfig, SyntheticScene
+
+    img, _ = SyntheticScene(907, SceneConfig(height=256, width=320)).read()
+    np.save(tmp_path / "s.npy", img)
+    assert main(["predict", str(tmp_path / "s.npy"), "--model", "demo", "--out",
+                 str(tmp_path / "cli.zarr")]) == 0
+    inspect.store_edit.setText(str(tmp_path / "cli.zarr"))
+    inspect.sync()
+    assert inspect.row_spin.maximum() == 3 and inspect.col_spin.maximum() == 4
+    assert inspect.region_at((130.0, 200.0)) == (2, 3)
+    inspect.model_combo.setCurrentText("demo")
+    inspect.method_combo.setCurrentText("rollout")
+    inspect.head_spin.setValue(-1)
+    inspect.row_spin.setValue(2)
+    inspect.col_spin.setValue(3)
+    inspect.contributions()
+    qtbot.waitUntil(lambda: inspect.worker is None, timeout=60000)
+    assert not errors, errors
+    reopened = viewer.layers[LAYER_CONTRIB]
+    assert reopened.data.shape == (4, 5) and inspect.last_contributions.map.region == (2, 3)
+    assert reopened.metadata["contribution"]["where"] == str(tmp_path / "cli.zarr")
+    inspect.model_combo.setCurrentText("demo-region-only")  # not the run's model
+    inspect.contributions()
+    qtbot.waitUntil(lambda: inspect.worker is None, timeout=60000)
+    assert errors and "not the one the run used" in errors[-1]

@@ -38,6 +38,7 @@ class ContributionMap:
     pixel: tuple[int, int] | None = None  # (y, x) in the region, when one pixel was asked
     seconds: float = 0.0
     note: str = ""
+    output: str | None = None  # the head map explained (None: the class logits)
 
     @property
     def self_share(self) -> float:
@@ -64,6 +65,7 @@ class CropInputs:
     queries: np.ndarray  # sequence positions whose output is asked (its tokens, or one)
     valid: tuple[int, int]  # (h, w) of the region inside the image
     pixel: tuple[int, int] | None = None
+    output: str | None = None  # the head map explained (None: class logits, else the first)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -71,14 +73,22 @@ class CropInputs:
 def contribution_map(model: Any, source: Any, region: tuple[int, int], method: str = "occlusion",
                      *, crop_regions: int | None = None, stride: int | None = None,
                      layer: int | None = None, head: int | None = None,
-                     pixel: tuple[int, int] | None = None) -> ContributionMap:
+                     pixel: tuple[int, int] | None = None,
+                     output: str | None = None) -> ContributionMap:
     """The contribution map of `region` (row, col) of `source` (an `ImageSource`, normalised
     as the model expects) under `model`, with the engine's crops (`crop_regions` x
-    `crop_regions` regions at `stride`, default the model's own and half of it)."""
+    `crop_regions` regions at `stride`, default the model's own and half of it). `output`:
+    the head map whose answer is explained (default the class logits; e.g. "centre" for
+    detections, each channel read as a yes/no probability)."""
     t0 = time.perf_counter()
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
     cfg = model.cfg
+    if output is not None:
+        maps = dict(cfg.head.maps) if not model.classification else {"logits": 0}
+        if output not in maps:
+            raise ValueError(f"the model has no output {output!r} (it has: "
+                             f"{', '.join(maps)})")
     if cfg.global_context is not None:
         raise ValueError(f"model {cfg.name!r} reads the whole image (whole-image context): its "
                          "contribution maps are not available yet; use a crop-context model")
@@ -106,7 +116,7 @@ def contribution_map(model: Any, source: Any, region: tuple[int, int], method: s
     note = ""
     for crop, w in zip(crops, weights):
         part, note = crop_contribution(model, source, plan, crop, (row, col), method,
-                                       layer=layer, head=head, pixel=pixel)
+                                       layer=layer, head=head, pixel=pixel, output=output)
         sl = (slice(crop.row0, crop.row0 + crop.rows), slice(crop.col0, crop.col0 + crop.cols))
         values[sl] += w * part
         seen[sl] = True
@@ -115,16 +125,16 @@ def contribution_map(model: Any, source: Any, region: tuple[int, int], method: s
                            tuple((c.row0, c.col0, c.rows, c.cols) for c in crops),
                            tuple(float(w) for w in weights), layer, head,
                            None if pixel is None else (int(pixel[0]), int(pixel[1])),
-                           time.perf_counter() - t0, note)
+                           time.perf_counter() - t0, note, output)
 
 
 def crop_contribution(model: Any, source: Any, plan: RegionPlan, crop: Crop,
                       region: tuple[int, int], method: str, *, layer: int | None = None,
-                      head: int | None = None, pixel: tuple[int, int] | None = None
-                      ) -> tuple[np.ndarray, str]:
+                      head: int | None = None, pixel: tuple[int, int] | None = None,
+                      output: str | None = None) -> tuple[np.ndarray, str]:
     """(crop rows, crop cols) shares (sum 1) of the regions of `crop` in the output of
     `region`, and a note (empty, or why the map is trivial)."""
-    inputs = _crop_inputs(model, source, plan, crop, region, pixel)
+    inputs = _crop_inputs(model, source, plan, crop, region, pixel, output)
     r = len(inputs.rc)
     if model.context is None:  # region-only: nothing but the region itself is read
         per_region = np.zeros(r)
@@ -147,7 +157,8 @@ def crop_contribution(model: Any, source: Any, plan: RegionPlan, crop: Crop,
 
 # ---------------------------------------------------------------------- inputs
 def _crop_inputs(model: Any, source: Any, plan: RegionPlan, crop: Crop,
-                 region: tuple[int, int], pixel: tuple[int, int] | None) -> CropInputs:
+                 region: tuple[int, int], pixel: tuple[int, int] | None,
+                 output: str | None = None) -> CropInputs:
     s = plan.region_size
     regions = crop.regions()
     device = next(model.parameters()).device
@@ -172,7 +183,7 @@ def _crop_inputs(model: Any, source: Any, plan: RegionPlan, crop: Crop,
         queries = target_seq[i * w + j:i * w + j + 1]
     return CropInputs(crop, rc, feats, tokens, owner, target,
                       torch.as_tensor(target_seq, device=tokens.device), queries,
-                      (y1 - y0, x1 - x0), pixel)
+                      (y1 - y0, x1 - x0), pixel, output)
 
 
 def _target_probs(model: Any, out: torch.Tensor, inputs: CropInputs) -> torch.Tensor:
@@ -187,9 +198,13 @@ def _target_probs(model: Any, out: torch.Tensor, inputs: CropInputs) -> torch.Te
     feats = [f[t:t + 1].expand(b, *f.shape[1:]) for f in inputs.feats]
     rc = inputs.rc[t:t + 1]
     maps = model.decode(tok, feats, rc)
-    name = "logits" if "logits" in maps else next(iter(maps))
+    name = inputs.output or ("logits" if "logits" in maps else next(iter(maps)))
     x = maps[name][:, 0].float()  # (B, K, S, S)
-    probs = torch.softmax(x, dim=1) if name == "logits" else torch.sigmoid(x)
+    if name == "logits":
+        probs = torch.softmax(x, dim=1)
+    else:  # a centre (score) map: each channel a yes/no probability
+        p = torch.sigmoid(x)
+        probs = torch.cat([1 - p, p], dim=1)
     hv, wv = inputs.valid
     if inputs.pixel is not None:
         py, px = inputs.pixel

@@ -3,7 +3,10 @@
 For a region (row, col) the model is run on that region alone, in one of two ways:
 
 - ``alone``: the context encoder runs, but its sequence holds only this region's tokens
-  (what the model says when it can see nothing else);
+  (what the model says when it can see nothing else), at the region's own grid position;
+- ``centred``: the same, with the region placed at the centre of a training crop instead
+  of its own position: a position-neutral baseline (a region's absolute position alone can
+  tell a model "image border", e.g. region (0, 0));
 - ``identity``: the context encoder is skipped (its input tokens go straight to the head).
 
 The stored result is the run's with-context prediction (labels of the store). The change
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-MODES = ("alone", "identity")
+MODES = ("alone", "centred", "identity")
 
 
 @dataclass(frozen=True)
@@ -60,11 +63,14 @@ def region_only_labels(model, source, row: int, col: int, region_size: int,
     x, bad = source.read((y0, x0, y1, x1), s)  # (C, S, S), (S, S)
     device = next(model.parameters()).device
     rc = np.array([[row, col]])
+    if mode == "centred":
+        k = model.cfg.crop_regions or 1
+        rc = np.array([[k // 2, k // 2]])
     with torch.no_grad():
         feats = model.encode_regions(torch.from_numpy(x)[None].to(device))
         last = feats[-1]
         tokens, _ = model.region_tokens(last[None], rc)
-        if mode == "alone":
+        if mode in ("alone", "centred"):
             tokens, _ = model.contextualize(tokens)
         maps = model.decode(tokens, feats, rc)
     primary = "logits" if "logits" in maps else next(iter(maps))

@@ -7,7 +7,15 @@ region with the spin boxes or by clicking it in the canvas (with "pick by click"
   region, with the pixels whose class differs from the stored (with-context) result, and
   the changed fraction in the status line;
 - "Context-change map": the changed fraction of every finished region, as an Image layer
-  with one pixel per region over the image (0: context changed nothing, 1: every pixel).
+  with one pixel per region over the image (0: context changed nothing, 1: every pixel);
+- "Contribution map": which regions made the region's answer (`napari_xt.inspect`, with the
+  method chosen: attention of one layer and head, rollout over the layers, gradient or
+  occlusion), as an Image layer with one pixel per region (shares of influence) and the
+  region and the crops it saw outlined; for the last run, or for a result store reopened
+  from disk (with the model it was made with; the image is the one the store recorded).
+
+A click on the canvas (with "pick by click" on) picks the region and does what "on click"
+says.
 
 Computation runs in a napari thread worker (`context_probe`); layers change on the main
 thread only.
@@ -24,6 +32,7 @@ from qtpy.QtWidgets import (
     QComboBox,
     QFormLayout,
     QHBoxLayout,
+    QLineEdit,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
@@ -34,13 +43,15 @@ if TYPE_CHECKING:
     import napari.viewer
 
 from .context_probe import change_map, compare_region
+from .contribution_view import contribution_job, describe, show_contributions
 from .controls import WorkerPanel, status_label
 from .region_grid import grid_transform
 from .result_layers import class_name, label_colormap
 from .run_session import last_session
 from .workers import start_worker
 
-MODE_LABELS = {"region alone": "alone", "no context (identity)": "identity"}
+MODE_LABELS = {"region alone": "alone", "region alone, at a crop's centre": "centred",
+               "no context (identity)": "identity"}
 LAYER_ONLY, LAYER_CHANGED, LAYER_MAP = "xT region only", "xT changed by context", \
     "xT context change"
 
@@ -66,6 +77,13 @@ def changes_text(alone: np.ndarray, context: np.ndarray, names, top: int = 3) ->
     return "; without -> with context: " + ", ".join(parts)
 
 
+def _pair_row(a: QWidget, b: QWidget) -> QHBoxLayout:
+    row = QHBoxLayout()
+    row.addWidget(a)
+    row.addWidget(b)
+    return row
+
+
 class InspectWidget(WorkerPanel, QWidget):
     TITLE = "Inspect context"
 
@@ -85,20 +103,60 @@ class InspectWidget(WorkerPanel, QWidget):
                                    "the mouse and compares it.")
         self.mode_combo = QComboBox()
         self.mode_combo.addItems(list(MODE_LABELS))
-        self.mode_combo.setToolTip("Region alone: the context encoder sees only this region. "
+        self.mode_combo.setToolTip("Region alone: the context encoder sees only this region, "
+                                   "at its own position. At a crop's centre: the same, placed "
+                                   "where its position says nothing about the image border. "
                                    "No context: the context encoder is skipped.")
-        rc = QHBoxLayout()
-        rc.addWidget(self.row_spin)
-        rc.addWidget(self.col_spin)
-        form.addRow("region (row, col)", rc)
+        self.click_combo = QComboBox()
+        self.click_combo.addItems(["compare region", "contribution map"])
+        self.click_combo.setToolTip("What a click on the image does (with pick by click on).")
+        self.method_combo = QComboBox()
+        self.method_combo.addItems(["occlusion", "gradient", "attention", "rollout"])
+        self.method_combo.setToolTip(
+            "Occlusion: each region's content removed in turn, how much the answer changes. "
+            "Gradient: the first-order estimate of that, in one pass. Attention: where the "
+            "region's tokens look in one layer. Rollout: attention through all layers. "
+            "Attention and rollout need an attention encoder (Hyper, Transformer-XL).")
+        self.answer_combo = QComboBox()
+        self.answer_combo.addItems(["classes", "detections"])
+        self.answer_combo.setToolTip("Explain the region's classes, or its detections (the "
+                                     "centre map of a detection model).")
+        self.layer_spin, self.head_spin = QSpinBox(), QSpinBox()
+        self.layer_spin.setRange(-1, 63)
+        self.layer_spin.setValue(-1)
+        self.layer_spin.setSpecialValueText("last")
+        self.layer_spin.setToolTip("Attention: the context layer shown (last by default).")
+        self.head_spin.setRange(-1, 63)
+        self.head_spin.setValue(-1)
+        self.head_spin.setSpecialValueText("mean")
+        self.head_spin.setToolTip("Attention: one head, or the mean of the heads.")
+        self.store_edit = QLineEdit()
+        self.store_edit.setPlaceholderText("the last run")
+        self.store_edit.setToolTip("A result store to inspect instead of the last run (its "
+                                   "image is read from where the store says it was).")
+        self.model_combo = QComboBox()
+        self.model_combo.setEditable(True)
+        self.model_combo.addItems(["demo", "demo-region-only"])
+        self.model_combo.setToolTip("With a store: the model its run used (checked), a zoo "
+                                    "name or a checkpoint file.")
+        form.addRow("region (row, col)", _pair_row(self.row_spin, self.col_spin))
         form.addRow("", self.pick_check)
+        form.addRow("on click", self.click_combo)
         form.addRow("without context", self.mode_combo)
+        form.addRow("explain", self.answer_combo)
+        form.addRow("with", self.method_combo)
+        form.addRow("layer, head", _pair_row(self.layer_spin, self.head_spin))
+        form.addRow("store", self.store_edit)
+        form.addRow("its model", self.model_combo)
         self.compare_button = QPushButton("Compare region")
         self.compare_button.setToolTip("Predict the region without context and show where "
                                        "the run's result (with context) differs.")
         self.map_button = QPushButton("Context-change map")
         self.map_button.setToolTip("For every finished region, the fraction of pixels whose "
                                    "class changes with context, as a heatmap layer.")
+        self.contrib_button = QPushButton("Contribution map")
+        self.contrib_button.setToolTip("Which regions made this region's answer, as a map "
+                                       "over the region grid.")
         self.status = status_label("run xT first, then inspect its regions",
                                    "Result of the last comparison.")
         layout = QVBoxLayout(self)
@@ -107,10 +165,14 @@ class InspectWidget(WorkerPanel, QWidget):
         buttons.addWidget(self.compare_button)
         buttons.addWidget(self.map_button)
         layout.addLayout(buttons)
+        layout.addWidget(self.contrib_button)
         layout.addWidget(self.status)
         layout.addStretch(1)
         self.compare_button.clicked.connect(self.compare)
         self.map_button.clicked.connect(self.context_map)
+        self.contrib_button.clicked.connect(self.contributions)
+        self.store_edit.editingFinished.connect(self.sync)
+        self.last_contributions = None
         self.pick_check.toggled.connect(self._toggle_pick)
         self._timer = QTimer()
         self._timer.setInterval(100)
@@ -125,9 +187,8 @@ class InspectWidget(WorkerPanel, QWidget):
         return s
 
     def sync(self) -> None:
-        """Fit the spin boxes to the last run's region grid."""
-        s = self.session()
-        rows, cols = s.planned.grid if s is not None else (1, 1)
+        """Fit the spin boxes to the region grid (of the store given, else the last run)."""
+        rows, cols = self._grid()
         self.row_spin.setRange(0, rows - 1)
         self.col_spin.setRange(0, cols - 1)
 
@@ -231,10 +292,58 @@ class InspectWidget(WorkerPanel, QWidget):
             self.viewer.layers[LAYER_MAP].data = np.nan_to_num(self.change)
             self._map_dirty = False
 
+    # ------------------------------------------------------------------ contributions
+    def contributions(self) -> None:
+        """The contribution map of the chosen region (last run, or the store given)."""
+        from napari.utils.notifications import show_error
+
+        if self.worker is not None:
+            return
+        store = self.store_edit.text().strip() or None
+        row, col = self.row_spin.value(), self.col_spin.value()
+        layer = None if self.layer_spin.value() < 0 else self.layer_spin.value()
+        head = None if self.head_spin.value() < 0 else self.head_spin.value()
+        method = self.method_combo.currentText()
+        kwargs = {"layer": layer, "head": head, "answer": self.answer_combo.currentText()}
+        if store is None:
+            s = self._ready()
+            if s is None:
+                return
+            kwargs.update(session=s, source=self._source(s))
+        else:
+            from pathlib import Path
+
+            if not Path(store).is_dir():
+                show_error(f"Inspect context: {store} is not a result store")
+                return
+            kwargs.update(store=store, model_choice=self.model_combo.currentText().strip())
+        self.status.setText(f"contribution map of region ({row}, {col}), {method}…")
+        self.worker = start_worker(contribution_job, (row, col), method, **kwargs)
+        self.worker.returned.connect(self._show_contributions)
+        self._start_worker()
+
+    def _show_contributions(self, placed) -> None:
+        self.last_contributions = placed
+        show_contributions(self.viewer, placed)
+        self.status.setText(describe(placed.map))
+
+    def _grid(self) -> tuple[int, int]:
+        store = self.store_edit.text().strip()
+        if store:
+            from napari_xt.inspect.stored import run_settings
+
+            try:
+                return run_settings(store)["grid"]
+            except ValueError:
+                return 1, 1
+        s = self.session()
+        return s.planned.grid if s is not None else (1, 1)
+
     # ------------------------------------------------------------------ worker and clicks
     def _set_busy(self, busy: bool) -> None:
         self.compare_button.setEnabled(not busy)
         self.map_button.setEnabled(not busy)
+        self.contrib_button.setEnabled(not busy)
 
     def _worker_done(self) -> None:
         self._timer.stop()
@@ -250,19 +359,36 @@ class InspectWidget(WorkerPanel, QWidget):
     def _picked(self, world) -> None:
         index = self.region_at(world)
         if index is not None:
+            self.sync()  # (the spin boxes clamp to their range)
             self.row_spin.setValue(index[0])
             self.col_spin.setValue(index[1])
-            self.compare()
+            if self.click_combo.currentText() == "contribution map":
+                self.contributions()
+            else:
+                self.compare()
 
     def region_at(self, world) -> tuple[int, int] | None:
-        """(row, col) of the last run's region under a world position, or None."""
-        s = self.session()
-        if s is None:
-            return None
-        (sy, sx), (ty, tx) = s.request.scale, s.request.translate
+        """(row, col) of the region under a world position (of the store given, else the
+        last run), or None."""
+        store = self.store_edit.text().strip()
+        if store:
+            from napari_xt.inspect.stored import run_settings
+
+            from .contribution_view import store_world
+
+            try:
+                (sy, sx), (ty, tx) = store_world(store)
+                run = run_settings(store)
+            except (ValueError, OSError):
+                return None
+            size, (rows, cols) = run["region_size"], run["grid"]
+        else:
+            s = self.session()
+            if s is None:
+                return None
+            (sy, sx), (ty, tx) = s.request.scale, s.request.translate
+            size, (rows, cols) = s.planned.region_size, s.planned.grid
         y, x = (float(world[-2]) - ty) / sy, (float(world[-1]) - tx) / sx
-        size = s.planned.region_size
         row, col = int(np.floor((y + 0.5) / size)), int(np.floor((x + 0.5) / size))
-        rows, cols = s.planned.grid
         return (row, col) if 0 <= row < rows and 0 <= col < cols else None
 
