@@ -274,3 +274,27 @@ def test_a_detection_is_explained_by_the_centre_map(demo_run, capsys):
     assert abs(sum(v for row in doc["values"] for v in row if v is not None) - 1) < 1e-5
     assert main([*args[:-4], "--output", "nope"]) == 2
     assert "no output 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("depth, causal", [(1, False), (2, False), (2, True), (3, True)])
+def test_hyper_occlusion_from_first_layer_statistics_equals_a_forward_per_region(depth, causal):
+    # the exact update (large crops) against one full forward per occluded region
+    from napari_xt.engine.plan import RegionPlan
+    from napari_xt.inspect import contributions as C
+
+    model = tiny({"kind": "hyper", "dim": 16, "depth": depth, "head_dim": 8, "mlp_dim": 16,
+                  "causal": causal}, crop_regions=4)
+    src = ImageSource(image(4, 128))
+    plan = RegionPlan(128, 128, 32, 4)
+    inputs = C._crop_inputs(model, src, plan, plan.crops[0], (1, 2), None)
+    assert C.occlusion.supports(model, inputs.tokens.shape[1], min_tokens=1)
+    assert not C.occlusion.supports(model, inputs.tokens.shape[1])  # (too few to pay)
+    slow = C._occlusion_contribution(model, inputs)
+    fast_supports = C.occlusion.supports
+    try:
+        C.occlusion.supports = lambda m, n: fast_supports(m, n, min_tokens=1)
+        fast = C._occlusion_contribution(model, inputs)
+    finally:
+        C.occlusion.supports = fast_supports
+    assert slow.max() > 0
+    np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-5 * slow.max())

@@ -104,6 +104,7 @@ def _border_with_points(store):
     raise AssertionError("the scene gives no border peaks: these tests need one")
 
 
+@pytest.mark.slow
 def test_a_kill_between_a_shard_commit_and_its_borders_loses_no_detections(
         scene, demo, reference_wide_nms, tmp_path, monkeypatch):
     # _commit_complete appends the shard's record, then computes the border peaks of its
@@ -134,6 +135,7 @@ def test_a_kill_between_a_shard_commit_and_its_borders_loses_no_detections(
     _same_table(out, reference_wide_nms)
 
 
+@pytest.mark.slow
 def test_a_garbled_border_blob_is_recomputed_not_dropped(scene, demo, reference_wide_nms,
                                                          tmp_path):
     # _replay skips a border record whose blob does not verify (no notice) and never
@@ -317,6 +319,7 @@ def _unreadable(monkeypatch, box):
     return lambda: monkeypatch.setattr(source_cls, "fill", original)
 
 
+@pytest.mark.slow
 def test_one_unreadable_region_drops_only_its_own_detections(scene, demo, tmp_path,
                                                              monkeypatch):
     # With on_error="continue" the shard holding the failed region is never complete, so

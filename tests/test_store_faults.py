@@ -122,6 +122,7 @@ def test_a_kill_anywhere_leaves_a_store_the_rerun_finishes_exactly(scene, demo, 
     assert_same_results(out, reference)
 
 
+@pytest.mark.slow
 def test_lost_journal_or_private_state_means_recompute_never_zeros(scene, demo, reference,
                                                                    tmp_path):
     import shutil

@@ -55,6 +55,7 @@ def test_demo_model_predicts_every_output_at_full_resolution(models):
     assert maps["centre"].shape == maps["size"].shape == (1, 1, 200, 300)
 
 
+@pytest.mark.slow
 def test_demo_model_reaches_its_documented_held_out_metrics(quick_metrics):
     got = quick_metrics[0]
     want = QUICK["context"]

@@ -57,6 +57,7 @@ def fixed_batch_loss(trainer: Trainer, step: int = 10_000) -> float:
     return loss
 
 
+@pytest.mark.slow
 def test_a_few_steps_reduce_the_loss(tmp_path):
     trainer = Trainer(tiny(), tmp_path)
     before = fixed_batch_loss(trainer)

@@ -89,6 +89,7 @@ def test_inspect_compares_region_only_with_the_run(make_napari_viewer, qtbot, tm
     assert inspect.region_at((TRANSLATE[0] - 50, 0)) is None
 
 
+@pytest.mark.slow
 def test_contribution_maps_of_the_last_run_and_of_a_reopened_store(
         make_napari_viewer, qtbot, tmp_path, checkpoint, monkeypatch):  # noqa: F811
     import napari.utils.notifications as notifications

@@ -18,9 +18,12 @@ import torch
 from napari_xt.engine.plan import Crop, RegionPlan
 from napari_xt.model.xt import token_layout
 
+from . import occlusion
+
 METHODS = ("attention", "rollout", "gradient", "occlusion")
 ATTENTION_KINDS = ("hyper", "transformer_xl")
 OCCLUSION_BYTES = 2**28  # token copies of the crop per occlusion batch (about 256 MB)
+FAST_BYTES = 2**27  # float64 working copies of the crop per batch of the exact update
 
 
 @dataclass(frozen=True)
@@ -192,8 +195,13 @@ def _target_probs(model: Any, out: torch.Tensor, inputs: CropInputs) -> torch.Te
     classifier."""
     if model.classification:
         return torch.softmax(model.decode(out)["logits"].float(), dim=1)[..., None]
-    b = out.shape[0]
-    tok = out[:, inputs.target_seq]  # (B, h*w, D) in the region's raster order
+    return _region_probs(model, out[:, inputs.target_seq], inputs)
+
+
+def _region_probs(model: Any, tok: torch.Tensor, inputs: CropInputs) -> torch.Tensor:
+    """The chosen region's context tokens (B, h*w, D), in its raster order -> its class
+    probabilities (B, K, P) (see `_target_probs`)."""
+    b = tok.shape[0]
     t = inputs.target
     feats = [f[t:t + 1].expand(b, *f.shape[1:]) for f in inputs.feats]
     rc = inputs.rc[t:t + 1]
@@ -253,8 +261,21 @@ def _occlusion_contribution(model: Any, inputs: CropInputs) -> np.ndarray:
     blank = blank_tokens(model, inputs)
     n, d = tokens.shape[1:]
     owner = torch.as_tensor(inputs.owner, device=tokens.device)
-    chunk = max(1, min(r, OCCLUSION_BYTES // max(1, n * d * 4)))
     out = np.zeros(r)
+    if occlusion.supports(model, n):  # exact, from the first layer's statistics
+        with torch.no_grad():
+            ref = _target_probs(model, model.contextualize(tokens)[0], inputs)
+            fast = occlusion.HyperOcclusion(model, tokens, blank, inputs.target_seq)
+            hidden_all = torch.as_tensor(np.stack([np.flatnonzero(inputs.owner == j)
+                                                   for j in range(r)]), device=tokens.device)
+            chunk = max(1, min(r, FAST_BYTES // max(1, n * d * 8)))
+            for start in range(0, r, chunk):
+                hidden = hidden_all[start:start + chunk]
+                probs = _region_probs(model, fast.target_tokens(hidden), inputs)
+                change = 0.5 * (probs - ref).abs().sum(1).mean(1)
+                out[start:start + len(hidden)] = change.double().cpu().numpy()
+        return out
+    chunk = max(1, min(r, OCCLUSION_BYTES // max(1, n * d * 4)))
     with torch.no_grad():
         ref = _target_probs(model, model.contextualize(tokens)[0], inputs)  # (1, K, P)
         for start in range(0, r, chunk):
