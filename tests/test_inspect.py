@@ -298,3 +298,28 @@ def test_hyper_occlusion_from_first_layer_statistics_equals_a_forward_per_region
         C.occlusion.supports = fast_supports
     assert slow.max() > 0
     np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-5 * slow.max())
+
+
+def test_a_view_without_context_comes_from_the_runs_embedding_cache(demo_run):
+    # the regions of a view decoded with the context encoder skipped: from the store's
+    # embedding cache (only the head reruns) they equal, up to the cache's fp16, the
+    # region-only answer computed from the pixels
+    from napari_xt.inspect.view import labels_without_context, mosaic
+    from napari_xt.model.choice import load_model
+    from napari_xt.widgets.context_probe import region_only_labels
+
+    d = demo_run
+    model, _, norm = load_model("demo")
+    src = ImageSource(str(d / "scene.npy"), normalize=norm)
+    view = [(r, c) for r in (1, 2, 3) for c in (2, 3, 4)] + [(9, 9)]  # one outside
+    cached = labels_without_context(model, src, view, region_size=64, store=d / "r.zarr")
+    fresh = labels_without_context(model, src, view, region_size=64)
+    assert (cached.from_cache, cached.encoded) == (9, 0) and (fresh.from_cache,
+                                                              fresh.encoded) == (0, 9)
+    for r, c in view[:-1]:
+        alone = region_only_labels(model, src, r, c, 64, "identity")
+        np.testing.assert_array_equal(fresh.labels[(r, c)], alone)
+        assert np.mean(cached.labels[(r, c)] != alone) < 0.01
+    data, origin = mosaic(cached, 64)
+    assert data.shape == (192, 192) and origin == (64, 128)
+    np.testing.assert_array_equal(data[64:128, :64], cached.labels[(2, 2)])

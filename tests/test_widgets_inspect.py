@@ -159,6 +159,21 @@ def test_contribution_maps_of_the_last_run_and_of_a_reopened_store(
     reopened = viewer.layers[LAYER_CONTRIB]
     assert reopened.data.shape == (4, 5) and inspect.last_contributions.map.region == (2, 3)
     assert reopened.metadata["contribution"]["where"] == str(tmp_path / "cli.zarr")
+    # the view re-decoded without context, from the store's embedding cache
+    from napari_xt.widgets.contribution_view import LAYER_VIEW
+
+    viewer.reset_view()
+    inspect.view_check.setChecked(True)
+    qtbot.waitUntil(lambda: inspect.worker is None, timeout=60000)
+    assert not errors, errors
+    view = inspect.last_view
+    assert view.from_cache == 20 and view.encoded == 0  # the whole 4 x 5 grid in view
+    layer = viewer.layers[LAYER_VIEW]
+    assert layer.data.shape == (256, 320) and tuple(layer.translate) == (0.0, 0.0)
+    assert "20 regions without context (20 from the embedding cache" in inspect.status.text()
+    inspect.view_check.setChecked(False)
+    assert LAYER_VIEW not in viewer.layers
+
     inspect.model_combo.setCurrentText("demo-region-only")  # not the run's model
     inspect.contributions()
     qtbot.waitUntil(lambda: inspect.worker is None, timeout=60000)

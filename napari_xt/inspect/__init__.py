@@ -24,6 +24,9 @@ Attention and rollout need an attention encoder (Hyper, Transformer-XL with its 
 gradient and occlusion work for every encoder (Mamba included). A region-only model has no
 context: every method gives the region itself all the weight. No Qt here; the Inspect
 context widget and `napari-xt inspect` call it.
+
+`view.labels_without_context(...)` re-decodes the regions of a view with the context
+encoder skipped, from the run's embedding cache where it has them (only the head reruns).
 """
 
 from __future__ import annotations

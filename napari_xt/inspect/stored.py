@@ -47,11 +47,10 @@ def run_settings(store: str | os.PathLike) -> dict[str, Any]:
             "carry_state": bool(sig.get("carry_state", False))}
 
 
-def inspect_store(store: str | os.PathLike, image: Any, model: Any, region: tuple[int, int],
-                  method: str = "occlusion", *, axes: str | None = None, check: bool = True,
-                  **kw: Any) -> ContributionMap:
-    """The contribution map of `region` in the run of `store` (see the module docstring);
-    `kw` go to `contribution_map` (layer, head, pixel)."""
+def open_run(store: str | os.PathLike, image: Any, model: Any, *, axes: str | None = None,
+             check: bool = True) -> tuple[dict[str, Any], Any]:
+    """(run settings, `ImageSource` of `image` as the run read it) after checking that
+    `model` and `image` are those of the run of `store` (an `InspectError` otherwise)."""
     from napari_xt.io.source import ImageSource
     from napari_xt.model.checkpoint import model_hash
 
@@ -77,6 +76,15 @@ def inspect_store(store: str | os.PathLike, image: Any, model: Any, region: tupl
             model.cfg.tokenizer.region_size != run["region_size"]:
         raise InspectError(f"the model's regions ({model.cfg.tokenizer.region_size} px) are "
                            f"not the run's ({run['region_size']} px)")
+    return run, source
+
+
+def inspect_store(store: str | os.PathLike, image: Any, model: Any, region: tuple[int, int],
+                  method: str = "occlusion", *, axes: str | None = None, check: bool = True,
+                  **kw: Any) -> ContributionMap:
+    """The contribution map of `region` in the run of `store` (see the module docstring);
+    `kw` go to `contribution_map` (layer, head, pixel, output)."""
+    run, source = open_run(store, image, model, axes=axes, check=check)
     try:
         return contribution_map(model, source, region, method,
                                 crop_regions=run["crop_regions"], stride=run["crop_stride"],

@@ -75,7 +75,19 @@ def contribution_job(region: tuple[int, int], method: str, *, session: Any = Non
                               layer=layer, head=head, output=output_for(session.model, answer))
         return Placed(cm, plan.region_size, tuple(req.scale), tuple(req.translate),
                       "the last run")
-    from napari_xt.inspect.stored import InspectError, inspect_store, run_settings
+    from napari_xt.inspect.stored import inspect_store
+
+    run, path, model = _stored_run(store, model_choice)
+    cm = inspect_store(store, path, model, region, method, layer=layer, head=head,
+                       output=output_for(model, answer))
+    scale, translate = store_world(store)
+    return Placed(cm, run["region_size"], scale, translate, str(store))
+
+
+def _stored_run(store: str, model_choice: str) -> tuple[dict[str, Any], str, Any]:
+    """(run settings, image path, model in eval mode) for a store reopened from disk: the
+    image where the store recorded it, the model loaded from `model_choice`."""
+    from napari_xt.inspect.stored import InspectError, run_settings
 
     from .models import load_model
 
@@ -85,10 +97,7 @@ def contribution_job(region: tuple[int, int], method: str, *, session: Any = Non
         raise InspectError(f"the image the run read ({path or 'an array'}) is not on this "
                            "machine; inspect it with napari-xt inspect STORE IMAGE")
     model, _, _ = load_model(model_choice)
-    cm = inspect_store(store, path, model.eval(), region, method, layer=layer, head=head,
-                       output=output_for(model, answer))
-    scale, translate = store_world(store)
-    return Placed(cm, run["region_size"], scale, translate, str(store))
+    return run, path, model.eval()
 
 
 def show_contributions(viewer: Any, placed: Placed) -> tuple[Any, Any]:
@@ -131,3 +140,66 @@ def describe(cm: Any, names: int = 3) -> str:
     return (f"region {cm.region}, {cm.method}: {100 * cm.self_share:.0f}% from itself, "
             f"{100 * (1 - cm.self_share):.0f}% from other regions; most: {', '.join(others)}"
             f" - {cm.seconds:.2f} s{note}")
+
+
+# ---------------------------------------------------------------------- the view without context
+LAYER_VIEW = "xT view without context"
+MAX_VIEW_REGIONS = 1024
+
+
+def visible_regions(viewer: Any, region_size: int, grid: tuple[int, int],
+                    scale: tuple[float, float], translate: tuple[float, float]
+                    ) -> list[tuple[int, int]]:
+    """The regions of the grid that the canvas shows now (camera centre, zoom, size)."""
+    from .viewport import camera_of
+
+    camera = camera_of(viewer)
+    cy, cx = (float(v) for v in list(camera.center)[-2:])
+    zoom = float(camera.zoom) or 1.0
+    h, w = (float(v) for v in getattr(viewer.canvas, "size", (800, 1200)))
+    (sy, sx), (ty, tx) = scale, translate
+    y0, y1 = ((cy - h / (2 * zoom)) - ty) / sy, ((cy + h / (2 * zoom)) - ty) / sy
+    x0, x1 = ((cx - w / (2 * zoom)) - tx) / sx, ((cx + w / (2 * zoom)) - tx) / sx
+    s = region_size
+    r0, r1 = max(0, int(np.floor(y0 / s))), min(grid[0] - 1, int(np.floor(y1 / s)))
+    c0, c1 = max(0, int(np.floor(x0 / s))), min(grid[1] - 1, int(np.floor(x1 / s)))
+    return [(r, c) for r in range(r0, r1 + 1) for c in range(c0, c1 + 1)]
+
+
+def view_job(regions: list[tuple[int, int]], *, session: Any = None, source: Any = None,
+             store: str | None = None, model_choice: str = "demo") -> tuple[Any, int]:
+    """(`napari_xt.inspect.view.ViewLabels`, region size) of `regions` without context, for
+    the last run (its model, image and store's cache) or for the run of `store`."""
+    from napari_xt.inspect.view import labels_without_context
+
+    if store is None:
+        s = session.planned.region_size
+        return labels_without_context(session.model, source, regions, region_size=s,
+                                      store=session.store), s
+    from napari_xt.inspect.stored import open_run
+
+    _, path, model = _stored_run(store, model_choice)
+    run, src = open_run(store, path, model)  # the model and image checked
+    return labels_without_context(model, src, regions, region_size=run["region_size"],
+                                  store=store), run["region_size"]
+
+
+def show_view(viewer: Any, view: Any, region_size: int, scale: tuple[float, float],
+              translate: tuple[float, float], names: tuple[str, ...] = ()) -> Any:
+    """The view's labels without context as a Labels layer over those regions."""
+    from napari_xt.inspect.view import mosaic
+
+    from .result_layers import label_colormap
+
+    data, (y0, x0) = mosaic(view, region_size)
+    (sy, sx), (ty, tx) = scale, translate
+    if LAYER_VIEW in viewer.layers:
+        viewer.layers.remove(LAYER_VIEW)
+    kwargs = {}
+    if names:
+        kwargs["features"] = {"index": list(range(len(names))), "class": list(names)}
+    layer = viewer.add_labels(data, name=LAYER_VIEW, scale=(sy, sx),
+                              translate=(ty + y0 * sy, tx + x0 * sx), opacity=0.7,
+                              colormap=label_colormap(), **kwargs)
+    layer.editable = False
+    return layer

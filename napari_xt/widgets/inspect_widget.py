@@ -154,6 +154,10 @@ class InspectWidget(WorkerPanel, QWidget):
         self.map_button = QPushButton("Context-change map")
         self.map_button.setToolTip("For every finished region, the fraction of pixels whose "
                                    "class changes with context, as a heatmap layer.")
+        self.view_check = QCheckBox("view without context")
+        self.view_check.setToolTip("Re-decode the regions in view with the context encoder "
+                                   "skipped (from the run's embedding cache where it has "
+                                   "them), as a layer over the run's result; off removes it.")
         self.contrib_button = QPushButton("Contribution map")
         self.contrib_button.setToolTip("Which regions made this region's answer, as a map "
                                        "over the region grid.")
@@ -166,12 +170,15 @@ class InspectWidget(WorkerPanel, QWidget):
         buttons.addWidget(self.map_button)
         layout.addLayout(buttons)
         layout.addWidget(self.contrib_button)
+        layout.addWidget(self.view_check)
         layout.addWidget(self.status)
         layout.addStretch(1)
         self.compare_button.clicked.connect(self.compare)
         self.map_button.clicked.connect(self.context_map)
         self.contrib_button.clicked.connect(self.contributions)
         self.store_edit.editingFinished.connect(self.sync)
+        self.view_check.toggled.connect(self._toggle_view)
+        self.last_view = None
         self.last_contributions = None
         self.pick_check.toggled.connect(self._toggle_pick)
         self._timer = QTimer()
@@ -326,6 +333,80 @@ class InspectWidget(WorkerPanel, QWidget):
         self.last_contributions = placed
         show_contributions(self.viewer, placed)
         self.status.setText(describe(placed.map))
+
+    def _world(self) -> tuple[tuple[int, int], int, tuple[float, float], tuple[float, float]]:
+        """(grid, region size, scale, translate) of the store given, else of the last run."""
+        store = self.store_edit.text().strip()
+        if store:
+            from napari_xt.inspect.stored import run_settings
+
+            from .contribution_view import store_world
+
+            run = run_settings(store)
+            scale, translate = store_world(store)
+            return run["grid"], run["region_size"], scale, translate
+        s = self.session()
+        if s is None:
+            raise ValueError("finish a run of the Run xT widget first")
+        return (s.planned.grid, s.planned.region_size, tuple(s.request.scale),
+                tuple(s.request.translate))
+
+    def _toggle_view(self, on: bool) -> None:
+        """On: the regions in view re-decoded without context; off: that layer removed."""
+        from napari.utils.notifications import show_error
+
+        from .contribution_view import (
+            LAYER_VIEW,
+            MAX_VIEW_REGIONS,
+            view_job,
+            visible_regions,
+        )
+
+        if not on:
+            if LAYER_VIEW in self.viewer.layers:
+                self.viewer.layers.remove(LAYER_VIEW)
+            return
+        if self.worker is not None:
+            self.view_check.setChecked(False)
+            return
+        try:
+            grid, size, scale, translate = self._world()
+        except ValueError as err:
+            show_error(f"Inspect context: {err}")
+            self.view_check.setChecked(False)
+            return
+        regions = visible_regions(self.viewer, size, grid, scale, translate)
+        if not regions or len(regions) > MAX_VIEW_REGIONS:
+            self.status.setText(f"{len(regions)} regions in view: zoom in to at most "
+                                f"{MAX_VIEW_REGIONS}")
+            self.view_check.setChecked(False)
+            return
+        store = self.store_edit.text().strip() or None
+        if store is None:
+            s = self.session()
+            kwargs = {"session": s, "source": self._source(s)}
+        else:
+            kwargs = {"store": store, "model_choice": self.model_combo.currentText().strip()}
+        self.status.setText(f"re-decoding {len(regions)} regions without context…")
+        self.worker = start_worker(view_job, regions, **kwargs)
+        self.worker.returned.connect(lambda out: self._show_view(out, scale, translate))
+        self.worker.errored.connect(lambda err: self.view_check.setChecked(False))
+        self._start_worker()
+
+    def _show_view(self, out, scale, translate) -> None:
+        from .contribution_view import show_view
+
+        view, size = out
+        self.last_view = view
+        if not self.view_check.isChecked():
+            return
+        s = self.session()
+        names = class_names(s) if s is not None else ()
+        show_view(self.viewer, view, size, scale, translate, names)
+        self.status.setText(
+            f"{len(view.labels)} regions without context ({view.from_cache} from the "
+            f"embedding cache, {view.encoded} encoded) in {view.seconds:.2f} s; compare "
+            "with the run's labels (with context)" + (f"; {view.note}" if view.note else ""))
 
     def _grid(self) -> tuple[int, int]:
         store = self.store_edit.text().strip()
