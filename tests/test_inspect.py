@@ -212,8 +212,11 @@ def test_cli_inspect_explains_a_region_of_a_stored_run(demo_run, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--model", "demo-region-only"], "not the one the run used"),
+    (["--model", "nosuch"], "nosuch"),
     (["--model", "demo", "--region", "4,0"], "outside the 4 x 5 grid"),
     (["--model", "demo", "--out", "map.tif"], "give a .png, .npy or .json"),
+    (["--model", "demo", "--out", "nowhere/map.png"], "does not exist"),
+    (["--model", "demo", "--out", "scene.npy"], "pass --overwrite to replace it"),
     (["--model", "demo", "--image-other"], "differs from the one the run read"),
 ])
 def test_cli_inspect_refuses_what_does_not_belong_to_the_run(demo_run, capsys, extra, message):
@@ -226,6 +229,7 @@ def test_cli_inspect_refuses_what_does_not_belong_to_the_run(demo_run, capsys, e
         other[:, :64, :64] += 1.0
         np.save(d / "other.npy", other)
         image, extra = d / "other.npy", ["--model", "demo"]
+    extra = [str(d / e) if e in ("nowhere/map.png", "scene.npy") else e for e in extra]
     args = ["inspect", str(d / "r.zarr"), str(image), *extra]
     if "--region" not in args:
         args += ["--region", "1,1"]
@@ -323,3 +327,49 @@ def test_a_view_without_context_comes_from_the_runs_embedding_cache(demo_run):
     data, origin = mosaic(cached, 64)
     assert data.shape == (192, 192) and origin == (64, 128)
     np.testing.assert_array_equal(data[64:128, :64], cached.labels[(2, 2)])
+
+
+def test_the_crops_recomputed_are_the_engines_own_away_from_the_origin():
+    # The engine gives the model crop-relative region positions; the maps must explain
+    # that computation: the recomputed output of a region in a crop that does not start
+    # at (0, 0) equals the run's (one crop per region at stride 8, so no blending).
+    from napari_xt.engine import Finished, run
+    from napari_xt.engine.plan import RegionPlan
+    from napari_xt.inspect import contributions as C
+    from napari_xt.model.choice import load_model
+    from napari_xt.train.synthetic import SceneConfig, SyntheticScene
+
+    model, _, norm = load_model("demo")
+    img, _ = SyntheticScene(12, SceneConfig(height=1024, width=1024)).read()
+    fin = list(run(img, model, None, normalize=norm, axes="CYX", crop_stride=8,
+                   outputs=("labels", "probabilities"), cache=False))[-1]
+    assert isinstance(fin, Finished)
+    stored = np.asarray(fin.summary["arrays"]["probabilities"], np.float32)  # (K, H, W)
+    src = ImageSource(img, axes="CYX", normalize=norm)
+    plan = RegionPlan(1024, 1024, 64, 8, 8)
+    for region in [(10, 10), (3, 12), (15, 0)]:
+        crop = next(c for c in plan.crops if c.contains(*region))
+        inputs = C._crop_inputs(model, src, plan, crop, region, None)
+        with torch.no_grad():
+            probs = C._target_probs(model, model.contextualize(inputs.tokens)[0], inputs)
+        r, c = region
+        want = stored[:, r * 64:(r + 1) * 64, c * 64:(c + 1) * 64].reshape(3, -1)
+        np.testing.assert_allclose(probs[0].numpy(), want, atol=2e-3)  # (fp16 probabilities)
+
+
+def test_a_store_that_does_not_record_its_runs_settings_is_refused(demo_run, tmp_path):
+    # an older store without the crop settings: refused in one line, never a map of 1 x 1
+    # crops that gives the region itself all the weight
+    import json
+    import shutil
+
+    from napari_xt.inspect.stored import InspectError, run_settings
+
+    old = tmp_path / "old.zarr"
+    shutil.copytree(demo_run / "r.zarr", old)
+    meta = json.loads((old / "zarr.json").read_text())
+    sig = meta["attributes"]["napari-xt"]["run_signature"]
+    del sig["crop_regions"], sig["crop_stride"]
+    (old / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(InspectError, match="does not record its run's crop_regions, crop_stride"):
+        run_settings(old)

@@ -49,21 +49,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the model output explained: its classes (default) or a head map "
                         "such as centre (detections)")
     p.add_argument("--out", default=None, help="write the map: .png, .npy or .json")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     add_image_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from napari_xt.cli import EXIT_OK, EXIT_USAGE
+    from napari_xt.cli import EXIT_OK, EXIT_USAGE, bad_input_line
     from napari_xt.commands.inputs import image_request, load_cli_model
-    from napari_xt.inspect.stored import InspectError, inspect_store, save_map
+    from napari_xt.inspect.stored import InspectError, check_out, inspect_store, save_map
 
-    if args.out is not None and not args.out.lower().endswith((".png", ".npy", ".json")):
-        print(f"napari-xt inspect: --out {args.out}: give a .png, .npy or .json file",
-              file=sys.stderr)
+    try:
+        if args.out is not None:  # refused before the work, never after it
+            check_out(args.out, args.overwrite)
+        image = image_request(args.image, args)
+        model, what, _ = load_cli_model(args.model, args.weights, None)
+    except (InspectError, KeyError, FileNotFoundError) as err:  # an unknown model name, ...
+        print(bad_input_line("inspect", err), file=sys.stderr)
         return EXIT_USAGE
-    image = image_request(args.image, args)
-    model, what, _ = load_cli_model(args.model, args.weights, None)
     model.eval()
     try:
         cm = inspect_store(args.store, image, model, args.region, args.method,
@@ -82,5 +85,9 @@ def run(args: argparse.Namespace) -> int:
     for (i, j), share in cm.top(6):
         print(f"  ({i}, {j}) {100 * share:5.1f}%" + ("  <- itself" if (i, j) == (r, c) else ""))
     if args.out:
-        print(f"map written to {save_map(cm, args.out)}")
+        try:
+            print(f"map written to {save_map(cm, args.out)}")
+        except InspectError as err:
+            print(f"napari-xt inspect: {err}", file=sys.stderr)
+            return EXIT_USAGE
     return EXIT_OK

@@ -59,7 +59,8 @@ class ContributionMap:
 @dataclass
 class CropInputs:
     crop: Crop
-    rc: np.ndarray  # (R, 2) global (row, col) of the crop's regions, raster order
+    rc: np.ndarray  # (R, 2) (row, col) of the crop's regions from its corner, raster order
+    #                 (the positions the engine gives the model: crop-relative)
     feats: list[torch.Tensor]  # [(R, C_l, h_l, w_l)]
     tokens: torch.Tensor  # (1, N, D) context input (positions added), cls token not yet
     owner: np.ndarray  # (N,) crop-local region of each token
@@ -112,7 +113,10 @@ def contribution_map(model: Any, source: Any, region: tuple[int, int], method: s
             raise ValueError(f"pixel {pixel} is outside region ({row}, {col}) "
                              f"({y1 - y0} x {x1 - x0} px)")
     crops = [c for c in plan.crops if c.contains(row, col)]
-    weights = np.array([float(plan.region_window(c, row, col).mean()) for c in crops])
+    # the run's blending weight of each crop: over the region, or at the pixel asked
+    weights = np.array([float(plan.region_window(c, row, col).mean() if pixel is None else
+                              plan.region_window(c, row, col)[pixel[0], pixel[1]])
+                        for c in crops])
     weights = weights / weights.sum()
     values = np.zeros(plan.grid, np.float64)
     seen = np.zeros(plan.grid, bool)
@@ -166,7 +170,7 @@ def _crop_inputs(model: Any, source: Any, plan: RegionPlan, crop: Crop,
     regions = crop.regions()
     device = next(model.parameters()).device
     pixels = np.stack([source.read(plan.box(*rc), s)[0] for rc in regions])  # (R, C, S, S)
-    rc = np.array(regions, np.int64)
+    rc = np.array(regions, np.int64) - np.array([crop.row0, crop.col0])  # as the engine
     with torch.no_grad():
         feats = model.encode_regions(torch.from_numpy(pixels).to(device))
         last = feats[-1]
@@ -310,18 +314,20 @@ def _attention_contribution(model: Any, inputs: CropInputs, method: str, layer: 
             a = a[int(head)]
         else:
             a = a.mean(0)
-        rows = a[torch.as_tensor(queries)]  # (q, N')
+        rows = a[torch.as_tensor(queries, device=a.device)]  # (q, N')
     else:
-        q = torch.as_tensor(queries)
+        dev = mats[0].device
+        q = torch.as_tensor(queries, device=dev)
         n = mats[0].shape[-1]
-        rows = torch.zeros((len(queries), n), dtype=torch.float64)
-        rows[torch.arange(len(queries)), q] = 1.0
+        rows = torch.zeros((len(queries), n), dtype=torch.float64, device=dev)
+        rows[torch.arange(len(queries), device=dev), q] = 1.0
         for a, share in zip(reversed(mats), reversed(shares)):
             # rows of (A_L ... A_1): A_l = share * (head-mean attention) + (1 - share) * I,
             # per query the part of its new residual stream that attention brought
             w = share.double()[:, None]
             mixed = w * a.mean(0).double()
-            mixed[torch.arange(n), torch.arange(n)] += 1.0 - w[:, 0]
+            diag = torch.arange(n, device=dev)
+            mixed[diag, diag] += 1.0 - w[:, 0]
             rows = rows @ mixed
     return _per_region(rows.mean(0), inputs.owner, len(inputs.rc))
 

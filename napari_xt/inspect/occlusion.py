@@ -50,7 +50,7 @@ class HyperOcclusion:
         n = self.x.shape[0]
         ms, zs, us = [], [], []
         for start in range(0, n, 512):  # query blocks: (H, 512, N) at a time
-            qi = torch.arange(start, min(n, start + 512))
+            qi = torch.arange(start, min(n, start + 512), device=self.x.device)
             s = (self.q[:, qi] @ self.k.transpose(-1, -2)).double() * self.scale
             if self.causal:
                 s = s.masked_fill(~self._visible(len(qi), n, qi=qi), float("-inf"))
@@ -61,11 +61,11 @@ class HyperOcclusion:
             us.append(e @ self.v.double())
         self.m, self.z, self.u = torch.cat(ms, 1), torch.cat(zs, 1), torch.cat(us, 1)
 
-    @staticmethod
-    def _visible(nq: int, nk: int, qi: torch.Tensor | None = None,
+    def _visible(self, nq: int, nk: int, qi: torch.Tensor | None = None,
                  kj: torch.Tensor | None = None) -> torch.Tensor:
-        qi = torch.arange(nq) if qi is None else qi
-        kj = torch.arange(nk) if kj is None else kj
+        dev = self.x.device
+        qi = torch.arange(nq, device=dev) if qi is None else qi
+        kj = torch.arange(nk, device=dev) if kj is None else kj
         return kj[..., None, :] <= qi[..., :, None]
 
     def _first_layer(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -81,7 +81,7 @@ class HyperOcclusion:
         s_old = torch.bmm(q, k_old.transpose(1, 2)).view(heads, n, b, m) * self.scale
         s_new = torch.bmm(q, k_new.transpose(1, 2)).view(heads, n, b, m) * self.scale
         if self.causal:
-            vis = (hidden[None] <= torch.arange(n)[:, None, None])[None]  # (1, N, B, m)
+            vis = (hidden[None] <= torch.arange(n, device=hidden.device)[:, None, None])[None]
             s_old = s_old.masked_fill(~vis, float("-inf"))
             s_new = s_new.masked_fill(~vis, float("-inf"))
         m_new = torch.maximum(self.m[..., None], s_new.amax(-1))  # (H, N, B)
@@ -94,7 +94,7 @@ class HyperOcclusion:
         o = (self.u[:, :, None] * shift[..., None] + num) / z[..., None]  # (H, N, B, d)
         o = o.permute(2, 0, 1, 3)  # (B, H, N, d), a view
         # the occluded region's own queries: recomputed whole against the occluded keys
-        rows = torch.arange(b)[:, None]
+        rows = torch.arange(b, device=hidden.device)[:, None]
         q_j = self.qb[:, flat].double()  # (H, B*m, d)
         s_j = torch.bmm(q_j, self.k.double().transpose(1, 2)).view(heads, b, m, n) * self.scale
         s_jj = (q_j.view(heads, b, m, d) @ k_new.view(heads, b, m, d).transpose(-1, -2)

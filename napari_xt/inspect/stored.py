@@ -32,16 +32,22 @@ def run_settings(store: str | os.PathLike) -> dict[str, Any]:
     try:
         reader = open_result(store)
     except Exception as err:  # noqa: BLE001 - any unreadable store is one message
-        raise InspectError(f"{store}: not a napari-xt result store ({err})") from err
+        raise InspectError(f"{store}: not a napari-xt result store") from err
     sig = reader.signature
     if not sig:
         raise InspectError(f"{store}: the store records no run to inspect")
+    missing = [k for k in ("region_size", "crop_regions", "crop_stride", "normalize", "image")
+               if k not in sig or (sig[k] is None and k != "normalize")]
+    if missing:
+        raise InspectError(f"{store}: the store does not record its run's "
+                           f"{', '.join(missing)} (an older napari-xt?); run predict again "
+                           "to inspect it")
     image = dict(sig.get("image", {}))
     norm = sig.get("normalize")
     return {"level": int(image.get("level", 0) or 0), "image": image,
             "normalize": None if norm is None else (tuple(norm[0]), tuple(norm[1])),
-            "crop_regions": int(sig.get("crop_regions", 1) or 1),
-            "crop_stride": sig.get("crop_stride"), "region_size": int(sig["region_size"]),
+            "crop_regions": int(sig["crop_regions"]), "name": sig.get("name", "prediction"),
+            "crop_stride": int(sig["crop_stride"]), "region_size": int(sig["region_size"]),
             "model_hash": sig.get("model_hash"), "model": sig.get("model"),
             "context": sig.get("context", "crop"), "grid": reader.grid,
             "carry_state": bool(sig.get("carry_state", False))}
@@ -131,10 +137,31 @@ def render_map(cm: ContributionMap, cell: int | None = None) -> np.ndarray:
     return img
 
 
+def check_out(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Where `save_map` may write: a .png, .npy or .json file in an existing folder, not an
+    existing file unless `overwrite` (an `InspectError` naming the CLI flag otherwise)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".npy", ".json"):
+        raise InspectError(f"--out {path}: give a .png, .npy or .json file")
+    if not path.parent.is_dir():
+        raise InspectError(f"--out {path}: the folder {path.parent} does not exist")
+    if path.exists() and (path.is_dir() or not overwrite):
+        raise InspectError(f"--out {path} exists; pass --overwrite to replace it"
+                           if not path.is_dir() else f"--out {path} is a folder")
+    return path
+
+
 def save_map(cm: ContributionMap, path: str | os.PathLike) -> Path:
     """Write the map: .png (the picture), .npy (the (rows, cols) shares), .json (all)."""
     path = Path(path)
     suffix = path.suffix.lower()
+    try:
+        return _save(cm, path, suffix)
+    except OSError as err:
+        raise InspectError(f"--out {path}: cannot write it: {err}") from err
+
+
+def _save(cm: ContributionMap, path: Path, suffix: str) -> Path:
     if suffix == ".png":
         from napari_xt.io.png import write_png
 

@@ -32,12 +32,21 @@ class Placed:
 
 
 def store_world(store: str | Path) -> tuple[tuple[float, float], tuple[float, float]]:
-    """(scale, translate) of a stored run's labels in napari's world (its pixel size)."""
-    from napari_xt.io import read_labels
+    """(scale, translate) of a stored run's level in napari's world: the pixel size of its
+    labels (or probabilities) as the napari reader shows them; 1 without either."""
+    from napari_xt.inspect.stored import run_settings
+    from napari_xt.io import read_labels, read_probabilities
 
-    labels = read_labels(store, "prediction")
-    scale = tuple(float(v) for v in (labels.pixel_size or (1.0, 1.0)))
-    return (scale[0], scale[1]), (0.0, 0.0)
+    name = run_settings(store)["name"]
+    for read in (read_labels, read_probabilities):
+        try:
+            size = read(store, name).pixel_size
+        except (ValueError, OSError, KeyError):
+            continue
+        if size:
+            return (float(size[0]), float(size[1])), (0.0, 0.0)
+        break
+    return (1.0, 1.0), (0.0, 0.0)
 
 
 ANSWERS = ("classes", "detections")
