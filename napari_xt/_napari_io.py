@@ -37,7 +37,8 @@ from .io.zarr_reader import looks_like_zarr
 from .sample_data import slide_scene
 
 LayerData = tuple[Any, dict[str, Any], str]
-SUFFIXES = (".zarr", ".tif", ".tiff", ".svs", ".ndpi", ".npy")
+SUFFIXES = (".zarr", ".tif", ".tiff", ".svs", ".ndpi", ".npy", ".mrxs", ".vms", ".vmu", ".scn",
+            ".bif", ".svslide", ".dcm")
 _NAMED_COLORS = {"FF0000": "red", "00FF00": "green", "0000FF": "blue", "FFFFFF": "gray",
                  "FF00FF": "magenta", "FFFF00": "yellow", "00FFFF": "cyan"}
 
@@ -55,7 +56,9 @@ def _supported(path: Any) -> bool:
     if not isinstance(path, str | os.PathLike):
         return False
     text = str(path).rstrip("/\\").lower()
-    return text.endswith(SUFFIXES) or looks_like_zarr(path)
+    from napari_xt.io.dicom_reader import is_dicom_folder
+
+    return text.endswith(SUFFIXES) or looks_like_zarr(path) or is_dicom_folder(path)
 
 
 def read_paths(path: str | Sequence[str]) -> list[LayerData]:
@@ -214,7 +217,27 @@ def image_layers(image: MultiscaleImage, name: str, *, units: bool = True) -> li
             kwargs["contrast_limits"] = list(limits[0])
     multiscale = len(levels) > 1
     kwargs["multiscale"] = multiscale
-    return [(levels if multiscale else levels[0], kwargs, "image")]
+    layers: list[LayerData] = [(levels if multiscale else levels[0], kwargs, "image")]
+    return layers + _associated_layers(image, name)
+
+
+def _associated_layers(image: MultiscaleImage, name: str) -> list[LayerData]:
+    """A slide's label, macro and thumbnail images as hidden RGB layers beside the slide
+    (right of it, one above the other, each at its own pixel size)."""
+    out: list[LayerData] = []
+    if not image.associated:
+        return out
+    sy, sx = image.pixel_size or (1.0, 1.0)
+    h, w = image.height, image.width
+    y, x = 0.0, (w + w // 20) * sx
+    for key, rgb in sorted(image.associated.items()):
+        arr = np.asarray(rgb)
+        f = max(h * sy / max(arr.shape[0], 1), 1e-9) / max(1, len(image.associated))
+        out.append((arr, {"name": f"{name} {key}", "rgb": True, "visible": False,
+                          "scale": (f, f), "translate": (y, x),
+                          "metadata": {"source": image.source, "associated": key}}, "image"))
+        y += arr.shape[0] * f * 1.05
+    return out
 
 
 def _rgb_channels(image: MultiscaleImage) -> bool:

@@ -42,7 +42,7 @@ def test_not_an_image(tmp_path):
     with pytest.raises(ImageIOError, match="empty file"):
         open_image(tmp_path / "empty.svs")
     (tmp_path / "folder").mkdir()
-    with pytest.raises(ImageIOError, match="a directory but not a zarr store"):
+    with pytest.raises(ImageIOError, match="a directory but neither a zarr store"):
         open_image(tmp_path / "folder")
     (tmp_path / "trunc.tif").write_bytes(b"II*\x00" + b"\xff" * 4)
     with pytest.raises(ImageIOError, match="trunc.tif: TIFF holds no image series"):

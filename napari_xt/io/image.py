@@ -40,6 +40,8 @@ class MultiscaleImage:
     source: str = "array"
     paths: tuple[str, ...] = ()  # local files or folders the levels are read from
     resources: tuple[Any, ...] = field(default=(), repr=False, compare=False)
+    # a slide's label, macro and thumbnail images (RGB uint8), by name
+    associated: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         levels = list(self.levels)

@@ -124,9 +124,24 @@ def _open_path(source, *, plane, series, axes) -> MultiscaleImage:
     if path.is_dir():
         if looks_like_zarr(path):
             return open_zarr(path, plane=plane, axes=axes, where=where)
-        raise ImageIOError(f"{where}: a directory but not a zarr store (no zarr.json/.zgroup)")
+        from .dicom_reader import is_dicom_folder, open_dicom
+
+        if is_dicom_folder(path):
+            return _no_plane(open_dicom(path, where=where), plane, where)
+        raise ImageIOError(f"{where}: a directory but neither a zarr store (no "
+                           "zarr.json/.zgroup) nor a DICOM slide (no .dcm files)")
     if path.stat().st_size == 0:
         raise ImageIOError(f"{where}: empty file (zero bytes)")
+    from .openslide_reader import SUFFIXES as SLIDE_SUFFIXES
+
+    if path.suffix.lower() in SLIDE_SUFFIXES:  # slide formats only OpenSlide reads
+        from .openslide_reader import open_openslide
+
+        return _no_plane(open_openslide(path, where=where), plane, where)
+    if path.suffix.lower() == ".dcm":  # one file of a DICOM slide: the slide in its folder
+        from .dicom_reader import open_dicom
+
+        return _no_plane(open_dicom(path, where=where), plane, where)
     with open(path, "rb") as fh:
         head = fh.read(8)
     if head.startswith(_NPY_MAGIC):
@@ -136,8 +151,15 @@ def _open_path(source, *, plane, series, axes) -> MultiscaleImage:
     if is_tiff_path(path) or path.suffix.lower() == ".npy":
         raise ImageIOError(f"{where}: not a {path.suffix} file (its first bytes are {head!r})")
     raise ImageIOError(
-        f"{where}: not a supported image; expected OME-Zarr/zarr, (OME-)TIFF/SVS/NDPI or .npy"
+        f"{where}: not a supported image; expected OME-Zarr/zarr, (OME-)TIFF/SVS/NDPI, .npy, "
+        "a slide OpenSlide reads (.mrxs, .scn, .vms, .bif, ...) or a DICOM slide folder"
     )
+
+
+def _no_plane(image: MultiscaleImage, plane, where: str) -> MultiscaleImage:
+    if plane:
+        raise ImageIOError(f"{where}: a 2-D slide; --plane does not apply")
+    return image
 
 
 def open_npy(path: str | os.PathLike, *, plane=None, axes=None) -> MultiscaleImage:

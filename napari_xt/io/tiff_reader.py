@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tifffile
 import zarr
 
@@ -81,6 +82,7 @@ def _open_series(tif: tifffile.TiffFile, *, series, plane, axes, where) -> Multi
     n = levels[0].shape[out_axes.index("C")] if "C" in out_axes else 1
     kind = _kind(tif)
     return MultiscaleImage(
+        associated=_associated(tif, series),
         levels=levels,
         axes=out_axes,
         dtype=levels[0].dtype,
@@ -94,6 +96,25 @@ def _open_series(tif: tifffile.TiffFile, *, series, plane, axes, where) -> Multi
 
 
 ASSOCIATED = frozenset({"thumbnail", "label", "macro", "map", "overview"})
+ASSOCIATED_MAX = 16 * 2**20  # bytes: larger "associated" series are not small pictures
+
+
+def _associated(tif: tifffile.TiffFile, series: int) -> dict[str, np.ndarray]:
+    """A slide's label, macro and thumbnail images (the series so named, small, 2-D RGB or
+    grey) as RGB uint8 arrays, by lower-case name; an unreadable one is left out."""
+    out: dict[str, np.ndarray] = {}
+    for i, s in enumerate(tif.series):
+        name = str(s.name).lower()
+        if i == series or name not in ASSOCIATED or s.dtype != np.uint8:
+            continue
+        if int(np.prod(s.shape)) > ASSOCIATED_MAX or s.axes not in ("YXS", "YX"):
+            continue
+        try:
+            arr = np.asarray(s.asarray())
+        except Exception:  # noqa: BLE001 - a damaged thumbnail never stops the slide
+            continue
+        out[name] = np.repeat(arr[..., None], 3, -1) if arr.ndim == 2 else arr[..., :3]
+    return out
 
 
 def only_image_series(all_series, where: str) -> int:

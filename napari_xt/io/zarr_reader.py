@@ -38,14 +38,18 @@ def open_zarr_node(source: Any, where: str) -> zarr.Array | zarr.Group:
         return source
     store: Any = source
     if is_url(source):
+        extra = "pip install 'napari-xt[remote]'"
         try:
             import fsspec  # noqa: F401
         except ImportError as err:
-            raise ImageIOError(f"{where}: reading a URL needs fsspec (pip install fsspec)") from err
+            raise ImageIOError(f"{where}: reading a URL needs fsspec ({extra})") from err
         from zarr.storage import FsspecStore
 
         try:
             store = FsspecStore.from_url(source, read_only=True)
+        except ImportError as err:  # the protocol's own package (aiohttp for http, s3fs, ...)
+            raise ImageIOError(f"{where}: reading this URL needs {err.name or 'a package'} "
+                               f"({extra}, s3fs for s3://): {err}") from err
         except Exception as err:
             raise ImageIOError(f"{where}: cannot open URL: {type(err).__name__}: {err}") from err
     elif isinstance(source, str | os.PathLike):

@@ -1,0 +1,163 @@
+"""Slides and remote images: OpenSlide against tifffile on a real Aperio file, associated
+images, a multi-series TIFF, an OME-Zarr over HTTP read lazily, and missing extras."""
+
+from __future__ import annotations
+
+import http.server
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_xt.io import ImageIOError, open_image
+
+SVS = Path(__file__).resolve().parents[1] / ".venv" / "test-data" / "CMU-1-Small-Region.svs"
+needs_svs = pytest.mark.skipif(not SVS.is_file(), reason="make setup fetches the SVS")
+
+
+@needs_svs
+def test_openslide_reads_the_aperio_slide_as_tifffile_does():
+    pytest.importorskip("openslide", reason="the openslide extra")
+    from napari_xt.io.openslide_reader import open_openslide
+
+    a, b = open_image(SVS), open_openslide(SVS)
+    assert b.axes == "YXC" and b.num_levels == a.num_levels
+    assert b.pixel_size == a.pixel_size == (0.499, 0.499) and b.unit == "micrometer"
+    assert b.levels[0].chunksize[:2] == (240, 240)  # OpenSlide's own tiles
+    for la, lb in zip(a.levels, b.levels):
+        np.testing.assert_array_equal(np.asarray(la), np.asarray(lb))
+    window = (slice(1000, 1300), slice(700, 1100))  # a window through the dask graph
+    np.testing.assert_array_equal(np.asarray(b.levels[0][window]),
+                                  np.asarray(a.levels[0][window]))
+    assert set(a.associated) == set(b.associated) == {"label", "macro", "thumbnail"}
+    for key in a.associated:
+        np.testing.assert_array_equal(a.associated[key], b.associated[key])
+
+
+@needs_svs
+def test_napari_shows_a_slides_label_and_macro_beside_it():
+    from napari_xt import _napari_io
+
+    layers = _napari_io.read_paths(str(SVS))
+    names = [k["name"] for _, k, _ in layers]
+    assert names == ["CMU-1-Small-Region", "CMU-1-Small-Region label",
+                     "CMU-1-Small-Region macro", "CMU-1-Small-Region thumbnail"]
+    slide_w = 2220 * 0.499
+    for data, kw, kind in layers[1:]:
+        assert kind == "image" and kw["rgb"] and kw["visible"] is False
+        assert kw["translate"][1] > slide_w  # beside the slide, not over it
+        assert data.ndim == 3 and data.shape[2] == 3
+
+
+def test_a_multi_series_tiff_lists_its_series_and_opens_the_chosen_one(tmp_path):
+    path = tmp_path / "two.tif"
+    a = np.arange(40 * 50, dtype=np.uint16).reshape(40, 50)
+    b = np.full((3, 30, 20), 7, np.uint8)
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(a)
+        tif.write(b, photometric="minisblack", metadata={"axes": "CYX"})
+    with pytest.raises(ImageIOError) as err:
+        open_image(path, series=None)
+    assert "(40, 50)" in str(err.value) and "(3, 30, 20)" in str(err.value)
+    np.testing.assert_array_equal(np.asarray(open_image(path, series=0).levels[0]), a)
+    second = open_image(path, series=1)
+    assert second.axes == "CYX" and second.levels[0].shape == (3, 30, 20)
+
+
+class _Counting(http.server.SimpleHTTPRequestHandler):
+    requests: list[str] = []
+
+    def do_GET(self):  # noqa: N802 - the standard library's name
+        type(self).requests.append(self.path)
+        return super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_ome_zarr_over_http_is_read_lazily(tmp_path):
+    pytest.importorskip("aiohttp", reason="the remote extra")
+    from napari_xt.io import convert
+
+    data = np.random.default_rng(0).integers(0, 255, (2, 2048, 2048), dtype=np.uint8)
+    np.save(tmp_path / "img.npy", data)
+    convert(str(tmp_path / "img.npy"), str(tmp_path / "img.ome.zarr"), chunk=256)
+    handler = type("Handler", (_Counting,), {"requests": []})
+
+    def make(*a, **k):
+        return handler(*a, directory=str(tmp_path), **k)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), make)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/img.ome.zarr"
+        image = open_image(url)
+        assert image.levels[0].shape == (2, 2048, 2048) and image.num_levels >= 2
+        before = list(handler.requests)
+        assert not any("/c/" in r for r in before)  # opening reads metadata only
+        window = np.asarray(image.levels[0][:, 200:400, 600:800])
+        np.testing.assert_array_equal(window, data[:, 200:400, 600:800])
+        chunks = [r for r in handler.requests[len(before):] if "/0/c/" in r]
+        assert 1 <= len(chunks) <= 4, chunks  # the 2 x 2 chunks the window covers (of
+        # 64), never the whole level
+    finally:
+        server.shutdown()
+
+
+def test_missing_extras_are_one_line_naming_them(tmp_path, monkeypatch):
+    slide = tmp_path / "slide.mrxs"
+    slide.write_bytes(b"not really a slide")
+    monkeypatch.setitem(sys.modules, "openslide", None)  # as if the extra were missing
+    with pytest.raises(ImageIOError, match=r"napari-xt\[openslide\]"):
+        open_image(slide)
+    monkeypatch.delitem(sys.modules, "openslide")
+    pytest.importorskip("openslide", reason="the openslide extra")
+    with pytest.raises(ImageIOError, match="OpenSlide cannot read it"):
+        open_image(slide)
+    from zarr.storage import FsspecStore
+
+    def no_aiohttp(*args, **kwargs):  # what fsspec raises for http:// without aiohttp
+        raise ImportError("HTTPFileSystem requires 'requests' and 'aiohttp'", name="aiohttp")
+
+    monkeypatch.setattr(FsspecStore, "from_url", no_aiohttp)
+    with pytest.raises(ImageIOError, match=r"needs aiohttp .*napari-xt\[remote\]"):
+        open_image("http://127.0.0.1:9/none.zarr")
+
+
+@pytest.fixture(scope="module")
+def dicom_slide(tmp_path_factory):
+    """The Aperio slide made into a DICOM WSI by wsidicomizer (its JPEG tiles kept)."""
+    pytest.importorskip("wsidicom", reason="the dicom extra")
+    wsidicomizer = pytest.importorskip("wsidicomizer", reason="the test extra")
+    if not SVS.is_file():
+        pytest.skip("make setup fetches the SVS")
+    out = tmp_path_factory.mktemp("dicom")
+    wsidicomizer.WsiDicomizer.convert(str(SVS), str(out))
+    return out
+
+
+def test_a_dicom_slide_made_from_the_aperio_file_reads_back_equal(dicom_slide, tmp_path):
+    from napari_xt import _napari_io
+    from napari_xt.io import convert
+
+    a, d = open_image(SVS), open_image(dicom_slide)
+    assert d.source.startswith("DICOM WSI") and d.num_levels == a.num_levels
+    assert d.pixel_size == pytest.approx(a.pixel_size) and d.unit == "micrometer"
+    for la, ld in zip(a.levels, d.levels):
+        np.testing.assert_array_equal(np.asarray(ld), np.asarray(la))
+    assert {"label", "overview"} <= set(d.associated)
+    one = next(p for p in dicom_slide.iterdir() if p.suffix == ".dcm")
+    assert open_image(one).levels[0].shape == d.levels[0].shape  # a file: its slide
+    assert _napari_io.get_reader(str(dicom_slide)) is _napari_io.read_paths
+    out = convert(str(dicom_slide), str(tmp_path / "slide.ome.zarr"))  # to OME-Zarr 0.5
+    np.testing.assert_array_equal(np.asarray(out.to_yxc(0)), np.asarray(a.levels[0]))
+
+
+def test_the_dicom_extra_missing_is_one_line_naming_it(dicom_slide, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wsidicom", None)
+    with pytest.raises(ImageIOError, match=r"needs wsidicom .*napari-xt\[dicom\]"):
+        open_image(dicom_slide)
