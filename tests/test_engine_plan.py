@@ -99,3 +99,11 @@ def test_viewport_order_reprioritises():
 def test_bad_stride_rejected():
     with pytest.raises(ValueError, match="stride"):
         RegionPlan(512, 512, 128, crop_regions=2, stride=3)
+
+
+def test_a_regions_position_is_its_place_in_the_first_crop_covering_it():
+    # the engine gives the model crop-relative positions; baselines use the same
+    plan = RegionPlan(16 * 64, 16 * 64, 64, 8)  # crops start at 0, 4, 8 (stride 4)
+    assert plan.position_in_crop(10, 13) == (6, 5)  # crop (4, 8)
+    assert plan.position_in_crop(2, 3) == (2, 3)
+    assert RegionPlan(16 * 64, 16 * 64, 64, 8, 8).position_in_crop(10, 13) == (2, 5)

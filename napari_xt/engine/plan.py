@@ -125,6 +125,12 @@ class RegionPlan:
     def num_regions(self) -> int:
         return self.rows * self.cols
 
+    def position_in_crop(self, row: int, col: int) -> tuple[int, int]:
+        """The position the model is given for region (row, col): relative to the corner of
+        the first crop that covers it (the engine passes crop-relative positions)."""
+        crop = next(c for c in self.crops if c.contains(row, col))
+        return row - crop.row0, col - crop.col0
+
     def box(self, row: int, col: int) -> Box:
         """Pixel box of a region, clipped to the image."""
         return Box(*self.regions.box(row, col))

@@ -67,8 +67,11 @@ def _cached(store: str | os.PathLike | None, regions: list[tuple[int, int]], gri
 
 def labels_without_context(model: Any, source: Any, regions: list[tuple[int, int]], *,
                            region_size: int, store: str | os.PathLike | None = None,
-                           batch: int = 16) -> ViewLabels:
-    """Labels of `regions` with the context encoder skipped (see the module docstring)."""
+                           stride: int | None = None, batch: int = 16) -> ViewLabels:
+    """Labels of `regions` with the context encoder skipped (see the module docstring), each
+    region at the crop-relative position the run gives it (`stride`: the run's)."""
+    from napari_xt.engine.plan import RegionPlan
+
     t0 = time.perf_counter()
     if model.classification:
         raise ValueError("a view needs a dense (segmentation/detection) model; this model "
@@ -78,11 +81,17 @@ def labels_without_context(model: Any, source: Any, regions: list[tuple[int, int
     regions = [(int(r), int(c)) for r, c in regions
                if 0 <= r < grid[0] and 0 <= c < grid[1]]
     cached, masks, note = _cached(store, regions, grid)
+    plan = RegionPlan(source.height, source.width, s, model.cfg.crop_regions or 1, stride)
+    # regions at one position share a decode call (B regions, one position each)
+    by_position: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for rc in regions:
+        by_position.setdefault(plan.position_in_crop(*rc), []).append(rc)
     out = ViewLabels(note=note)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    for start in range(0, len(regions), batch):
-        part = regions[start:start + batch]
+    work = [(pos, group[i:i + batch]) for pos, group in by_position.items()
+            for i in range(0, len(group), batch)]
+    for pos, part in work:
         feats_of: dict[tuple[int, int], list[torch.Tensor]] = {}
         bad: dict[tuple[int, int], np.ndarray] = {}
         todo = [rc for rc in part if rc not in cached]
@@ -101,12 +110,12 @@ def labels_without_context(model: Any, source: Any, regions: list[tuple[int, int
                     bad[rc] = masks.get(rc)
                     out.from_cache += 1
             levels = [torch.stack([feats_of[rc][i] for rc in part])
-                      for i in range(len(feats_of[part[0]]))]
-            rc_arr = np.array(part, np.int64)
-            tokens, _ = model.region_tokens(levels[-1][None], rc_arr)
-            maps = model.decode(tokens, levels, rc_arr)  # identity: no context encoder
+                      for i in range(len(feats_of[part[0]]))]  # [(B, C_l, h_l, w_l)]
+            where = np.array([pos], np.int64)
+            tokens, _ = model.region_tokens(levels[-1][:, None], where)  # (B, h*w, D)
+            maps = model.decode(tokens, levels, where)  # identity: no context encoder
         logits = maps["logits"] if "logits" in maps else next(iter(maps.values()))
-        labels = logits[0].float().argmax(1).cpu().numpy()  # (R, S, S)
+        labels = logits[:, 0].float().argmax(1).cpu().numpy()  # (B, S, S)
         dt = np.uint16 if model.cfg.num_classes > 255 else np.uint8
         for n, rc in enumerate(part):
             y0, x0, y1, x1 = _box(rc, s, source)

@@ -3,7 +3,8 @@
 For a region (row, col) the model is run on that region alone, in one of two ways:
 
 - ``alone``: the context encoder runs, but its sequence holds only this region's tokens
-  (what the model says when it can see nothing else), at the region's own grid position;
+  (what the model says when it can see nothing else), at the position the run gives it
+  (crop-relative: its place in the first crop that covers it);
 - ``centred``: the same, with the region placed at the centre of a training crop instead
   of its own position: a position-neutral baseline (a region's absolute position alone can
   tell a model "image border", e.g. region (0, 0));
@@ -48,8 +49,9 @@ def stored_labels(store: str | Path):
 
 
 def region_only_labels(model, source, row: int, col: int, region_size: int,
-                       mode: str = "alone") -> np.ndarray:
-    """(h, w) class labels of region (row, col) predicted from that region only."""
+                       mode: str = "alone", stride: int | None = None) -> np.ndarray:
+    """(h, w) class labels of region (row, col) predicted from that region only (`stride`:
+    the run's crop stride, which decides the region's crop-relative position)."""
     import torch
 
     if mode not in MODES:
@@ -62,10 +64,14 @@ def region_only_labels(model, source, row: int, col: int, region_size: int,
     y1, x1 = min(y0 + s, source.height), min(x0 + s, source.width)
     x, bad = source.read((y0, x0, y1, x1), s)  # (C, S, S), (S, S)
     device = next(model.parameters()).device
-    rc = np.array([[row, col]])
+    k = model.cfg.crop_regions or 1
     if mode == "centred":
-        k = model.cfg.crop_regions or 1
         rc = np.array([[k // 2, k // 2]])
+    else:
+        from napari_xt.engine.plan import RegionPlan
+
+        plan = RegionPlan(source.height, source.width, s, k, stride)
+        rc = np.array([plan.position_in_crop(row, col)])
     with torch.no_grad():
         feats = model.encode_regions(torch.from_numpy(x)[None].to(device))
         last = feats[-1]
@@ -81,7 +87,8 @@ def region_only_labels(model, source, row: int, col: int, region_size: int,
 
 
 def compare_region(model, source, store, row: int, col: int, region_size: int,
-                   mode: str = "alone", stored=None) -> RegionComparison:
+                   mode: str = "alone", stored=None, stride: int | None = None
+                   ) -> RegionComparison:
     """Region-only labels of (row, col) against the run's stored labels."""
     s = region_size
     rows, cols = -(-source.height // s), -(-source.width // s)
@@ -91,15 +98,16 @@ def compare_region(model, source, store, row: int, col: int, region_size: int,
     y0, x0 = row * s, col * s
     y1, x1 = min(y0 + s, source.height), min(x0 + s, source.width)
     context = np.asarray(stored[y0:y1, x0:x1])
-    alone = region_only_labels(model, source, row, col, s, mode)
+    alone = region_only_labels(model, source, row, col, s, mode, stride)
     changed = float(np.mean(alone != context)) if context.size else 0.0
     return RegionComparison(row, col, (y0, x0, y1, x1), alone, context, changed)
 
 
-def change_map(model, source, store, region_size: int, regions, mode: str = "alone"):
+def change_map(model, source, store, region_size: int, regions, mode: str = "alone",
+               stride: int | None = None):
     """Yield (row, col, changed fraction) for every (row, col) in `regions`."""
     stored = stored_labels(store)
     for row, col in regions:
         result = compare_region(model, source, store, int(row), int(col), region_size, mode,
-                                stored=stored)
+                                stored=stored, stride=stride)
         yield result.row, result.col, result.changed_fraction

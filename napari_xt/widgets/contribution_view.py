@@ -184,13 +184,14 @@ def view_job(regions: list[tuple[int, int]], *, session: Any = None, source: Any
     if store is None:
         s = session.planned.region_size
         return labels_without_context(session.model, source, regions, region_size=s,
-                                      store=session.store), s
+                                      store=session.store,
+                                      stride=session.request.crop_stride), s
     from napari_xt.inspect.stored import open_run
 
     _, path, model = _stored_run(store, model_choice)
     run, src = open_run(store, path, model)  # the model and image checked
     return labels_without_context(model, src, regions, region_size=run["region_size"],
-                                  store=store), run["region_size"]
+                                  store=store, stride=run["crop_stride"]), run["region_size"]
 
 
 def show_view(viewer: Any, view: Any, region_size: int, scale: tuple[float, float],

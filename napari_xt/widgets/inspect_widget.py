@@ -230,7 +230,8 @@ class InspectWidget(WorkerPanel, QWidget):
         row, col = self.row_spin.value(), self.col_spin.value()
         self.status.setText(f"comparing region ({row}, {col})…")
         self.worker = start_worker(compare_region, s.model, self._source(s), s.store, row, col,
-                                   s.planned.region_size, self.mode)
+                                   s.planned.region_size, self.mode,
+                                   stride=s.request.crop_stride)
         self.worker.returned.connect(lambda result: self._show_comparison(s, result))
         self._start_worker()
 
@@ -275,7 +276,8 @@ class InspectWidget(WorkerPanel, QWidget):
         self._ensure_map_layer(s)
         self.status.setText(f"context change of {len(regions)} regions…")
         self.worker = start_worker(change_map, s.model, self._source(s), s.store,
-                                   s.planned.region_size, regions, self.mode)
+                                   s.planned.region_size, regions, self.mode,
+                                   s.request.crop_stride)
         self.worker.yielded.connect(self._on_fraction)
         self._timer.start()
         self._start_worker()
