@@ -69,9 +69,20 @@ def read_paths(path: str | Sequence[str]) -> list[LayerData]:
         if looks_like_zarr(p) and _has_results(p):
             layers.extend(store_layers(p, name))
             continue
-        image = open_image(p)
+        series = _tiff_series(p)
+        if len(series) > 1:  # every image series of the file, each its own layer
+            for i in series:
+                layers.extend(image_layers(open_image(p, series=i), f"{name} series {i}"))
+            continue
+        image = open_image(p, series=series[0] if series else 0)
         layers.extend(image_layers(image, name))
     return layers
+
+
+def _tiff_series(path: Any) -> list[int]:
+    from napari_xt.io.tiff_reader import image_series, is_tiff_path
+
+    return image_series(path) if is_tiff_path(Path(str(path))) else []
 
 
 def _has_results(path: Any) -> bool:

@@ -161,3 +161,32 @@ def test_the_dicom_extra_missing_is_one_line_naming_it(dicom_slide, monkeypatch)
     monkeypatch.setitem(sys.modules, "wsidicom", None)
     with pytest.raises(ImageIOError, match=r"needs wsidicom .*napari-xt\[dicom\]"):
         open_image(dicom_slide)
+
+
+def test_napari_opens_every_series_of_a_multi_series_tiff_as_its_own_layer(tmp_path):
+    # a file with two image series used to open as series 0 alone, silently
+    from napari_xt import _napari_io
+
+    path = tmp_path / "two.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(np.zeros((40, 50), np.uint16))
+        tif.write(np.full((3, 30, 20), 7, np.uint8), photometric="minisblack",
+                  metadata={"axes": "CYX"})
+    layers = _napari_io.read_paths(str(path))
+    names = [k["name"] for _, k, _ in layers]
+    assert names[0] == "two series 0" and any("series 1" in str(n) for n in names)
+    one = tmp_path / "one.tif"
+    tifffile.imwrite(one, np.ones((20, 30), np.uint8))
+    assert [k["name"] for _, k, _ in _napari_io.read_paths(str(one))] == ["one"]
+
+
+def test_the_napari_reader_claims_the_slide_formats():
+    from npe2 import PluginManifest
+
+    from napari_xt import _napari_io
+
+    patterns = set(PluginManifest.from_distribution("napari-xt").contributions.readers[0]
+                   .filename_patterns)
+    assert {"*.mrxs", "*.scn", "*.vms", "*.bif", "*.svslide", "*.dcm"} <= patterns
+    for suffix in (".mrxs", ".scn", ".vms", ".bif", ".svslide", ".dcm"):
+        assert _napari_io.get_reader(f"/data/slide{suffix}") is _napari_io.read_paths

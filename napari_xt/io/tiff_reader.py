@@ -117,6 +117,16 @@ def _associated(tif: tifffile.TiffFile, series: int) -> dict[str, np.ndarray]:
     return out
 
 
+def image_series(path: str | os.PathLike) -> list[int]:
+    """Indices of a TIFF file's image series (not a slide's label, macro or thumbnail);
+    [] when the file cannot be read as TIFF."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return [i for i, s in enumerate(tif.series) if str(s.name).lower() not in ASSOCIATED]
+    except Exception:  # noqa: BLE001 - not a TIFF: the caller's reader says why
+        return []
+
+
 def only_image_series(all_series, where: str) -> int:
     """The index of the file's one image series. A slide's label, macro and thumbnail
     images (SVS, NDPI) are not image series, nor are a pyramid's levels (tifffile keeps them
