@@ -373,3 +373,59 @@ def test_a_store_that_does_not_record_its_runs_settings_is_refused(demo_run, tmp
     (old / "zarr.json").write_text(json.dumps(meta))
     with pytest.raises(InspectError, match="does not record its run's crop_regions, crop_stride"):
         run_settings(old)
+
+
+def image_model():
+    """A tiny whole-image context model whose reader is not silent (random weights)."""
+    torch.manual_seed(0)
+    model = create_model("xt_tiny_demo_seg", in_chans=1, num_classes=3,
+                         region={"backbone": "test_convnext3", "region_size": 32, "in_chans": 1},
+                         tokenizer={"region_size": 32},
+                         context={"kind": "hyper", "dim": 16, "depth": 1, "head_dim": 8,
+                                  "mlp_dim": 16, "causal": False},
+                         crop_regions=2, head=HEAD,
+                         global_context={"grid": 8, "depth": 1, "head_dim": 8, "mlp_dim": 16})
+    with torch.no_grad():
+        model.global_context.reader.proj.weight.normal_(0, 0.5)
+    return model.eval()
+
+
+def test_whole_image_context_maps_span_the_whole_image_as_the_engine_computes_it():
+    # the scene the crop reads is the engine's (same summaries, cells and origin): the
+    # recomputed output equals the run's with context="image"; regions far outside the
+    # crop then carry weight, which a crop model's map cannot show (NaN there)
+    from napari_xt.engine import Finished, run
+    from napari_xt.engine.plan import RegionPlan
+    from napari_xt.inspect import contributions as C
+    from napari_xt.inspect.whole_image import Scene, _read
+
+    model = image_model()
+    img = image(5, 192)  # 6 x 6 regions, crops of 2 x 2
+    fin = list(run(img, model, None, axes="YX", context="image", crop_stride=2, cache=False,
+                   outputs=("labels", "probabilities")))[-1]
+    assert isinstance(fin, Finished)
+    stored = np.asarray(fin.summary["arrays"]["probabilities"], np.float32)
+    src = ImageSource(img)
+    plan = RegionPlan(192, 192, 32, 2, 2)
+    scene = Scene(model, src, plan)
+    region = (3, 4)
+    crop = next(c for c in plan.crops if c.contains(*region))
+    inputs = C._crop_inputs(model, src, plan, crop, region, None)
+    with torch.no_grad():
+        read = _read(model, inputs, inputs.tokens, scene, scene.tokens(scene.summaries[None]))
+        probs = C._target_probs(model, model.contextualize(read)[0], inputs)
+    want = stored[:, 96:128, 128:160].reshape(3, -1)
+    np.testing.assert_allclose(probs[0].numpy(), want, atol=2e-3)
+
+    for method in ("occlusion", "gradient"):
+        cm = contribution_map(model, src, region, method, stride=2)
+        assert np.isfinite(cm.values).all() and np.isclose(cm.values.sum(), 1.0)
+        outside = np.ones((6, 6), bool)
+        outside[crop.row0:crop.row0 + 2, crop.col0:crop.col0 + 2] = False
+        assert cm.values[outside].sum() > 0.1, (method, cm.values)
+    with pytest.raises(ValueError, match="gradient or occlusion"):
+        contribution_map(model, src, region, "attention")
+    crop_only = tiny({"kind": "hyper", "dim": 16, "depth": 1, "head_dim": 8, "mlp_dim": 16,
+                      "causal": False})
+    assert np.isnan(contribution_map(crop_only, src, region, "occlusion", stride=2)
+                    .values[0, 0])

@@ -21,9 +21,10 @@ size and stride, same blending weights) and, per crop:
   variation, averaged over its pixels).
 
 Attention and rollout need an attention encoder (Hyper, Transformer-XL with its memory);
-gradient and occlusion work for every encoder (Mamba included). A region-only model has no
-context: every method gives the region itself all the weight. No Qt here; the Inspect
-context widget and `napari-xt inspect` call it.
+gradient and occlusion work for every encoder (Mamba included) and, for whole-image context
+models, over the whole image (through the scene every crop reads: `whole_image.py`). A
+region-only model has no context: every method gives the region itself all the weight.
+No Qt here; the Inspect context widget and `napari-xt inspect` call it.
 
 `view.labels_without_context(...)` re-decodes the regions of a view with the context
 encoder skipped, from the run's embedding cache where it has them (only the head reruns).

@@ -93,9 +93,10 @@ def contribution_map(model: Any, source: Any, region: tuple[int, int], method: s
         if output not in maps:
             raise ValueError(f"the model has no output {output!r} (it has: "
                              f"{', '.join(maps)})")
-    if cfg.global_context is not None:
-        raise ValueError(f"model {cfg.name!r} reads the whole image (whole-image context): its "
-                         "contribution maps are not available yet; use a crop-context model")
+    if cfg.global_context is not None and method in ("attention", "rollout"):
+        raise ValueError(f"model {cfg.name!r} reads the whole image (whole-image context): a "
+                         "crop's attention does not show what the scene brought; use the "
+                         "gradient or occlusion method")
     kind = cfg.context.kind
     if method in ("attention", "rollout") and kind not in ATTENTION_KINDS + ("none",):
         raise ValueError(f"the {kind} context encoder has no attention to show: use the "
@@ -121,7 +122,23 @@ def contribution_map(model: Any, source: Any, region: tuple[int, int], method: s
     values = np.zeros(plan.grid, np.float64)
     seen = np.zeros(plan.grid, bool)
     note = ""
-    for crop, w in zip(crops, weights):
+    if cfg.global_context is not None:  # the whole image, through the scene
+        from .whole_image import Scene, image_contribution
+
+        scene = Scene(model, source, plan)
+        for crop, w in zip(crops, weights):
+            inputs = _crop_inputs(model, source, plan, crop, (row, col), pixel, output)
+            raw = image_contribution(model, inputs, scene, method,
+                                     lambda out, i=inputs: _target_probs(model, out, i),
+                                     blank_tokens(model, inputs))
+            total = float(raw.sum())
+            if np.isfinite(total) and total > 0:
+                values += w * raw / total
+            else:
+                values[row, col] += w
+                note = "no measurable influence (the output did not change)"
+        seen[:] = True
+    for crop, w in zip(crops if cfg.global_context is None else [], weights):
         part, note = crop_contribution(model, source, plan, crop, (row, col), method,
                                        layer=layer, head=head, pixel=pixel, output=output)
         sl = (slice(crop.row0, crop.row0 + crop.rows), slice(crop.col0, crop.col0 + crop.cols))
