@@ -64,15 +64,24 @@ def _supported(path: Any) -> bool:
 def read_paths(path: str | Sequence[str]) -> list[LayerData]:
     paths = [path] if isinstance(path, str | os.PathLike) else list(path)
     layers: list[LayerData] = []
+    slides: set[Any] = set()  # DICOM slides opened (several of one slide's files chosen)
     for p in paths:
         name = _stem(p)
+        if str(p).lower().endswith(".dcm"):
+            from napari_xt.io.dicom_reader import slide_key
+
+            key = slide_key(p)
+            if key in slides:
+                continue
+            slides.add(key)
         if looks_like_zarr(p) and _has_results(p):
             layers.extend(store_layers(p, name))
             continue
         series = _tiff_series(p)
         if len(series) > 1:  # every image series of the file, each its own layer
-            for i in series:
-                layers.extend(image_layers(open_image(p, series=i), f"{name} series {i}"))
+            for n, i in enumerate(series):  # (the file's label/macro beside the first)
+                layers.extend(image_layers(open_image(p, series=i), f"{name} series {i}",
+                                           associated=n == 0))
             continue
         image = open_image(p, series=series[0] if series else 0)
         layers.extend(image_layers(image, name))
@@ -194,7 +203,8 @@ def _stem(path: Any) -> str:
     return name
 
 
-def image_layers(image: MultiscaleImage, name: str, *, units: bool = True) -> list[LayerData]:
+def image_layers(image: MultiscaleImage, name: str, *, units: bool = True,
+                 associated: bool = True) -> list[LayerData]:
     """Image layer data for a `MultiscaleImage` (one layer; napari splits `channel_axis`).
 
     `units=False` leaves the physical unit out (the scale stays): napari converts layers with
@@ -229,7 +239,7 @@ def image_layers(image: MultiscaleImage, name: str, *, units: bool = True) -> li
     multiscale = len(levels) > 1
     kwargs["multiscale"] = multiscale
     layers: list[LayerData] = [(levels if multiscale else levels[0], kwargs, "image")]
-    return layers + _associated_layers(image, name)
+    return layers + (_associated_layers(image, name) if associated else [])
 
 
 def _associated_layers(image: MultiscaleImage, name: str) -> list[LayerData]:

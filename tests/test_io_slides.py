@@ -190,3 +190,61 @@ def test_the_napari_reader_claims_the_slide_formats():
     assert {"*.mrxs", "*.scn", "*.vms", "*.bif", "*.svslide", "*.dcm"} <= patterns
     for suffix in (".mrxs", ".scn", ".vms", ".bif", ".svslide", ".dcm"):
         assert _napari_io.get_reader(f"/data/slide{suffix}") is _napari_io.read_paths
+
+
+def test_openslide_levels_at_whole_number_downsamples_equal_tifffile(tmp_path):
+    # (at other downsamples OpenSlide resamples by a fraction of a pixel: documented; TIFF
+    # slides are read by tifffile, exactly)
+    pytest.importorskip("openslide", reason="the openslide extra")
+    from napari_xt.io.openslide_reader import open_openslide
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (1024, 768, 3), dtype=np.uint8)
+    path = tmp_path / "pyramid.tif"  # levels as a chain of tiled pages (generic TIFF)
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(base, tile=(256, 256), photometric="rgb")
+        for f in (2, 4):
+            tif.write(base[::f, ::f], tile=(256, 256), subfiletype=1, photometric="rgb")
+    b = open_openslide(path)
+    assert b.num_levels == 3
+    for f, level in zip((1, 2, 4), b.levels):
+        np.testing.assert_array_equal(np.asarray(level), base[::f, ::f])
+
+
+def test_one_dicom_file_opens_its_own_slide_and_a_folder_of_two_is_refused(dicom_slide,
+                                                                          tmp_path):
+    import shutil
+
+    import pydicom
+    import wsidicomizer
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from napari_xt import _napari_io
+
+    both = tmp_path / "both"
+    shutil.copytree(dicom_slide, both)
+    small = tmp_path / "small"
+    wsidicomizer.WsiDicomizer.convert(str(SVS), str(small))  # a second slide (new UIDs)
+    for f in small.iterdir():
+        shutil.copy(f, both / f"b-{f.name}")
+    with pytest.raises(ImageIOError, match="holds 2 slides"):
+        open_image(both)
+    mine = next(f for f in both.iterdir() if f.name.startswith("b-"))
+    opened = [Path(str(f)).name for f in open_image(mine).resources[0].files]
+    assert opened and all(n.startswith("b-") for n in opened)  # that slide, not the other
+    # a folder of other DICOM (a CT slice) is not claimed as a slide
+    ct = tmp_path / "ct"
+    ct.mkdir()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.save_as(ct / "slice.dcm", enforce_file_format=True)
+    assert _napari_io.get_reader(str(ct)) is None
+    with pytest.raises(ImageIOError, match="not a DICOM whole-slide image"):
+        open_image(ct / "slice.dcm")

@@ -27,7 +27,7 @@ CORE = ("io", "model", "engine", "train", "inspect", "commands", "bench", "cli.p
 # imported only inside functions, each from the extra that provides it
 OPTIONAL_IMPORTS = {"mamba_ssm": "mamba", "causal_conv1d": "mamba",
                     "distributed": "distributed", "fsspec": "remote", "napari": "napari",
-                    "openslide": "openslide", "wsidicom": "dicom"}
+                    "openslide": "openslide", "wsidicom": "dicom", "pydicom": "dicom"}
 NOT_INSTALLED_HERE = {"mamba_ssm": "mamba-ssm", "causal_conv1d": "causal-conv1d"}
 GUI = {"napari", "npe2", "magicgui", "qtpy", "superqt", "pyqt5", "pyqt6", "pyside2",
        "pyside6", "vispy", "psutil"}

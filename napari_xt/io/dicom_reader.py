@@ -23,10 +23,77 @@ from .image import MultiscaleImage
 EXTRA = "pip install 'napari-xt[dicom]'"
 
 
+WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
+
+
+def _header(path: Path) -> Any | None:
+    """The DICOM header of a file (no pixel data), or None when it is not DICOM."""
+    try:
+        import pydicom
+    except ImportError:
+        return None
+    try:
+        return pydicom.dcmread(str(path), stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - not DICOM
+        return None
+
+
 def is_dicom_folder(path: str | os.PathLike) -> bool:
-    """A folder holding .dcm files (and no zarr metadata)."""
+    """A folder holding .dcm files of a whole-slide image (without pydicom, which comes with
+    the dicom extra, any .dcm files: opening then names the extra)."""
     p = Path(path)
-    return p.is_dir() and any(q.suffix.lower() == ".dcm" for q in p.iterdir())
+    if not p.is_dir():
+        return False
+    files = sorted(q for q in p.iterdir() if q.suffix.lower() == ".dcm")
+    if not files:
+        return False
+    try:
+        import pydicom  # noqa: F401
+    except ImportError:
+        return True
+    return any(str(getattr(_header(f), "SOPClassUID", "")) == WSI_SOP_CLASS for f in files[:8])
+
+
+def slide_key(path: str | os.PathLike) -> tuple[str, str]:
+    """(folder, Series Instance UID) of a .dcm file: files of one slide share it."""
+    p = Path(path)
+    head = _header(p)
+    return str(p.parent.resolve()), str(getattr(head, "SeriesInstanceUID", p.name))
+
+
+def _slide_files(path: Path, where: str) -> list[str] | str:
+    """The files of one slide: those sharing the given file's Series Instance UID; for a
+    folder, its WSI files when they are one slide (several are refused, listed)."""
+    try:
+        import pydicom  # noqa: F401
+    except ImportError:
+        return str(path.parent if path.is_file() else path)
+    folder = path.parent if path.is_file() else path
+    series: dict[str, list[str]] = {}
+    for f in sorted(folder.iterdir()):
+        if f.suffix.lower() != ".dcm":
+            continue
+        head = _header(f)
+        if head is None or str(getattr(head, "SOPClassUID", "")) != WSI_SOP_CLASS:
+            continue
+        series.setdefault(str(getattr(head, "SeriesInstanceUID", "")), []).append(str(f))
+    if path.is_file():
+        head = _header(path)
+        if head is None:
+            raise ImageIOError(f"{where}: not a DICOM file")
+        uid = str(getattr(head, "SeriesInstanceUID", ""))
+        if uid not in series:
+            raise ImageIOError(f"{where}: not a DICOM whole-slide image (SOP class "
+                               f"{getattr(head, 'SOPClassUID', '?')})")
+        return series[uid]
+    if len(series) > 1:
+        listed = "; ".join(f"{uid} ({len(fs)} files, e.g. {Path(fs[0]).name})"
+                           for uid, fs in series.items())
+        raise ImageIOError(f"{where}: holds {len(series)} slides (series {listed}); open one "
+                           "of its .dcm files to choose")
+    if not series:
+        raise ImageIOError(f"{where}: no DICOM whole-slide image files in the folder")
+    return next(iter(series.values()))
 
 
 class _Level:
@@ -59,11 +126,10 @@ def open_dicom(path: str | os.PathLike, *, where: str | None = None) -> Multisca
     except ImportError as err:
         raise ImageIOError(f"{where}: reading DICOM whole-slide images needs wsidicom "
                            f"({EXTRA}): {err}") from err
-    folder = Path(path)
-    if folder.is_file():
-        folder = folder.parent
+    files = _slide_files(Path(path), where)
+    folder = Path(path).parent if Path(path).is_file() else Path(path)
     try:
-        wsi = WsiDicom.open(str(folder))
+        wsi = WsiDicom.open(files)
     except Exception as err:  # WsiDicomNotFoundError, pydicom errors, ...
         raise ImageIOError(f"{where}: not a readable DICOM whole-slide image: "
                            f"{type(err).__name__}: {err}") from err

@@ -137,10 +137,15 @@ def _open_path(source, *, plane, series, axes) -> MultiscaleImage:
     if path.suffix.lower() in SLIDE_SUFFIXES:  # slide formats only OpenSlide reads
         from .openslide_reader import open_openslide
 
+        if series not in (None, 0):
+            raise ImageIOError(f"{where}: an OpenSlide slide has one image; --series applies "
+                               "to TIFF files")
         return _no_plane(open_openslide(path, where=where), plane, where)
-    if path.suffix.lower() == ".dcm":  # one file of a DICOM slide: the slide in its folder
+    if path.suffix.lower() == ".dcm":  # one file of a DICOM slide: its slide
         from .dicom_reader import open_dicom
 
+        if series not in (None, 0):
+            raise ImageIOError(f"{where}: --series applies to TIFF files")
         return _no_plane(open_dicom(path, where=where), plane, where)
     with open(path, "rb") as fh:
         head = fh.read(8)

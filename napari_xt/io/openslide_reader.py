@@ -1,20 +1,27 @@
 """Whole-slide images through OpenSlide (`napari-xt[openslide]`): MIRAX .mrxs, Hamamatsu
-.vms/.vmu/.ndpi, Leica .scn, Ventana .bif, Philips TIFF, Sakura .svslide, Aperio .svs, DICOM
-and generic tiled TIFF - every format the OpenSlide library reads.
+.vms/.vmu and Sakura .svslide are read here (TIFF-based slides - Aperio .svs, Hamamatsu
+.ndpi, Leica .scn, Ventana .bif, Philips TIFF - go to tifffile, which reads their levels
+exactly; `open_openslide` reads them too).
+
+OpenSlide addresses a region by its level-0 corner: at a level whose downsample is not a
+whole number (slides with odd sizes: 1.9992 for example) it resamples the level by a
+fraction of a pixel, so such levels are close to, not equal to, the file's pixels; level 0
+and whole-number downsamples are exact (tested on the Aperio slide).
 
 `open_openslide(path)` gives a `MultiscaleImage` (YXC uint8 RGB): one lazy dask level per
 slide level, chunked like OpenSlide's tiles where the slide says (`openslide.level[i].tile-*`
 properties), else 512 px; RGBA premultiplied pixels composited over the slide's background
 colour (white when it has none), as OpenSlide's own viewers show them; the pixel size from
 `openslide.mpp-x/y` (micrometres); the slide's associated images (label, macro, thumbnail)
-in `associated` for viewers to show beside it. Without the extra installed, one error names
-it.
+in `associated`, decoded when first asked for (an undecodable or huge one is left out), for
+viewers to show beside it. Without the extra installed, one error names it.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +32,9 @@ from .errors import ImageIOError
 from .image import MultiscaleImage
 
 EXTRA = "pip install 'napari-xt[openslide]'"
-# formats only OpenSlide reads here (TIFF-family slides that tifffile reads go there first)
-SUFFIXES = (".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide")
+# formats only OpenSlide reads here (TIFF-based slides go to tifffile)
+SUFFIXES = (".mrxs", ".vms", ".vmu", ".svslide")
+ASSOCIATED_MAX = 16 * 2**20  # pixels: larger "associated" images are not small pictures
 
 
 def _module():
@@ -62,6 +70,55 @@ class _Level:
         with self._lock:  # one read at a time per slide handle
             rgba = np.asarray(self.slide.read_region(origin, self.level, (w, h)))
         return _composite(rgba, self.background)[(slice(None), slice(None)) + key[2:]]
+
+
+class LazyAssociated(Mapping):
+    """A slide's associated images by name, each decoded on first access (RGB uint8); the
+    names list only those OpenSlide can decode within `ASSOCIATED_MAX` pixels (a damaged
+    one is dropped when it fails, never failing the slide)."""
+
+    def __init__(self, slide: Any, background: tuple[int, int, int]) -> None:
+        self._slide, self._background = slide, np.asarray(background, np.float32)
+        self._names = [n for n in slide.associated_images
+                       if _associated_size(slide, n) <= ASSOCIATED_MAX]
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._names:
+            raise KeyError(name)
+        if name not in self._cache:
+            try:
+                image = self._slide.associated_images[name]
+                self._cache[name] = _composite(np.asarray(image.convert("RGBA")),
+                                               self._background)
+            except Exception as err:  # noqa: BLE001 - OpenSlideError, a corrupt JPEG, ...
+                self._names.remove(name)
+                raise KeyError(name) from err
+        return self._cache[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._names))
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def items(self):  # skips the ones that fail to decode
+        out = []
+        for name in list(self._names):
+            try:
+                out.append((name, self[name]))
+            except KeyError:
+                continue
+        return out
+
+
+def _associated_size(slide: Any, name: str) -> int:
+    try:
+        w, h = slide.properties.get(f"openslide.associated.{name}.width"), \
+            slide.properties.get(f"openslide.associated.{name}.height")
+        return int(w) * int(h)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _composite(rgba: np.ndarray, background: np.ndarray) -> np.ndarray:
@@ -114,10 +171,7 @@ def open_openslide(path: str | os.PathLike, *, where: str | None = None) -> Mult
         pixel_size = (float(props["openslide.mpp-y"]), float(props["openslide.mpp-x"]))
     except (KeyError, ValueError):
         pass
-    associated = {}
-    for name, image in slide.associated_images.items():
-        associated[name] = _composite(np.asarray(image.convert("RGBA")), np.asarray(
-            background, np.float32))
+    associated = LazyAssociated(slide, background)
     vendor = props.get("openslide.vendor", "slide")
     return MultiscaleImage(levels, "YXC", np.uint8, pixel_size=pixel_size,
                            unit="micrometer" if pixel_size else None,

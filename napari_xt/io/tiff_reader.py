@@ -99,15 +99,21 @@ ASSOCIATED = frozenset({"thumbnail", "label", "macro", "map", "overview"})
 ASSOCIATED_MAX = 16 * 2**20  # bytes: larger "associated" series are not small pictures
 
 
+def is_associated(s: Any) -> bool:
+    """A series that is a slide's label, macro or thumbnail picture: so named and small (a
+    big series under such a name is image data)."""
+    return str(s.name).lower() in ASSOCIATED and int(np.prod(s.shape)) <= ASSOCIATED_MAX
+
+
 def _associated(tif: tifffile.TiffFile, series: int) -> dict[str, np.ndarray]:
-    """A slide's label, macro and thumbnail images (the series so named, small, 2-D RGB or
-    grey) as RGB uint8 arrays, by lower-case name; an unreadable one is left out."""
+    """A slide's label, macro and thumbnail images (`is_associated`, 2-D RGB or grey 8-bit)
+    as RGB uint8 arrays, by lower-case name; an unreadable one is left out."""
     out: dict[str, np.ndarray] = {}
     for i, s in enumerate(tif.series):
         name = str(s.name).lower()
-        if i == series or name not in ASSOCIATED or s.dtype != np.uint8:
+        if i == series or not is_associated(s) or s.dtype != np.uint8:
             continue
-        if int(np.prod(s.shape)) > ASSOCIATED_MAX or s.axes not in ("YXS", "YX"):
+        if s.axes not in ("YXS", "YX"):
             continue
         try:
             arr = np.asarray(s.asarray())
@@ -122,7 +128,7 @@ def image_series(path: str | os.PathLike) -> list[int]:
     [] when the file cannot be read as TIFF."""
     try:
         with tifffile.TiffFile(path) as tif:
-            return [i for i, s in enumerate(tif.series) if str(s.name).lower() not in ASSOCIATED]
+            return [i for i, s in enumerate(tif.series) if not is_associated(s)]
     except Exception:  # noqa: BLE001 - not a TIFF: the caller's reader says why
         return []
 
@@ -131,7 +137,7 @@ def only_image_series(all_series, where: str) -> int:
     """The index of the file's one image series. A slide's label, macro and thumbnail
     images (SVS, NDPI) are not image series, nor are a pyramid's levels (tifffile keeps them
     inside their series); two or more image series are ambiguous: refused, listing them."""
-    images = [i for i, s in enumerate(all_series) if str(s.name).lower() not in ASSOCIATED]
+    images = [i for i, s in enumerate(all_series) if not is_associated(s)]
     if len(images) == 1:
         return images[0]
     if not images:
