@@ -248,3 +248,28 @@ def test_one_dicom_file_opens_its_own_slide_and_a_folder_of_two_is_refused(dicom
     assert _napari_io.get_reader(str(ct)) is None
     with pytest.raises(ImageIOError, match="not a DICOM whole-slide image"):
         open_image(ct / "slice.dcm")
+
+
+@needs_svs
+def test_slide_levels_index_like_numpy_arrays(dicom_slide):
+    # direct indexing of a level (steps, integers, open or clipped bounds, a channel) gives
+    # what numpy gives on the same pixels
+    pytest.importorskip("openslide", reason="the openslide extra")
+    from napari_xt.io.dicom_reader import _Level as DicomLevel
+    from napari_xt.io.openslide_reader import open_openslide
+
+    want = np.asarray(open_image(SVS).levels[0])
+    slide = open_openslide(SVS).resources[0]
+    import threading
+
+    from napari_xt.io.openslide_reader import _Level as SlideLevel
+
+    levels = [SlideLevel(slide, 0, (255, 255, 255), threading.Lock())]
+    wsi = open_image(dicom_slide).resources[0]
+    levels.append(DicomLevel(wsi, wsi.levels[0], threading.Lock()))
+    keys = [(slice(10, 50, 3), slice(None, 40), 1), (5, slice(2900, None)),
+            (slice(2960, 4000), slice(-20, None)), (slice(100, 90), slice(0, 10)),
+            (-1, -1)]
+    for level in levels:
+        for key in keys:
+            np.testing.assert_array_equal(level[key], want[key], err_msg=str(key))

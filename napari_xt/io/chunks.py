@@ -86,6 +86,30 @@ def lazy_array(array: Any, where: str, chunks: Sequence[int] | None = None) -> d
     )
 
 
+def window_of(key: Any, shape: Sequence[int]) -> tuple[int, int, int, int, tuple[Any, ...]]:
+    """(y0, y1, x0, x1, rest) of an index on a (Y, X, ...) array-like: the Y and X slices
+    (or integers) clipped as numpy clips them; `rest` indexes the window read there, (Y, X)
+    steps and integer picks included, then the other axes."""
+    key = key if isinstance(key, tuple) else (key,)
+    key = key + (slice(None),) * (len(shape) - len(key))
+    bounds, rest = [], []
+    for k, n in zip(key[:2], shape[:2]):
+        if isinstance(k, slice):
+            start, stop, step = k.indices(int(n))
+            if step < 1:
+                raise IndexError("slide levels are read with positive steps only")
+            stop = max(start, stop)
+            bounds += [start, stop]
+            rest.append(slice(None, None, step))
+        else:
+            i = int(k) + (int(n) if int(k) < 0 else 0)
+            if not 0 <= i < n:
+                raise IndexError(f"index {k} is out of bounds for size {n}")
+            bounds += [i, i + 1]
+            rest.append(0)
+    return bounds[0], bounds[1], bounds[2], bounds[3], tuple(rest) + tuple(key[2:])
+
+
 def default_chunks(shape: Sequence[int], axes: str, size: int = 1024) -> tuple[int, ...]:
     """Chunks for arrays with no native tiling: `size` along Y and X, whole other axes."""
     return tuple(min(int(s), size) if a in "YX" else int(s) for s, a in zip(shape, axes))

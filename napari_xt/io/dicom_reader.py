@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .chunks import lazy_array
+from .chunks import lazy_array, window_of
 from .errors import ImageIOError
 from .image import MultiscaleImage
 
@@ -107,15 +107,12 @@ class _Level:
         self._lock = lock
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        ys, xs = key[0], key[1]
-        y0, y1 = ys.start or 0, ys.stop if ys.stop is not None else self.shape[0]
-        x0, x1 = xs.start or 0, xs.stop if xs.stop is not None else self.shape[1]
+        y0, y1, x0, x1, rest = window_of(key, self.shape)
         if y1 <= y0 or x1 <= x0:
-            return np.zeros((max(0, y1 - y0), max(0, x1 - x0), 3), np.uint8)
+            return np.zeros((y1 - y0, x1 - x0, 3), np.uint8)[rest]
         with self._lock:
             region = self.wsi.read_region((x0, y0), self.level, (x1 - x0, y1 - y0))
-        rgb = np.asarray(region.convert("RGB"))
-        return rgb[(slice(None), slice(None)) + tuple(key[2:])]
+        return np.asarray(region.convert("RGB"))[rest]
 
 
 def open_dicom(path: str | os.PathLike, *, where: str | None = None) -> MultiscaleImage:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .chunks import lazy_array
+from .chunks import lazy_array, window_of
 from .errors import ImageIOError
 from .image import MultiscaleImage
 
@@ -60,16 +60,14 @@ class _Level:
         self._lock = lock
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        ys, xs = key[0], key[1]
-        y0, y1 = ys.start or 0, ys.stop if ys.stop is not None else self.shape[0]
-        x0, x1 = xs.start or 0, xs.stop if xs.stop is not None else self.shape[1]
+        y0, y1, x0, x1, rest = window_of(key, self.shape)
         h, w = y1 - y0, x1 - x0
         if h <= 0 or w <= 0:
-            return np.zeros((max(h, 0), max(w, 0), 3), np.uint8)[(slice(None),) * 2 + key[2:]]
+            return np.zeros((h, w, 3), np.uint8)[rest]
         origin = (int(round(x0 * self.downsample)), int(round(y0 * self.downsample)))
         with self._lock:  # one read at a time per slide handle
             rgba = np.asarray(self.slide.read_region(origin, self.level, (w, h)))
-        return _composite(rgba, self.background)[(slice(None), slice(None)) + key[2:]]
+        return _composite(rgba, self.background)[rest]
 
 
 class LazyAssociated(Mapping):
