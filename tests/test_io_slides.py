@@ -273,3 +273,22 @@ def test_slide_levels_index_like_numpy_arrays(dicom_slide):
     for level in levels:
         for key in keys:
             np.testing.assert_array_equal(level[key], want[key], err_msg=str(key))
+
+
+@pytest.mark.gui
+def test_file_open_in_napari_shows_a_dicom_slide_and_its_pictures(make_napari_viewer,
+                                                                  dicom_slide):
+    # what a user gets from File > Open: the slide at its physical pixel size, with its label
+    # and overview as hidden layers beside it (not over it)
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(dicom_slide), plugin="napari-xt")
+    slide, *pictures = layers
+    assert slide.rgb and slide.data.shape == (2967, 2220, 3)
+    assert tuple(slide.scale) == pytest.approx((0.499, 0.499))
+    np.testing.assert_array_equal(np.asarray(slide.data[100:164, 200:264]),
+                                  np.asarray(open_image(SVS).levels[0][100:164, 200:264]))
+    assert {p.metadata["associated"] for p in pictures} == {"label", "overview"}
+    assert all(not p.visible for p in pictures)
+    right_of_slide = slide.extent.world[1][1]
+    assert all(p.extent.world[0][1] > right_of_slide for p in pictures)
+    viewer.reset_view()
