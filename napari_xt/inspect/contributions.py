@@ -9,7 +9,7 @@ each token belongs to (-1 for the cls token); a map is (crop rows, crop cols) pe
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -70,7 +70,6 @@ class CropInputs:
     valid: tuple[int, int]  # (h, w) of the region inside the image
     pixel: tuple[int, int] | None = None
     output: str | None = None  # the head map explained (None: class logits, else the first)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------- entry point
@@ -381,7 +380,6 @@ def attention_matrices(model: Any, tokens: torch.Tensor
     mats = [tokens.new_zeros((cfg.num_heads, n, n), dtype=torch.float32) for _ in ctx.layers]
     shares = [tokens.new_zeros(n, dtype=torch.float32) for _ in ctx.layers]
     memory = [tokens[:, :0] for _ in ctx.layers]
-    mem_at = [0 for _ in ctx.layers]  # sequence position of each layer's first memory token
     outputs = []
     for start in range(0, n, cfg.chunk_len):
         h = tokens[:, start:start + cfg.chunk_len]
@@ -393,7 +391,6 @@ def attention_matrices(model: Any, tokens: torch.Tensor
             if cfg.mem_len > 0:
                 joined = torch.cat([mem, h], 1)
                 memory[i] = joined[:, -cfg.mem_len:]
-                mem_at[i] = start + t - memory[i].shape[1]
             first = start - m  # sequence position of the first key
             h, p, share = _block(blk, h, past, m, cfg.causal)
             mats[i][:, start:start + t, first:first + m + t] = p[0]

@@ -77,11 +77,10 @@ def labels_without_context(model: Any, source: Any, regions: list[tuple[int, int
         raise ValueError("a view needs a dense (segmentation/detection) model; this model "
                          "is an image classifier")
     s = int(region_size)
-    grid = (-(-source.height // s), -(-source.width // s))
-    regions = [(int(r), int(c)) for r, c in regions
-               if 0 <= r < grid[0] and 0 <= c < grid[1]]
-    cached, masks, note = _cached(store, regions, grid)
     plan = RegionPlan(source.height, source.width, s, model.cfg.crop_regions or 1, stride)
+    regions = [(int(r), int(c)) for r, c in regions
+               if 0 <= r < plan.rows and 0 <= c < plan.cols]
+    cached, masks, note = _cached(store, regions, plan.grid)
     # regions at one position share a decode call (B regions, one position each)
     by_position: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for rc in regions:
@@ -97,7 +96,7 @@ def labels_without_context(model: Any, source: Any, regions: list[tuple[int, int
         todo = [rc for rc in part if rc not in cached]
         with torch.no_grad():
             if todo:
-                pix, mk = zip(*(source.read(_box(rc, s, source), s) for rc in todo))
+                pix, mk = zip(*(source.read(plan.box(*rc), s) for rc in todo))
                 feats = model.encode_regions(torch.from_numpy(np.stack(pix)).to(device))
                 for n, rc in enumerate(todo):
                     feats_of[rc] = [f[n] for f in feats]
@@ -118,7 +117,7 @@ def labels_without_context(model: Any, source: Any, regions: list[tuple[int, int
         labels = logits[:, 0].float().argmax(1).cpu().numpy()  # (B, S, S)
         dt = np.uint16 if model.cfg.num_classes > 255 else np.uint8
         for n, rc in enumerate(part):
-            y0, x0, y1, x1 = _box(rc, s, source)
+            y0, x0, y1, x1 = plan.box(*rc)
             lab = labels[n, : y1 - y0, : x1 - x0].astype(dt)
             m = bad.get(rc)
             if m is not None:
@@ -126,11 +125,6 @@ def labels_without_context(model: Any, source: Any, regions: list[tuple[int, int
             out.labels[rc] = lab
     out.seconds = time.perf_counter() - t0
     return out
-
-
-def _box(rc: tuple[int, int], s: int, source: Any) -> tuple[int, int, int, int]:
-    r, c = rc
-    return r * s, c * s, min((r + 1) * s, source.height), min((c + 1) * s, source.width)
 
 
 def mosaic(view: ViewLabels, region_size: int) -> tuple[np.ndarray, tuple[int, int]]:

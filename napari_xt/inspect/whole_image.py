@@ -27,6 +27,8 @@ import torch
 
 from napari_xt.model.global_context import place_code
 
+from .contributions import _per_region
+
 
 class Scene:
     """Every region's summary and what the scene of any set of them looks like."""
@@ -41,14 +43,13 @@ class Scene:
         device = next(model.parameters()).device
         sums = []
         s = plan.region_size
-        with torch.no_grad():
+        with torch.no_grad():  # (the summary of a region with no content: zero features)
             for start in range(0, len(self.rc), batch):
                 part = self.rc[start:start + batch]
                 pix = np.stack([source.read(plan.box(int(r), int(c)), s)[0] for r, c in part])
                 last = model.encode_regions(torch.from_numpy(pix).to(device))[-1]
                 sums.append(model.summarize(last))
-                self.channels = last.shape[1]
-                self.blank_summary = model.summarize(torch.zeros_like(last[:1]))[0]
+            self.blank_summary = model.summarize(torch.zeros_like(last[:1]))[0]
         self.summaries = torch.cat(sums)  # (N, C) float32
         self.cell = torch.as_tensor(self.grid.cell_of(torch.as_tensor(self.rc[:, 0]),
                                                       torch.as_tensor(self.rc[:, 1])),
@@ -57,22 +58,19 @@ class Scene:
         self.place = place_code(self.grid.cell_centres(device), self.grid.rows,
                                 self.grid.cols, g.dim)
 
-    def index(self, row: int, col: int) -> int:
-        return int(row) * self.plan.cols + int(col)
-
     def tokens(self, summaries: torch.Tensor) -> torch.Tensor:
         """summaries (B, N, C) -> scene tokens (B, M, D), as `GlobalContext.encode` makes
         them from `SceneSummary.cells` (differentiable)."""
         b, _, c = summaries.shape
         idx = self.cell[None, :, None].expand(b, -1, c)
         counts = torch.zeros(self.m, device=summaries.device).index_add_(
-            0, self.cell, torch.ones_like(self.cell, dtype=torch.float32)).clamp_min(1)
+            0, self.cell, torch.ones_like(self.cell, dtype=torch.float32))
+        empty = (counts == 0)[None, :, None]  # (a cell no region falls in: zeros)
         sums = summaries.new_zeros(b, self.m, c).scatter_add(1, idx, summaries)
         peak = summaries.new_full((b, self.m, c), float("-inf")).scatter_reduce(
             1, idx, summaries, "amax", include_self=True)
-        empty = (counts == 0)[None, :, None]
-        mean = (sums / counts[None, :, None]).masked_fill(empty, 0.0)
-        peak = peak.masked_fill(empty | torch.isinf(peak), 0.0)
+        mean = (sums / counts.clamp_min(1)[None, :, None]).masked_fill(empty, 0.0)
+        peak = peak.masked_fill(empty, 0.0)
         cells = torch.cat([mean, peak], -1)  # (B, M, 2C)
         x = self.g.cell_norm(self.g.cell_proj(cells)) + self.place.to(cells.dtype)[None]
         x, _ = self.g.encoder(x)
@@ -115,8 +113,7 @@ def image_contribution(model: Any, inputs: Any, scene: Scene, method: str,
             score = torch.log(probs.gather(1, chosen).clamp_min(1e-12)).sum()
             g_t, g_s = torch.autograd.grad(score, (t, s))
         per_token = (g_t * (tokens - blank)).sum(-1).abs()[0]
-        in_crop = np.bincount(inputs.owner, weights=per_token.double().cpu().numpy(),
-                              minlength=len(inputs.rc))
+        in_crop = _per_region(per_token, inputs.owner, len(inputs.rc))
         out = (g_s[0] * (scene.summaries - scene.blank_summary)).sum(-1).abs().double()
         out = out.cpu().numpy()
         inside = local >= 0

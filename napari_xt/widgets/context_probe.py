@@ -48,10 +48,20 @@ def stored_labels(store: str | Path):
     return array
 
 
+def run_plan(model, source, region_size: int, stride: int | None = None):
+    """The run's `RegionPlan` of `source` (its crops decide each region's position)."""
+    from napari_xt.engine.plan import RegionPlan
+
+    return RegionPlan(source.height, source.width, region_size, model.cfg.crop_regions or 1,
+                      stride)
+
+
 def region_only_labels(model, source, row: int, col: int, region_size: int,
-                       mode: str = "alone", stride: int | None = None) -> np.ndarray:
+                       mode: str = "alone", stride: int | None = None, plan=None
+                       ) -> np.ndarray:
     """(h, w) class labels of region (row, col) predicted from that region only (`stride`:
-    the run's crop stride, which decides the region's crop-relative position)."""
+    the run's crop stride, which decides the region's crop-relative position; or the run's
+    `plan`, made once for many regions)."""
     import torch
 
     if mode not in MODES:
@@ -60,18 +70,12 @@ def region_only_labels(model, source, row: int, col: int, region_size: int,
         raise ValueError("the comparison needs a dense (segmentation/detection) model; this "
                          "model is an image classifier")
     s = region_size
-    y0, x0 = row * s, col * s
-    y1, x1 = min(y0 + s, source.height), min(x0 + s, source.width)
+    plan = plan or run_plan(model, source, s, stride)
+    y0, x0, y1, x1 = plan.box(row, col)
     x, bad = source.read((y0, x0, y1, x1), s)  # (C, S, S), (S, S)
     device = next(model.parameters()).device
-    k = model.cfg.crop_regions or 1
-    if mode == "centred":
-        rc = np.array([[k // 2, k // 2]])
-    else:
-        from napari_xt.engine.plan import RegionPlan
-
-        plan = RegionPlan(source.height, source.width, s, k, stride)
-        rc = np.array([plan.position_in_crop(row, col)])
+    k = plan.k
+    rc = np.array([[k // 2, k // 2]] if mode == "centred" else [plan.position_in_crop(row, col)])
     with torch.no_grad():
         feats = model.encode_regions(torch.from_numpy(x)[None].to(device))
         last = feats[-1]
@@ -87,27 +91,28 @@ def region_only_labels(model, source, row: int, col: int, region_size: int,
 
 
 def compare_region(model, source, store, row: int, col: int, region_size: int,
-                   mode: str = "alone", stored=None, stride: int | None = None
+                   mode: str = "alone", stored=None, stride: int | None = None, plan=None
                    ) -> RegionComparison:
     """Region-only labels of (row, col) against the run's stored labels."""
     s = region_size
-    rows, cols = -(-source.height // s), -(-source.width // s)
+    plan = plan or run_plan(model, source, s, stride)
+    rows, cols = plan.grid
     if not (0 <= row < rows and 0 <= col < cols):
         raise ValueError(f"region ({row}, {col}) is outside the {rows} x {cols} grid")
     stored = stored_labels(store) if stored is None else stored
-    y0, x0 = row * s, col * s
-    y1, x1 = min(y0 + s, source.height), min(x0 + s, source.width)
+    y0, x0, y1, x1 = box = plan.box(row, col)
     context = np.asarray(stored[y0:y1, x0:x1])
-    alone = region_only_labels(model, source, row, col, s, mode, stride)
+    alone = region_only_labels(model, source, row, col, s, mode, plan=plan)
     changed = float(np.mean(alone != context)) if context.size else 0.0
-    return RegionComparison(row, col, (y0, x0, y1, x1), alone, context, changed)
+    return RegionComparison(row, col, tuple(box), alone, context, changed)
 
 
 def change_map(model, source, store, region_size: int, regions, mode: str = "alone",
                stride: int | None = None):
     """Yield (row, col, changed fraction) for every (row, col) in `regions`."""
     stored = stored_labels(store)
+    plan = run_plan(model, source, region_size, stride)  # once, for every region
     for row, col in regions:
         result = compare_region(model, source, store, int(row), int(col), region_size, mode,
-                                stored=stored, stride=stride)
+                                stored=stored, plan=plan)
         yield result.row, result.col, result.changed_fraction

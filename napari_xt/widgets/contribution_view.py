@@ -31,13 +31,15 @@ class Placed:
     where: str  # "the last run" or the store's path
 
 
-def store_world(store: str | Path) -> tuple[tuple[float, float], tuple[float, float]]:
+def store_world(store: str | Path, run: dict[str, Any] | None = None
+                ) -> tuple[tuple[float, float], tuple[float, float]]:
     """(scale, translate) of a stored run's level in napari's world: the pixel size of its
-    labels (or probabilities) as the napari reader shows them; 1 without either."""
+    labels (or probabilities) as the napari reader shows them; 1 without either (`run`: its
+    `run_settings` when already read)."""
     from napari_xt.inspect.stored import run_settings
     from napari_xt.io import read_labels, read_probabilities
 
-    name = run_settings(store)["name"]
+    name = (run or run_settings(store))["name"]
     for read in (read_labels, read_probabilities):
         try:
             size = read(store, name).pixel_size
@@ -89,7 +91,7 @@ def contribution_job(region: tuple[int, int], method: str, *, session: Any = Non
     run, path, model = _stored_run(store, model_choice)
     cm = inspect_store(store, path, model, region, method, layer=layer, head=head,
                        output=output_for(model, answer))
-    scale, translate = store_world(store)
+    scale, translate = store_world(store, run)
     return Placed(cm, run["region_size"], scale, translate, str(store))
 
 

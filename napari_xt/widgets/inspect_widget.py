@@ -345,7 +345,7 @@ class InspectWidget(WorkerPanel, QWidget):
             from .contribution_view import store_world
 
             run = run_settings(store)
-            scale, translate = store_world(store)
+            scale, translate = store_world(store, run)
             return run["grid"], run["region_size"], scale, translate
         s = self.session()
         if s is None:
@@ -453,24 +453,10 @@ class InspectWidget(WorkerPanel, QWidget):
     def region_at(self, world) -> tuple[int, int] | None:
         """(row, col) of the region under a world position (of the store given, else the
         last run), or None."""
-        store = self.store_edit.text().strip()
-        if store:
-            from napari_xt.inspect.stored import run_settings
-
-            from .contribution_view import store_world
-
-            try:
-                (sy, sx), (ty, tx) = store_world(store)
-                run = run_settings(store)
-            except (ValueError, OSError):
-                return None
-            size, (rows, cols) = run["region_size"], run["grid"]
-        else:
-            s = self.session()
-            if s is None:
-                return None
-            (sy, sx), (ty, tx) = s.request.scale, s.request.translate
-            size, (rows, cols) = s.planned.region_size, s.planned.grid
+        try:
+            (rows, cols), size, (sy, sx), (ty, tx) = self._world()
+        except (ValueError, OSError):
+            return None
         y, x = (float(world[-2]) - ty) / sy, (float(world[-1]) - tx) / sx
         row, col = int(np.floor((y + 0.5) / size)), int(np.floor((x + 0.5) / size))
         return (row, col) if 0 <= row < rows and 0 <= col < cols else None
