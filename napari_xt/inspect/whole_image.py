@@ -27,8 +27,6 @@ import torch
 
 from napari_xt.model.global_context import place_code
 
-from .contributions import _per_region
-
 
 class Scene:
     """Every region's summary and what the scene of any set of them looks like."""
@@ -113,7 +111,8 @@ def image_contribution(model: Any, inputs: Any, scene: Scene, method: str,
             score = torch.log(probs.gather(1, chosen).clamp_min(1e-12)).sum()
             g_t, g_s = torch.autograd.grad(score, (t, s))
         per_token = (g_t * (tokens - blank)).sum(-1).abs()[0]
-        in_crop = _per_region(per_token, inputs.owner, len(inputs.rc))
+        in_crop = np.bincount(inputs.owner, weights=per_token.double().cpu().numpy(),
+                              minlength=len(inputs.rc))  # per crop region
         out = (g_s[0] * (scene.summaries - scene.blank_summary)).sum(-1).abs().double()
         out = out.cpu().numpy()
         inside = local >= 0
