@@ -1,15 +1,27 @@
-"""``napari-xt train CONFIG.yaml [--out DIR] [--resume] [--steps N]``: train an xT model.
+"""``napari-xt train CONFIG.yaml [--out DIR] [--resume] [--steps N] [--nproc N]``: train an xT
+model.
 
-Progress is printed one line per event; checkpoints (model + training state) land in
-``OUT/checkpoints`` and the final model in ``OUT/model.safetensors``. ``--resume`` continues
-from the latest checkpoint in OUT with the same data, schedule and random state.
+Progress is printed one line per event and appended to ``OUT/train_log.jsonl`` (one JSON
+object per event); checkpoints (model + training state) land in ``OUT/checkpoints`` and the
+final model in ``OUT/model.safetensors``. ``--resume`` continues from the latest checkpoint in
+OUT with the same data, schedule and random state.
+
+Several processes train one data-parallel run (`napari_xt.train.ddp`): ``--nproc N`` starts N
+local ranks (`napari_xt.train.launch`), and ``torchrun --nproc_per_node N -m napari_xt train
+CONFIG ...`` (any torchrun launch) runs the same code. ``optim.batch_size`` is the global
+batch, shared out among the ranks; rank 0 prints, evaluates and writes the run folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
+from dataclasses import asdict
 from pathlib import Path
+
+LOG_NAME = "train_log.jsonl"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,7 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="stop after this many steps (the schedule keeps its length)")
     parser.add_argument("--device", default=None, help="override run.device (cpu, cuda, ...)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="override run.threads (torch CPU threads)")
+                        help="override run.threads (torch CPU threads, per process)")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="train with N local processes (data parallel: gloo on the CPU, "
+                             "NCCL with one GPU each on cuda); optim.batch_size stays the "
+                             "global batch")
     parser.set_defaults(func=run)
 
 
@@ -45,12 +61,33 @@ def format_event(event) -> str:
     return head
 
 
+def event_json(event) -> str:
+    """One line of ``train_log.jsonl``: the event's fields (NaN written as null)."""
+
+    def plain(v):
+        if isinstance(v, float) and math.isnan(v):
+            return None
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return json.dumps(plain(asdict(event)))
+
+
+def read_log(out: str | Path) -> list[dict]:
+    """The events of a run folder's ``train_log.jsonl``, oldest first."""
+    path = Path(out) / LOG_NAME
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from napari_xt.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+    from napari_xt.cli import EXIT_USAGE
     from napari_xt.train.config import load_config
-    from napari_xt.train.loop import Trainer
+    from napari_xt.train.ddp import check_devices, check_global_batch, launched_world_size
 
     config_path = Path(args.config)
     if not config_path.is_file():
@@ -66,29 +103,97 @@ def run(args: argparse.Namespace) -> int:
         print(f"napari-xt train: invalid config {config_path}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     out = Path(args.out) if args.out else Path("runs") / config_path.stem
+    launched = launched_world_size()
+    if args.nproc is not None and (args.nproc < 1 or launched is not None):
+        why = ("must be >= 1" if args.nproc < 1 else
+               "starts its own processes; leave it out when torchrun starts them")
+        print(f"napari-xt train: --nproc {why}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        check_global_batch(cfg.optim.batch_size, args.nproc or launched or 1)
+        if args.nproc is not None and args.nproc > 1:
+            check_devices(cfg.run.device, args.nproc)
+    except ValueError as exc:
+        print(f"napari-xt train: {config_path}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.nproc is not None and args.nproc > 1:
+        return _launch(args, config_path, out)
+    if launched is None:
+        return _train(args, cfg, config_path, out, None)
+    return _rank(args, cfg, config_path, out)
+
+
+def _launch(args: argparse.Namespace, config_path: Path, out: Path) -> int:
+    """Run this command as `args.nproc` local ranks; their exit decides ours."""
+    from napari_xt.train.launch import run_ranks
+
+    argv = [sys.executable, "-m", "napari_xt", "train", str(config_path), "--out", str(out)]
+    if args.resume:
+        argv.append("--resume")
+    for flag, value in (("--steps", args.steps), ("--device", args.device),
+                        ("--threads", args.threads)):
+        if value is not None:
+            argv += [flag, str(value)]
+    result = run_ranks(argv, args.nproc)
+    if result.cancelled:
+        print(f"napari-xt train: cancelled; the {args.nproc} processes were stopped; the "
+              "checkpoints written so far are kept, --resume continues", file=sys.stderr)
+    elif result.failed:
+        which = ", ".join(f"rank {r} (exit code {c})" for r, c in result.failed)
+        rest = "" if len(result.failed) == args.nproc else "; the other processes were stopped"
+        print(f"napari-xt train: {which} failed{rest}", file=sys.stderr)
+    return result.code
+
+
+def _rank(args: argparse.Namespace, cfg, config_path: Path, out: Path) -> int:
+    """One rank of a torchrun-style launch: join the group, train, leave it."""
+    from napari_xt.cli import EXIT_USAGE
+    from napari_xt.train.ddp import init_world
+    from napari_xt.train.launch import watch_launcher
+
+    watch_launcher()
+    try:
+        world = init_world(cfg.run.device)
+    except ValueError as exc:
+        print(f"napari-xt train: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    code = _train(args, cfg, config_path, out, world)
+    world.close()
+    return code
+
+
+def _train(args: argparse.Namespace, cfg, config_path: Path, out: Path, world) -> int:
+    from napari_xt.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+    from napari_xt.model.checkpoint import CheckpointError
+    from napari_xt.train.loop import Trainer
+
+    main = world is None or world.is_main
+    where = "napari-xt train" if world is None else f"napari-xt train [rank {world.rank}]"
 
     def show(event) -> None:
         print(format_event(event), flush=True)
-
-    from napari_xt.model.checkpoint import CheckpointError
+        with open(out / LOG_NAME, "a") as log:
+            log.write(event_json(event) + "\n")
 
     try:  # a model or data that cannot be built is bad input: nothing is written then
-        trainer = Trainer(cfg, out, callback=show)
+        trainer = Trainer(cfg, out, callback=show, world=world)
     except (ValueError, KeyError, FileNotFoundError, CheckpointError) as exc:
-        print(f"napari-xt train: {config_path}: {exc}", file=sys.stderr)
+        print(f"{where}: {config_path}: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.yaml").write_text(config_path.read_text())
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.yaml").write_text(config_path.read_text())
     if args.resume:
         try:
             step = trainer.resume()
-        except FileNotFoundError as exc:
-            print(f"napari-xt train: {exc}", file=sys.stderr)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"{where}: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        print(f"resumed at step {step}", flush=True)
+        if main:
+            print(f"resumed at step {step}", flush=True)
     try:
         trainer.fit(args.steps)
     except FloatingPointError as exc:
-        print(f"napari-xt train: {exc}", file=sys.stderr)
+        print(f"{where}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK

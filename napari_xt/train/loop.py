@@ -1,18 +1,14 @@
-"""Single-process training of an xT model, end to end (region encoder + context + head).
+"""Training of an xT model, end to end (region encoder + context + head).
 
-Memory stays bounded by three options of `RunSpec`:
-- `stream_rows`: the crop is processed in bands of region rows; the context state (e.g. the
-  Transformer-XL memory, already detached by the encoder) is carried from band to band and
-  every band is backpropagated on its own, so activations of one band live at a time. The loss
-  of every band is normalized by the counts of the whole crop, so the summed gradients are
-  those of the whole-crop loss (truncated through the carried state).
-- `grad_ratio`: a random fraction of the regions (drawn from (seed, step)) run the region
-  encoder with gradients, the rest under no_grad.
-- `checkpointing`: region encoder activations are recomputed in the backward pass.
+The memory options of `RunSpec` (`stream_rows`, `grad_ratio`, `checkpointing`) act in the
+streamed forward/backward pass, `streamed_step.StreamedStep`.
 
 Determinism: the data and every random draw of a step derive from (run.seed, step), and the
 optimizer, scheduler and RNG states are saved with each checkpoint, so a resumed run takes the
 same steps as an uninterrupted one.
+
+Several processes (torchrun, `napari-xt train --nproc N`) train as data-parallel ranks of
+one run and take the same steps as one process (see `train.ddp`): `Trainer(..., world=...)`.
 
 Progress is reported as `TrainEvent`s to a callback.
 """
@@ -28,15 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.checkpoint import checkpoint as recompute
-
-from napari_xt.model.tokenizer import split_regions
 
 from . import state as run_state
 from .config import TrainConfig
-from .data import IGNORE_INDEX, Normalization, SyntheticDataset, ZarrPairDataset, collate
+from .data import Normalization, SyntheticDataset, ZarrPairDataset, collate
+from .ddp import World, check_global_batch, data_parallel, step_seed
 from .evaluate import evaluate
-from .losses import combine, loss_terms, token_class_targets, token_loss_sum
+from .streamed_step import StreamedStep
 from .synthetic import CLASS_NAMES
 
 
@@ -101,24 +95,32 @@ def _normalization(cfg: TrainConfig, start: Path | None) -> Normalization:
     return given
 
 
-class Trainer:
-    """Builds the model, data and optimizer from a `TrainConfig` and trains into `out_dir`."""
+class Trainer(StreamedStep):
+    """Builds the model, data and optimizer from a `TrainConfig` and trains into `out_dir`.
+
+    `world`: this process's rank in a data-parallel run (`train.ddp.init_world`); None for a
+    run in one process. Then only rank 0 calls `callback` and writes into `out_dir`."""
 
     def __init__(
         self,
         cfg: TrainConfig,
         out_dir: str | os.PathLike,
         callback: Callable[[TrainEvent], None] | None = None,
+        world: World | None = None,
     ) -> None:
         from napari_xt.model.xt import XT
 
         self.cfg = cfg
         self.out_dir = Path(out_dir)
-        self.callback = callback or (lambda event: None)
+        self.world = world
+        self.is_main = world is None or world.is_main
+        self.callback = (callback if self.is_main else None) or (lambda event: None)
+        if world is not None:
+            check_global_batch(cfg.optim.batch_size, world.size)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         torch.manual_seed(cfg.run.seed)
-        self.device = torch.device(cfg.run.device)
+        self.device = world.device if world is not None else torch.device(cfg.run.device)
         self.model_config = cfg.model.build_config()
         start = cfg.model.checkpoint_path()
         self.normalization = _normalization(cfg, start)
@@ -152,6 +154,9 @@ class Trainer:
             from .whole_image import SceneCrops
 
             self.scenes = SceneCrops(self)
+        # data parallel: every band's forward goes through the DDP module (after freezing:
+        # DDP reduces the parameters that train)
+        self.ddp = None if world is None else data_parallel(self.model, self.token_head, world)
 
     def _init_centre_bias(self) -> None:
         """Start the centre map at `loss.centre_prior` so the focal loss starts small."""
@@ -218,136 +223,33 @@ class Trainer:
             self.class_names = [f"class_{k}" for k in range(self.model_config.num_classes)]
 
     def batch_for_step(self, step: int) -> dict:
-        """The training batch of `step` (a pure function of run.seed and step)."""
+        """The training batch of `step` (a pure function of run.seed and step); with several
+        ranks, this rank's share of the global batch."""
         rng = np.random.default_rng([self.cfg.run.seed, step])
         data = self.train_sets[step % len(self.train_sets)] if self.train_sets else \
             self.train_data
         idx = rng.integers(0, len(data), self.cfg.optim.batch_size)
+        if self.world is not None:
+            idx = idx[self.world.share(len(idx))]
         return collate([data[int(i)] for i in idx], self.cfg.data.heatmap_sigma)
 
-    # ------------------------------------------------------------------ forward / backward
-
-    def _encode(self, regions: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
-        """regions (N, C, S, S) -> features [(N, C_l, h_l, w_l)], honouring grad_ratio."""
-        run = self.cfg.run
-        encode = self.model.encode_regions
-
-        def with_grad(x: torch.Tensor) -> list[torch.Tensor]:
-            if run.checkpointing:
-                return list(recompute(encode, x, use_reentrant=False))
-            return encode(x)
-
-        n = regions.shape[0]
-        if self.region_encoder_frozen():  # nothing to train there: no activations kept
-            with torch.no_grad():
-                return encode(regions)
-        if run.grad_ratio >= 1.0:
-            return with_grad(regions)
-        k = max(1, int(round(run.grad_ratio * n)))
-        perm = torch.randperm(n, generator=gen).to(regions.device)
-        sel, rest = perm[:k], perm[k:]
-        live = with_grad(regions[sel])
-        if len(rest) == 0:
-            return [f.index_select(0, torch.argsort(perm[:k])) for f in live]
-        with torch.no_grad():
-            frozen = encode(regions[rest])
-        out = []
-        for a, b in zip(live, frozen):
-            full = a.new_zeros((n, *a.shape[1:]))
-            full = full.index_copy(0, rest, b).index_copy(0, sel, a)
-            out.append(full)
-        return out
-
-    def _targets_by_region(self, batch: dict, size: int) -> dict[str, torch.Tensor]:
-        """Batch maps (B, K, H, W) -> (B, R, K, S, S) in raster order; padding ignored."""
-        out = {}
-        mask = batch["mask"][:, None]
-        regions, valid, _ = split_regions(mask, size)
-        out["mask"] = regions.masked_fill(~valid, IGNORE_INDEX)[:, :, 0]  # (B, R, S, S)
-        for key in ("centre", "size", "size_weight"):
-            out[key] = split_regions(batch[key], size)[0]
-        return out
-
-    def loss_counts(self, batch: dict) -> dict[str, float]:
-        """What each loss term of `batch` is normalized by (pixels, centres, tokens)."""
-        size = self.model_config.region.region_size
-        targets = self._targets_by_region(batch, size)
-        counts = {
-            "ce": float((targets["mask"] != IGNORE_INDEX).sum()),
-            "heatmap": float((targets["centre"] >= 1.0).sum()),
-            "size": float(targets["size_weight"].sum()),
-        }
-        if self.token_head is not None:
-            stride = self.model.region_encoder.feature_strides[-1]
-            counts["token"] = float(token_class_targets(
-                batch["mask"], stride, self.model_config.num_classes).sum())
-        if self.cfg.loss.class_weights is not None:
-            w = torch.tensor(self.cfg.loss.class_weights)
-            m = targets["mask"]
-            counts["ce"] = float(w[m.clamp(max=len(w) - 1)][m != IGNORE_INDEX].sum())
-        return counts
-
-    def forward_backward(self, batch: dict, step: int, counts: dict[str, float] | None = None,
-                         scene=None, origins: np.ndarray | None = None
-                         ) -> tuple[float, dict[str, float]]:
-        """Loss of one batch with gradients accumulated into the parameters (streamed).
-
-        With whole-image context, `scene` (the `SceneTokens` of the image the batch's crops
-        come from) is read by every token, at its place in the image: `origins` (B, 2) is
-        each crop's first region (row, col). `counts` normalize the loss terms (default: the
-        batch's own), so several calls can make up one step's loss."""
-        model, size = self.model, self.model_config.region.region_size
-        gen = torch.Generator().manual_seed(int(self.cfg.run.seed) * 1_000_003 + step)
-        image = batch["image"].to(self.device)  # (B, C, H, W)
-        regions, _, grid = split_regions(image, size)  # (B, R, C, S, S)
-        b = regions.shape[0]
-        targets = {k: v.to(self.device) for k, v in self._targets_by_region(batch, size).items()}
-        counts = counts or self.loss_counts(batch)
-        stride = self.model.region_encoder.feature_strides[-1]
-        token_targets = None
-        if self.token_head is not None:
-            token_targets = token_class_targets(
-                batch["mask"].to(self.device), stride, self.model_config.num_classes
-            )  # (B, K, H / stride, W / stride)
-        band = self.cfg.run.stream_rows or grid.rows
-        rc_all = grid.order("raster")  # (R, 2)
-        state = None
-        total, parts = 0.0, {}
-        for r0 in range(0, grid.rows, band):
-            idx = np.arange(r0 * grid.cols, min(grid.rows, r0 + band) * grid.cols)
-            rc = rc_all[idx]
-            tidx = torch.from_numpy(idx).to(self.device)
-            feats = self._encode(regions[:, tidx].flatten(0, 1), gen)
-            last = feats[-1]
-            tokens, pos = model.region_tokens(last.reshape(b, len(idx), *last.shape[1:]), rc)
-            if scene is not None:
-                h, w = last.shape[-2:]
-                at = torch.as_tensor(np.asarray(origins) * (h, w), device=pos.device)
-                tokens = model.read_scene(tokens, pos + at[:, None], (h, w), scene)
-            tokens, state = model.contextualize(tokens, state)
-            maps = model.decode(tokens, feats, rc)  # {name: (B, r, K, S, S)}
-            maps = {k: v.flatten(0, 1) for k, v in maps.items()}  # (B*r, K, S, S)
-            piece = {k: v[:, tidx].flatten(0, 1) for k, v in targets.items()}
-            terms = loss_terms(maps, piece, self.cfg.loss)
-            if token_targets is not None:
-                t_sum = token_loss_sum(self.token_head(tokens), token_targets, pos)
-                terms["token"] = (self.cfg.loss.token_weight * t_sum, t_sum.new_tensor(0.0))
-            loss = combine(terms, counts)
-            loss.backward(retain_graph=scene is not None)  # the scene is read by every band
-            total += float(loss.detach())
-            for name, (s, _) in terms.items():
-                parts[name] = parts.get(name, 0.0) + float(s.detach()) / max(counts[name], 1.0)
-        return total, parts
-
     def train_step(self) -> tuple[float, dict[str, float]]:
-        """One optimizer step on the batch of the current step; returns (loss, terms)."""
+        """One optimizer step on the batch of the current step; returns (loss, terms) of the
+        whole (global) batch."""
         self.model.train()
         self._keep_frozen_eval()
         self.optimizer.zero_grad(set_to_none=True)
+        world = self.world
+        if world is not None:  # stochastic layers: rank's own draws, the same after a resume
+            torch.manual_seed(step_seed(self.cfg.run.seed, self.step, world.rank))
         if self.scenes is not None:
-            loss, terms = self.scenes.forward_backward(self, self.step)
+            loss, terms = self.scenes.forward_backward(self, self.step, world)
         else:
-            loss, terms = self.forward_backward(self.batch_for_step(self.step), self.step)
+            part = (0, 1) if world is None else (world.rank, world.size)
+            loss, terms = self.forward_backward(self.batch_for_step(self.step), self.step,
+                                                part=part)
+        if world is not None:
+            loss, terms = world.sum_loss(loss, terms)
         if self.cfg.optim.grad_clip:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
@@ -378,16 +280,21 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        """Model checkpoint + training state of the current step; returns the model path."""
+        """Model checkpoint + training state of the current step; returns the model path.
+        Only rank 0 writes (the ranks hold the same weights and optimizer state)."""
         from napari_xt.model.checkpoint import save_checkpoint
 
         model_path, state_path = run_state.checkpoint_paths(self.out_dir, self.step)
+        if not self.is_main:
+            return model_path
         save_checkpoint(self.model, model_path, self._metadata(), overwrite=True)
         extra = {}
         if self.token_head is not None:
             extra["token_head"] = self.token_head.state_dict()
         run_state.save_training_state(
-            state_path, self.optimizer, self.scheduler, self.step, extra
+            state_path, self.optimizer, self.scheduler, self.step, extra,
+            global_batch=self.cfg.optim.batch_size,
+            world_size=1 if self.world is None else self.world.size,
         )
         run_state.write_latest(self.out_dir, self.step, model_path, state_path)
         run_state.prune_checkpoints(self.out_dir, self.cfg.run.keep_checkpoints)
@@ -395,7 +302,10 @@ class Trainer:
 
     def resume(self, model_path: str | os.PathLike | None = None,
                state_path: str | os.PathLike | None = None) -> int:
-        """Load the latest checkpoint of `out_dir` (or the given files); returns the step."""
+        """Load the latest checkpoint of `out_dir` (or the given files); returns the step.
+
+        Any number of ranks may resume a run saved by any number, with the same global
+        batch (`optim.batch_size`; another is a ValueError)."""
         from napari_xt.model.checkpoint import load_checkpoint
 
         if model_path is None or state_path is None:
@@ -406,8 +316,9 @@ class Trainer:
         loaded = load_checkpoint(model_path, device="cpu")
         if loaded.cfg != self.model_config:
             raise ValueError(f"{model_path} holds a different model than the config describes")
-        self.model.load_state_dict(loaded.state_dict())
         payload = run_state.load_training_state(state_path)
+        run_state.check_same_global_batch(payload, self.cfg.optim.batch_size, state_path)
+        self.model.load_state_dict(loaded.state_dict())
         if self.token_head is not None:
             self.token_head.load_state_dict(payload["extra"]["token_head"])
         self.optimizer.load_state_dict(payload["optimizer"])
@@ -437,21 +348,30 @@ class Trainer:
                 self.callback(TrainEvent("step", self.step, total, loss, terms, lr,
                                          elapsed=elapsed))
             if run.eval_every and (self.step % run.eval_every == 0 or self.step == total):
-                metrics = self.validate()
+                metrics = self.validate() if self.is_main else {}  # the others wait
+                self._wait()
                 self.callback(TrainEvent("eval", self.step, total, metrics=metrics,
                                          elapsed=time.monotonic() - start))
             if run.checkpoint_every and (self.step % run.checkpoint_every == 0
                                          or self.step == stop):
                 path = self.save()
+                self._wait()
                 self.callback(TrainEvent("checkpoint", self.step, total, path=str(path),
                                          elapsed=time.monotonic() - start))
         if self.step >= total:
             final = self.out_dir / "model.safetensors"
-            meta = {**self._metadata(), "train.metrics": _json(metrics)}
-            save_checkpoint(self.model, final, meta, overwrite=True)
+            if self.is_main:
+                meta = {**self._metadata(), "train.metrics": _json(metrics)}
+                save_checkpoint(self.model, final, meta, overwrite=True)
+            self._wait()
             self.callback(TrainEvent("done", self.step, total, metrics=metrics, path=str(final),
                                      elapsed=time.monotonic() - start))
         return metrics
+
+    def _wait(self) -> None:
+        """With several ranks: wait for all of them (rank 0 evaluating or writing)."""
+        if self.world is not None:
+            self.world.barrier()
 
 
 def _fine_tuned(cfg, start: Path):

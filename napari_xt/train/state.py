@@ -8,6 +8,10 @@ Layout of a run folder::
                                                torch.load(weights_only=True)
     OUT/latest.json                            {"step": 200, "model": ..., "state": ...}
     OUT/model.safetensors                      the final model
+
+A data-parallel run writes the same files from rank 0 alone; the state also records the
+global batch and the number of ranks, and any number of ranks resumes it with the same
+global batch.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ STATE_VERSION = 1
 
 
 def checkpoint_paths(out_dir: str | os.PathLike, step: int) -> tuple[Path, Path]:
+    """(model, training state) paths of the checkpoint of `step` in run folder `out_dir`."""
     base = Path(out_dir) / "checkpoints" / f"step_{step:07d}"
     return base.with_suffix(".safetensors"), Path(f"{base}.state.pt")
 
@@ -47,6 +52,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the RNG states saved by `rng_state`."""
     torch.set_rng_state(state["torch"])
     py = json.loads(bytes(state["python"].numpy().tobytes()).decode())
     random.setstate((py[0], tuple(py[1]), py[2]))
@@ -60,8 +66,11 @@ def save_training_state(
     scheduler: Any,
     step: int,
     extra: dict[str, Any] | None = None,
+    global_batch: int | None = None,
+    world_size: int = 1,
 ) -> Path:
-    """Write optimizer/scheduler/step/RNG atomically to `path` (torch.save of plain data)."""
+    """Write optimizer/scheduler/step/RNG atomically to `path` (torch.save of plain data),
+    with the run's global batch and number of ranks when given."""
     payload = {
         "version": STATE_VERSION,
         "step": int(step),
@@ -69,7 +78,10 @@ def save_training_state(
         "scheduler": scheduler.state_dict(),
         "rng": rng_state(),
         "extra": extra or {},
+        "world_size": int(world_size),
     }
+    if global_batch is not None:
+        payload["global_batch"] = int(global_batch)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(payload, tmp)
@@ -85,7 +97,19 @@ def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
     return payload
 
 
+def check_same_global_batch(payload: dict[str, Any], batch_size: int,
+                            path: str | os.PathLike) -> None:
+    """Refuse to resume a run saved with another global batch (states of earlier versions,
+    which do not record it, pass)."""
+    saved = payload.get("global_batch")
+    if saved is not None and int(saved) != int(batch_size):
+        raise ValueError(f"{Path(path).name} was trained with optim.batch_size {saved} (the "
+                         f"global batch, over {payload.get('world_size', 1)} process(es)); "
+                         f"resume it with the same batch size, not {batch_size}")
+
+
 def write_latest(out_dir: str | os.PathLike, step: int, model: Path, state: Path) -> None:
+    """Point OUT/latest.json at the checkpoint of `step` (written atomically)."""
     out = Path(out_dir)
     tmp = out / ".latest.json.tmp"
     tmp.write_text(json.dumps({"step": step, "model": model.name, "state": state.name}))

@@ -131,25 +131,37 @@ class SceneCrops:
             origins.append((r0, c0))
         return samples, np.array(origins, np.int64)
 
-    def forward_backward(self, trainer: Any, step: int) -> tuple[float, dict[str, float]]:
-        """One step's loss over every crop of its scenes, gradients accumulated."""
+    def forward_backward(self, trainer: Any, step: int, world: Any = None
+                         ) -> tuple[float, dict[str, float]]:
+        """One step's loss over every crop of its scenes, gradients accumulated.
+
+        `world` (`train.ddp.World`, several processes): the step's scenes and crop places
+        stay those of the 1-process run (every rank draws the crops of every scene in order,
+        as the draws follow one another), each rank summarizes and backpropagates only its
+        share of the scenes, the loss is normalized by the counts of all the step's crops
+        (summed over the ranks), and gradients are reduced after its last scene."""
         region = trainer.model_config.region.region_size
         rng = np.random.default_rng([self.seed, step, 13])
+        picks = self.scenes_for_step(step, trainer.cfg.optim.batch_size)
+        mine = range(len(picks)) if world is None else range(len(picks))[world.share(len(picks))]
         work = []
-        for size, seed in self.scenes_for_step(step, trainer.cfg.optim.batch_size):
+        for i, (size, seed) in enumerate(picks):
             scene = SyntheticScene(seed, self.scene_config(size, seed))
             samples, origins = self.crops(scene, rng, self.data.crops_per_scene, region)
-            batch = collate(samples, trainer.cfg.data.heatmap_sigma)
-            work.append((size, seed, scene, batch, origins))
+            if i in mine:
+                work.append((size, seed, scene, collate(samples, trainer.cfg.data.heatmap_sigma),
+                             origins))
         counts: dict[str, float] = {}
         for *_, batch, _ in work:
             for name, v in trainer.loss_counts(batch).items():
                 counts[name] = counts.get(name, 0.0) + v
+        if world is not None:
+            counts = world.sum_counts(counts)
         total, parts = 0.0, {}
-        for size, seed, scene, batch, origins in work:
-            summary = self.summary(trainer, size, seed, scene)
-            tokens = trainer.model.encode_scene(summary)
-            loss, terms = trainer.forward_backward(batch, step, counts, tokens, origins)
+        for k, (size, seed, scene, batch, origins) in enumerate(work):
+            tokens = trainer.model.encode_scene(self.summary(trainer, size, seed, scene))
+            extra = {} if world is None else {"sync": k == len(work) - 1}
+            loss, terms = trainer.forward_backward(batch, step, counts, tokens, origins, **extra)
             total += loss
             for name, v in terms.items():
                 parts[name] = parts.get(name, 0.0) + v
