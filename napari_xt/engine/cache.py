@@ -8,6 +8,9 @@ large pack files (`napari_xt.io.packs`), indexed by a checksummed journal:
     <cache>/index             journal: which pack, offset, length and CRC-32 hold each region
     <cache>/pack-000000.bin   the blobs (a new file every GiB)
     <cache>/lock              one run at a time
+    <cache>/index-<part>, seg-<part>-000000.bin, lock-<part>
+                              a part's own index and blobs, written beside the others
+                              by the workers of a distributed run (`segment=`)
 
 So a 100k x 100k slide's cache is a handful of files, not a million chunks. Every read is
 checked: a region whose bytes are missing, truncated or changed is reported (`get` returns it
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,6 +44,7 @@ from .spelling import Spelling, hint
 
 FORMAT = 2
 META = "cache.json"
+SEGMENT_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
 Index = tuple[int, int]
 
 
@@ -72,22 +77,37 @@ def _is_legacy_cache(path: Path) -> bool:
 class EmbeddingCache:
     def __init__(self, path: str | os.PathLike, signature: dict[str, Any],
                  grid: tuple[int, int], rebuild: bool = False, owned: bool = False,
-                 spelling: Spelling | None = None) -> None:
+                 spelling: Spelling | None = None, segment: str | None = None) -> None:
         """`owned`: the folder is private to a result store (its default place), so it may
         be emptied whatever it holds; a folder given by the user is emptied on `rebuild`
-        only when it is recognisably an embedding cache."""
+        only when it is recognisably an embedding cache.
+
+        `segment`: write into a part of the cache of its own (index, blobs and lock named
+        after it) beside other writers, as the workers of one distributed run do; the cache
+        must exist with this signature (its run made it), and is never emptied. Every cache
+        reads what all its parts hold."""
         self.path = Path(path)
         self.signature = json.loads(json.dumps(signature))
         self.grid = (int(grid[0]), int(grid[1]))
         self.rebuilt = False
         self.notices: list[str] = []
+        self.segment = segment
         self.spelling = spell = spelling or Spelling()
         if self.path.exists() and not self.path.is_dir():
             raise CacheMismatchError(f"embedding cache {self.path} is a file, not a folder; "
                                      f"{hint(spell, 'cache_path')}")
+        if segment is not None:
+            self._open_segment(segment)
+        else:
+            self._open_main(rebuild, owned)
+        self._read_index()
+
+    def _open_main(self, rebuild: bool, owned: bool) -> None:
+        spell = self.spelling
         self.lock = FolderLock(self.path, f"embedding cache {self.path}")
         meta = _read_meta(self.path)
-        occupied = self.path.is_dir() and any(p.name != "lock" for p in self.path.iterdir())
+        occupied = self.path.is_dir() and any(not p.name.startswith("lock")
+                                              for p in self.path.iterdir())
         if meta is not None and meta.get("signature") != self.signature:
             if not rebuild:
                 diff = signature_diff(meta.get("signature") or {}, self.signature)
@@ -118,22 +138,57 @@ class EmbeddingCache:
             self.notices.append(notice)
         self.index = Journal(self.path / "index")
         self.packs = PackFiles(self.path, "pack")
-        meta = _read_meta(self.path)
-        if meta is None:
-            meta = {"napari-xt-cache": FORMAT, "signature": self.signature, "levels": None}
-            self._write_meta(meta)
+        if _read_meta(self.path) is None:
+            self._write_meta({"napari-xt-cache": FORMAT, "signature": self.signature,
+                              "levels": None})
             self.index.reset()
+
+    def _open_segment(self, segment: str) -> None:
+        if not SEGMENT_NAME.fullmatch(segment):
+            raise ValueError(f"a cache part is named by letters, digits and _, not {segment!r}")
+        meta = _read_meta(self.path)
+        if meta is None or meta.get("signature") != self.signature:
+            raise CacheMismatchError(
+                f"embedding cache {self.path} is missing or was made for another input; a "
+                "part of a distributed run writes only into the cache its run made")
+        self.lock = FolderLock(self.path, f"embedding cache {self.path} (part {segment})",
+                               name=f"lock-{segment}")
+        notice = self.lock.acquire()
+        if notice:
+            self.notices.append(notice)
+        self.index = Journal(self.path / f"index-{segment}")
+        self.packs = PackFiles(self.path, f"seg-{segment}")
+
+    def _read_index(self) -> None:
+        """Every part's index: which blob (of which part's files) holds each region."""
+        meta = _read_meta(self.path) or {}
         self.shapes: list[tuple[int, ...]] | None = (
             [tuple(s) for s in meta["levels"]] if meta.get("levels") else None)
         self.refs: dict[Index, BlobRef] = {}
+        self.where: dict[Index, PackFiles] = {}  # the pack files each region's blob is in
         self.mask_side: dict[Index, int] = {}  # regions whose blob ends with a NaN mask
-        for rec in self.index.records():
-            sides = rec.get("m") or [0] * len(rec.get("r", []))
-            for rc, ref, side in zip(rec.get("r", []), rec.get("b", []), sides):
-                idx = (int(rc[0]), int(rc[1]))
-                if 0 <= idx[0] < self.grid[0] and 0 <= idx[1] < self.grid[1]:
-                    self.refs[idx] = BlobRef.from_list(ref)
-                    self.mask_side[idx] = int(side)
+        parts = [(self.index if self.segment is None else Journal(self.path / "index"),
+                  self.packs if self.segment is None else PackFiles(self.path, "pack"))]
+        self._readers = [parts[0][1]]
+        for journal in sorted(self.path.glob("index-*")):
+            name = journal.name[len("index-"):]
+            if not SEGMENT_NAME.fullmatch(name):
+                continue
+            if name == self.segment:
+                parts.append((self.index, self.packs))
+            else:
+                packs = PackFiles(self.path, f"seg-{name}")
+                self._readers.append(packs)
+                parts.append((Journal(journal), packs))
+        for journal, packs in parts:
+            for rec in journal.records():
+                sides = rec.get("m") or [0] * len(rec.get("r", []))
+                for rc, ref, side in zip(rec.get("r", []), rec.get("b", []), sides):
+                    idx = (int(rc[0]), int(rc[1]))
+                    if 0 <= idx[0] < self.grid[0] and 0 <= idx[1] < self.grid[1]:
+                        self.refs[idx] = BlobRef.from_list(ref)
+                        self.where[idx] = packs
+                        self.mask_side[idx] = int(side)
         self.done = np.zeros(self.grid, bool)  # (rows, cols) regions the index holds
         for r, c in self.refs:
             self.done[r, c] = True
@@ -141,13 +196,13 @@ class EmbeddingCache:
     def _empty(self) -> None:
         """Remove the cache folder's contents (only called for a recognised or owned cache)."""
         for child in self.path.iterdir():
-            if child.name == "lock":
+            if child.name.startswith("lock"):  # (a lock file is never deleted)
                 continue
             shutil.rmtree(child) if child.is_dir() else child.unlink()
         self.rebuilt = True
 
     def _write_meta(self, meta: dict[str, Any]) -> None:
-        tmp = self.path / f".{META}.tmp"
+        tmp = self.path / f".{META}.{os.getpid()}.tmp"  # (parts may write it at once)
         tmp.write_text(json.dumps(meta))
         tmp.replace(self.path / META)
 
@@ -170,7 +225,7 @@ class EmbeddingCache:
         masks: dict[Index, np.ndarray] = {}
         for idx in indices:
             try:
-                data = self.packs.read(self.refs[idx])
+                data = self.where[idx].read(self.refs[idx])
                 side = self.mask_side.get(idx, 0)
                 extra = -(-side * side // 8)
                 if len(data) != nbytes + extra:
@@ -197,6 +252,7 @@ class EmbeddingCache:
 
     def forget(self, idx: Index) -> None:
         self.refs.pop(idx, None)
+        self.where.pop(idx, None)
         self.done[idx] = False
 
     def put(self, indices: Sequence[Index], features: Sequence[np.ndarray],
@@ -228,12 +284,14 @@ class EmbeddingCache:
         for idx, ref, side in zip(indices, refs, sides):
             key = (int(idx[0]), int(idx[1]))
             self.refs[key] = ref
+            self.where[key] = self.packs
             self.mask_side[key] = side
             self.done[key] = True
 
     def close(self) -> None:
         self.index.close()
-        self.packs.close()
+        for packs in {id(p): p for p in [self.packs, *self._readers]}.values():
+            packs.close()
         self.lock.release()
 
     # ------------------------------------------------------------------ size

@@ -64,6 +64,23 @@ class Execution:
         """Stop early (what a consumer that stops iterating does): finished work is kept."""
         self._events.close()
 
+    # what the coordinator of a distributed run uses, which drives the store itself
+    def release(self) -> None:
+        """Close the store and the cache (their locks) and free the device, for a run whose
+        events are never iterated."""
+        try:
+            self._close()
+        finally:
+            release(self.spec.device)
+
+    def already_complete(self, t0: float):
+        """The events of a store that was complete before the run (returns `Finished`)."""
+        return (yield from self._already_complete(t0))
+
+    def drain(self) -> Iterator[Event]:
+        """Notices raised so far and `Written` for what the store made readable."""
+        return self._drain()
+
     # ------------------------------------------------------------------ the run
     def _run(self) -> Iterator[Event]:
         """The stream: the body's events, then its last event once the store's and the
@@ -121,6 +138,9 @@ class Execution:
         book = (RegionBook(plan, done_crops=store.crop_logits) if classify
                 else RegionBook(plan, store.done))
         self.book = book
+        part = spec.part
+        if part is not None and part.kind != "regions":
+            return (yield from self._cache_part(t0, part))
         todo = book.todo_crops(per_crop=classify)
         pending = set(todo)  # (made once: a set per crop made planning quadratic in crops)
         order = (ViewportOrder(plan, todo, spec.point, spec.priority)
@@ -145,7 +165,11 @@ class Execution:
             spec.source.observer = preview
         features = self._features = FeatureSupply(spec, book, self.cache, store, self.notices)
         scene = None
-        if spec.context == "image" and todo:  # every region once, before any crop
+        if part is not None and part.scene is not None:  # the scene part's, for every part
+            scene = type(part.scene)(part.scene.tokens.to(spec.device), part.scene.grid)
+            if part.scene_tainted:
+                book.tainted.update((int(r), int(c)) for r, c in zip(*np.nonzero(~book.final)))
+        elif spec.context == "image" and todo:  # every region once, before any crop
             scene = yield from scene_pass(spec, features)
             if scene is None:
                 yield from self._wind_down()
@@ -178,12 +202,23 @@ class Execution:
         yield from runner.run(group)
         yield from runner.flush()
         yield from self._wind_down()
+        return (yield from self.finish(t0, seen, preview))
+
+    def finish(self, t0: float, seen: int = 0, preview: Any = None):
+        """The end of a run whose regions have all been handed to the store (a generator
+        of its last notices; returns `Finished`): the store published (or, in memory, the
+        summary of its arrays). The coordinator of a distributed run calls it too, after
+        writing the parts' results into the store, with `book` its own."""
+        spec, store, book = self.spec, self.store, self.book
+        plan = spec.plan
         complete = not book.failed
         record = None
-        if classify:
+        if spec.layout is None:
             logits = np.array([store.crop_logits[i] for i in sorted(store.crop_logits)])
             record = classification_record(logits.sum(0), len(logits))
-        if store.path is None:
+        if spec.part is not None:
+            summary: dict[str, Any] = {}
+        elif store.path is None:
             summary = memory_summary(store, spec, record)
         else:
             from .store.publish import publish
@@ -198,6 +233,33 @@ class Execution:
         return Finished(time.perf_counter() - t0, dict(book.counts),
                         None if store.path is None else str(store.path),
                         {**summary, "complete": complete})
+
+    def _cache_part(self, t0: float, part: Any):
+        """An encode part (its regions into the cache) or the scene part (`summary["scene"]`:
+        the scene tokens on the CPU, `summary["scene_tainted"]`)."""
+        spec, book = self.spec, self.book
+        features = self._features = FeatureSupply(spec, book, self.cache, self.store,
+                                                  self.notices)
+        summary: dict[str, Any] = {}
+        if part.kind == "scene":
+            scene = yield from scene_pass(spec, features)
+            if scene is None:
+                yield from self._wind_down()
+                return Cancelled(0, spec.plan.num_regions)
+            summary = {"scene": type(scene)(scene.tokens.cpu(), scene.grid),
+                       "scene_tainted": bool(book.tainted)}
+        else:
+            regions = list(part.regions)
+            for start in range(0, len(regions), spec.batch_size):
+                if spec.cancelled():
+                    yield from self._wind_down()
+                    return Cancelled(0, spec.plan.num_regions)
+                yield from features.ensure(regions[start:start + spec.batch_size])
+                yield from self._drain()
+        yield from self._wind_down()
+        book.counts["failed"] = len(book.failed)
+        return Finished(time.perf_counter() - t0, dict(book.counts), None,
+                        {**summary, "complete": not book.failed})
 
     def _already_complete(self, t0: float):
         plan, store = self.spec.plan, self.store

@@ -91,6 +91,7 @@ def run(
     name: str = "prediction",
     point: tuple[float, float] | None = None,
     spelling: Spelling | None = None,
+    part: Any = None,
 ) -> Execution:
     """Predict `image` with `model` (an `XT`) into `store` (an OME-Zarr path; None keeps the
     results in memory: `Finished.summary["arrays"]`). Returns an iterator of events.
@@ -125,6 +126,9 @@ def run(
     threshold, min_distance: detection peaks (score >= threshold, NMS window radius).
     spelling: how refusals name their remedy (`engine.spelling.CLI` for the command line);
       default: the Python arguments.
+    part: a `parts.Part`: run only that part of the run of `store` (a worker's share of a
+      distributed run, see `parts.py`); its results are in `Execution.store` (a
+      `PartStore`), the store at `store` is neither opened nor written.
 
     The returned `Execution` is an iterator of events (also `.store`: the run's store).
     """
@@ -205,36 +209,60 @@ def run(
     store_spec = _store_spec(cfg, plan, layout, outputs, name, run_sig, threshold,
                              min_distance)
     dev = pick_device(device)
-    pstore = create_store(store, store_spec, overwrite=overwrite, restart=not resume,
-                          inputs=source.inputs, spelling=spelling,
-                          threaded=background_threads(dev), cache_signature=encoder_sig)
-    emb = None
-    where: Path | None = None
-    owned = False
-    if cache is True or cache == "rebuild":  # the store's own (none for store=None)
-        if pstore.path is not None:
-            where, owned = default_cache(pstore.path), True
-    elif cache is not False and cache is not None:
-        where = Path(cache)
-    try:
-        if where is not None:
-            if not owned:
-                from .store.guard import check_not_input
+    if part is not None:
+        pstore, emb = _part_store(part, store, cache, store_spec, encoder_sig, plan, spelling)
+    else:
+        pstore = create_store(store, store_spec, overwrite=overwrite, restart=not resume,
+                              inputs=source.inputs, spelling=spelling,
+                              threaded=background_threads(dev), cache_signature=encoder_sig)
+        emb = None
+        where: Path | None = None
+        owned = False
+        if cache is True or cache == "rebuild":  # the store's own (none for store=None)
+            if pstore.path is not None:
+                where, owned = default_cache(pstore.path), True
+        elif cache is not False and cache is not None:
+            where = Path(cache)
+        try:
+            if where is not None:
+                if not owned:
+                    from .store.guard import check_not_input
 
-                check_not_input(where, source.inputs, spelling, "embedding cache")
-            emb = EmbeddingCache(where, encoder_sig, plan.grid, rebuild=cache == "rebuild",
-                                 owned=owned, spelling=spelling)
-    except BaseException:
-        pstore.close()
-        raise
+                    check_not_input(where, source.inputs, spelling, "embedding cache")
+                emb = EmbeddingCache(where, encoder_sig, plan.grid,
+                                     rebuild=cache == "rebuild", owned=owned,
+                                     spelling=spelling)
+        except BaseException:
+            pstore.close()
+            raise
     spec = RunSpec(
         source=source, model=model, plan=plan, layout=layout, outputs=outputs,
         device=dev, batch_size=batch_size, order=order, priority=priority,
         cancelled=_cancel_check(cancel), on_error=on_error, carry_state=carry_state,
         context=context,
         blend=blend, threshold=threshold, min_distance=min_distance, name=name, point=point,
-        signature=run_sig, notices=budget.notices)
+        signature=run_sig, notices=budget.notices, part=part)
     return Execution(spec, pstore, emb)
+
+
+def _part_store(part: Any, store: Any, cache: Any, store_spec: StoreSpec,
+                encoder_sig: dict[str, Any], plan: RegionPlan, spelling: Spelling):
+    """A part's sink and its part of the run's embedding cache (which the run made)."""
+    from .parts import Part, PartStore
+
+    if not isinstance(part, Part):
+        raise EngineInputError(f"part must be an engine.parts.Part, not {part!r}")
+    if cache is True and store is not None:
+        where = default_cache(Path(store))
+    elif cache not in (True, False, None, "rebuild"):
+        where = Path(cache)
+    else:
+        raise EngineInputError("a part of a distributed run reads its features from the "
+                               "run's embedding cache: give the run's store (or cache "
+                               "path), with the cache on")
+    return PartStore(store_spec, part), EmbeddingCache(where, encoder_sig, plan.grid,
+                                                       spelling=spelling,
+                                                       segment=part.segment)
 
 
 @dataclass(frozen=True)
@@ -261,6 +289,7 @@ class RunSpec:
     point: tuple[float, float] | None
     signature: dict[str, Any]
     notices: tuple[Any, ...] = ()  # what the run says first (its estimate, a capped batch)
+    part: Any = None  # parts.Part: only this share of the run (a distributed run's worker)
 
 
 def class_infos(head: Any) -> tuple[ClassInfo, ...]:

@@ -12,12 +12,42 @@ from .layout import Index
 from .spec import DONE, FAILED, PENDING, RegionTiles, StoreSpec
 
 
-class MemoryStore:
+class InMemory:
+    """What a store that persists nothing does: no path, nothing to resume, nothing to wait
+    for; `put` and the arrays are the subclass's."""
+
     path = None
     resumed = False
     complete = False
     changed = True
 
+    def start(self) -> None:
+        pass
+
+    def check(self) -> None:
+        pass
+
+    def drain(self) -> list[tuple[tuple[Index, ...], float]]:
+        out, self._written = self._written, []
+        return out
+
+    def flush(self) -> None:
+        pass
+
+    def stop_writer(self) -> None:
+        pass
+
+    def attrs(self) -> dict[str, Any]:
+        return {}
+
+    def set_attrs(self, values: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryStore(InMemory):
     def __init__(self, spec: StoreSpec) -> None:
         self.spec = spec
         self.grid = spec.grid
@@ -36,9 +66,6 @@ class MemoryStore:
         self.crop_logits: dict[int, list[float]] = {}
         self._written: list[tuple[tuple[Index, ...], float]] = []
 
-    def start(self) -> None:
-        pass
-
     def put(self, tiles: RegionTiles) -> None:
         for n, idx in enumerate(tiles.indices):
             y0, x0, y1, x1 = self.spec.box(*idx)
@@ -55,19 +82,6 @@ class MemoryStore:
 
     def put_crop(self, index: int, logits: np.ndarray) -> None:
         self.crop_logits[int(index)] = [float(v) for v in np.asarray(logits).ravel()]
-
-    def check(self) -> None:
-        pass
-
-    def drain(self) -> list[tuple[tuple[Index, ...], float]]:
-        out, self._written = self._written, []
-        return out
-
-    def flush(self) -> None:
-        pass
-
-    def stop_writer(self) -> None:
-        pass
 
     def region_status(self) -> np.ndarray:
         out = np.full(self.grid, PENDING, np.uint8)
@@ -95,12 +109,3 @@ class MemoryStore:
 
     def points_since(self, cursor: int) -> tuple[np.ndarray | None, int]:
         return None, cursor
-
-    def attrs(self) -> dict[str, Any]:
-        return {}
-
-    def set_attrs(self, values: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
