@@ -19,6 +19,10 @@ and its estimate reported instead.
 `--dry-run` runs everything on the CPU at a tiny size (fp32, tiny zoo model) as a check.
 `--light-head W1,W2,...` (default 64,32,16,16,8) also runs the engine end to end with those
 decoder widths, against the same eager encoder-only baseline.
+With 2 or more GPUs (or `--dry-run`, on two CPU workers), one 8192^2 image is also run over
+every GPU with `napari_xt.distributed.run_distributed` (a local cluster, one worker per GPU,
+started before the clock) against one process on cuda:0, both into a store with the
+embedding cache; the labels must be bit-identical.
 Run: python benchmarks/gpu_engine.py [--batch 64] [--compile] [--budget 240] [--light-head ...]
 """
 
@@ -115,6 +119,45 @@ def end_to_end(scene, model, device, batch: int) -> dict:
             "labels_shape": list(labels.shape), "label_values": np.unique(labels).tolist()}
 
 
+def multi_gpu(scene: np.ndarray, model, work: Path, devices: list[str], batch: int) -> dict:
+    """One image over one worker per device against one process on the first device."""
+    import distributed
+
+    from napari_xt.distributed import run_distributed
+    from napari_xt.distributed.cluster import local_cluster
+    from napari_xt.engine import Finished, run
+    from napari_xt.io import read_labels
+    from napari_xt.model import save_checkpoint
+
+    path = work / "multi_scene.npy"
+    np.save(path, np.ascontiguousarray(scene))
+    ckpt = save_checkpoint(model, work / "multi_model.safetensors", overwrite=True)
+    opts = {"batch_size": batch, "outputs": ("labels",)}
+    rows = {}
+    t0 = time.perf_counter()
+    last = list(run(str(path), model, work / "one.zarr", device=devices[0], **opts))[-1]
+    assert isinstance(last, Finished), last
+    rows["one_process_s"] = time.perf_counter() - t0
+    t = time.perf_counter()
+    cluster = local_cluster(distributed.LocalCluster, len(devices))
+    rows["cluster_start_s"] = time.perf_counter() - t
+    try:
+        t0 = time.perf_counter()
+        last = list(run_distributed(str(path), str(ckpt), work / "many.zarr",
+                                    scheduler=cluster.scheduler_address, devices=devices,
+                                    **opts))[-1]
+        assert isinstance(last, Finished), last
+        rows["distributed_s"] = time.perf_counter() - t0
+    finally:
+        cluster.close()
+    a = np.asarray(read_labels(work / "one.zarr", "prediction").levels[0])
+    b = np.asarray(read_labels(work / "many.zarr", "prediction").levels[0])
+    rows.update({"devices": devices, "size": list(scene.shape[:2]),
+                 "bit_identical": bool(np.array_equal(a, b)),
+                 "speedup": rows["one_process_s"] / rows["distributed_s"]})
+    return rows
+
+
 def build_model(dry: bool, device: torch.device, widths: tuple[int, ...] | None = None):
     """The benchmark model; `widths` replaces the decoder's channel widths (a lighter head)."""
     from napari_xt.model import create_model
@@ -201,6 +244,10 @@ def main() -> None:
         e2e = end_to_end(scene, m, device, batch)
         results["runs"].append({"variant": label, "pass": "end-to-end", "size": list(full),
                                 **e2e, "ratio_to_encoder": e2e["seconds"] / enc["seconds"]})
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    if gpus >= 2 or dry:
+        devices = [f"cuda:{i}" for i in range(gpus)] if gpus >= 2 else ["cpu", "cpu"]
+        results["multi_gpu"] = multi_gpu(scene[:small, :small], model, work, devices, batch)
     results["total_s"] = time.perf_counter() - t_start
 
     print(f"\n{name}, torch {torch.__version__}, {results['model']}, batch {batch}, "
@@ -216,6 +263,12 @@ def main() -> None:
         print(f"{r['variant']:<8} {r['pass']:<13} {size:>13} {r['seconds']:>8.1f} "
               f"{r['regions_per_s']:>10.0f} {(f'{ratio:.2f}' if ratio else '-'):>6} "
               f"{r['peak_gib']:>9.2f}")
+    if "multi_gpu" in results:
+        m = results["multi_gpu"]
+        print(f"one {m['size'][0]}x{m['size'][1]} image over {len(m['devices'])} devices: "
+              f"{m['distributed_s']:.1f} s against {m['one_process_s']:.1f} s in one process "
+              f"(x{m['speedup']:.2f}; cluster start {m['cluster_start_s']:.1f} s apart), "
+              f"bit-identical: {m['bit_identical']}")
     print(f"total {results['total_s']:.0f} s")
     out = os.environ.get("OUT")
     if out:

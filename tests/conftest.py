@@ -45,3 +45,17 @@ def _no_modal_dialogs(monkeypatch):
 
     for name in ("question", "warning", "critical", "information"):
         monkeypatch.setattr(QMessageBox, name, staticmethod(modal))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local cluster of 2 worker processes for a test module (made as `--workers 2`
+    makes it), reached by its scheduler's address as `--scheduler` does. Not one for the
+    whole session: its scheduler's threads would run beside every other test."""
+    import distributed  # installed with the test extras
+
+    from napari_xt.distributed.cluster import local_cluster
+
+    local = local_cluster(distributed.LocalCluster, 2)
+    yield local.scheduler_address
+    local.close()

@@ -24,18 +24,6 @@ def images(tmp_path_factory):
     return paths, str(folder / "broken.npy")
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """One local cluster of 2 worker processes for the module (made as `--workers 2`
-    makes it), reached by its scheduler's address as `--scheduler` does."""
-    distributed = pytest.importorskip("distributed")  # installed with the test extras
-    from napari_xt.distributed import _local_cluster
-
-    local = _local_cluster(distributed.LocalCluster, 2)
-    yield local.scheduler_address
-    local.close()
-
-
 def single_run_labels(image, tmp_path):
     out = tmp_path / "single.zarr"
     assert main(["predict", image, "--model", "demo", "--out", str(out), "--quiet"]) == 0

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "napari_xt"
 # parts of the package a CLI-only install imports (widgets and _napari_io need napari)
 CORE = ("io", "model", "engine", "train", "inspect", "commands", "bench", "cli.py",
-        "distributed.py", "sample_data.py", "__init__.py", "__main__.py")
+        "distributed", "sample_data.py", "__init__.py", "__main__.py")
 # imported only inside functions, each from the extra that provides it
 OPTIONAL_IMPORTS = {"mamba_ssm": "mamba", "causal_conv1d": "mamba",
                     "distributed": "distributed", "fsspec": "remote", "napari": "napari",

@@ -278,3 +278,37 @@ def test_detections_of_a_pyramid_level_run_land_where_they_were_found(make_napar
     points = viewer.layers["VV xT tiny L1 detections"]
     assert tuple(points.scale) == (2 * SCALE[0], 2 * SCALE[1])  # level-1 pixels
     assert np.allclose(points.data, np.stack([table["y"], table["x"]], 1) / 2)
+
+
+@pytest.mark.slow
+def test_a_run_over_cluster_workers_shows_the_same_results(make_napari_viewer, qtbot, tmp_path,
+                                                           monkeypatch, checkpoint, cluster):
+    import napari.utils.notifications as notifications
+
+    from napari_xt.io import read_labels, read_probabilities
+
+    errors = []
+    monkeypatch.setattr(notifications, "show_error", errors.append)
+    viewer, widget = docked(make_napari_viewer, scene(384))
+    widget.set_checkpoint(checkpoint)
+    widget.order_combo.setCurrentText("raster")
+    widget.store_edit.setText(str(tmp_path / "here.zarr"))
+    widget.start()
+    assert wait_done(qtbot, widget).outcome == "finished", widget.status.text()
+    widget.cluster_edit.setText("two")  # neither a number nor an address
+    assert widget.start() is None and "neither a number" in errors[-1]
+    widget.cluster_edit.setText(cluster)
+    widget.store_edit.setText(str(tmp_path / "cluster.zarr"))
+    session = widget.start()
+    assert session is not None and not widget.cluster_edit.isEnabled()
+    session = wait_done(qtbot, widget, timeout=120000)
+    assert session.outcome == "finished", widget.status.text()
+    for a, b in ((read_labels, "labels"), (read_probabilities, "probabilities")):
+        here = np.asarray(a(tmp_path / "here.zarr", "prediction").levels[0])
+        there = np.asarray(a(tmp_path / "cluster.zarr", "prediction").levels[0])
+        np.testing.assert_array_equal(here, there, err_msg=b)
+    shown = viewer.layers["VV xT tiny labels"].data
+    stored = np.asarray(read_labels(tmp_path / "cluster.zarr", "prediction").levels[0])
+    assert np.array_equal(np.asarray(shown[0] if isinstance(shown, list) else shown), stored)
+    widget.save_settings()
+    assert widget.settings.load()["cluster"] == cluster  # remembered for the next widget

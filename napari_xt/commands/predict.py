@@ -10,6 +10,11 @@ Many images: ``napari-xt predict A B C ... --out-dir DIR [--workers N]`` writes
 ``--scheduler ADDRESS`` uses an existing cluster). An image that fails is reported and the
 others go on; exit code 1 if any failed.
 
+One image over many workers: ``napari-xt predict IMAGE --out OUT.zarr --workers N`` (or
+``--scheduler ADDRESS``, ``--devices cuda:0,cuda:1``) splits the image into blocks that the
+workers encode, contextualize and decode in parallel; this process writes the store, the
+results are those of a single-process run (`napari_xt.distributed.image`).
+
 How the image is read: ``--axes`` (a bare array's axes), ``--plane z=0,t=3`` (extra axes),
 ``--series N`` (a TIFF holding several image series is refused without it). What the model
 assumes about pixel values is said before the run; values that clearly do not match its
@@ -51,9 +56,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", default=None,
                    help="folder for the stores of many images (<name>.xt.zarr each)")
     p.add_argument("--workers", type=int, default=1,
-                   help="images run at once, each in its own process (needs dask.distributed)")
+                   help="worker processes (needs dask.distributed): with --out-dir, images "
+                        "run at once; with --out, the blocks of the one image")
     p.add_argument("--scheduler", default=None,
-                   help="address of a running dask.distributed scheduler to run the images on")
+                   help="address of a running dask.distributed scheduler to run on")
+    p.add_argument("--devices", default=None,
+                   help="one device per local worker, e.g. cuda:0,cuda:1 (one image over "
+                        "several GPUs; --workers defaults to their number)")
+    p.add_argument("--block", type=int, default=None,
+                   help="regions a side of a block of one image over workers (default: a "
+                        "store shard, smaller when that leaves workers idle)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
     p.add_argument("--batch-size", type=int, default=8,
                    help="regions per encoder batch (capped to the memory there is)")
@@ -122,6 +134,22 @@ def run_command(args: argparse.Namespace) -> int:
             print(f"napari-xt predict: {option} must be at least 1, not {value}",
                   file=sys.stderr)
             return EXIT_USAGE
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else []
+    args.devices = devices or None
+    if devices and args.workers == 1:
+        args.workers = len(devices)
+    if args.out and len(args.image) == 1 and (args.workers > 1 or args.scheduler):
+        if args.weights is not None:
+            print("napari-xt predict: --weights with several workers: every worker loads "
+                  "the model by itself, so give it as a napari-xt checkpoint (--model "
+                  "FILE.safetensors)", file=sys.stderr)
+            return EXIT_USAGE
+        args.image = args.image[0]
+        return run_one(args)
+    if args.devices or args.block is not None:
+        print("napari-xt predict: --devices and --block split one image (--out) over "
+              "workers", file=sys.stderr)
+        return EXIT_USAGE
     if args.out_dir or len(args.image) > 1 or args.workers > 1 or args.scheduler:
         given = [f"--{k.replace('_', '-')}" for k in ("axes", "plane", "series", "weights")
                  if getattr(args, k) is not None]
@@ -197,7 +225,7 @@ def run_many(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     try:  # a model that cannot load is bad input for every image: say it once
-        from napari_xt.distributed import _model
+        from napari_xt.distributed.cluster import model_for as _model
 
         model, normalize = _model(args.model)[:2]  # also kept for the images run here
     except (ValueError, KeyError, FileNotFoundError, OSError, RuntimeError) as err:
@@ -282,7 +310,19 @@ def run_one(args: argparse.Namespace) -> int:
     if source.channels == model.cfg.in_chans:  # (else the engine names the mismatch)
         values = check_value_range(source, normalize, accept=args.accept_range,
                                    where=args.image)
-    events = run(image, model, args.out, normalize=normalize, cancel=cancel, **options)
+    if args.workers > 1 or args.scheduler:  # one image over several workers
+        from napari_xt.distributed import run_distributed
+
+        try:
+            events = run_distributed(image, args.model, args.out, workers=args.workers,
+                                     scheduler=args.scheduler, threads=args.threads,
+                                     devices=args.devices, block=args.block, cancel=cancel,
+                                     in_chans=source.channels, **options)
+        except (ImportError, ConnectionError) as err:  # no dask.distributed, no scheduler
+            print(f"napari-xt predict: {err}", file=sys.stderr)
+            return EXIT_USAGE
+    else:
+        events = run(image, model, args.out, normalize=normalize, cancel=cancel, **options)
     if values and not args.quiet:  # what is assumed about the values, once the run is on
         print(values, file=sys.stderr, flush=True)
 

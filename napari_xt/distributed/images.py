@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .cluster import ClusterCancel, as_they_end, connect, model_for, tune_malloc
+
 STORE_SUFFIX = ".xt.zarr"
 _IMAGE_SUFFIXES = (".ome.zarr", ".ome.tiff", ".ome.tif", ".zarr", ".tiff", ".tif", ".svs",
                    ".ndpi", ".npy")
-_MODELS: dict[str, tuple[Any, Any]] = {}  # model choice -> (model, normalization), per process
-_MODELS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -69,16 +69,6 @@ def output_stores(images: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     return stores
 
 
-def _model(choice: str):
-    with _MODELS_LOCK:
-        if choice not in _MODELS:
-            from napari_xt.model.choice import load_model
-
-            model, _, normalize = load_model(choice)
-            _MODELS[choice] = (model, normalize)
-        return _MODELS[choice]
-
-
 def predict_image(image: str, model: str, store: str, options: dict[str, Any] | None = None,
                   threads: int | None = None, cancel: Any = None) -> ImageOutcome:
     """Run `model` (a model choice: "demo", a zoo name or a checkpoint path) over one image
@@ -93,6 +83,7 @@ def predict_image(image: str, model: str, store: str, options: dict[str, Any] | 
         return ImageOutcome(str(image), str(store), kind, time.perf_counter() - start,
                             message=message, worker=worker, **counts)
 
+    tune_malloc()
     if threads:
         import torch
 
@@ -100,7 +91,7 @@ def predict_image(image: str, model: str, store: str, options: dict[str, Any] | 
     import dask
 
     try:
-        net, normalize = _model(model)
+        net, normalize = model_for(model)
         regions = 0
         # the engine's reads stay in this process: on a cluster worker dask would otherwise
         # hand them to the cluster's scheduler (shipping every tile's pixels around)
@@ -159,92 +150,34 @@ def predict_many(
     yield from _on_cluster(images, stores, model, workers, threads, scheduler, cancel, options)
 
 
-class _ClusterCancel:
-    """The engine's cancel check on a worker: a cluster-wide event, asked at most every
-    0.5 s."""
-
-    def __init__(self, name: str) -> None:
-        self.name, self._event, self._last, self._set = name, None, 0.0, False
-
-    def __call__(self) -> bool:
-        now = time.monotonic()
-        if not self._set and now - self._last > 0.5:
-            from distributed import Event
-
-            self._event = self._event or Event(self.name)
-            self._set, self._last = self._event.is_set(), now
-        return self._set
-
-
 def _on_cluster(images, stores, model, workers, threads, scheduler, cancel, options):
-    try:
-        from distributed import Client, Event, LocalCluster, as_completed
-    except ImportError as err:
-        raise ImportError("more than one worker needs dask.distributed: pip install "
-                          "'napari-xt[distributed]'") from err
     import uuid
 
-    own = client = stop = None
-    try:
-        if scheduler is None:
-            own = _local_cluster(LocalCluster, workers)
-            client = Client(own)
-        else:
-            try:
-                client = Client(scheduler, timeout=10)
-            except (OSError, TimeoutError) as err:
-                raise ConnectionError(f"cannot reach the dask scheduler at {scheduler}: "
-                                      f"{err}") from err
+    from distributed import Event
+
+    with connect(workers, scheduler) as client:
         name = f"napari-xt-cancel-{uuid.uuid4().hex}"
         stop = Event(name, client=client)
-        if cancel.is_set():
-            stop.set()
-        futures = {}
-        for image, store in zip(images, stores):
-            f = client.submit(predict_image, image, model, str(store), options, threads,
-                              _ClusterCancel(name), pure=False,
-                              key=f"napari-xt-{Path(store).name}-{uuid.uuid4().hex[:8]}")
-            futures[f] = (image, store)
-        pending = as_completed(list(futures))
-        while True:
-            if cancel.is_set() and not stop.is_set():
+        try:
+            if cancel.is_set():
                 stop.set()
-            try:
-                batch = pending.next_batch(block=False)
-            except StopIteration:
-                break
-            if not batch:
-                if pending.is_empty():
-                    break
-                time.sleep(0.1)
-                continue
-            for f in batch:
+            futures = {}
+            for image, store in zip(images, stores):
+                f = client.submit(predict_image, image, model, str(store), options, threads,
+                                  ClusterCancel(name), pure=False,
+                                  key=f"napari-xt-{Path(store).name}-{uuid.uuid4().hex[:8]}")
+                futures[f] = (image, store)
+
+            def between() -> None:
+                if cancel.is_set() and not stop.is_set():
+                    stop.set()
+
+            for f, _ in as_they_end(list(futures), client, between):
                 image, store = futures[f]
                 if f.status == "finished":
                     yield f.result()
                 else:
                     yield ImageOutcome(image, str(store), "failed",
                                        message=f"worker error: {f.exception()!r}")
-    finally:
-        if stop is not None:
+        finally:
             stop.set()  # a generator closed early (Ctrl-C) stops what still runs
-        if client is not None:
-            client.close()
-        if own is not None:
-            own.close()
-
-
-def _local_cluster(local_cluster, workers: int):
-    """A local cluster of `workers` processes that ignore Ctrl-C: the terminal sends it to
-    the whole process group, and only this process should answer it (by cancelling the runs
-    through the cluster-wide event, so finished work is kept)."""
-    import signal
-
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
-    try:  # the worker processes start now and inherit the ignored SIGINT
-        return local_cluster(n_workers=workers, threads_per_worker=1, processes=True,
-                             dashboard_address=None)
-    finally:
-        if main:
-            signal.signal(signal.SIGINT, previous)

@@ -48,6 +48,7 @@ class RunRequest:
     pyramid: Any = None  # every level (MultiscaleImage): provenance, the input's file
     replace: bool = False  # replace a napari-xt store holding another run (confirmed)
     tag: str = ""  # names this run's layers (model, level)
+    cluster: str = ""  # "" this process, "N" local workers, or a dask scheduler address
 
     @property
     def table_scale(self) -> tuple[float, float]:
@@ -157,18 +158,26 @@ def run_events(
                     else (request.image, 0))
     from napari_xt.engine.spelling import WIDGET
 
-    events = run(
-        image, model, request.store, axes=request.axes, level=level, device=request.device,
-        spelling=WIDGET,
-        batch_size=request.batch_size, order=request.order, cancel=cancel,
-        priority=priority if viewport else None, point=priority() if viewport else None,
-        resume=request.resume, overwrite=request.replace,
+    options = dict(
+        axes=request.axes, level=level, device=request.device, spelling=WIDGET,
+        batch_size=request.batch_size, resume=request.resume, overwrite=request.replace,
         cache=(True if request.resume else "rebuild") if request.cache else False,
         outputs=run_outputs(model, request.probabilities), normalize=normalize,
         crop_stride=request.crop_stride, blend=request.blend, context=request.context,
-        carry_state=request.carry_state,
-        threshold=request.threshold,
-    )
+        carry_state=request.carry_state, threshold=request.threshold)
+    if request.cluster:  # the image's blocks over workers (always in raster order)
+        from napari_xt.distributed import run_distributed
+
+        local = request.cluster.isdigit()
+        events = run_distributed(
+            image, request.model, request.store, cancel=cancel, in_chans=request.channels,
+            workers=int(request.cluster) if local else 2,
+            scheduler=None if local else request.cluster,
+            order="raster" if request.order == "viewport" else request.order, **options)
+    else:
+        events = run(image, model, request.store, order=request.order, cancel=cancel,
+                     priority=priority if viewport else None,
+                     point=priority() if viewport else None, **options)
     for event in events:
         yield event
         if isinstance(event, Planned):

@@ -59,9 +59,22 @@ CONTEXTS = {"as the model was trained": None, "crop": "crop", "whole image": "im
 DEFAULTS = {"model": DEMO_MODEL, "device": "auto", "batch_size": 4, "order": "viewport-first",
             "crop_stride": 0, "blend": "context tokens", "context": "as the model was trained",
             "carry_state": False,
-            "probabilities": True, "threshold": 0.5, "cache": True, "checkpoints": []}
+            "probabilities": True, "threshold": 0.5, "cache": True, "checkpoints": [],
+            "cluster": ""}
 # "resume a matching store" is not saved: unticked it replaces a store, which a widget
 # opened later must not do silently
+
+
+def parse_cluster(text: str) -> str:
+    """The workers control: "" (this process), "N" (N >= 1 local workers) or a scheduler
+    address; anything else is a ValueError naming what is expected."""
+    text = text.strip()
+    if not text or "://" in text:
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return "" if int(text) == 1 else str(int(text))
+    raise ValueError(f"workers: {text!r} is neither a number of local workers nor a "
+                     "scheduler address such as tcp://host:8786")
 
 
 def confirm_replace(parent, path: str, kind: str) -> bool:
@@ -195,6 +208,14 @@ class RunWidget(QWidget):
                                      "replacing a napari-xt store at the output after you "
                                      "confirm (never anything else). Ticked again in every "
                                      "new widget.")
+        self.cluster_edit = QLineEdit()
+        self.cluster_edit.setPlaceholderText("this process")
+        self.cluster_edit.setToolTip("Where the run works: empty, this process; a number N, N "
+                                     "local worker processes; a dask scheduler address "
+                                     "(tcp://host:8786), that cluster. With workers the "
+                                     "image's blocks run in parallel (raster order; the same "
+                                     "results), each worker loads the model once; needs "
+                                     "napari-xt[distributed].")
         self.store_edit = QLineEdit()
         self.store_edit.setToolTip("Output OME-Zarr store. Default: beside the image file, "
                                    "or a temporary folder for images without a file, one "
@@ -215,7 +236,7 @@ class RunWidget(QWidget):
                          ("", self.carry_check), ("", self.probs_check),
                          ("detection threshold", self.threshold_spin),
                          ("order", self.order_combo), ("", self.cache_check),
-                         ("", self.resume_check)):
+                         ("", self.resume_check), ("workers", self.cluster_edit)):
             form.addRow(label, w)
         form.addRow("output", store_row)
         self.run_button = QPushButton("Run")
@@ -252,6 +273,7 @@ class RunWidget(QWidget):
         self._select(self.order_combo, values["order"])
         self.batch_spin.setValue(int(values["batch_size"]))
         self.stride_spin.setValue(int(values["crop_stride"]))
+        self.cluster_edit.setText(str(values.get("cluster") or ""))
         self._select(self.blend_combo, values["blend"])
         self._select(self.context_combo, values["context"])
         self.carry_check.setChecked(bool(values["carry_state"]))
@@ -270,6 +292,7 @@ class RunWidget(QWidget):
             "carry_state": self.carry_check.isChecked(),
             "probabilities": self.probs_check.isChecked(),
             "threshold": self.threshold_spin.value(), "cache": self.cache_check.isChecked(),
+            "cluster": self.cluster_edit.text().strip(),
             "checkpoints": [t for t in items if t not in (DEMO_MODEL, LOAD_CHECKPOINT)
                             and Path(t).is_file()],
         })
@@ -407,6 +430,7 @@ class RunWidget(QWidget):
             cache=self.cache_check.isChecked(), resume=self.resume_check.isChecked(),
             scale=scale, translate=translate, channels=choice.channels,
             pyramid=choice.pyramid(), tag=self.tag,
+            cluster=parse_cluster(self.cluster_edit.text()),
         )
 
     def start(self) -> RunSession | None:
@@ -471,7 +495,7 @@ class RunWidget(QWidget):
                   self.carry_check,
                   self.probs_check,
                   self.threshold_spin, self.order_combo, self.cache_check, self.resume_check,
-                  self.store_edit):
+                  self.store_edit, self.cluster_edit):
             w.setEnabled(not running)
         if not running:
             choice = self.current_image()
