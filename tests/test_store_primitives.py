@@ -37,6 +37,17 @@ def test_journal_keeps_intact_records_and_cuts_a_torn_tail(tmp_path):
     assert path.read_bytes().startswith(whole)
 
 
+def test_journal_appended_closed_and_appended_again_keeps_every_record(tmp_path):
+    j = Journal(tmp_path / "journal")
+    j.append([{"n": 1}])
+    j.close()  # (a store or cache closes its journal between phases)
+    j.append([{"n": 2}])
+    j.close()
+    j.append([{"n": 3}])
+    j.close()
+    assert [r["n"] for r in Journal(tmp_path / "journal").records()] == [1, 2, 3]
+
+
 def test_journal_stops_at_a_changed_record(tmp_path):
     j = Journal(tmp_path / "journal")
     j.append([{"n": i} for i in range(5)])

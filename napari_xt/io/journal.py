@@ -21,6 +21,9 @@ from typing import Any
 
 
 class Journal:
+    """Append-only journal of JSON records in the file `path` (created on the first
+    write)."""
+
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._good: int | None = None  # bytes of the valid prefix, once read
@@ -45,14 +48,18 @@ class Journal:
         return out
 
     def append(self, records: Iterable[dict[str, Any]]) -> None:
+        """Append `records` (JSON-compatible dicts, no NaN or infinity) and flush them
+        to the OS; a damaged tail of the file is cut off first."""
         lines = b"".join(_line(r) for r in records)
         if not lines:
             return
         f = self._open()
         f.write(lines)
         f.flush()
+        self._good = f.tell()  # (a later reopen must keep what this wrote)
 
     def sync(self) -> None:
+        """Ask the disk to keep what was appended (`fsync`); a no-op when the file is not open."""
         if self._file is not None:
             self._file.flush()
             os.fsync(self._file.fileno())
@@ -66,6 +73,7 @@ class Journal:
         self._good = 0
 
     def close(self) -> None:
+        """Close the file."""
         f, self._file = self._file, None
         if f is not None:
             f.close()
