@@ -227,3 +227,24 @@ def test_scene_sizes_take_turns_by_step(tmp_path):
     assert loss == loss and loss > 0
     with pytest.raises(ValueError, match="scene_sizes"):
         tiny(data={"scene_sizes": [0]})
+
+
+def test_training_starts_from_a_local_timm_backbone_file(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    base = timm.create_model("test_convnext3", pretrained=False, in_chans=2, num_classes=5)
+    path = tmp_path / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(path))
+    trainer = Trainer(tiny(model={"region_weights": str(path)}), tmp_path / "run")
+    ours = list(trainer.model.region_encoder.state_dict().values())
+    loaded = [v for k, v in base.state_dict().items() if not k.startswith("head")]
+    assert loaded and all(any(o.shape == v.shape and torch.equal(o, v) for o in ours)
+                          for v in loaded)  # every backbone tensor, as in the file
+    with pytest.raises(ValueError, match="region_weights: no file"):
+        Trainer(tiny(model={"region_weights": str(tmp_path / "missing.safetensors")}),
+                tmp_path / "run2")
+    with pytest.raises(ValueError, match="start a new model"):
+        tiny(model={"zoo": None, "overrides": {}, "checkpoint": "demo",
+                    "region_weights": str(path)}).model.build_config()

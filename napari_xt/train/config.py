@@ -29,13 +29,17 @@ class ModelSpec:
     and its input normalization unless `data.normalize` is given). `zero_init` lists
     parameter-name prefixes set to zero at the start (e.g. ``output_proj``: the context path
     starts silent, so a context model begins as its region-only counterpart and learns what
-    context adds)."""
+    context adds). `region_weights`: a local weights file of the region encoder's backbone
+    (a plain timm state dict or napari-xt's own, .safetensors or a torch file read with
+    `weights_only=True`), loaded into a `zoo` or `config` model before training starts; the
+    context encoder and the head start from their random initialisation."""
 
     zoo: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] | None = None
     zero_init: tuple[str, ...] = ()
     checkpoint: str | None = None
+    region_weights: str | None = None
 
     def checkpoint_path(self) -> Path | None:
         """The checkpoint file to start from, or None."""
@@ -57,6 +61,12 @@ class ModelSpec:
         if sum(x is not None for x in (self.zoo, self.config, self.checkpoint)) != 1:
             raise ValueError("model: give exactly one of 'zoo' (a zoo name), 'config' or "
                              "'checkpoint' (a model to fine-tune)")
+        if self.region_weights is not None:
+            if self.checkpoint is not None:
+                raise ValueError("model: 'region_weights' start a new model; a 'checkpoint' "
+                                 "that is fine-tuned has its region encoder's weights already")
+            if not Path(self.region_weights).expanduser().is_file():
+                raise ValueError(f"model.region_weights: no file {self.region_weights}")
         if self.checkpoint is not None:
             if self.zero_init:
                 raise ValueError("model: 'zero_init' cannot change a checkpoint that is "
@@ -129,6 +139,11 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class OptimSpec:
+    """Optimizer and schedule: AdamW with `lr`, `betas` and `weight_decay` (not applied to
+    biases, norms and tokens), `steps` optimizer steps of `batch_size` samples (the global
+    batch over all ranks), a linear warm-up over `warmup_steps` then a cosine decay to
+    `min_lr_ratio * lr`, and gradients clipped to norm `grad_clip` (None or 0: no clipping)."""
+
     steps: int = 1000
     batch_size: int = 4
     lr: float = 1e-3
@@ -172,6 +187,11 @@ class RunSpec:
 
 @dataclass(frozen=True)
 class EvalSpec:
+    """Validation settings: detections are the local maxima of the centre map scoring at
+    least `threshold`, with `min_distance` pixels of suppression around each, matched to the
+    truth within `radius` pixels; `context_classes` are the class values whose mean IoU is
+    reported as `miou_context`."""
+
     radius: float = 4.0
     threshold: float = 0.3
     min_distance: int = 3
@@ -180,6 +200,9 @@ class EvalSpec:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """A training run: the sections `model`, `data`, `optim`, `loss`, `run` and `eval` of
+    the YAML file (see `load_config`)."""
+
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
     optim: OptimSpec = field(default_factory=OptimSpec)
@@ -188,6 +211,8 @@ class TrainConfig:
     eval: EvalSpec = field(default_factory=EvalSpec)
 
     def to_dict(self) -> dict[str, Any]:
+        """The configuration as plain dicts and lists (tuples become lists), as saved
+        with checkpoints; `from_dict` reads it back."""
         return _plain(asdict(self))
 
     @classmethod

@@ -127,7 +127,9 @@ class Trainer(StreamedStep):
         if self.normalization != cfg.data.normalize:  # saved with the checkpoints' config
             self.cfg = cfg = replace(cfg, data=replace(cfg.data, normalize=self.normalization))
         if start is None:
-            self.model = XT(self.model_config).to(self.device).train()
+            weights = cfg.model.region_weights
+            self.model = XT(self.model_config, region_weights=None if weights is None else
+                            str(Path(weights).expanduser())).to(self.device).train()
             self._init_centre_bias()
             self._zero_init(cfg.model.zero_init)
         else:  # fine-tuning: the checkpoint's weights (content hash checked on load)
@@ -184,6 +186,7 @@ class Trainer(StreamedStep):
                 module.eval()
 
     def region_encoder_frozen(self) -> bool:
+        """Whether no parameter of the region encoder trains (all frozen by `run.freeze`)."""
         return all(not p.requires_grad for p in self.model.region_encoder.parameters())
 
     def _zero_init(self, prefixes: tuple[str, ...]) -> None:
@@ -261,6 +264,8 @@ class Trainer(StreamedStep):
     # ------------------------------------------------------------------ eval / checkpoints
 
     def validate(self) -> dict[str, float]:
+        """Metrics of the model on the validation data (`evaluate` with the `eval`
+        settings); empty when there is no validation data."""
         if self.val_data is None:
             return {}
         e = self.cfg.eval
