@@ -176,6 +176,10 @@ class Schedule:
 
 def make_schedule(plan: Any, book: RegionBook, cached: np.ndarray, blocks: list[Box],
                   todo: Sequence[int], whole_image: bool) -> Schedule:
+    """The parts of a run: the regions each block encodes (those the `todo` crops read, or
+    every region with `whole_image` context, not `cached`; a region belongs to the block
+    that contains it), the finished regions of every block with work left, and the encode
+    parts each regions part waits for (the blocks its crops touch)."""
     owner = np.zeros(plan.grid, np.int64)
     for b, box in enumerate(blocks):
         owner[box.slices] = b

@@ -75,6 +75,9 @@ def _is_legacy_cache(path: Path) -> bool:
 
 
 class EmbeddingCache:
+    """The embedding cache of one encoder input (its `signature`) over a `grid` of regions:
+    `has`, `get` and `put` region features, every read verified (module docstring)."""
+
     def __init__(self, path: str | os.PathLike, signature: dict[str, Any],
                  grid: tuple[int, int], rebuild: bool = False, owned: bool = False,
                  spelling: Spelling | None = None, segment: str | None = None) -> None:
@@ -208,6 +211,8 @@ class EmbeddingCache:
 
     # ------------------------------------------------------------------ access
     def has(self, row: int, col: int) -> bool:
+        """True when some part of the cache holds region (row, col) (not yet verified: `get`
+        checks the bytes)."""
         return bool(self.done[row, col])
 
     def get(self, indices: Sequence[Index]
@@ -251,6 +256,7 @@ class EmbeddingCache:
         return found, levels, bad, masks
 
     def forget(self, idx: Index) -> None:
+        """Treat region `idx` as not cached (its blob did not verify: it is encoded again)."""
         self.refs.pop(idx, None)
         self.where.pop(idx, None)
         self.done[idx] = False
@@ -289,6 +295,7 @@ class EmbeddingCache:
             self.done[key] = True
 
     def close(self) -> None:
+        """Close the index and the pack files and release this cache's (or part's) lock."""
         self.index.close()
         for packs in {id(p): p for p in [self.packs, *self._readers]}.values():
             packs.close()

@@ -51,6 +51,16 @@ Index = tuple[int, int]
 PAD_ROW = 1 << 30  # grid row of the zero regions that fill a decode call
 
 class CropRunner:
+    """The context step, the blending across crops and the decoding of one run (see the module
+    docstring); made once per run by `Execution` and called from the engine's thread in crop
+    visiting order.
+
+    `spec` is the run's `RunSpec`, `book` its `RegionBook`, `features` its `FeatureSupply`, `acc`
+    the blending `Accumulators`; out-of-memory notices are appended to `notices`;
+    `finalize(indices, values)` receives the regions whose covering crops are all done, values
+    (R, C_tot, S, S); `store` receives a classifier's crop logits (`put_crop`); `scene` is the
+    `SceneTokens` of whole-image context (None: each crop's context is the crop alone)."""
+
     def __init__(self, spec: Any, book: RegionBook, features: Any, acc: Accumulators,
                  notices: list[Event], finalize: Callable[[list[Index], torch.Tensor], None],
                  store: Any, scene: Any = None) -> None:
@@ -68,6 +78,9 @@ class CropRunner:
         self._queue: list[tuple[Index, torch.Tensor]] = []  # complete regions to decode
 
     def batchable(self, crop: Any, group: list[Any]) -> bool:
+        """Whether `crop` may join `group` in one batched `run`: never with carried context state
+        or a classification head, nor when its shape differs from the group's or one of its
+        regions is already final or failed. The caller bounds a group's size by `group_regions`."""
         if self.spec.carry_state or self.classify:
             return False
         if group and (crop.rows, crop.cols) != (group[0].rows, group[0].cols):
@@ -77,6 +90,16 @@ class CropRunner:
 
     # ------------------------------------------------------------------ context
     def run(self, group: list[Any]) -> Iterator[Event]:
+        """Runs the context step of `group` (crops of one shape, B = len(group); nothing for an
+        empty group) and blends it; a generator of the run's events (`RegionEncoded`,
+        `RegionFailed` and `Notice` from reading the features, a `ContextStep` per crop,
+        `RegionDecoded`, and `Written` for a classifier).
+
+        With blend="tokens" the regions whose covering crops are now all done are queued and
+        decoded in calls of exactly `decode_chunk` regions (`flush` decodes what is left); with
+        blend="outputs" they go to `finalize` at once. A group in which a region failed to read
+        or lost its features runs one crop at a time; on device out-of-memory a group of several
+        crops is split in halves (a single crop's error propagates)."""
         if not group:
             return
         book, features = self.book, self.features

@@ -19,6 +19,9 @@ import torch
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
+    """The torch device for `device`: "auto" picks CUDA, then MPS, then the CPU; a `torch.device`
+    is returned as it is and any other string is parsed by torch. Raises ValueError when a CUDA
+    device is asked for and CUDA is not available."""
     if isinstance(device, torch.device):
         return device
     if device != "auto":
@@ -54,11 +57,15 @@ def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractC
 
 
 def is_oom(err: BaseException) -> bool:
+    """Whether `err` is a device out-of-memory error: a `torch.OutOfMemoryError`, or any error
+    whose message says "out of memory" (as MPS reports it)."""
     oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
     return isinstance(err, oom) or "out of memory" in str(err).lower()
 
 
 def release(device: torch.device) -> None:
+    """Returns the CUDA allocator's cached memory to the device (after an out-of-memory error);
+    nothing on other devices."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -75,6 +82,10 @@ class BatchRunner:
         self.notify = notify or (lambda message: None)
 
     def run(self, items: Sequence[Any], fn: Callable[[Sequence[Any]], list[Any]]) -> list[Any]:
+        """`fn` over `items` in slices of at most `batch_size`, the lists it returns concatenated
+        in order. On device out-of-memory the slice is halved (the smaller `batch_size` is kept),
+        the CUDA cache emptied, `notify` told, and the slice tried again, down to one item, after
+        which the error propagates; any other error propagates at once."""
         out: list[Any] = []
         start = 0
         while start < len(items):
@@ -100,4 +111,6 @@ class BatchRunner:
 
 
 def device_name(device: torch.device) -> str:
+    """The device's kind as messages name it: "CUDA", "MPS" or "CPU" (others as torch names
+    them)."""
     return {"cuda": "CUDA", "mps": "MPS", "cpu": "CPU"}.get(device.type, device.type)

@@ -45,6 +45,9 @@ Index = tuple[int, int]
 
 
 class Execution:
+    """One run of `spec` into `store` (with the embedding `cache` or None): iterate it for
+    its events; `.store` is the run's store (module docstring)."""
+
     def __init__(self, spec: Any, store: Any, cache: Any) -> None:
         self.spec, self.store, self.cache = spec, store, cache
         self.notices: list[Event] = []  # events raised inside stages, emitted between crops

@@ -32,6 +32,11 @@ class RunStopped(Exception):
 
 
 class FeatureSupply:
+    """The features of the regions each crop needs (see the module docstring), one per run, used
+    from the engine's thread. Pixels come from the `Prefetcher` that `start` sets up (a reader
+    thread beside a GPU), or are read directly; out-of-memory back-offs are appended to
+    `notices`."""
+
     def __init__(self, spec: Any, book: RegionBook, cache: Any, store: Any,
                  notices: list[Event]) -> None:
         self.spec, self.book, self.cache, self.store = spec, book, cache, store
@@ -65,6 +70,7 @@ class FeatureSupply:
                                    threaded=background_threads(self.spec.device))
 
     def stop(self) -> None:
+        """Stops the reader thread (nothing to do before `start`)."""
         if self.prefetch is not None:
             self.prefetch.stop()
 
@@ -76,6 +82,7 @@ class FeatureSupply:
         self.lru.held[idx] = self.lru.held.get(idx, 0) + 1
 
     def release(self, idx: Index) -> None:
+        """Undoes one `hold` of `idx`; with no hold left its features may be evicted again."""
         n = self.lru.held.get(idx, 0) - 1
         if n > 0:
             self.lru.held[idx] = n

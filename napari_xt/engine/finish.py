@@ -24,6 +24,9 @@ def detection_table(points: np.ndarray, scale: tuple[float, float]) -> dict[str,
 
 
 def classification_record(logit_sum: np.ndarray, crops: int) -> dict[str, Any]:
+    """The image's classification from its crops: the mean of `logit_sum` (K,) over `crops`, its
+    softmax `probabilities`, the winning `class` and its probability as `score`, as a JSON-able
+    dict."""
     mean = np.asarray(logit_sum, np.float64) / max(1, crops)
     z = np.exp(mean - mean.max())
     probs = z / z.sum()
@@ -32,6 +35,9 @@ def classification_record(logit_sum: np.ndarray, crops: int) -> dict[str, Any]:
 
 
 def memory_summary(store: Any, spec: Any, record: dict[str, Any] | None) -> dict[str, Any]:
+    """The `Finished.summary` of an in-memory run: the outputs, the number of detections and the
+    classification record, and `arrays` (labels, probabilities, `heatmap`, the detection table in
+    level-0 pixels, the classification record) as the store holds them."""
     summary: dict[str, Any] = {"outputs": list(spec.outputs)}
     arrays: dict[str, Any] = {}
     for key, value in store.arrays.items():

@@ -35,6 +35,10 @@ class MapLayout:
 
 
 def map_layout(head_cfg: Any) -> MapLayout:
+    """The `MapLayout` of a dense head's maps (`head_cfg.maps`: (name, channels) in order):
+    "logits" get a softmax (class probabilities), "heatmap" / "centre" / "center" a sigmoid
+    (detection scores), "size" and any other map stay raw. Labels are uint8 up to 255 classes,
+    uint16 above."""
     transforms, start = [], 0
     probs = heat = size = None
     for name, k in head_cfg.maps:

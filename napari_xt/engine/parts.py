@@ -79,19 +79,24 @@ class PartStore(InMemory):
         self._written: list[tuple[tuple[Index, ...], float]] = []
 
     def put(self, tiles: RegionTiles) -> None:
+        """Keep the final tiles of some of the block's regions for the caller."""
         self.tiles.append(tiles)
         for idx in tiles.indices:
             self.failed.pop(idx, None)
         self._written.append((tuple(tiles.indices), tiles.seconds))
 
     def put_failed(self, indices: list[Index], reason: str) -> None:
+        """Record regions that could not be read, with the reason (`failed`)."""
         for idx in indices:
             self.failed[tuple(idx)] = reason
 
     def put_crop(self, index: int, logits: np.ndarray) -> None:
+        """Never called: classifiers are not split into parts (raises)."""
         raise NotImplementedError("a classifier's run is not split into parts")
 
     def region_status(self) -> np.ndarray:
+        """(rows, cols) uint8: DONE for regions outside the block or finished, FAILED for
+        regions that could not be read, PENDING for the rest."""
         out = np.full(self.grid, PENDING, np.uint8)
         for idx in self.failed:
             out[idx] = FAILED

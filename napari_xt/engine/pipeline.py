@@ -30,6 +30,11 @@ class ReaderError(RuntimeError):
 
 @dataclass
 class PixelBatch:
+    """The pixels of one batch of regions, as `read_batch` gives them: `indices` the regions read
+    (in order) and their `pixels` (n, C, S, S), None when none could be read; `bad` the (S, S)
+    masks of non-finite pixels per region; `failed` the reason for each region that could not be
+    read; `seconds` the read time."""
+
     indices: list[Index]  # regions read successfully, in order
     pixels: torch.Tensor | None  # (n, C, S, S) float32 (pinned on CUDA)
     bad: dict[Index, np.ndarray] = field(default_factory=dict)  # (S, S) non-finite masks
@@ -38,6 +43,11 @@ class PixelBatch:
 
 
 def read_batch(source: Any, plan: Any, indices: Sequence[Index], pin: bool) -> PixelBatch:
+    """The pixels of regions `indices` as a `PixelBatch`: each region's box read by `source.fill`
+    (zero-padded to S x S), then normalised for the whole batch by `source.finish`. A region
+    whose read raises is listed in `failed` with the error, never zero-filled. `pin`: into pinned
+    host memory (asynchronous copies to CUDA). Called by the reader thread, or by the engine's
+    thread for direct reads."""
     import time
 
     t0 = time.perf_counter()
@@ -99,11 +109,14 @@ class Prefetcher:
             self.error = err
 
     def check(self) -> None:
+        """Raises ReaderError (caused by the reader thread's own error) when the reader thread
+        failed."""
         if self.error is not None:
             raise ReaderError(f"the reader thread failed: {type(self.error).__name__}: "
                               f"{self.error}") from self.error
 
     def pending(self) -> bool:
+        """Whether some batch was not yet taken by `next`."""
         return self.consumed < len(self.batches)
 
     def will_read(self, index: Index) -> bool:
@@ -137,6 +150,8 @@ class Prefetcher:
         return item
 
     def stop(self) -> None:
+        """Stops the reader: no further batch is read, queued ones are dropped, and the thread is
+        joined (for up to 10 s)."""
         self.stopped.set()
         if self.thread is None:
             return
@@ -176,6 +191,7 @@ class FeatureSlab:
 
     @property
     def levels(self) -> int:
+        """The number of feature levels held (0 before the first `put`)."""
         return len(self.data)
 
     def _slot(self) -> int:
@@ -194,6 +210,10 @@ class FeatureSlab:
         return slot
 
     def put(self, indices: Sequence[Index], levels: Sequence[torch.Tensor]) -> None:
+        """Stores the features of `indices`, one batch ([(n, C_l, h_l, w_l)] per level, cast to
+        the slab's dtypes), in each region's own slot or a free or least recently used one that
+        is neither pinned nor held. The first call allocates the slab with its levels' shapes,
+        dtypes and device."""
         if not self.data:
             self.data = [torch.empty((self.capacity, *lv.shape[1:]), dtype=lv.dtype,
                                      device=lv.device) for lv in levels]

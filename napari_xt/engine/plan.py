@@ -51,6 +51,7 @@ class Crop:
         return [(self.row0 + i, self.col0 + j) for i in range(self.rows) for j in range(self.cols)]
 
     def contains(self, row: int, col: int) -> bool:
+        """Whether region (row, col) is one of the crop's."""
         return self.row0 <= row < self.row0 + self.rows and self.col0 <= col < self.col0 + self.cols
 
 
@@ -119,10 +120,12 @@ class RegionPlan:
 
     @property
     def grid(self) -> tuple[int, int]:
+        """(rows, cols) of the region grid."""
         return self.rows, self.cols
 
     @property
     def num_regions(self) -> int:
+        """The number of regions of the grid, rows * cols."""
         return self.rows * self.cols
 
     def position_in_crop(self, row: int, col: int) -> tuple[int, int]:
@@ -177,6 +180,7 @@ class RegionPlan:
         raise ValueError(f"unknown order {kind!r}; expected one of {ORDERS}")
 
     def crop_centre(self, crop: Crop) -> tuple[float, float]:
+        """(y, x) pixels of the crop's centre (of its regions, padding at the edge included)."""
         s = self.region_size
         return (crop.row0 + crop.rows / 2) * s, (crop.col0 + crop.cols / 2) * s
 

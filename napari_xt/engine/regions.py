@@ -29,6 +29,12 @@ STATE_NAMES = ("pending", "queued", "encoded", "contextualized", "decoded", "fai
 
 
 class RegionBook:
+    """The lifecycle of every region of one run (see the module docstring), used from the
+    engine's thread: `state` (rows, cols) uint8 of the stage codes (`PENDING` to `FAILED`),
+    `final`, `remaining`, the `failed` and `tainted` regions, `bad` the non-finite pixel masks
+    waiting for their region's finalisation, and `counts` of the work done (reported by
+    `Finished`)."""
+
     def __init__(self, plan: RegionPlan, done: np.ndarray | None = None,
                  done_crops: Iterable[int] | None = None) -> None:
         """`done`: regions an earlier run finished (dense models); `done_crops`: crops an
@@ -55,15 +61,19 @@ class RegionBook:
                        "failed": 0, "crops": 0, "nonfinite_pixels": 0}
 
     def advance(self, indices: Iterable[Index], state: int) -> None:
+        """Raises the state of `indices` to `state`; never lowers one, and failed regions stay
+        failed."""
         for idx in indices:
             if self.state[idx] != FAILED:
                 self.state[idx] = max(self.state[idx], state)
 
     def fail(self, idx: Index) -> None:
+        """Marks region `idx` failed (its pixels could not be read)."""
         self.failed.add(idx)
         self.state[idx] = FAILED
 
     def usable(self, idx: Index) -> bool:
+        """Whether region `idx` has not failed in this run."""
         return idx not in self.failed
 
     def todo_crops(self, per_crop: bool = False) -> list[int]:
@@ -84,11 +94,13 @@ class RegionBook:
         return complete
 
     def finalize(self, indices: Iterable[Index]) -> None:
+        """Marks `indices` final (decoded, handed to the store: their outputs will not change)."""
         for idx in indices:
             self.final[idx] = True
             self.state[idx] = DECODED
 
     @property
     def done(self) -> int:
+        """The number of final regions, those an earlier run finished included."""
         return int(self.final.sum())
 

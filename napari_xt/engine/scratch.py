@@ -47,6 +47,7 @@ class Accumulators:
 
     @property
     def in_memory(self) -> int:
+        """How many accumulators are in memory (the others are spilled to disk)."""
         return len(self._mem)
 
     def resident(self, idx: Index) -> list[torch.Tensor] | None:
@@ -75,11 +76,15 @@ class Accumulators:
         return slot
 
     def new(self, idx: Index, acc: torch.Tensor, wsum: torch.Tensor) -> list[torch.Tensor]:
+        """Makes `acc` and `wsum` (kept as they are, not copied) the accumulator of `idx` and
+        returns it; the least recently used one beyond `capacity` is spilled."""
         slot = [acc, wsum]
         self._put(idx, slot)
         return slot
 
     def pop(self, idx: Index) -> list[torch.Tensor]:
+        """Removes and returns the accumulator [sum, weight] of `idx` (brought back from disk if
+        it was spilled); raises KeyError when there is none."""
         slot = self.get(idx)
         if slot is None:
             raise KeyError(idx)
@@ -87,6 +92,7 @@ class Accumulators:
         return slot
 
     def close(self) -> None:
+        """Drops every accumulator and removes the scratch folder."""
         self._mem.clear()
         self._spilled.clear()
         if self._cleanup is not None:

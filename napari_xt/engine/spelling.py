@@ -25,6 +25,11 @@ from napari_xt.model.checkpoint import PYTHON_REMEDIES as _MODEL
 
 @dataclass(frozen=True)
 class Spelling:
+    """How one interface words the remedies of refusals: a template per remedy, named by the keys
+    that `hint` and the io and model errors use. The defaults are the Python arguments; `CLI` and
+    `WIDGET` are the command line's and the Run xT widget's. `style`: how mappings filled into a
+    template are written ("python" or "k=v")."""
+
     out: str = "choose another output store"
     overwrite: str = "pass overwrite=True to replace them"
     restart: str = "pass resume=False to start again"
@@ -96,6 +101,8 @@ def _value(spelling: Spelling, value: Any) -> str:
 
 
 def hint(spelling: Spelling, key: str, **values: Any) -> str:
+    """The remedy `key` in `spelling`'s words: its template filled with `values` (mappings
+    written in the spelling's style)."""
     return getattr(spelling, key).format(**{k: _value(spelling, v) for k, v in values.items()})
 
 

@@ -58,6 +58,13 @@ class ContributionMap:
 
 @dataclass
 class CropInputs:
+    """What the contribution methods need of one crop: the `crop`, its regions'
+    crop-relative (row, col) `rc` (R, 2), their features `feats`, the context input `tokens`
+    (1, N, D) and the crop-local region `owner` (N,) of each token, the chosen region `target`
+    and the sequence positions of its tokens, the positions whose output is explained
+    (`queries`), the region's (h, w) inside the image (`valid`), and the `pixel` and `output`
+    map asked."""
+
     crop: Crop
     rc: np.ndarray  # (R, 2) (row, col) of the crop's regions from its corner, raster order
     #                 (the positions the engine gives the model: crop-relative)

@@ -26,6 +26,10 @@ CACHE_KEYS = ("image", "normalize", "model_hash", "region_size", "version")
 
 @dataclass
 class ViewLabels:
+    """Labels of a view decoded without context: `labels` (h, w) per region (row, col),
+    how many regions came `from_cache` and how many were `encoded`, the time it took in
+    `seconds`, and a `note` on the use of the embedding cache."""
+
     labels: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     from_cache: int = 0
     encoded: int = 0

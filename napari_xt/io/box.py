@@ -30,10 +30,12 @@ class Box(NamedTuple):
 
     @property
     def height(self) -> int:
+        """Number of rows, `y1 - y0`."""
         return self.y1 - self.y0
 
     @property
     def width(self) -> int:
+        """Number of columns, `x1 - x0`."""
         return self.x1 - self.x0
 
     @property

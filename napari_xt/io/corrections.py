@@ -61,10 +61,13 @@ class Edit:
 
 
 def corrected_name(name: str) -> str:
+    """The name of the correction of result `name` (`<name>-corrected`); raises
+    `ImageIOError` when `name` is not a valid result name."""
     return f"{check_name(name)}{SUFFIX}"
 
 
 def is_correction(name: str) -> bool:
+    """Whether result name `name` is a correction (ends with `-corrected`)."""
     return name.endswith(SUFFIX)
 
 
@@ -90,6 +93,7 @@ def _labels_dir(store: str | os.PathLike, name: str) -> Path:
 
 
 def has_correction(store: str | os.PathLike, name: str) -> bool:
+    """Whether the label result `name` in `store` has a correction saved."""
     return zarr_format(_labels_dir(store, corrected_name(name))) is not None
 
 

@@ -77,30 +77,37 @@ class MultiscaleImage:
     # ----------------------------------------------------------------- shape helpers
     @property
     def shape(self) -> tuple[int, ...]:
+        """Shape of level 0, in the order of `axes`."""
         return tuple(self.levels[0].shape)
 
     @property
     def ndim(self) -> int:
+        """Number of axes (2 for `YX`, 3 for `YXC` and `CYX`)."""
         return len(self.axes)
 
     @property
     def num_levels(self) -> int:
+        """Number of pyramid levels."""
         return len(self.levels)
 
     @property
     def height(self) -> int:
+        """Level-0 height in pixels."""
         return int(self.shape[self.axes.index("Y")])
 
     @property
     def width(self) -> int:
+        """Level-0 width in pixels."""
         return int(self.shape[self.axes.index("X")])
 
     @property
     def channel_axis(self) -> int | None:
+        """Index of the `C` axis in `axes`, or None for `YX` images."""
         return self.axes.index("C") if "C" in self.axes else None
 
     @property
     def num_channels(self) -> int:
+        """Number of channels (1 for `YX` images)."""
         axis = self.channel_axis
         return 1 if axis is None else int(self.shape[axis])
 
@@ -121,6 +128,8 @@ class MultiscaleImage:
         return h0 / h, w0 / w
 
     def level_pixel_size(self, level: int) -> tuple[float, float] | None:
+        """Physical (y, x) size of a pixel of `level` in `unit`, or None when the
+        image has no pixel size."""
         if self.pixel_size is None:
             return None
         fy, fx = self.downsample(level)

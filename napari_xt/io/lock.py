@@ -34,12 +34,16 @@ class LockedError(OSError):
 
 @dataclass(frozen=True)
 class Holder:
+    """The run holding a lock: process id, host name, start time (ISO 8601, UTC)
+    and command line, as written in the lock file."""
+
     pid: int
     host: str
     started: str
     command: str
 
     def describe(self) -> str:
+        """The holder in words, for messages (pid, host, start time and command)."""
         return (f"pid {self.pid} on {self.host}, started {self.started}"
                 + (f" ({self.command})" if self.command else ""))
 
@@ -73,6 +77,7 @@ class FolderLock:
 
     @property
     def held(self) -> bool:
+        """Whether this object holds the lock now."""
         return self._fd is not None
 
     def acquire(self) -> str | None:
@@ -104,6 +109,7 @@ class FolderLock:
         return None
 
     def release(self) -> None:
+        """Release the lock and empty the lock file; a no-op when it is not held."""
         fd, self._fd = self._fd, None
         if fd is None:
             return

@@ -31,6 +31,8 @@ _AXIS_TYPES = {"Y": "space", "X": "space", "Z": "space", "C": "channel", "T": "t
 
 
 def unit_name(unit: str | None) -> str | None:
+    """The NGFF/UDUNITS-2 name of a unit (`"um"` -> `"micrometer"`, see `UNIT_NAMES`);
+    other names are returned stripped, and None or a blank unit gives None."""
     if unit is None or str(unit).strip() == "":
         return None
     return UNIT_NAMES.get(str(unit).strip(), str(unit).strip())
@@ -67,6 +69,7 @@ def ome_attrs(attrs: Mapping[str, Any]) -> tuple[Mapping[str, Any], str | None]:
 
 
 def has_multiscales(attrs: Mapping[str, Any]) -> bool:
+    """Whether NGFF group attributes (any version) hold a non-empty `multiscales` list."""
     ome, _ = ome_attrs(attrs)
     return isinstance(ome.get("multiscales"), list) and len(ome["multiscales"]) > 0
 
@@ -161,6 +164,8 @@ def _parse_omero(omero: Any):
 
 # ---------------------------------------------------------------------------- writing
 def axes_metadata(axes: str, unit: str | None) -> list[dict[str, Any]]:
+    """The NGFF `axes` list for `axes` letters (of `YXZCT`): name and type of each
+    axis, with `unit` on the Y and X axes when given."""
     out = []
     for letter in axes:
         entry: dict[str, Any] = {"name": letter.lower(), "type": _AXIS_TYPES[letter]}

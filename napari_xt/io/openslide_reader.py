@@ -101,6 +101,8 @@ class LazyAssociated(Mapping):
         return len(self._names)
 
     def items(self):  # skips the ones that fail to decode
+        """(name, image) pairs of every associated image that decodes; the ones that
+        fail are left out (and dropped from the names)."""
         out = []
         for name in list(self._names):
             try:

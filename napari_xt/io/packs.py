@@ -27,21 +27,29 @@ class CorruptBlob(OSError):
 
 @dataclass(frozen=True)
 class BlobRef:
+    """Where a blob lies: pack file number, byte offset and length in it, and the
+    CRC-32 of its bytes."""
+
     file: int
     offset: int
     nbytes: int
     crc: int
 
     def to_list(self) -> list[int]:
+        """The ref as `[file, offset, nbytes, crc]`, for a JSON record."""
         return [self.file, self.offset, self.nbytes, self.crc]
 
     @classmethod
     def from_list(cls, values: Sequence[int]) -> BlobRef:
+        """The ref of a `[file, offset, nbytes, crc]` list (the inverse of `to_list`)."""
         file, offset, nbytes, crc = (int(v) for v in values)
         return cls(file, offset, nbytes, crc)
 
 
 class PackFiles:
+    """Pack files `<prefix>-NNNNNN.bin` in `folder`; a new file is started when the
+    current one would grow past `roll_bytes`."""
+
     def __init__(self, folder: str | os.PathLike, prefix: str = "pack",
                  roll_bytes: int = 1 << 30) -> None:
         self.folder = Path(folder)
@@ -55,6 +63,7 @@ class PackFiles:
         return self.folder / f"{self.prefix}-{number:06d}.bin"
 
     def files(self) -> list[Path]:
+        """The pack files of this prefix that exist, in file-number order."""
         if not self.folder.is_dir():
             return []
         return sorted(p for p in self.folder.glob(f"{self.prefix}-*.bin") if p.is_file())
@@ -73,6 +82,7 @@ class PackFiles:
         return self._write
 
     def append(self, data: bytes | memoryview) -> BlobRef:
+        """Append one blob; returns its ref."""
         return self.append_many([data])[0]
 
     def append_many(self, blobs: Sequence[bytes | memoryview]) -> list[BlobRef]:
@@ -89,6 +99,8 @@ class PackFiles:
         return refs
 
     def read(self, ref: BlobRef) -> bytes:
+        """The bytes of the blob `ref`; raises `CorruptBlob` when its file is missing,
+        truncated or the bytes do not match the checksum."""
         fd = self._fd(ref.file)
         try:
             data = os.pread(fd, ref.nbytes, ref.offset)
@@ -114,6 +126,7 @@ class PackFiles:
             return fd
 
     def close(self) -> None:
+        """Close the file being written and every file opened for reading."""
         if self._write is not None:
             self._write[1].close()
             self._write = None

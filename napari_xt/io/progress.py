@@ -22,6 +22,7 @@ class ProgressEvent:
 
     @property
     def fraction(self) -> float:
+        """`done / total`, from 0 to 1 (1.0 when `total` is 0)."""
         return 1.0 if self.total == 0 else self.done / self.total
 
 

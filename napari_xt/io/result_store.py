@@ -23,6 +23,8 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def zarr_format(root: Path) -> int | None:
+    """The zarr format of the group at `root`: 3 (`zarr.json`), 2 (`.zgroup` or
+    `.zattrs`), or None when it holds neither."""
     if (root / "zarr.json").is_file():
         return 3
     if (root / ".zgroup").is_file() or (root / ".zattrs").is_file():
@@ -31,6 +33,8 @@ def zarr_format(root: Path) -> int | None:
 
 
 def check_name(name: str) -> str:
+    """`name` unchanged when it is a valid result name (letters, digits, `.`, `_`, `-`,
+    starting with a letter or digit), else raises `ImageIOError`."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise ImageIOError(
             f"result name {name!r} must be letters, digits, '.', '_' or '-' (not starting "
@@ -40,12 +44,16 @@ def check_name(name: str) -> str:
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Write `data` as JSON to `path` atomically (a temporary file renamed into place);
+    numpy values are converted by `json_default`."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=json_default))
     os.replace(tmp, path)
 
 
 def json_default(value: Any) -> Any:
+    """The JSON-compatible form of a numpy scalar or array (the `default` hook of
+    `json.dumps`); raises `TypeError` for anything else."""
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
@@ -54,6 +62,8 @@ def json_default(value: Any) -> Any:
 
 
 def group_attrs(path: Path, fmt: int) -> dict[str, Any]:
+    """The attributes of the zarr group at `path` in format `fmt` (2 or 3); empty when
+    its metadata file is missing."""
     if fmt == 3:
         meta = path / "zarr.json"
         return json.loads(meta.read_text()).get("attributes", {}) if meta.is_file() else {}

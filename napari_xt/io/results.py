@@ -196,6 +196,8 @@ def _rgba(value: Any) -> list[int]:
 
 
 def read_labels(store: str | os.PathLike, name: str) -> LabelsResult:
+    """The label result `name` of `store` as a `LabelsResult` (levels read lazily);
+    raises `ImageIOError` when there is none."""
     path = Path(store) / "labels" / check_name(name)
     fmt = zarr_format(path)
     if fmt is None:
@@ -361,6 +363,8 @@ def write_classification(
 
 
 def read_classification(store: str | os.PathLike, name: str) -> dict[str, Any]:
+    """The classification record `name` of `store`; raises `ImageIOError` when
+    there is none."""
     path = Path(store) / "classifications" / check_name(name)
     fmt = zarr_format(path)
     if fmt is None:

@@ -6,7 +6,7 @@ refused unless an `ImagePath` chooses one), or a bare numpy / np.memmap / dask a
 out `YX`, `YXC` or `CYX` (`axes` when it cannot be guessed: a 3-D array whose last axis is
 <= 4 is `YXC`). Bare numpy arrays need neither zarr nor dask.
 
-`read(row, col)` returns the region padded with zeros to `S x S` (layout (C, S, S) float32,
+`read(box, size)` returns the region padded with zeros to `S x S` (layout (C, S, S) float32,
 normalised `(x - mean) / std` when given) and a (S, S) bool mask of non-finite pixels, which
 are replaced by 0 before the model sees them.
 """
@@ -27,6 +27,14 @@ from .errors import ImageIOError
 
 
 class ImageSource:
+    """One pyramid level of an image, read region by region for the model.
+
+    `image` is a `MultiscaleImage`, a path (opened with `open_image`, `axes` passed on) or a
+    bare array (`axes` or a guess); `level` picks the pyramid level (only 0 for a bare array).
+    `normalize` is a per-channel `(mean, std)` pair applied to the regions `read` returns
+    (repeated to the number of channels). Raises `ValueError` for a level that does not exist,
+    axes that are not `YX`, `YXC` or `CYX`, or a non-numeric dtype."""
+
     def __init__(
         self,
         image: Any,
@@ -100,6 +108,7 @@ class ImageSource:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(height, width) of this level in pixels."""
         return self.height, self.width
 
     def fit_tile_cache(self, width: int, height: int, floor: int = 16 * 2**20,

@@ -35,10 +35,12 @@ class ImageStats:
 
     @property
     def nonfinite(self) -> int:
+        """Number of NaN and infinite values."""
         return self.nan + self.posinf + self.neginf
 
     @property
     def all_finite(self) -> bool:
+        """Whether every value of the level is finite."""
         return self.nonfinite == 0
 
 

@@ -98,6 +98,7 @@ def remove_leftovers(dst: str | os.PathLike) -> list[Path]:
 
 
 def glob_escape(name: str) -> str:
+    """`name` with the glob wildcards `*`, `?` and `[` escaped, to match it literally."""
     import glob
 
     return glob.escape(name)

@@ -31,6 +31,7 @@ _LENGTH_TO_UM = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3, "centi
 
 
 def is_tiff_path(path: str | os.PathLike) -> bool:
+    """Whether `path` has a TIFF family suffix (`TIFF_SUFFIXES`, any case)."""
     name = str(path).lower()
     return name.endswith(TIFF_SUFFIXES)
 
@@ -43,6 +44,12 @@ def open_tiff(
     axes: str | None = None,
     where: str | None = None,
 ) -> MultiscaleImage:
+    """Open series `series` of a TIFF file as a lazily read `MultiscaleImage`.
+
+    `series=None` picks the file's one image series (several are refused); `plane` chooses the
+    T/Z planes of a series that has them; `axes` replaces the axes tifffile reports; `where`
+    names the file in messages. The image keeps the file open until its `close()`. Raises
+    `ImageIOError` for a missing or unreadable file, or a series that does not exist."""
     where = where or str(path)
     if not Path(path).is_file():
         raise ImageIOError(f"{where}: no such file")

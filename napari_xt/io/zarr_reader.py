@@ -23,6 +23,7 @@ from .ngff import has_multiscales, parse_image, unit_name
 
 
 def is_url(source: Any) -> bool:
+    """Whether `source` is a URL: a string with `://` that is not an existing local path."""
     return isinstance(source, str) and "://" in source and not os.path.exists(source)
 
 

@@ -58,10 +58,13 @@ class GlobalContextConfig:
                              f"got {self}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The configuration as a plain dict of its fields, as saved in checkpoints."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GlobalContextConfig:
+        """The configuration of a mapping made by `to_dict`; raises `ValueError` for
+        unknown keys or invalid values."""
         return from_mapping(cls, data)
 
 
@@ -75,6 +78,9 @@ class SceneGrid:
 
     @classmethod
     def for_regions(cls, rows: int, cols: int, grid: int) -> SceneGrid:
+        """The grid for `rows` x `cols` regions with cells just large enough that
+        there are at most `grid` cells along each side; raises `ValueError` when there is no
+        region."""
         if rows < 1 or cols < 1:
             raise ValueError(f"a scene needs at least one region, got {rows} x {cols}")
         return cls(int(rows), int(cols), max(1, math.ceil(max(rows, cols) / grid)))
@@ -111,6 +117,8 @@ class SceneSummary:
         self.counts = torch.zeros(m, dtype=torch.float64)
 
     def add(self, rc: Any, vectors: torch.Tensor) -> None:
+        """Add the summaries `vectors` (N, C) of the regions at `rc` (N, 2) (row, col) to
+        their cells; the caller adds each region once."""
         rc = torch.as_tensor(rc, dtype=torch.int64).reshape(-1, 2)
         v = vectors.detach().to("cpu", torch.float64)
         idx = self.grid.cell_of(rc[:, 0], rc[:, 1])
@@ -120,6 +128,7 @@ class SceneSummary:
 
     @property
     def regions(self) -> int:
+        """Number of regions added so far."""
         return int(self.counts.sum())
 
     def cells(self) -> torch.Tensor:
@@ -212,6 +221,7 @@ class GlobalContext(nn.Module):
         self.reader = GlobalReader(dim, cfg.head_dim, eps)
 
     def grid_for(self, rows: int, cols: int) -> SceneGrid:
+        """The `SceneGrid` of a `rows` x `cols` region grid under this config's `grid`."""
         return SceneGrid.for_regions(rows, cols, self.cfg.grid)
 
     def encode(self, cells: torch.Tensor, grid: SceneGrid) -> SceneTokens:

@@ -98,6 +98,8 @@ class ClassificationHead(nn.Module):
         self.cls = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, K) of cls tokens (B, D), or of tokens (B, N, D) whose last
+        one is the cls; raises `ValueError` for other shapes."""
         if x.ndim == 3:
             x = x[:, -1]  # (B, N, D) -> (B, D): the cls token is appended last
         if x.ndim != 2:
@@ -175,6 +177,9 @@ class SegmentationHead(nn.Module):
         self.outputs = nn.ModuleDict({name: nn.Conv2d(prev, k, 1) for name, k in cfg.maps})
 
     def forward(self, features: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Decode `features` [(N, C_l, S / s_l, S / s_l)], shallow to deep, to
+        `{name: (N, K_i, S, S)}` (`cfg.maps`); raises `ValueError` when the number of levels or
+        their channels do not match the head."""
         if len(features) != len(self.in_channels):
             raise ValueError(
                 f"expected {len(self.in_channels)} feature levels, got {len(features)}"

@@ -236,6 +236,9 @@ class RegionEncoder(nn.Module):
             self.load_weights(weights)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps of regions `x` (N, C, S, S), shallow to deep:
+        [(N, C_l, S / s_l, S / s_l)] for the strides `feature_strides`; raises `ValueError` when `x`
+        is not (N, `in_chans`, `region_size`, `region_size`)."""
         # x: (N, C, S, S) -> [(N, C_l, S / s_l, S / s_l)] shallow -> deep
         s, c = self.cfg.region_size, self.cfg.in_chans
         if x.ndim != 4 or x.shape[1] != c or x.shape[-2:] != (s, s):

@@ -74,22 +74,27 @@ class RegionGrid:
 
     @property
     def rows(self) -> int:
+        """Number of region rows, `ceil(height / region_size)`."""
         return -(-self.height // self.region_size)
 
     @property
     def cols(self) -> int:
+        """Number of region columns, `ceil(width / region_size)`."""
         return -(-self.width // self.region_size)
 
     @property
     def padded_height(self) -> int:
+        """Height in pixels of the grid, `rows * region_size` (>= `height`)."""
         return self.rows * self.region_size
 
     @property
     def padded_width(self) -> int:
+        """Width in pixels of the grid, `cols * region_size` (>= `width`)."""
         return self.cols * self.region_size
 
     @property
     def num_regions(self) -> int:
+        """Number of regions, `rows * cols`."""
         return self.rows * self.cols
 
     def _check_cell(self, row: int, col: int) -> None:
@@ -260,6 +265,7 @@ class TokenizedImage:
 
     @property
     def nested(self) -> bool:
+        """Whether the regions are cut into sub-regions (`config.sub_region_size` set)."""
         return self.config.sub_region_size is not None
 
 

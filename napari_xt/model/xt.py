@@ -222,6 +222,7 @@ class PooledMLPHead(nn.Module):
         )
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, K) of pooled tokens (B, C)."""
         return self.mlp(pooled)  # (B, C) -> (B, K)
 
 

@@ -42,11 +42,16 @@ class Normalization:
         return ((image.astype(np.float32) - mean) / std).astype(np.float32)
 
     def to_dict(self) -> dict:
+        """`{"mean": [...], "std": [...]}`, as saved in checkpoints."""
         return {"mean": list(self.mean), "std": list(self.std)}
 
 
 @dataclass
 class Sample:
+    """One training example: `image` (C, H, W) float32, normalised; `mask` (H, W) int64
+    class labels (`IGNORE_INDEX` where there is no truth); `points` (N, 2) float64 (y, x)
+    pixel coordinates of the detection targets and their `sizes` (N,)."""
+
     image: np.ndarray  # (C, H, W) float32, normalized
     mask: np.ndarray  # (H, W) int64
     points: np.ndarray  # (N, 2) float64 (y, x)

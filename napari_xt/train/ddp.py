@@ -166,6 +166,7 @@ class TrainedModules(torch.nn.Module):
         self.token_head = token_head
 
     def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)`: a step's computation, run through the DDP module."""
         return fn(*args)
 
 

@@ -33,6 +33,11 @@ from .data import IGNORE_INDEX, write_pair
 
 @dataclass(frozen=True)
 class ExportedPair:
+    """One training pair store written by `export_pairs`: its `path`, the `box` of label
+    pixels it covers, the number of saved `edits` it holds, the `labelled` pixels (those inside
+    edited windows; the rest of the mask is `IGNORE_INDEX`) and the number of detection
+    `points`."""
+
     path: Path
     box: Box  # label pixels the pair covers
     edits: int  # saved edits it holds

@@ -39,12 +39,16 @@ class ConfusionMatrix:
             return np.where(union > 0, tp / np.maximum(union, 1), np.nan)
 
     def miou(self, classes: list[int] | None = None) -> float:
+        """Mean IoU over the classes that have one (NaN IoUs are skipped), over `classes`
+        only when given; NaN when none has an IoU."""
         iou = self.iou()
         if classes is not None:
             iou = iou[list(classes)]
         return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
 
     def accuracy(self) -> float:
+        """Fraction of the counted pixels whose prediction is right; NaN before any
+        pixel is counted."""
         total = self.matrix.sum()
         return float(np.trace(self.matrix) / total) if total else float("nan")
 
@@ -82,6 +86,8 @@ class DetectionCounts:
     fn: int = 0
 
     def update(self, pred_yx: np.ndarray, scores: np.ndarray, true_yx: np.ndarray) -> None:
+        """Match predictions `pred_yx` (P, 2) with `scores` (P,) to the truth `true_yx`
+        (T, 2) (`match_points`) and add the counts."""
         tp, fp, fn = match_points(pred_yx, scores, true_yx, self.radius)
         self.tp += tp
         self.fp += fp
@@ -89,13 +95,16 @@ class DetectionCounts:
 
     @property
     def precision(self) -> float:
+        """`tp / (tp + fp)`; NaN when nothing was predicted."""
         return self.tp / (self.tp + self.fp) if self.tp + self.fp else float("nan")
 
     @property
     def recall(self) -> float:
+        """`tp / (tp + fn)`; NaN when there is no ground-truth point."""
         return self.tp / (self.tp + self.fn) if self.tp + self.fn else float("nan")
 
     @property
     def f1(self) -> float:
+        """`2 tp / (2 tp + fp + fn)`; NaN when there are neither predictions nor truth."""
         denom = 2 * self.tp + self.fp + self.fn
         return 2 * self.tp / denom if denom else float("nan")

@@ -38,6 +38,7 @@ class SceneImage:
 
     @property
     def class_names(self) -> tuple[str, ...]:
+        """Names of the label values 0, 1, 2 (`CLASS_NAMES`: land, sea, lake)."""
         return CLASS_NAMES
 
 

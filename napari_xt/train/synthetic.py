@@ -89,6 +89,7 @@ class SceneConfig:
                              f"{self.beacon_px} for a {self.height} x {self.width} scene")
 
     def to_dict(self) -> dict:
+        """The configuration as a dict of its fields (`from_dict` reads it back)."""
         return asdict(self)
 
     @classmethod
@@ -208,6 +209,7 @@ class SyntheticScene:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(height, width) of the scene in pixels."""
         return self.config.height, self.config.width
 
     def _check_window(self, y0: int, x0: int, y1: int, x1: int) -> None:

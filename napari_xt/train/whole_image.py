@@ -100,6 +100,9 @@ class SceneCrops:
         return [(size, base + int(i)) for i in picks]
 
     def summary(self, trainer: Any, size: int, seed: int, scene: SyntheticScene) -> SceneSummary:
+        """The summary of scene `scene` (`size`, `seed`) under the trainer's model,
+        computed over the whole scene; kept for reuse when the region encoder is frozen and the
+        scenes come from a pool (`data.scene_pool`)."""
         key = (size, seed)
         if key in self.kept:
             return self.kept[key]

@@ -13,6 +13,10 @@ from .spec import StoreSpec
 
 @dataclass(frozen=True)
 class ArrayDef:
+    """One zarr array of a result store: its store-relative `path`, `shape`, `chunks` and
+    `shards` (a leading channel axis is whole in both), numpy `dtype` name, `dims` (its dimension
+    names) and `private` (under the private folder, not a published output: the centre maps)."""
+
     path: str
     shape: tuple[int, ...]
     chunks: tuple[int, ...]
@@ -23,6 +27,9 @@ class ArrayDef:
 
 
 def array_defs(spec: StoreSpec, tiling: Tiling) -> dict[str, ArrayDef]:
+    """The level-0 arrays a run writes, by output: "labels" (H, W) of `spec.label_dtype`,
+    "probabilities" (K, H, W) float16 and "heat" (K_h [+ 1 size], H, W) float32 (private), each
+    only when `spec` writes it, chunked and sharded as `tiling` says."""
     h, w = spec.height, spec.width
     (cy, cx), (zy, zx) = tiling.chunk, tiling.shard
     out: dict[str, ArrayDef] = {}
@@ -41,6 +48,8 @@ def array_defs(spec: StoreSpec, tiling: Tiling) -> dict[str, ArrayDef]:
 
 
 def create_array(zstore: Any, d: ArrayDef, level: int = 1):
+    """Creates the array `d` in the zarr store `zstore` (fill value 0, zstd at `level`, empty
+    chunks written too), replacing any array at its path, and returns it."""
     import zarr
     from zarr.codecs import ZstdCodec
 

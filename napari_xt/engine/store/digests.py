@@ -21,6 +21,10 @@ Digest = tuple[int, int]  # (crc32, size in bytes)
 
 
 class DigestStore(WrapperStore[LocalStore]):
+    """A zarr `LocalStore` that records the (crc32, size) of every key it writes (`take` hands
+    them over) and hides keys being rewritten whole (`fresh`); safe to use from several threads.
+    The copies zarr makes of it share its records."""
+
     def __init__(self, store: LocalStore | str | os.PathLike) -> None:
         if not isinstance(store, LocalStore):
             store = LocalStore(str(store))
@@ -53,19 +57,26 @@ class DigestStore(WrapperStore[LocalStore]):
             return key in self._fresh
 
     async def get(self, key, prototype, byte_range=None):
+        """The bytes of `key` (or its `byte_range`), None when it is absent or being written
+        `fresh`."""
         if self._is_fresh(key):
             return None
         return await self._store.get(key, prototype, byte_range)
 
     async def get_partial_values(self, prototype, key_ranges):
+        """The byte ranges `key_ranges` as the wrapped store reads them, None for keys being
+        written `fresh`."""
         key_ranges = list(key_ranges)
         out = await self._store.get_partial_values(prototype, key_ranges)
         return [None if self._is_fresh(k) else v for (k, _), v in zip(key_ranges, out)]
 
     async def exists(self, key: str) -> bool:
+        """Whether `key` exists (False while it is being written `fresh`)."""
         return False if self._is_fresh(key) else await self._store.exists(key)
 
     async def set(self, key, value) -> None:
+        """Writes `value` at `key` (the file replaced atomically) and records the (crc32, size)
+        of its bytes."""
         view = value.as_buffer_like()
         digest = (zlib.crc32(view), len(view))
         await self._store.set(key, value)
@@ -73,6 +84,7 @@ class DigestStore(WrapperStore[LocalStore]):
             self._digests[key] = digest
 
     async def delete(self, key: str) -> None:
+        """Deletes `key` and records that it must be absent (digest None)."""
         await self._store.delete(key)
         with self._lock:
             self._digests[key] = None
@@ -151,4 +163,5 @@ def sync_file(path: str | os.PathLike, folder: bool = False) -> None:
 
 
 def sync_dir(path: str | os.PathLike) -> None:
+    """fsync a folder, so that files created or renamed in it persist (nothing on Windows)."""
     sync_file(path, folder=True)

@@ -70,6 +70,11 @@ def lazy_zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
 
 @dataclass
 class ShardBuffer:
+    """The tiles of one shard gathered in memory until the shard is written: `key` the shard's
+    (row, col) in the shard grid, `box` its (y0, x0, y1, x1) level pixels, `arrays` one per store
+    array cropped to the box, `regions` every region of the shard, `final` those placed here or
+    committed earlier."""
+
     key: Index
     box: tuple[int, int, int, int]
     arrays: dict[str, np.ndarray]
@@ -81,10 +86,13 @@ class ShardBuffer:
 
     @property
     def complete(self) -> bool:
+        """Whether every region of the shard is final (the shard can be written and committed
+        whole)."""
         return len(self.final) == len(self.regions)
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the buffer's arrays (counted against the store's memory budget)."""
         return sum(a.nbytes for a in self.arrays.values())
 
 
@@ -353,9 +361,13 @@ class DiskStore:
 
     # ------------------------------------------------------------------ attributes
     def attrs(self) -> dict[str, Any]:
+        """A copy of the "napari-xt" attributes of the store's root zarr.json as they are on disk
+        now ({} when unreadable)."""
         return dict(root_attrs(self.path) or {})
 
     def set_attrs(self, values: dict[str, Any]) -> None:
+        """Merges `values` (converted to JSON) into the "napari-xt" attributes of the root
+        zarr.json, rewriting it."""
         from napari_xt.io.result_store import group_attrs, json_default, write_group
 
         attrs = group_attrs(self.path, 3)
@@ -366,6 +378,8 @@ class DiskStore:
 
     # ------------------------------------------------------------------ status
     def region_status(self) -> np.ndarray:
+        """(rows, cols) uint8 status of every region: DONE when committed (verified) or already
+        readable from memory, FAILED, else PENDING. Safe to call from any thread."""
         with self._lock:
             out = np.full(self.grid, PENDING, np.uint8)
             out[self.failed] = FAILED
@@ -376,6 +390,7 @@ class DiskStore:
 
     # ------------------------------------------------------------------ writer thread
     def start(self) -> None:
+        """Starts the writer thread (threaded stores only; nothing when it is running already)."""
         if self._thread is None and self.threaded:
             self._thread = threading.Thread(target=self._loop, name="napari-xt-writer",
                                             daemon=True)
@@ -402,15 +417,25 @@ class DiskStore:
                 continue
 
     def put(self, tiles: RegionTiles) -> None:
+        """Hands the final tiles of a batch of regions to the writer (its thread, or at once in
+        the caller's thread when not threaded): they are readable at once, and committed when
+        their shard is complete, or as partial when buffers pass the memory budget and at
+        `flush`. Re-raises the writer's first error; raises StoreError when the writer thread
+        stopped."""
         self._send(("tiles", tiles))
 
     def put_failed(self, indices: list[Index], reason: str) -> None:
+        """Records regions `indices` as failed in the journal (`reason`: what went wrong); a
+        later run computes them again."""
         self._send(("failed", list(indices), reason))
 
     def put_crop(self, index: int, logits: np.ndarray) -> None:
+        """Records the logits (K,) of a classifier's crop `index` in the journal: the crop is
+        done."""
         self._send(("crop", int(index), [float(v) for v in np.asarray(logits).ravel()]))
 
     def check(self) -> None:
+        """Re-raises the first error of the writer, if any."""
         if self.error is not None:
             raise self.error
 
@@ -441,6 +466,8 @@ class DiskStore:
         self.check()
 
     def stop_writer(self) -> None:
+        """Flushes and ends the writer thread (nothing without one), then re-raises its first
+        error, if any."""
         if self._thread is None:
             return
         try:
@@ -813,6 +840,8 @@ class DiskStore:
 
     # ------------------------------------------------------------------ end
     def record_published(self, what: str, files: dict[str, list[int] | None]) -> None:
+        """Journals that the finishing step `what` wrote `files` (store-relative path -> [crc32,
+        size], None: absent); a rerun keeps the step when they verify."""
         rec = {"t": "published", "what": what, "files": files}
         self.journal.append([rec])
         self.published[what] = rec

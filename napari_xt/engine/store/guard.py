@@ -31,6 +31,8 @@ def _resolved(p: str | os.PathLike) -> Path:
 
 def check_not_input(out: Path, inputs: Iterable[str | os.PathLike], spelling: Spelling,
                     what: str = "output store") -> None:
+    """Raises StoreError when `out` is one of the `inputs`, contains one or lies inside one
+    (paths resolved, links followed); `what` names the output in the message."""
     o = _resolved(out)
     for raw in inputs:
         i = _resolved(raw)
@@ -59,6 +61,8 @@ def check_writable_kind(path: Path, spelling: Spelling) -> str:
 
 
 def refuse_to_drop_corrections(path: Path) -> None:
+    """Raises StoreError when the store at `path` holds an annotator's corrections, which
+    replacing the store would delete."""
     from napari_xt.io.corrections import corrections_in
 
     found = corrections_in(path)

@@ -44,18 +44,22 @@ Index = tuple[int, int]
 
 
 def labels_path(name: str) -> str:
+    """Store-relative path of the label image of result `name`."""
     return f"labels/{name}"
 
 
 def probabilities_path(name: str) -> str:
+    """Store-relative path of the probability image of result `name`."""
     return f"probabilities/{name}"
 
 
 def table_path(name: str) -> str:
+    """Store-relative path of the detection table of result `name`."""
     return f"tables/{name}"
 
 
 def classification_path(name: str) -> str:
+    """Store-relative path of the classification record of result `name`."""
     return f"classifications/{name}"
 
 
@@ -127,6 +131,11 @@ class Tiling:
     @classmethod
     def for_grid(cls, height: int, width: int, region_size: int,
                  strip_px: int | None = None) -> Tiling:
+        """The tiling of a `height x width` array over `region_size`-pixel regions: chunks of
+        `CHUNK` pixels rounded up to whole regions; shards of the largest whole number of chunks
+        (at most `SHARD` pixels) that divides `strip_px`, the engine's strip width (one chunk
+        when none does). Along a side shorter than a chunk the chunk and the shard are that side;
+        a shard never has more chunks than the side needs."""
         s = int(region_size)
         c = _round_up(CHUNK, s)
         z = c
@@ -144,9 +153,11 @@ class Tiling:
 
     @property
     def shard_grid(self) -> tuple[int, int]:
+        """(rows, cols) of the shard grid."""
         return -(-self.height // self.shard[0]), -(-self.width // self.shard[1])
 
     def shard_of(self, row: int, col: int) -> Index:
+        """The shard (i, j) that holds region (row, col)."""
         s = self.region_size
         return (row * s) // self.shard[0], (col * s) // self.shard[1]
 
@@ -162,6 +173,7 @@ class Tiling:
         return [(r, c) for r in range(y0 // s, -(-y1 // s)) for c in range(x0 // s, -(-x1 // s))]
 
     def neighbours(self, i: int, j: int) -> list[Index]:
+        """The shards around shard (i, j), up to eight, those inside the shard grid."""
         rows, cols = self.shard_grid
         return [(a, b) for a in range(i - 1, i + 2) for b in range(j - 1, j + 2)
                 if (a, b) != (i, j) and 0 <= a < rows and 0 <= b < cols]

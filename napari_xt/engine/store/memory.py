@@ -22,32 +22,44 @@ class InMemory:
     changed = True
 
     def start(self) -> None:
+        """Nothing to start: there is no writer thread."""
         pass
 
     def check(self) -> None:
+        """Nothing can fail in the background: never raises."""
         pass
 
     def drain(self) -> list[tuple[tuple[Index, ...], float]]:
+        """The (indices, seconds) batches put since the last call (readable since they were put)."""
         out, self._written = self._written, []
         return out
 
     def flush(self) -> None:
+        """Nothing to commit."""
         pass
 
     def stop_writer(self) -> None:
+        """Nothing to stop: there is no writer thread."""
         pass
 
     def attrs(self) -> dict[str, Any]:
+        """No attributes are kept: always {}."""
         return {}
 
     def set_attrs(self, values: dict[str, Any]) -> None:
+        """Does nothing: no attributes are kept."""
         pass
 
     def close(self) -> None:
+        """Nothing to release."""
         pass
 
 
 class MemoryStore(InMemory):
+    """A run's results in numpy arrays, the outputs `spec` asks for: `arrays` "labels" (H, W),
+    "probabilities" (K, H, W) float16, "heat" (K_h [+ 1 size], H, W) float32; `done` and `failed`
+    (rows, cols) masks; `crop_logits` of a classifier's crops."""
+
     def __init__(self, spec: StoreSpec) -> None:
         self.spec = spec
         self.grid = spec.grid
@@ -67,6 +79,8 @@ class MemoryStore(InMemory):
         self._written: list[tuple[tuple[Index, ...], float]] = []
 
     def put(self, tiles: RegionTiles) -> None:
+        """Copies the final tiles of a batch of regions into the arrays (cropped to the image);
+        the regions are done and readable at once."""
         for n, idx in enumerate(tiles.indices):
             y0, x0, y1, x1 = self.spec.box(*idx)
             for name, batch in tiles.arrays.items():
@@ -77,19 +91,24 @@ class MemoryStore(InMemory):
         self._written.append((tuple(tiles.indices), tiles.seconds))
 
     def put_failed(self, indices: list[Index], reason: str) -> None:
+        """Marks regions `indices` failed (the reason is not kept)."""
         for idx in indices:
             self.failed[idx] = True
 
     def put_crop(self, index: int, logits: np.ndarray) -> None:
+        """Keeps the logits (K,) of a classifier's crop `index` in `crop_logits`."""
         self.crop_logits[int(index)] = [float(v) for v in np.asarray(logits).ravel()]
 
     def region_status(self) -> np.ndarray:
+        """(rows, cols) uint8 status of every region: DONE, FAILED or PENDING."""
         out = np.full(self.grid, PENDING, np.uint8)
         out[self.failed] = FAILED
         out[self.done] = DONE
         return out
 
     def read_region(self, name: str, idx: Index) -> np.ndarray | None:
+        """A copy of the `name` output ("labels" | "probabilities") of region `idx`, or None when
+        the region is not done or the output is not written."""
         if name not in self.arrays or name == "heat" or not self.done[idx]:
             return None
         y0, x0, y1, x1 = self.spec.box(*idx)
@@ -108,4 +127,6 @@ class MemoryStore(InMemory):
                                          self.spec.threshold, self.spec.min_distance))
 
     def points_since(self, cursor: int) -> tuple[np.ndarray | None, int]:
+        """No live detections in memory (`points` finds them at the end): always (None,
+        `cursor`)."""
         return None, cursor

@@ -28,6 +28,11 @@ SIDES = ("top", "bottom", "left", "right")
 
 
 class ShardPeaks:
+    """The detection peaks of a centre map committed shard by shard (see the module docstring):
+    `interior` once a shard is complete, `border` once the shard and its neighbours all are.
+    `classes` (K), `has_size`, `threshold` and `min_distance` are those of `points_from_heatmap`;
+    `margin` is B (2 * `min_distance`), `frame` the width of the kept strips (2B pixels)."""
+
     def __init__(self, tiling: Tiling, classes: int, has_size: bool, threshold: float,
                  min_distance: int) -> None:
         self.tiling = tiling
@@ -195,6 +200,8 @@ def pack(points: np.ndarray | None, frames: dict[str, np.ndarray] | None) -> byt
 
 
 def unpack(data: bytes) -> tuple[np.ndarray | None, dict[str, np.ndarray] | None]:
+    """The points (POINT_DTYPE) and frames of `pack` bytes, each None when the bytes hold none;
+    never loads pickled objects."""
     from napari_xt.model.heads import POINT_DTYPE
 
     with np.load(io.BytesIO(data), allow_pickle=False) as z:

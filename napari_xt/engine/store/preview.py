@@ -20,6 +20,8 @@ PREVIEW_SIDE = 1024
 
 
 def preview_factor(height: int, width: int) -> int:
+    """The block size of the preview's first level: the smallest power of two that brings the
+    larger side of a `height x width` image to at most `PREVIEW_SIDE` pixels."""
     f = 1
     while max(height, width) / f > PREVIEW_SIDE:
         f *= 2
@@ -98,6 +100,8 @@ class PreviewSums:
         return self.covered >= self.height * self.width
 
     def mean(self, dtype: np.dtype) -> np.ndarray:
+        """The preview's first level (C, h0, w0): the block sums divided by the block size, cast
+        to `dtype` (integers rounded and clipped to its range). Meaningful once `complete`."""
         out = self.sums / float(self.fy * self.fx)
         return _cast(out, dtype)
 

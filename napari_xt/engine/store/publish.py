@@ -44,6 +44,7 @@ def _fault(step: str) -> None:
 
 
 def level_shapes(spec: StoreSpec) -> list[tuple[int, int]]:
+    """(height, width) of every pyramid level of the store of `spec` (`layout.level_shapes`)."""
     from . import layout
 
     return layout.level_shapes(spec.height, spec.width)
@@ -98,6 +99,9 @@ def _dir_digests(root: Path, rel: str) -> dict[str, list[int] | None]:
 
 # ---------------------------------------------------------------------- steps
 def write_pyramid(store: Any, name: str, method: str) -> None:
+    """Writes levels 1 and up of output `name`'s pyramid, each halved from the level above by
+    `method` ("mode" for labels, "mean" for probabilities) shard by shard, and records their
+    files as the published step `pyramid:<name>`."""
     from napari_xt.io.pyramid import downsample_block
 
     from .arrays import ArrayDef, create_array
@@ -126,6 +130,9 @@ def write_pyramid(store: Any, name: str, method: str) -> None:
 
 
 def write_table(store: Any, points: np.ndarray, scale: tuple[float, float]) -> int:
+    """Writes the detection table of `points` (level pixels; `scale`: level-0 pixels per level
+    pixel) as zarr columns and Parquet, with class names when the spec has them, and records it
+    as published; returns the number of detections."""
     from napari_xt.io.results import write_detections
 
     from ..finish import detection_table
@@ -144,6 +151,8 @@ def write_table(store: Any, points: np.ndarray, scale: tuple[float, float]) -> i
 
 
 def write_classification_record(store: Any, record: dict[str, Any]) -> None:
+    """Writes the classification `record` under `classifications/<name>` and records it as
+    published."""
     from napari_xt.io.results import write_classification
 
     write_classification(store.path, store.spec.name, record, overwrite=True)
@@ -152,6 +161,9 @@ def write_classification_record(store: Any, record: dict[str, Any]) -> None:
 
 
 def write_metadata(store: Any, source: Any) -> None:
+    """Writes the NGFF metadata of the outputs: the label image's (multiscales, class colours and
+    names; listed in the labels group) and the probability image's (multiscales, a channel per
+    class), and records their zarr.json files as the published step "metadata"."""
     from napari_xt.io.result_store import register, write_group
 
     from .layout import FORMAT, KIND  # noqa: F401  (documented keys)

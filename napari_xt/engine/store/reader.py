@@ -2,7 +2,7 @@
 
 For widgets, tools and tests: the persisted region status (from the journal: regions whose
 commit is recorded are done, without re-verifying their files, which only a writer does),
-the level-0 tiles of done regions, and the committed detections. Nothing is written and no
+the level-0 tiles of done regions and the level-0 arrays. Nothing is written and no
 lock is taken; the published results themselves are read with `napari_xt.io` (`read_labels`,
 `read_detections`, ...).
 """
@@ -20,6 +20,11 @@ from .spec import DONE, FAILED, PENDING, StoreError
 
 
 class ResultReader:
+    """A read-only view of the result store at `path`: `attrs` (the root's "napari-xt" attributes
+    as they were when opened), `tiling`, the region `grid` and `outputs` (output name ->
+    store-relative path of its level-0 array). Raises StoreError when `path` is not a result
+    store of this format."""
+
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         kind = store_kind(self.path)
@@ -44,10 +49,13 @@ class ResultReader:
 
     @property
     def complete(self) -> bool:
+        """Whether the store holds the finished, published results of every region (its
+        "complete" attribute when it was opened)."""
         return bool(self.attrs.get("complete"))
 
     @property
     def signature(self) -> dict[str, Any]:
+        """The run signature of the run that wrote the store."""
         return dict(self.attrs.get("run_signature", {}))
 
     def _records(self) -> list[dict[str, Any]]:
@@ -75,6 +83,7 @@ class ResultReader:
         return out
 
     def done_regions(self) -> list[Index]:
+        """(row, col) of every region the journal records as done."""
         return [(int(r), int(c)) for r, c in np.argwhere(self.region_status() == DONE)]
 
     def read_region(self, name: str, idx: Index) -> np.ndarray | None:
@@ -99,4 +108,6 @@ class ResultReader:
 
 
 def open_result(path: str | os.PathLike) -> ResultReader:
+    """A `ResultReader` of the store at `path`; raises StoreError when it is not a napari-xt
+    result store."""
     return ResultReader(path)

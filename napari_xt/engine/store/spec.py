@@ -54,27 +54,35 @@ class StoreSpec:
 
     @property
     def grid(self) -> tuple[int, int]:
+        """(rows, cols) of the region grid (the last row and column may be partial)."""
         s = self.region_size
         return -(-self.height // s), -(-self.width // s)
 
     def box(self, row: int, col: int) -> tuple[int, int, int, int]:
+        """(y0, x0, y1, x1) pixels of region (row, col), clipped to the image."""
         s = self.region_size
         return row * s, col * s, min((row + 1) * s, self.height), min((col + 1) * s, self.width)
 
     @property
     def dense(self) -> bool:
+        """Whether the run writes maps (segmentation, detection), not one record per image
+        (classification)."""
         return self.kind != "classification"
 
     @property
     def writes_labels(self) -> bool:
+        """Whether the labels output is written."""
         return "labels" in self.outputs
 
     @property
     def writes_probabilities(self) -> bool:
+        """Whether the probabilities output is written (asked for, and the head has class
+        channels)."""
         return "probabilities" in self.outputs and self.prob_channels > 0
 
     @property
     def writes_detections(self) -> bool:
+        """Whether detections are written (asked for, and the head has centre channels)."""
         return "detections" in self.outputs and self.heat_channels > 0
 
 

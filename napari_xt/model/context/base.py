@@ -91,21 +91,27 @@ class ContextConfig:
 
     @property
     def num_heads(self) -> int:
+        """Number of attention heads, `dim // head_dim`."""
         return self.dim // self.head_dim
 
     @property
     def d_inner(self) -> int:
+        """Width of the Mamba inner stream, `expand * dim`."""
         return self.expand * self.dim
 
     @property
     def resolved_dt_rank(self) -> int:
+        """Rank of the Mamba dt projection: `dt_rank`, or `ceil(dim / 16)` when None."""
         return self.dt_rank if self.dt_rank is not None else math.ceil(self.dim / 16)
 
     def to_dict(self) -> dict[str, Any]:
+        """The configuration as a plain dict of its fields, as saved in checkpoints."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ContextConfig:
+        """The configuration of a mapping made by `to_dict`; raises `ValueError` for
+        unknown keys or invalid values."""
         return from_mapping(cls, data)
 
 
@@ -138,6 +144,8 @@ class IdentityContextEncoder(ContextEncoder):
     """kind "none": the region-only baseline; tokens pass through unchanged, no state."""
 
     def forward(self, tokens, state=None):
+        """The tokens (B, N, D) unchanged and no state; raises `ValueError` when they
+        are not (B, N, `dim`)."""
         self._check_tokens(tokens, self.cfg.dim)
         return tokens, None
 
@@ -151,6 +159,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` (..., D) normalised by its root mean square and scaled by `weight`."""
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -167,4 +176,5 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`down(gelu(gate(x)) * up(x))` of `x` (..., D) -> (..., D)."""
         return self.down_proj(F.gelu(self.gate_proj(x)) * self.up_proj(x))

@@ -59,6 +59,8 @@ class HyperSelfAttention(SelfAttention):
             self.lsh_projections.copy_(fresh.to(self.lsh_projections.device))
 
     def uses_lsh(self, n_keys: int) -> bool:
+        """Whether attention over `n_keys` keys (past and current) takes the LSH path
+        (more than `lsh_threshold`)."""
         return n_keys > self.threshold
 
     def attend(self, q, k, v, n_past: int) -> torch.Tensor:
@@ -105,10 +107,16 @@ class HyperContextEncoder(ContextEncoder):
         )
 
     def reset_lsh_projections(self) -> None:
+        """Redraw the hyperplanes of every layer from its seed."""
         for layer in self.layers:
             layer.attn.reset_lsh_projections()
 
     def forward(self, tokens, state: HyperState | None = None):
+        """Contextualize tokens (B, N, D), continuing from `state` when given.
+
+        Returns the tokens (B, N, D) and a `HyperState` with every layer's keys and values (the
+        last `kv_window` of them), or None for the state when `kv_window` is 0. Raises
+        `ValueError` for tokens that are not (B, N, `dim`) or a state of another depth."""
         self._check_tokens(tokens, self.cfg.dim)
         if state is not None and len(state.keys) != len(self.layers):
             raise ValueError(f"state has {len(state.keys)} layers, encoder {len(self.layers)}")

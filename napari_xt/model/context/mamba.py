@@ -73,6 +73,10 @@ class MambaMixer(nn.Module):
         conv_state: torch.Tensor | None = None,
         ssm_state: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mix `x` (B, L, D) through the selective scan, continuing from `conv_state`
+        (B, Di, d_conv - 1) and `ssm_state` (B, Di, d_state) when given.
+
+        Returns (y (B, L, D), conv_state, ssm_state), the states at the end of `x`."""
         length = x.shape[1]
         xz = self.in_proj(x).transpose(1, 2)  # (B, 2 Di, L)
         xi, z = xz.chunk(2, dim=1)  # (B, Di, L) each
@@ -137,9 +141,16 @@ class MambaContextEncoder(ContextEncoder):
 
     @property
     def streamable(self) -> bool:
+        """Whether the encoder can continue from a state: no layer scans the reversed
+        sequence."""
         return not any(layer.reverse for layer in self.layers)
 
     def forward(self, tokens, state: MambaState | None = None):
+        """Contextualize tokens (B, N, D), continuing from `state` when given.
+
+        Returns the tokens (B, N, D) and a `MambaState` (None for a bidirectional encoder). Raises
+        `ValueError` for tokens that are not (B, N, `dim`), a state given to a bidirectional
+        encoder, or a state of another depth."""
         self._check_tokens(tokens, self.cfg.dim)
         if not self.streamable:
             if state is not None:

@@ -44,6 +44,12 @@ class TransformerXLContextEncoder(ContextEncoder):
         )
 
     def forward(self, tokens, state: TransformerXLState | None = None):
+        """Contextualize tokens (B, N, D) segment by segment, continuing from the
+        memory in `state` when given.
+
+        Returns the tokens (B, N, D) and a `TransformerXLState` holding each layer's memory after
+        the last segment. Raises `ValueError` for tokens that are not (B, N, `dim`) or a state of
+        another depth."""
         self._check_tokens(tokens, self.cfg.dim)
         b, n, d = tokens.shape
         mem_len, chunk = self.cfg.mem_len, self.cfg.chunk_len
