@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 CONSTRAINTS := constraints/dev.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: setup display test lint demo bench wheel-check clean
+.PHONY: setup display test lint demo bench docs wheel-check clean
 
 TEST_DATA := $(VENV)/test-data
 SVS := $(TEST_DATA)/CMU-1-Small-Region.svs
@@ -46,6 +46,19 @@ demo: setup
 bench: setup
 	$(VENV)/bin/napari-xt bench
 
+# The documentation site into site/: every public name of the API packages documented, the
+# CLI reference and the zoo table generated from the code, warnings (a broken link, a bad
+# reference) are errors.
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): $(STAMP)
+	$(PIP) install -q -c $(CONSTRAINTS) -e '.[docs]'
+	@touch $@
+
+docs: $(DOCS_STAMP)
+	$(PY) scripts/check_docstrings.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+	@echo "documentation site: site/index.html"
+
 # The sdist and the wheel built, the wheel installed without extras into fresh venvs (newest
 # and lowest declared dependency versions, torch at the pin) and its CLI run there; then the
 # napari extra (plugin manifest, napari rendering under Xvfb).
@@ -53,4 +66,4 @@ wheel-check: $(STAMP) display $(SVS)
 	$(PY) scripts/wheel_smoke.py all --svs $(SVS)
 
 clean:
-	rm -rf $(VENV) build dist .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist site .pytest_cache .ruff_cache
