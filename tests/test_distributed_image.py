@@ -92,6 +92,8 @@ def test_schedule_waits_only_for_the_regions_its_crops_read():
     assert all(r >= 4 for regions in s.encode.values() for r, _ in regions)
     assert s.waits[0] == {4, 5}  # its crops reach one region row into the blocks below
     assert s.waits[5] == {4, 5, 6, 8, 9, 10}
+    assert {r for r, _ in s.reads[0]} == set(range(6))  # the regions those crops read
+    assert {c for _, c in s.reads[0]} == set(range(6))
     done = np.zeros(plan.grid, bool)
     done[:4, :8] = True  # blocks 0 and 1 finished by an earlier run
     book = RegionBook(plan, done)
@@ -121,7 +123,16 @@ def test_cache_parts_write_side_by_side_and_every_cache_reads_them(tmp_path):
     assert found == [(0, 1), (2, 2)] and not bad
     np.testing.assert_array_equal(levels[0][0], feats[0][1])
     np.testing.assert_array_equal(levels[0][1], feats[0][1] + 100)
+    # a part handed the locations of what it reads sees exactly those (no index is read)
+    known = again.locations([(0, 1), (2, 2), (1, 1)])
+    assert sorted(known) == [(0, 1), (2, 2)] and known[(0, 1)][0] == "a"
     again.close()
+    told = EmbeddingCache(tmp_path / "c", sig, grid, segment="r0", known=known)
+    assert told.done.sum() == 2 and not told.has(0, 0)
+    found, levels, bad, _ = told.get([(2, 2), (0, 1)])
+    assert found == [(2, 2), (0, 1)] and not bad
+    np.testing.assert_array_equal(levels[0][0], feats[0][1] + 100)
+    told.close()
     seg = next(tmp_path.joinpath("c").glob("seg-b-*.bin"))
     data = bytearray(seg.read_bytes())
     data[5] ^= 0xFF  # a garbled byte in part b's blobs: that region is bad, never garbage
@@ -136,12 +147,38 @@ def test_what_cannot_be_split_is_refused_before_any_work(scene, tmp_path):
     out = tmp_path / "x.zarr"
     for kw, words in (({"carry_state": True}, "carry_state"),
                       ({"order": "viewport"}, "viewport"),
-                      ({"cache": False}, "needs the cache")):
+                      ({"cache": False}, "needs the cache"),
+                      ({"blend": "outputs"}, "blend='outputs' runs in one process"),
+                      ({"block": 0}, "block must be at least 1"),
+                      ({"devices": ["cuda0"]}, "device 'cuda0'"),
+                      ({"devices": ["cuda:0", "cuda:1"]}, "CUDA device"),
+                      ({"devices": ["cpu"], "scheduler": "tcp://127.0.0.1:1"},
+                       "devices are for local workers")):
         with pytest.raises(EngineInputError, match=words):
             run_distributed(str(scene), "demo", out, **kw)
     with pytest.raises(EngineInputError, match="result store"):
         run_distributed(str(scene), "demo", None)
     assert not out.exists()
+
+
+def test_a_rebuild_refused_by_a_live_run_empties_nothing(tmp_path):
+    """A cache rebuild waits for the lock before it empties: a live run's cache (and its
+    parts) are left whole when the lock is refused."""
+    from napari_xt.io.lock import LockedError
+
+    grid = (2, 2)
+    live = EmbeddingCache(tmp_path / "c", {"model": "x"}, grid)
+    part = EmbeddingCache(tmp_path / "c", {"model": "x"}, grid, segment="e0")
+    part.put([(0, 0)], [np.ones((1, 2, 2, 2), np.float32)])
+    before = sorted(p.name for p in (tmp_path / "c").iterdir())
+    with pytest.raises(LockedError):
+        EmbeddingCache(tmp_path / "c", {"model": "y"}, grid, rebuild=True)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == before
+    part.close()
+    live.close()
+    rebuilt = EmbeddingCache(tmp_path / "c", {"model": "y"}, grid, rebuild=True)
+    assert rebuilt.rebuilt and not rebuilt.done.any()  # (with the lock: emptied)
+    rebuilt.close()
 
 
 # ---------------------------------------------------------------------- on a cluster
@@ -157,11 +194,22 @@ def test_one_image_over_two_workers_equals_one_process(scene, reference, tmp_pat
     written = [i for e in events if isinstance(e, Written) for i in e.indices]
     assert sorted(written) == sorted(set(written)) and len(written) == 140
     assert last.counts["encoded"] == 140  # every region encoded once, over the parts
+    assert last.counts["decoded"] == 140 and last.counts["from_cache"] == 0
+    assert last.counts["crops"] == len(RegionPlan(640, 896, 64, 8).crops)  # as one process
     assert_same_results(out, reference)
     # the store is an ordinary one: a single-process run finds it complete
     model, norm = demo
     again = list(run(str(scene), model, out, normalize=norm, outputs=OUTPUTS))[-1]
     assert isinstance(again, Finished) and again.counts["encoded"] == 0
+    # and so does a distributed one (the last event is Finished)
+    again = _events(scene, out, cluster)[-1]
+    assert isinstance(again, Finished) and again.summary["complete"], again
+    # a run never iterated and closed leaves the store and its cache free
+    unused = run_distributed(str(scene), "demo", tmp_path / "other.zarr", scheduler=cluster,
+                             outputs=OUTPUTS)
+    unused.close()
+    assert isinstance(list(run(str(scene), model, tmp_path / "other.zarr", normalize=norm,
+                               outputs=OUTPUTS))[-1], Finished)
 
 
 @pytest.mark.slow
@@ -174,7 +222,7 @@ def test_a_worker_killed_mid_run_changes_nothing(scene, reference, tmp_path, clu
         pids = client.run(os.getpid)
         last = None
         for e in run_distributed(str(scene), "demo", out, scheduler=cluster, threads=1,
-                                 block=2, outputs=OUTPUTS):
+                                 block=2, outputs=OUTPUTS, cache="rebuild"):
             last = e
             if isinstance(e, RegionEncoded) and not killed:
                 busy = [w for w, tasks in client.processing().items() if tasks and w in pids]
@@ -229,6 +277,11 @@ def test_whole_image_context_over_workers(tmp_path, cluster, demo):
     last = list(run(str(image), model, single, **opts))[-1]
     assert isinstance(last, Finished), last
     out = tmp_path / "dist.zarr"
+    stop = threading.Event()
+    stop.set()  # cancelled before anything runs: the scene part and every part after it
+    events = list(run_distributed(str(image), str(path), out, scheduler=cluster, threads=1,
+                                  block=4, cancel=stop, **opts))
+    assert isinstance(events[-1], Cancelled), events[-1]
     events = list(run_distributed(str(image), str(path), out, scheduler=cluster, threads=1,
                                   block=4, **opts))
     assert isinstance(events[-1], Finished) and events[-1].summary["complete"], events[-1]
@@ -243,6 +296,9 @@ def test_cli_one_image_over_workers(scene, reference, tmp_path, cluster, capsys)
                  "--quiet"]) == 0
     assert "distributed: " in capsys.readouterr().err
     assert_same_results(out, reference)
+    assert main(["predict", str(scene), "--model", "demo", "--out", str(out), "--outputs",
+                 ",".join(OUTPUTS), "--scheduler", cluster, "--quiet"]) == 0  # complete
+    assert "already done" in capsys.readouterr().err
     assert main(["predict", str(scene), "--model", "demo", "--out-dir", str(tmp_path / "d"),
                  "--block", "4"]) == 2
     assert "split one image" in capsys.readouterr().err

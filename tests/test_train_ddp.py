@@ -91,7 +91,9 @@ def test_launches_that_cannot_work_are_refused_before_any_process_starts(
     assert main(["train", str(config), "--out", str(out), "--nproc", "2", "--device",
                  "mps"]) == 2
     assert "runs on 'cpu' (gloo) or 'cuda' (NCCL)" in capsys.readouterr().err
-    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun started this process
+    for key, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", "29500")):  # torchrun started this process
+        monkeypatch.setenv(key, value)
     assert main(["train", str(config), "--out", str(out), "--nproc", "2"]) == 2
     assert "leave it out when torchrun starts them" in capsys.readouterr().err
     assert not out.exists()
@@ -268,3 +270,19 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     {"gradients": _rank_gradients, "fail": _rank_fail, "wait": _rank_wait}[sys.argv[1]](
         *sys.argv[2:])
+
+
+def test_a_stray_world_size_is_not_a_launch_and_a_bad_one_is_named(monkeypatch, tmp_path,
+                                                                   capsys):
+    from napari_xt.train.ddp import launched_world_size
+
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # left in a shell: not a torchrun launch
+    assert launched_world_size() is None
+    for key, value in (("RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1")):
+        monkeypatch.setenv(key, value)
+    assert launched_world_size() == 1
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    assert main(["train", str(_config(tmp_path)), "--out", str(tmp_path / "run")]) == 2
+    assert "WORLD_SIZE='abc' is not a number of processes" in capsys.readouterr().err

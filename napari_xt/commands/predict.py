@@ -138,7 +138,8 @@ def run_command(args: argparse.Namespace) -> int:
     args.devices = devices or None
     if devices and args.workers == 1:
         args.workers = len(devices)
-    if args.out and len(args.image) == 1 and (args.workers > 1 or args.scheduler):
+    split = args.workers > 1 or args.scheduler or args.devices
+    if args.out and len(args.image) == 1 and split:
         if args.weights is not None:
             print("napari-xt predict: --weights with several workers: every worker loads "
                   "the model by itself, so give it as a napari-xt checkpoint (--model "
@@ -310,7 +311,7 @@ def run_one(args: argparse.Namespace) -> int:
     if source.channels == model.cfg.in_chans:  # (else the engine names the mismatch)
         values = check_value_range(source, normalize, accept=args.accept_range,
                                    where=args.image)
-    if args.workers > 1 or args.scheduler:  # one image over several workers
+    if args.workers > 1 or args.scheduler or args.devices:  # one image over workers
         from napari_xt.distributed import run_distributed
 
         try:

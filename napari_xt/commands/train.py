@@ -103,7 +103,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"napari-xt train: invalid config {config_path}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     out = Path(args.out) if args.out else Path("runs") / config_path.stem
-    launched = launched_world_size()
+    try:
+        launched = launched_world_size()
+    except ValueError as exc:
+        print(f"napari-xt train: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if args.nproc is not None and (args.nproc < 1 or launched is not None):
         why = ("must be >= 1" if args.nproc < 1 else
                "starts its own processes; leave it out when torchrun starts them")

@@ -70,6 +70,7 @@ class PartResult:
     scene_tainted: bool = False
     notices: list[tuple[str, str]] = field(default_factory=list)  # (message, kind)
     regions: tuple[Index, ...] = ()  # encode: the regions it encoded or read
+    refs: dict = field(default_factory=dict)  # encode: where their features are now
     seconds: float = 0.0
     worker: str = ""
 
@@ -95,6 +96,10 @@ def run_part(image: str, model: tuple[str, int | None], store: str, part: Part,
 
     t0 = time.perf_counter()
     worker = f"{os.uname().nodename}:{os.getpid()}"
+    result = PartResult(part.kind, block, "cancelled", regions=part.regions, worker=worker)
+    if (cancel is not None and cancel()) or (scene is not None and
+                                             scene.outcome == "cancelled"):
+        return result  # (queued parts of a cancelled run do no set-up at all)
     tune_malloc()
     if threads:
         import torch
@@ -103,15 +108,22 @@ def run_part(image: str, model: tuple[str, int | None], store: str, part: Part,
     options = dict(options)
     if devices:
         options["device"] = _worker_device(devices)
+    known = None
+    if part.kind != "encode":  # where the features it reads are: known before, or just made
+        known = dict(part.known or {})
+        for done in after:
+            known.update(getattr(done, "refs", None) or {})
+    tainted = part.scene_tainted
     if scene is not None:
         if scene.outcome != "finished":
             raise RuntimeError(f"the scene part did not finish: {scene.message}")
-        part = Part(part.kind, part.segment, part.regions, part.block, part.done,
-                    scene.scene, scene.scene_tainted)
+        tainted = scene.scene_tainted
+    part = Part(part.kind, part.segment, part.regions, part.block, part.done,
+                scene.scene if scene is not None else part.scene, tainted, known)
     if isinstance(image, Shipped):
         image = image.value
     net, _ = model_for(*model)
-    result = PartResult(part.kind, block, "failed", regions=part.regions, worker=worker)
+    result.outcome = "failed"
     # the part's reads stay in this process: on a cluster worker dask would otherwise hand
     # them to the cluster's scheduler (shipping every tile's pixels around)
     with dask.config.set(scheduler="threads"):
@@ -128,7 +140,15 @@ def run_part(image: str, model: tuple[str, int | None], store: str, part: Part,
             elif isinstance(e, ev.Failed):
                 result.outcome, result.message = "failed", e.message
     sink = execution.store
-    result.tiles, result.failed = sink.tiles, dict(sink.failed)
+    own = (set(part.regions) if part.block is None else
+           {(r, c) for r in range(part.block.y0, part.block.y1)
+            for c in range(part.block.x0, part.block.x1)})
+    # (a region outside the part's own failing to read is the business of the part that owns
+    # it: reported once, never over a tile that part wrote)
+    result.tiles = sink.tiles
+    result.failed = {i: why for i, why in sink.failed.items() if i in own}
+    if part.kind == "encode" and execution.cache is not None:
+        result.refs = execution.cache.locations(part.regions)
     if execution.book is not None and result.outcome != "finished":
         result.counts = dict(execution.book.counts)
     result.seconds = time.perf_counter() - t0
@@ -170,8 +190,10 @@ class Schedule:
 
     blocks: list[Box]
     encode: dict[int, list[Index]]  # block -> regions it encodes (raster order)
+    reads: dict[int, list[Index]]  # block -> regions its crops read (raster order)
     regions: dict[int, list[Index]]  # block -> regions of it finished before (to skip)
     waits: dict[int, set[int]]  # regions part of block -> encode parts it waits for
+    from_cache: int = 0  # regions the run reads that were cached before it
 
 
 def make_schedule(plan: Any, book: RegionBook, cached: np.ndarray, blocks: list[Box],
@@ -185,6 +207,7 @@ def make_schedule(plan: Any, book: RegionBook, cached: np.ndarray, blocks: list[
         owner[box.slices] = b
     need = np.zeros(plan.grid, bool)
     waits: dict[int, set[int]] = {}
+    reads: dict[int, np.ndarray] = {}
     for ci in todo:
         crop = plan.crops[ci]
         sl = (slice(crop.row0, crop.row0 + crop.rows), slice(crop.col0, crop.col0 + crop.cols))
@@ -192,9 +215,13 @@ def make_schedule(plan: Any, book: RegionBook, cached: np.ndarray, blocks: list[
         touched = set(np.unique(owner[sl]).tolist())
         for b in np.unique(owner[sl][~book.final[sl]]).tolist():
             waits.setdefault(int(b), set()).update(touched)
+            if int(b) not in reads:
+                reads[int(b)] = np.zeros(plan.grid, bool)
+            reads[int(b)][sl] = True
     if whole_image and len(todo):
         need[:] = True  # the scene reads every region
     missing = need & ~cached
+    from_cache = int((need & cached).sum())
     encode = {}
     for b, box in enumerate(blocks):
         rr, cc = np.nonzero(missing[box.slices])
@@ -205,8 +232,10 @@ def make_schedule(plan: Any, book: RegionBook, cached: np.ndarray, blocks: list[
         box = blocks[b]
         rr, cc = np.nonzero(book.final[box.slices])
         regions[b] = [(int(r) + box.y0, int(c) + box.x0) for r, c in zip(rr, cc)]
-    return Schedule(blocks, encode, regions,
-                    {b: {e for e in w if e in encode} for b, w in waits.items()})
+    read_lists = {b: [(int(r), int(c)) for r, c in zip(*np.nonzero(m))]
+                  for b, m in reads.items()}
+    return Schedule(blocks, encode, read_lists, regions,
+                    {b: {e for e in w if e in encode} for b, w in waits.items()}, from_cache)
 
 
 _NOT_SPLIT = {"carry_state": True, "order": "viewport"}
@@ -259,8 +288,17 @@ def run_distributed(
     if options.get("point") is not None or options.get("priority") is not None:
         raise EngineInputError("a run over several workers visits crops in raster order; "
                                "point and priority are for the viewport order")
+    if options.get("blend") == "outputs":
+        raise EngineInputError("blend='outputs' runs in one process (its decode calls are not "
+                               "of one fixed size, so a split run would differ in the last "
+                               "bits); the default blend='tokens' splits")
+    if block is not None and int(block) < 1:
+        raise EngineInputError(f"block must be at least 1 region, got {block}")
+    devices = _check_devices(devices, scheduler)
     # every worker resolves the same paths (a worker's working folder may be another)
     image, store = _absolute(image), os.path.abspath(os.fspath(store))
+    if options.get("cache", True) not in (True, "rebuild"):
+        options["cache"] = os.path.abspath(os.fspath(options["cache"]))
     if os.path.exists(os.fspath(model)):
         model = os.path.abspath(os.fspath(model))
     net, normalize = model_for(model, in_chans)
@@ -280,27 +318,67 @@ def run_distributed(
         threads = default_threads(workers)
     part_options = {k: v for k, v in options.items() if k not in ("overwrite", "resume")}
     part_options["batch_size"] = execution.spec.batch_size  # (as capped by the budget)
+    if part_options.get("cache", True) == "rebuild":  # (done by this process's cache)
+        part_options["cache"] = True
     events = _coordinate(execution, client, cluster, image, (model, in_chans), store,
                          workers, scheduler, threads, devices, block, part_options)
-    return DistributedRun(execution, events)
+
+    def release() -> None:
+        try:
+            execution.release()
+        finally:
+            cluster.__exit__(None, None, None)
+
+    return DistributedRun(execution, events, release)
+
+
+def _check_devices(devices: Sequence[str] | None, scheduler: str | None) -> list[str] | None:
+    """`devices` checked before anything starts: each a device this machine has."""
+    if not devices:
+        return None
+    if scheduler is not None:
+        raise EngineInputError("devices are for local workers (one each); on a cluster, "
+                               "give each worker its device (CUDA_VISIBLE_DEVICES)")
+    import torch
+
+    out = []
+    for name in devices:
+        try:
+            dev = torch.device(name)
+        except (RuntimeError, ValueError) as err:
+            raise EngineInputError(f"device {name!r}: {err}") from None
+        if dev.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if (dev.index or 0) >= count:
+                raise EngineInputError(f"device {name!r}: this machine has {count} CUDA "
+                                       "device(s)")
+        out.append(str(dev))
+    return out
 
 
 class DistributedRun:
     """The events of a distributed run (an iterator), and its store (`.store`)."""
 
-    def __init__(self, execution: Any, events: Iterator[ev.Event]) -> None:
+    def __init__(self, execution: Any, events: Iterator[ev.Event],
+                 release: Any = None) -> None:
         self.store = execution.store
         self._events = events
+        self._release = release  # what closing before the first event must undo
+        self._started = False
 
     def __iter__(self) -> DistributedRun:
         return self
 
     def __next__(self) -> ev.Event:
+        self._started = True
         return next(self._events)
 
     def close(self) -> None:
         """Stop early: what finished is kept, the workers stop, the locks are released."""
         self._events.close()
+        if not self._started and self._release is not None:  # (no finally ran)
+            self._started = True
+            self._release()
 
 
 def _absolute(image: Any) -> Any:
@@ -323,7 +401,6 @@ def _coordinate(execution: Any, client: Any, cluster: Any, image: Any,
                 scheduler: str | None, threads: int | None, devices: Sequence[str] | None,
                 block: int | None, options: dict[str, Any]) -> Iterator[ev.Event]:
     spec, out = execution.spec, execution.store
-    plan = spec.plan
     t0 = time.perf_counter()
     last: ev.Event | None = None
     try:
@@ -333,29 +410,10 @@ def _coordinate(execution: Any, client: Any, cluster: Any, image: Any,
         seen = len(out.notices)
         if out.complete:
             last = yield from execution.already_complete(t0)
-            return
-        book = execution.book = RegionBook(plan, out.done)
-        todo = book.todo_crops()
-        side = block or default_block_side(plan.grid, out.tiling.shard[0] // plan.region_size,
-                                           plan.k, workers if scheduler is None else 2)
-        blocks = block_grid(plan.grid, side)
-        schedule = make_schedule(plan, book, execution.cache.done, blocks, todo,
-                                 spec.context == "image")
-        yield ev.Planned(plan.num_regions, plan.num_regions - book.done_before, plan.grid,
-                         plan.region_size, len(todo), plan.k, spec.order,
-                         (plan.height, plan.width), out.resumed, store)
-        if out.resumed:
-            yield ev.Notice(f"resuming: {book.done_before} of {plan.num_regions} regions "
-                            "already done", "resume")
-        if execution.cache.rebuilt:
-            yield ev.Notice(f"embedding cache {execution.cache.path} did not match; rebuilt",
-                            "cache")
-        where = f"{workers} local workers" if scheduler is None else f"the cluster {scheduler}"
-        yield ev.Notice(f"distributed: {len(schedule.regions)} blocks of up to {side} x {side}"
-                        f" regions ({len(schedule.encode)} to encode) on {where}", "info")
-        out.start()
-        last = yield from _on_cluster(execution, client, book, schedule, image, model, store,
-                                      scheduler, threads, devices, options, t0, seen)
+        else:
+            last = yield from _run_blocks(execution, client, image, model, store, workers,
+                                          scheduler, threads, devices, block, options, t0,
+                                          seen)
     except (GeneratorExit, KeyboardInterrupt):
         _flush(execution)
         raise
@@ -372,6 +430,39 @@ def _coordinate(execution: Any, client: Any, cluster: Any, image: Any,
         yield last
 
 
+def _run_blocks(execution, client, image, model, store, workers, scheduler, threads, devices,
+                block, options, t0, seen):
+    """Plan the blocks, run them on the cluster; returns the run's last event."""
+    spec, out = execution.spec, execution.store
+    plan = spec.plan
+    book = execution.book = RegionBook(plan, out.done)
+    todo = book.todo_crops()
+    if scheduler is not None:  # the cluster's own workers
+        workers = max(1, len(client.scheduler_info().get("workers", {})))
+    side = block or default_block_side(plan.grid, out.tiling.shard[0] // plan.region_size,
+                                       plan.k, workers)
+    blocks = block_grid(plan.grid, side)
+    schedule = make_schedule(plan, book, execution.cache.done, blocks, todo,
+                             spec.context == "image")
+    yield ev.Planned(plan.num_regions, plan.num_regions - book.done_before, plan.grid,
+                     plan.region_size, len(todo), plan.k, spec.order,
+                     (plan.height, plan.width), out.resumed, store)
+    if out.resumed:
+        yield ev.Notice(f"resuming: {book.done_before} of {plan.num_regions} regions "
+                        "already done", "resume")
+    if execution.cache.rebuilt:
+        yield ev.Notice(f"embedding cache {execution.cache.path} did not match; rebuilt",
+                        "cache")
+    where = (f"{workers} local workers" if scheduler is None else
+             f"the cluster {scheduler} ({workers} workers)")
+    yield ev.Notice(f"distributed: {len(schedule.regions)} blocks of up to {side} x {side}"
+                    f" regions ({len(schedule.encode)} to encode) on {where}", "info")
+    book.counts["crops"], book.counts["from_cache"] = len(todo), schedule.from_cache
+    out.start()
+    return (yield from _on_cluster(execution, client, book, schedule, image, model, store,
+                                   threads, devices, options, t0, seen))
+
+
 def _flush(execution: Any) -> None:
     try:
         execution.store.flush()
@@ -379,8 +470,8 @@ def _flush(execution: Any) -> None:
         pass
 
 
-def _on_cluster(execution, client, book, schedule, image, model, store, scheduler, threads,
-                devices, options, t0, seen):
+def _on_cluster(execution, client, book, schedule, image, model, store, threads, devices,
+                options, t0, seen):
     """Submit the parts, write what they hand back; returns the run's last event."""
     from distributed import Event
 
@@ -402,16 +493,20 @@ def _on_cluster(execution, client, book, schedule, image, model, store, schedule
 
     encoders = {b: submit(Part("encode", f"e{b}", tuple(r)), b)
                 for b, r in schedule.encode.items()}
+    cache = execution.cache  # (what it held before the run: handed to the parts)
     scene = None
     if spec.context == "image" and schedule.regions:
-        scene = submit(Part("scene", "scene"), -1, after=list(encoders.values()))
+        every = [(r, c) for r in range(plan.grid[0]) for c in range(plan.grid[1])]
+        scene = submit(Part("scene", "scene", known=cache.locations(every)), -1,
+                       after=list(encoders.values()))
     parts = {}
     for b, done in schedule.regions.items():
         deps: dict[str, Any] = {"after": [encoders[e] for e in sorted(schedule.waits[b])]}
         if scene is not None:
             deps["scene"] = scene
         parts[b] = submit(Part("regions", f"r{b}", block=schedule.blocks[b],
-                               done=tuple(done)), b, **deps)
+                               done=tuple(done), known=cache.locations(schedule.reads[b])),
+                          b, **deps)
     error: str | None = None
     cancelled = stopped = False
     said: set[str] = set()
@@ -475,8 +570,13 @@ def _take(execution: Any, book: RegionBook, result: PartResult, said: set[str]
             if said:
                 continue
             said.add("cache estimate")  # (the first says what the whole cache takes)
+        if kind == "nan" and result.kind != "encode":
+            continue  # (said by the part that read the pixels; the others read the cache)
         yield ev.Notice(message, kind)
-    for key in ("encoded", "from_cache", "decoded", "crops", "nonfinite_pixels"):
+    # counted once for the run: encoded and non-finite pixels by the parts that read the
+    # image, decoded by the block that owns the region (crops and cache reads: the plan's)
+    keys = ("encoded", "nonfinite_pixels") if result.kind == "encode" else ("encoded", "decoded")
+    for key in keys:
         book.counts[key] += int(result.counts.get(key, 0))
     for idx, reason in result.failed.items():
         book.fail(idx)

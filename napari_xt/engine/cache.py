@@ -80,7 +80,8 @@ class EmbeddingCache:
 
     def __init__(self, path: str | os.PathLike, signature: dict[str, Any],
                  grid: tuple[int, int], rebuild: bool = False, owned: bool = False,
-                 spelling: Spelling | None = None, segment: str | None = None) -> None:
+                 spelling: Spelling | None = None, segment: str | None = None,
+                 known: Mapping[Index, Any] | None = None) -> None:
         """`owned`: the folder is private to a result store (its default place), so it may
         be emptied whatever it holds; a folder given by the user is emptied on `rebuild`
         only when it is recognisably an embedding cache.
@@ -88,7 +89,9 @@ class EmbeddingCache:
         `segment`: write into a part of the cache of its own (index, blobs and lock named
         after it) beside other writers, as the workers of one distributed run do; the cache
         must exist with this signature (its run made it), and is never emptied. Every cache
-        reads what all its parts hold."""
+        reads what all its parts hold: from their index files, or, with `known` (a part's
+        `locations` handed on by the run), from that mapping alone, so a part does not read
+        the whole image's index to find the few hundred regions it needs."""
         self.path = Path(path)
         self.signature = json.loads(json.dumps(signature))
         self.grid = (int(grid[0]), int(grid[1]))
@@ -99,11 +102,13 @@ class EmbeddingCache:
         if self.path.exists() and not self.path.is_dir():
             raise CacheMismatchError(f"embedding cache {self.path} is a file, not a folder; "
                                      f"{hint(spell, 'cache_path')}")
+        if known is not None and segment is None:
+            raise ValueError("known locations are for a part of a cache (segment=...)")
         if segment is not None:
             self._open_segment(segment)
         else:
             self._open_main(rebuild, owned)
-        self._read_index()
+        self._read_index(known)
 
     def _open_main(self, rebuild: bool, owned: bool) -> None:
         spell = self.spelling
@@ -111,17 +116,18 @@ class EmbeddingCache:
         meta = _read_meta(self.path)
         occupied = self.path.is_dir() and any(not p.name.startswith("lock")
                                               for p in self.path.iterdir())
+        empty = False  # decided first; emptied only under the lock (a live run keeps it)
         if meta is not None and meta.get("signature") != self.signature:
             if not rebuild:
                 diff = signature_diff(meta.get("signature") or {}, self.signature)
                 raise CacheMismatchError(
                     f"embedding cache {self.path} was made for another input (differs in: "
                     f"{', '.join(diff)}); {hint(spell, 'rebuild_cache')}")
-            self._empty()
+            empty = True
         elif meta is None and occupied:
             legacy = _is_legacy_cache(self.path)
             if owned:  # the store's own: whatever it holds now, it is rebuilt
-                self._empty()
+                empty = True
                 self.notices.append(f"embedding cache {self.path} was unreadable or of an "
                                     "older napari-xt; it is rebuilt")
             elif not rebuild:
@@ -135,10 +141,16 @@ class EmbeddingCache:
                                          "embedding cache, so it is never emptied; "
                                          f"{hint(spell, 'cache_path')}")
             else:
-                self._empty()
-        notice = self.lock.acquire()
+                empty = True
+        notice = self.lock.acquire()  # (LockedError: another run has it, nothing emptied)
         if notice:
             self.notices.append(notice)
+        if empty:
+            try:
+                self._empty()
+            except BaseException:
+                self.lock.release()
+                raise
         self.index = Journal(self.path / "index")
         self.packs = PackFiles(self.path, "pack")
         if _read_meta(self.path) is None:
@@ -162,7 +174,7 @@ class EmbeddingCache:
         self.index = Journal(self.path / f"index-{segment}")
         self.packs = PackFiles(self.path, f"seg-{segment}")
 
-    def _read_index(self) -> None:
+    def _read_index(self, known: Mapping[Index, Any] | None = None) -> None:
         """Every part's index: which blob (of which part's files) holds each region."""
         meta = _read_meta(self.path) or {}
         self.shapes: list[tuple[int, ...]] | None = (
@@ -170,6 +182,9 @@ class EmbeddingCache:
         self.refs: dict[Index, BlobRef] = {}
         self.where: dict[Index, PackFiles] = {}  # the pack files each region's blob is in
         self.mask_side: dict[Index, int] = {}  # regions whose blob ends with a NaN mask
+        if known is not None:
+            self._use_known(known)
+            return
         parts = [(self.index if self.segment is None else Journal(self.path / "index"),
                   self.packs if self.segment is None else PackFiles(self.path, "pack"))]
         self._readers = [parts[0][1]]
@@ -195,6 +210,39 @@ class EmbeddingCache:
         self.done = np.zeros(self.grid, bool)  # (rows, cols) regions the index holds
         for r, c in self.refs:
             self.done[r, c] = True
+
+    def _use_known(self, known: Mapping[Index, Any]) -> None:
+        readers = {self.segment: self.packs}
+        for idx, (part, ref, side) in known.items():
+            idx = (int(idx[0]), int(idx[1]))
+            if not (0 <= idx[0] < self.grid[0] and 0 <= idx[1] < self.grid[1]):
+                continue
+            if part not in readers:
+                if part and not SEGMENT_NAME.fullmatch(part):
+                    continue
+                readers[part] = PackFiles(self.path, f"seg-{part}" if part else "pack")
+            self.refs[idx] = BlobRef.from_list(ref)
+            self.where[idx] = readers[part]
+            self.mask_side[idx] = int(side)
+        self._readers = [r for name, r in readers.items() if name != self.segment]
+        self.done = np.zeros(self.grid, bool)
+        for r, c in self.refs:
+            self.done[r, c] = True
+
+    def locations(self, indices: Sequence[Index]) -> dict[Index, tuple[str, list[int], int]]:
+        """Where the blobs of `indices` are, for those the cache holds: region -> (its part's
+        name, "" for the cache's own files; the blob's reference; its mask side), what
+        `EmbeddingCache(segment=..., known=...)` takes."""
+        out = {}
+        for idx in indices:
+            idx = (int(idx[0]), int(idx[1]))
+            ref = self.refs.get(idx)
+            if ref is None:
+                continue
+            prefix = self.where[idx].prefix
+            part = "" if prefix == "pack" else prefix[len("seg-"):]
+            out[idx] = (part, ref.to_list(), self.mask_side.get(idx, 0))
+        return out
 
     def _empty(self) -> None:
         """Remove the cache folder's contents (only called for a recognised or owned cache)."""

@@ -27,6 +27,12 @@ from .regions import ENCODED, QUEUED, RegionBook
 Index = tuple[int, int]
 
 
+def cached_dtype(device: torch.device) -> torch.dtype:
+    """The dtype features are used in when the cache is on (read back or freshly encoded
+    alike): float32 on the CPU, bfloat16 on accelerators (half the memory of the slab)."""
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
 class RunStopped(Exception):
     """Ends the run with a Failed event (the message is args[0]); finished work is kept."""
 
@@ -133,7 +139,7 @@ class FeatureSupply:
             self.book.counts["nonfinite_pixels"] += n
             yield Notice(f"{n} non-finite pixels (NaN/inf) in regions {sorted(masks)} (as "
                          "cached): written as label 0 / no data", "nan")
-        dtype = torch.float32 if self.spec.device.type == "cpu" else torch.bfloat16
+        dtype = cached_dtype(self.spec.device)
         if found:
             self.lru.put(found, [torch.from_numpy(lv).to(self.spec.device, dtype)
                                  for lv in levels])
@@ -194,7 +200,9 @@ class FeatureSupply:
                 self.cache_sized = True
                 message, fits = cache.size_notice()
                 yield Notice(message, "cache" if fits else "warning")
-            levels = [lv.half().to(lv.dtype) for lv in levels]
+            # what a later run reads back from the cache, exactly (fp16 values, in the
+            # dtype cached features are used in on this device)
+            levels = [lv.half().to(cached_dtype(spec.device)) for lv in levels]
         self.lru.put(batch.indices, levels)
         book.advance(batch.indices, ENCODED)
         book.counts["encoded"] += len(batch.indices)

@@ -16,6 +16,10 @@ signature of the embedding cache, is the same in every worker):
   final tiles to a `PartStore` instead of a store on disk. The caller writes them into the
   real store (one writer: its lock and commit protocol stay whole).
 
+A part that reads the cache may be handed where its features are (`Part.known`, from
+`EmbeddingCache.locations`); it then reads no index file at all, which for a slide of a
+million regions would cost every part seconds.
+
 Why the results equal a single-process run's bit for bit: features come from the cache
 (fp16, as in a run with the cache), a region's features do not depend on the regions that
 share its encoder batch, crops visit in the same relative order (so blending sums in the
@@ -50,6 +54,7 @@ class Part:
     done: tuple[Index, ...] = ()  # regions: regions of the block finished before
     scene: Any = None  # regions with whole-image context: the scene part's SceneTokens
     scene_tainted: bool = False  # the scene lacked an unreadable region
+    known: dict | None = None  # where the cached features it reads are (EmbeddingCache)
 
     def __post_init__(self) -> None:
         if self.kind not in PART_KINDS:

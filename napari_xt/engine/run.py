@@ -187,6 +187,11 @@ def run(
                           cfg.crop_regions, crop_stride, strip_width)  # its option checks
     except ValueError as err:
         raise EngineInputError(str(err)) from err
+    if part is not None and budget.batch_size != batch_size:  # (features would differ)
+        raise EngineInputError(
+            f"this worker's memory caps the encoder batch at {budget.batch_size} regions, the "
+            f"run's is {batch_size}: every part must use the run's; give the run a "
+            f"{hint(spelling, 'batch_size')} of {budget.batch_size} or less")
     batch_size = budget.batch_size
     # the reads of one strip (its width, a couple of crop rows) fit; nothing more is kept
     size = plan.region_size
@@ -262,7 +267,8 @@ def _part_store(part: Any, store: Any, cache: Any, store_spec: StoreSpec,
                                "path), with the cache on")
     return PartStore(store_spec, part), EmbeddingCache(where, encoder_sig, plan.grid,
                                                        spelling=spelling,
-                                                       segment=part.segment)
+                                                       segment=part.segment,
+                                                       known=part.known)
 
 
 @dataclass(frozen=True)

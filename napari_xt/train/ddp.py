@@ -46,10 +46,17 @@ ENV_KEYS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def launched_world_size() -> int | None:
-    """The number of processes of a torchrun-style launch (WORLD_SIZE), or None outside one."""
-    if "WORLD_SIZE" not in os.environ:
+    """The number of processes of a torchrun-style launch (WORLD_SIZE), or None outside one.
+    A launch sets all of RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; a WORLD_SIZE alone
+    (left in a shell, say) is not one. A WORLD_SIZE that is not a whole number is a
+    ValueError naming it."""
+    if not all(key in os.environ for key in ENV_KEYS):
         return None
-    return int(os.environ["WORLD_SIZE"])
+    try:
+        return int(os.environ["WORLD_SIZE"])
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of "
+                         "processes") from None
 
 
 def check_global_batch(batch_size: int, world_size: int) -> None:
