@@ -107,3 +107,18 @@ def test_a_regions_position_is_its_place_in_the_first_crop_covering_it():
     assert plan.position_in_crop(10, 13) == (6, 5)  # crop (4, 8)
     assert plan.position_in_crop(2, 3) == (2, 3)
     assert RegionPlan(16 * 64, 16 * 64, 64, 8, 8).position_in_crop(10, 13) == (2, 5)
+
+
+def test_feature_slab_never_gives_two_regions_of_one_batch_the_same_slot():
+    import torch
+
+    from napari_xt.engine.pipeline import FeatureSlab
+
+    slab = FeatureSlab(2)
+    feats = lambda *v: [torch.tensor(v, dtype=torch.float32).reshape(-1, 1, 1, 1)]  # noqa: E731
+    slab.put([(0, 0), (0, 1)], feats(1.0, 2.0))
+    slab.pinned = {(0, 0)}  # the crop being assembled
+    slab.put([(1, 0), (1, 1)], feats(3.0, 4.0))  # (1, 0) may take (0, 1)'s slot, not (1, 1)
+    assert (1, 0) in slab and (1, 1) in slab and (0, 0) in slab
+    (got,) = slab.stack([(0, 0), (1, 0), (1, 1)])
+    assert got.flatten().tolist() == [1.0, 3.0, 4.0]

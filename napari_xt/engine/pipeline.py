@@ -194,11 +194,11 @@ class FeatureSlab:
         """The number of feature levels held (0 before the first `put`)."""
         return len(self.data)
 
-    def _slot(self) -> int:
+    def _slot(self, keep: set[Index] | frozenset = frozenset()) -> int:
         if self.free:
             return self.free.pop()
         for old in self.slots:  # least recently used first
-            if old not in self.pinned and old not in self.held:
+            if old not in self.pinned and old not in self.held and old not in keep:
                 return self.slots.pop(old)
         grown = []
         for d in self.data:
@@ -218,11 +218,13 @@ class FeatureSlab:
             self.data = [torch.empty((self.capacity, *lv.shape[1:]), dtype=lv.dtype,
                                      device=lv.device) for lv in levels]
             self.free = list(range(self.capacity - 1, -1, -1))
-        slots = []
-        for idx in indices:
+        slots: list[int] = []
+        placed: set[Index] = set()  # never evicted by this same call: two regions in one
+        for idx in indices:  # slot would leave one of them with the other's features
             old = self.slots.pop(idx, None)
-            slot = old if old is not None else self._slot()
+            slot = old if old is not None else self._slot(placed)
             self.slots[idx] = slot
+            placed.add(idx)
             slots.append(slot)
         where = torch.as_tensor(slots, device=self.data[0].device)
         for d, lv in zip(self.data, levels):
