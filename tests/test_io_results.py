@@ -178,3 +178,15 @@ def test_results_create_a_new_store_atomically(tmp_path):
     (tmp_path / "plain").mkdir()
     with pytest.raises(ImageIOError, match="not a zarr store"):
         write_detections(tmp_path / "plain", "x", {"y": [1.0], "x": [1.0]})
+
+
+def test_a_classification_group_without_its_record_is_named(tmp_path):
+    import zarr
+
+    from napari_xt.io.errors import ImageIOError
+    from napari_xt.io.results import read_classification
+
+    zarr.open_group(str(tmp_path / "s.zarr" / "classifications" / "c"), mode="w",
+                    zarr_format=3)
+    with pytest.raises(ImageIOError, match="holds no napari-xt record"):
+        read_classification(tmp_path / "s.zarr", "c")

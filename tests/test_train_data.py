@@ -102,6 +102,10 @@ def test_confusion_iou():
     assert cm.miou() == pytest.approx((1 / 3 + 2 / 3) / 3)
     assert cm.miou([1, 2]) == pytest.approx(1 / 3)
     assert cm.accuracy() == pytest.approx(3 / 5)
+    for wrong in (3, -1):  # a prediction outside the classes is an error, not another cell
+        with pytest.raises(ValueError, match="classes 0..2"):
+            cm.update(np.array([0]), np.array([wrong]))
+    cm.update(np.array([IGNORE_INDEX]), np.array([7]))  # (ignored truth: nothing counted)
 
 
 def test_greedy_matching_by_score_within_radius():
@@ -114,3 +118,27 @@ def test_greedy_matching_by_score_within_radius():
     det = DetectionCounts(radius=3)
     det.update(pred, [0.9, 0.8, 0.7], true)
     assert det.f1 == pytest.approx(2 * 1 / (2 * 1 + 2 + 1))
+
+
+def test_detection_metrics_follow_the_centre_map_the_loss_names():
+    import torch
+
+    from napari_xt.train.data import Sample
+    from napari_xt.train.evaluate import evaluate
+
+    class Beacons(torch.nn.Module):  # a "model" whose centre map is called "beacon"
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            b, _, h, w = x.shape
+            beacon = torch.full((b, 1, h, w), -9.0)
+            beacon[:, 0, 8, 8] = 9.0
+            return {"logits": torch.zeros(b, 2, h, w), "beacon": beacon}
+
+    sample = Sample(np.zeros((1, 16, 16), np.float32), np.zeros((16, 16), np.int64),
+                    np.array([[8.5, 8.5]]), np.array([2.0]))
+    assert "det_f1" not in evaluate(Beacons(), [sample], 2)  # no "centre" output
+    metrics = evaluate(Beacons(), [sample], 2, centre_map="beacon")
+    assert metrics["det_f1"] == pytest.approx(1.0)

@@ -369,7 +369,10 @@ def read_classification(store: str | os.PathLike, name: str) -> dict[str, Any]:
     fmt = zarr_format(path)
     if fmt is None:
         raise ImageIOError(f"{path}: no classification {name!r} in {store}")
-    return dict(group_attrs(path, fmt)["napari-xt"]["record"])
+    record = (group_attrs(path, fmt).get("napari-xt") or {}).get("record")
+    if not isinstance(record, dict):
+        raise ImageIOError(f"{path}: the classification {name!r} holds no napari-xt record")
+    return dict(record)
 
 
 # --------------------------------------------------------------------------- listing

@@ -51,8 +51,11 @@ def evaluate(
     threshold: float = 0.3,
     min_distance: int = 3,
     batch_size: int = 2,
+    centre_map: str = "centre",
+    size_map: str = "size",
 ) -> dict[str, float]:
-    """Metrics of `model` on `samples` (whole images; detection when the model has a centre map).
+    """Metrics of `model` on `samples` (whole images; detection when the model has the
+    `centre_map` output, sizes from `size_map`: the names the loss trained them under).
 
     Returns iou_<name> per class, miou, miou_context (mean over `context_classes`),
     pixel_accuracy and, for detection, det_precision, det_recall, det_f1.
@@ -67,9 +70,9 @@ def evaluate(
         pred = maps["logits"].argmax(dim=1).numpy()  # (B, H, W)
         for s, p in zip(chunk, pred):
             confusion.update(s.mask, p)
-        if "centre" in maps:
+        if centre_map in maps:
             has_centre = True
-            points = predicted_points(maps, threshold, min_distance)
+            points = predicted_points(maps, threshold, min_distance, centre_map, size_map)
             for b, s in enumerate(chunk):
                 mine = points[points["batch"] == b]
                 detection.update(

@@ -273,6 +273,7 @@ class Trainer(StreamedStep):
         return evaluate(
             self.model, samples, self.model_config.num_classes, self.class_names,
             e.context_classes, e.radius, e.threshold, e.min_distance,
+            centre_map=self.cfg.loss.centre_map, size_map=self.cfg.loss.size_map,
         )
 
     def _metadata(self) -> dict[str, str]:

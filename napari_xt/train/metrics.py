@@ -29,6 +29,10 @@ class ConfusionMatrix:
             raise ValueError(f"truth {truth.shape} and prediction {pred.shape} differ")
         keep = (truth != self.ignore_index) & (truth >= 0) & (truth < self.num_classes)
         k = self.num_classes
+        bad = keep & ((pred < 0) | (pred >= k))
+        if bad.any():  # (it would be counted in another class's cell)
+            raise ValueError(f"predictions must be classes 0..{k - 1}, got "
+                             f"{int(pred[bad][0])}")
         self.matrix += np.bincount(truth[keep] * k + pred[keep], minlength=k * k).reshape(k, k)
 
     def iou(self) -> np.ndarray:

@@ -87,10 +87,16 @@ class ResultReader:
         return [(int(r), int(c)) for r, c in np.argwhere(self.region_status() == DONE)]
 
     def read_region(self, name: str, idx: Index) -> np.ndarray | None:
-        """Level-0 tile of output `name` ("labels" | "probabilities") of a region."""
+        """Level-0 tile of output `name` ("labels" | "probabilities") of a region; None
+        when the store has no such output or the region is not done (as the journal read at
+        the first call records it): a region not done has no tile, never zeros."""
         import zarr
 
         if name not in self.outputs:
+            return None
+        if getattr(self, "_status", None) is None:
+            self._status = self.region_status()
+        if self._status[tuple(idx)] != DONE:
             return None
         s = self.tiling.region_size
         y0, x0 = idx[0] * s, idx[1] * s
