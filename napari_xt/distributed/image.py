@@ -156,15 +156,15 @@ def run_part(image: str, model: tuple[str, int | None], store: str, part: Part,
 
 
 def _worker_device(devices: Sequence[str]) -> str:
-    """The device of this worker of a local cluster: `devices[worker number]`."""
+    """The device of this worker of a local cluster: `devices[worker number]` (a local
+    cluster numbers its workers 0, 1, ...; devices are refused for other clusters)."""
     from distributed import get_worker
 
     name = get_worker().name
-    try:
-        number = int(name)
-    except (TypeError, ValueError):
-        number = abs(hash(name))
-    return str(devices[number % len(devices)])
+    if not isinstance(name, int):
+        raise RuntimeError(f"worker {name!r} has no number: devices are for the workers of "
+                           "a local cluster")
+    return str(devices[name % len(devices)])
 
 
 def block_grid(grid: tuple[int, int], side: int) -> list[Box]:
@@ -550,7 +550,7 @@ def _result(future: Any, pending: Any) -> PartResult | BaseException | None:
         return future.exception()
     if future.status == "finished":
         try:
-            result = future.result(timeout=60)
+            result = future.result(timeout=10)
         except Exception:  # noqa: BLE001 - gone with its worker: rescheduled by the cluster
             result = None
         else:
