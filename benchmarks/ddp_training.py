@@ -9,8 +9,12 @@ run's `train_log.jsonl`, after `--warmup` steps (process start, model build and 
 steps are left out). Prints steps/s of each and the ratio to the baseline, and checks that
 every way logged the same losses (the global batch is the same).
 
+With `--device cuda` (a machine with `--nproc` GPUs; NCCL) the ways are one process on one
+GPU (the baseline) and `--nproc` processes, one GPU each; `benchmarks/gpu_engine.py` runs
+it so on a machine with 2 or more GPUs.
+
 Run: python benchmarks/ddp_training.py [--steps 20] [--warmup 3] [--nproc 2] [--threads 2]
-     [--batch 4] [--json out.json]
+     [--batch 4] [--device cpu|cuda] [--json out.json]
 """
 
 from __future__ import annotations
@@ -38,10 +42,11 @@ def _config(folder: Path, batch: int) -> Path:
     return path
 
 
-def _run(config: Path, out: Path, steps: int, nproc: int, threads: int) -> tuple[float, list]:
+def _run(config: Path, out: Path, steps: int, nproc: int, threads: int,
+         device: str = "cpu") -> tuple[float, list]:
     """Train; returns (wall seconds of the command, step events)."""
     argv = [sys.executable, "-m", "napari_xt", "train", str(config), "--out", str(out),
-            "--steps", str(steps), "--threads", str(threads)]
+            "--steps", str(steps), "--threads", str(threads), "--device", device]
     if nproc > 1:
         argv += ["--nproc", str(nproc)]
     t0 = time.perf_counter()
@@ -58,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="torch threads in all")
     p.add_argument("--batch", type=int, default=4, help="the global batch")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.steps <= args.warmup:
@@ -65,13 +71,17 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="xt-ddp-"))
     config = _config(work, args.batch)
-    ways = [("1 process, 1 thread", 1, 1), (f"1 process, {args.threads} threads", 1,
-                                             args.threads),
-            (f"{args.nproc} processes", args.nproc, max(1, args.threads // args.nproc))]
+    if args.device == "cuda":  # one GPU against one GPU per process
+        ways = [("1 process, 1 GPU", 1, args.threads),
+                (f"{args.nproc} processes, 1 GPU each", args.nproc, args.threads)]
+    else:
+        ways = [("1 process, 1 thread", 1, 1), (f"1 process, {args.threads} threads", 1,
+                                                 args.threads),
+                (f"{args.nproc} processes", args.nproc, max(1, args.threads // args.nproc))]
     rows, losses = [], {}
     for k, (mode, nproc, threads) in enumerate(ways):
         load = os.getloadavg()[0]
-        wall, steps = _run(config, work / f"run{k}", args.steps, nproc, threads)
+        wall, steps = _run(config, work / f"run{k}", args.steps, nproc, threads, args.device)
         timed = steps[args.warmup - 1:]
         seconds = timed[-1]["elapsed"] - timed[0]["elapsed"]
         rate = (len(timed) - 1) / seconds
@@ -82,13 +92,12 @@ def main(argv: list[str] | None = None) -> int:
                      "load_before": load})
         print(f"{mode:>24}: {rate:6.2f} steps/s  ({len(timed) - 1} steps in {seconds:6.1f} s; "
               f"command {wall:6.1f} s; load before {load:.1f})", flush=True)
-    base = rows[1]["steps_per_s"]
+    base_row, many = rows[-2], rows[-1]  # (one process with every thread or its GPU)
     for row in rows:
-        row["ratio_to_baseline"] = row["steps_per_s"] / base
+        row["ratio_to_baseline"] = row["steps_per_s"] / base_row["steps_per_s"]
     first = next(iter(losses.values()))
     spread = max(abs(a - b) / abs(b) for ls in losses.values() for a, b in zip(ls, first))
-    print(f"{rows[2]['mode']} / {rows[1]['mode']}: {rows[2]['ratio_to_baseline']:.2f}x; "
-          f"/ {rows[0]['mode']}: {rows[2]['steps_per_s'] / rows[0]['steps_per_s']:.2f}x; "
+    print(f"{many['mode']} / {base_row['mode']}: {many['ratio_to_baseline']:.2f}x; "
           f"largest relative difference of the logged losses {spread:.1e}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "cpu_count": os.cpu_count(),

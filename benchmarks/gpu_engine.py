@@ -248,6 +248,15 @@ def main() -> None:
     if gpus >= 2 or dry:
         devices = [f"cuda:{i}" for i in range(gpus)] if gpus >= 2 else ["cpu", "cpu"]
         results["multi_gpu"] = multi_gpu(scene[:small, :small], model, work, devices, batch)
+    if gpus >= 2:  # data-parallel training over every GPU (NCCL) against one
+        import subprocess
+        import sys
+
+        ddp = work / "ddp_gpu.json"
+        subprocess.run([sys.executable, str(Path(__file__).with_name("ddp_training.py")),
+                        "--device", "cuda", "--nproc", str(gpus), "--batch", str(4 * gpus),
+                        "--json", str(ddp)], check=True)
+        results["ddp_gpu"] = json.loads(ddp.read_text())
     results["total_s"] = time.perf_counter() - t_start
 
     print(f"\n{name}, torch {torch.__version__}, {results['model']}, batch {batch}, "
