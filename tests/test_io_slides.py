@@ -157,6 +157,40 @@ def test_a_dicom_slide_made_from_the_aperio_file_reads_back_equal(dicom_slide, t
     np.testing.assert_array_equal(np.asarray(out.to_yxc(0)), np.asarray(a.levels[0]))
 
 
+def test_the_optical_paths_of_a_dicom_slide_are_its_channels(dicom_slide, tmp_path):
+    """A slide with a second optical path: the converted slide's image instances again,
+    under optical path 1 (new instance UIDs, written by pydicom); each path's channels side
+    by side, named by the path's description, and through to OME-Zarr."""
+    import shutil
+
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from napari_xt.io import convert
+
+    two = tmp_path / "two-paths"
+    shutil.copytree(dicom_slide, two)
+    for f in sorted(two.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        if "VOLUME" not in ds.ImageType:
+            continue
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.OpticalPathSequence[0].OpticalPathIdentifier = "1"
+        ds.OpticalPathSequence[0].OpticalPathDescription = "second path"
+        ds.save_as(two / f"{f.stem}-path1.dcm")
+    one, both = open_image(dicom_slide), open_image(two)
+    assert both.levels[0].shape == (*one.levels[0].shape[:2], 6)
+    assert both.channel_names == ("optical path 0 R", "optical path 0 G", "optical path 0 B",
+                                  "second path R", "second path G", "second path B")
+    window = np.asarray(both.levels[0][100:180, 200:300])
+    expected = np.asarray(one.levels[0][100:180, 200:300])
+    np.testing.assert_array_equal(window[..., :3], expected)
+    np.testing.assert_array_equal(window[..., 3:], expected)
+    out = convert(str(two), str(tmp_path / "two.ome.zarr"))
+    assert out.channel_names == both.channel_names
+    np.testing.assert_array_equal(np.asarray(out.to_yxc(0))[100:180, 200:300], window)
+
+
 def test_the_dicom_extra_missing_is_one_line_naming_it(dicom_slide, monkeypatch):
     monkeypatch.setitem(sys.modules, "wsidicom", None)
     with pytest.raises(ImageIOError, match=r"needs wsidicom .*napari-xt\[dicom\]"):

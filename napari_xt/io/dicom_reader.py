@@ -96,23 +96,70 @@ def _slide_files(path: Path, where: str) -> list[str] | str:
     return next(iter(series.values()))
 
 
-class _Level:
-    """One pyramid level as an array-like (H, W, 3) uint8 for `lazy_array`."""
+_MODES = {"RGB": (3, np.uint8), "RGBA": (3, np.uint8), "YCbCr": (3, np.uint8),
+          "L": (1, np.uint8), "I;16": (1, np.uint16), "I": (1, np.uint16)}
 
-    def __init__(self, wsi: Any, level: Any, lock: threading.Lock) -> None:
+
+def _path_channels(wsi: Any, path: str, where: str) -> tuple[int, np.dtype]:
+    """(channels, dtype) of one optical path, from a one-pixel read of its smallest level."""
+    level = int(wsi.levels[-1].level)
+    mode = wsi.read_region((0, 0), level, (1, 1), path=path).mode
+    if mode not in _MODES:
+        raise ImageIOError(f"{where}: optical path {path!r} has pixels of mode {mode!r}, "
+                           "which napari-xt does not read")
+    channels, dtype = _MODES[mode]
+    return channels, np.dtype(dtype)
+
+
+class _Level:
+    """One pyramid level as an array-like (H, W, C) for `lazy_array`: the optical paths'
+    channels side by side (an RGB path gives 3, a monochrome one 1)."""
+
+    def __init__(self, wsi: Any, level: Any, lock: threading.Lock,
+                 paths: list[tuple[str, int]], dtype: np.dtype) -> None:
         self.wsi, self.level = wsi, int(level.level)
-        self.shape = (int(level.size.height), int(level.size.width), 3)
-        self.dtype = np.dtype(np.uint8)
+        self.paths = paths  # (optical path identifier, its channels)
+        self.shape = (int(level.size.height), int(level.size.width),
+                      sum(c for _, c in paths))
+        self.dtype = np.dtype(dtype)
         self.ndim = 3
         self._lock = lock
 
     def __getitem__(self, key: Any) -> np.ndarray:
         y0, y1, x0, x1, rest = window_of(key, self.shape)
+        out = np.zeros((max(0, y1 - y0), max(0, x1 - x0), self.shape[2]), self.dtype)
         if y1 <= y0 or x1 <= x0:
-            return np.zeros((y1 - y0, x1 - x0, 3), np.uint8)[rest]
-        with self._lock:
-            region = self.wsi.read_region((x0, y0), self.level, (x1 - x0, y1 - y0))
-        return np.asarray(region.convert("RGB"))[rest]
+            return out[rest]
+        start = 0
+        for path, channels in self.paths:
+            with self._lock:
+                region = self.wsi.read_region((x0, y0), self.level, (x1 - x0, y1 - y0),
+                                              path=path if len(self.paths) > 1 else None)
+            pixels = np.asarray(region.convert("RGB") if channels == 3 else region)
+            out[..., start:start + channels] = pixels.reshape(*out.shape[:2], channels)
+            start += channels
+        return out[rest]
+
+
+def _channel_names(wsi: Any, paths: list[tuple[str, int]]) -> tuple[str, ...] | None:
+    """Names of the channels of several optical paths (their descriptions, else their
+    identifiers; R, G, B for an RGB path); None for one RGB path."""
+    if len(paths) == 1:
+        return None
+    described = {}
+    for instance in getattr(wsi.levels[0], "instances", {}).values():
+        try:
+            for item in instance.datasets[0].OpticalPathSequence:
+                text = str(getattr(item, "OpticalPathDescription", "") or "")
+                if text:
+                    described[str(item.OpticalPathIdentifier)] = text
+        except (AttributeError, IndexError, TypeError):
+            continue
+    names = []
+    for path, channels in paths:
+        name = described.get(path, f"optical path {path}")
+        names += [f"{name} {c}" for c in "RGB"] if channels == 3 else [name]
+    return tuple(names)
 
 
 def open_dicom(path: str | os.PathLike, *, where: str | None = None) -> MultiscaleImage:
@@ -131,11 +178,20 @@ def open_dicom(path: str | os.PathLike, *, where: str | None = None) -> Multisca
         raise ImageIOError(f"{where}: not a readable DICOM whole-slide image: "
                            f"{type(err).__name__}: {err}") from err
     lock = threading.Lock()
+    ids = sorted((str(p) for p in (wsi.levels[0].optical_paths or ["0"])),
+                 key=lambda p: (not p.isdigit(), int(p) if p.isdigit() else 0, p))
+    paths, dtypes = [], []
+    for path in ids:  # optical paths as channels (one RGB path: the usual brightfield slide)
+        channels, dtype = _path_channels(wsi, path, where) if len(ids) > 1 else (3, np.uint8)
+        paths.append((path, channels))
+        dtypes.append(dtype)
+    dtype = np.result_type(*dtypes)
     levels = []
     for level in wsi.levels:
-        arr = _Level(wsi, level, lock)
+        arr = _Level(wsi, level, lock, paths, dtype)
         tile = level.tile_size
-        chunks = (min(int(tile.height), arr.shape[0]), min(int(tile.width), arr.shape[1]), 3)
+        chunks = (min(int(tile.height), arr.shape[0]), min(int(tile.width), arr.shape[1]),
+                  arr.shape[2])
         levels.append(lazy_array(arr, f"{where} level {arr.level}", chunks))
     spacing = wsi.levels[0].pixel_spacing  # millimetres
     pixel_size = None
@@ -147,7 +203,8 @@ def open_dicom(path: str | os.PathLike, *, where: str | None = None) -> Multisca
             associated[name] = np.asarray(read().convert("RGB"))
         except Exception:  # noqa: BLE001 - a slide without one
             continue
-    return MultiscaleImage(levels, "YXC", np.uint8, pixel_size=pixel_size,
+    return MultiscaleImage(levels, "YXC", dtype, channel_names=_channel_names(wsi, paths),
+                           pixel_size=pixel_size,
                            unit="micrometer" if pixel_size else None,
                            source=f"DICOM WSI ({where})", paths=(os.path.abspath(folder),),
                            resources=(wsi,), associated=associated)
