@@ -352,7 +352,7 @@ def test_slide_levels_index_like_numpy_arrays(dicom_slide):
 
     levels = [SlideLevel(slide, 0, (255, 255, 255), threading.Lock())]
     wsi = open_image(dicom_slide).resources[0]
-    levels.append(DicomLevel(wsi, wsi.levels[0], threading.Lock()))
+    levels.append(DicomLevel(wsi, wsi.levels[0], threading.Lock(), [("0", 3)], np.uint8))
     keys = [(slice(10, 50, 3), slice(None, 40), 1), (5, slice(2900, None)),
             (slice(2960, 4000), slice(-20, None)), (slice(100, 90), slice(0, 10)),
             (-1, -1)]
