@@ -57,7 +57,7 @@ $(DOCS_STAMP): $(STAMP)
 
 docs: $(DOCS_STAMP)
 	$(PY) scripts/check_docstrings.py
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 	@echo "documentation site: site/index.html"
 
 # The sdist and the wheel built, the wheel installed without extras into fresh venvs (newest

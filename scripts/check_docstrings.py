@@ -26,11 +26,26 @@ def _public_module(path: Path) -> bool:
     return not any(p.startswith("_") for p in parts)
 
 
+def _definitions(node: ast.AST):
+    """The definitions directly in `node`, also those inside its if / try / with blocks
+    (definitions made conditionally are public all the same)."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            yield child
+        elif isinstance(child, (ast.If, ast.Try, ast.With, ast.ExceptHandler)):
+            yield from _definitions(child)
+        elif hasattr(ast, "TryStar") and isinstance(child, ast.TryStar):
+            yield from _definitions(child)
+
+
+def _documented(node: ast.AST) -> bool:
+    text = ast.get_docstring(node)
+    return bool(text and text.strip())  # (an empty docstring documents nothing)
+
+
 def _missing_in(node: ast.AST, prefix: str) -> list[str]:
     out = []
-    for child in ast.iter_child_nodes(node):
-        if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            continue
+    for child in _definitions(node):
         name = child.name
         if name.startswith("_"):
             continue
@@ -38,7 +53,7 @@ def _missing_in(node: ast.AST, prefix: str) -> list[str]:
         if "overload" in decorators:
             continue
         qual = f"{prefix}.{name}"
-        if ast.get_docstring(child) is None:
+        if not _documented(child):
             out.append(qual)
         if isinstance(child, ast.ClassDef):
             out.extend(_missing_in(child, qual))
@@ -55,7 +70,7 @@ def missing() -> list[str]:
             mod = ".".join(path.relative_to(ROOT).with_suffix("").parts)
             mod = mod.removesuffix(".__init__")
             tree = ast.parse(path.read_text())
-            if ast.get_docstring(tree) is None:
+            if not _documented(tree):
                 out.append(f"{mod} (module)")
             out.extend(_missing_in(tree, mod))
     return out

@@ -86,3 +86,29 @@ def test_the_zoo_table_lists_every_model_with_its_counted_parameters():
     assert [r.split("`")[1] for r in rows] == list_models()
     base = next(r for r in rows if r.startswith("| `swinv2_t_baseline`"))
     assert "30.82M" in base and f"{PAPER_PARAMS['swinv2_t_baseline']}M" in base
+
+
+def test_the_docstring_check_sees_conditional_and_empty_definitions():
+    import ast
+
+    check = _script("check_docstrings")
+    source = ('if True:\n    def made_if():\n        pass\n'
+              'try:\n    class MadeInTry:\n        def method(self):\n            """Yes."""\n'
+              'except ImportError:\n    pass\n'
+              'def empty():\n    ""\n'
+              'def _private():\n    pass\n')
+    assert check._missing_in(ast.parse(source), "m") == ["m.made_if", "m.MadeInTry", "m.empty"]
+
+
+@pytest.mark.slow
+def test_the_site_builds_with_warnings_as_errors(tmp_path):
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f",
+                           str(ROOT / "mkdocs.yml"), "-d", str(tmp_path / "site")],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "WARNING" not in done.stderr
+    page = (tmp_path / "site" / "reference" / "cli" / "index.html").read_text()
+    assert "--devices" in page and "napari-xt predict" in page
+    api = (tmp_path / "site" / "reference" / "api" / "model" / "index.html").read_text()
+    assert "R*h*w" in api  # shapes in docstrings are not taken for emphasis

@@ -205,6 +205,7 @@ def test_a_failing_rank_ends_the_launch_promptly(tmp_path, capfd):
     # both fail at once: the launcher names whichever it saw end first (or both)
     assert re.search(r"napari-xt train: rank [01] \(exit code 2\)(, rank 1 \(exit code 2\))? "
                      r"failed", err), err
+    assert not (tmp_path / "empty").exists()  # a refused resume writes nothing
 
 
 @pytest.mark.slow
@@ -286,3 +287,16 @@ def test_a_stray_world_size_is_not_a_launch_and_a_bad_one_is_named(monkeypatch, 
     monkeypatch.setenv("WORLD_SIZE", "abc")
     assert main(["train", str(_config(tmp_path)), "--out", str(tmp_path / "run")]) == 2
     assert "WORLD_SIZE='abc' is not a number of processes" in capsys.readouterr().err
+
+
+def test_a_trained_batchnorm_is_refused_for_several_processes():
+    import types
+
+    from napari_xt.train.ddp import data_parallel
+
+    model = torch.nn.Module()
+    model.region_encoder = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+    model.head = torch.nn.Linear(4, 2)
+    world = types.SimpleNamespace(device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="region_encoder.1 is a BatchNorm layer"):
+        data_parallel(model, None, world)

@@ -184,16 +184,17 @@ def _train(args: argparse.Namespace, cfg, config_path: Path, out: Path, world) -
     except (ValueError, KeyError, FileNotFoundError, CheckpointError) as exc:
         print(f"{where}: {config_path}: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.yaml").write_text(config_path.read_text())
-    if args.resume:
+    step = None
+    if args.resume:  # (before anything is written: a refused resume leaves the run as it was)
         try:
             step = trainer.resume()
         except (FileNotFoundError, ValueError) as exc:
             print(f"{where}: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        if main:
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.yaml").write_text(config_path.read_text())
+        if step is not None:
             print(f"resumed at step {step}", flush=True)
     try:
         trainer.fit(args.steps)

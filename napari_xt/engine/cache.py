@@ -66,7 +66,7 @@ def _read_meta(path: Path) -> dict[str, Any] | None:
 
 
 def _is_legacy_cache(path: Path) -> bool:
-    """An embedding cache written by napari-xt 0.1 (zarr arrays level_<l> and done)."""
+    """An embedding cache written by napari-xt 0.1 (zarr arrays `level_<l>` and `done`)."""
     try:
         meta = json.loads((path / "zarr.json").read_text())
     except (OSError, ValueError):

@@ -2,7 +2,8 @@
 
 Which official forward this reproduces
 --------------------------------------
-The official xT iNaturalist classifier (``cls_head: xl``, e.g. Swin-T <xT> Hyper 512/256):
+The official xT iNaturalist classifier (``cls_head: xl``, e.g. the paper's `Swin-T <xT>`
+Hyper 512/256):
 
 1. a 512 px crop (B, 3, 512, 512) is cut into 2 x 2 regions of 256 px, in raster order;
 2. the region encoder (timm ``swinv2_*_window16_256``, ``features_only``) runs on every region;

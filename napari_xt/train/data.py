@@ -1,6 +1,7 @@
 """Training data: synthetic scenes or (image, mask, points) pairs stored in zarr.
 
 A training pair store is a zarr group with
+
 - ``image``: (C, H, W) or (H, W) array (any numeric dtype; read as float32),
 - ``mask``: (H, W) integer class map (``ignore_index``, 255 by default, is not scored),
 - optionally ``points``: a group of 1-D arrays ``y`` and ``x`` (pixel centres of detection

@@ -185,6 +185,15 @@ def data_parallel(model: torch.nn.Module, token_head: torch.nn.Module | None,
     # (e.g. depthwise convolution weights) is copied into DDP's bucket as it is; torch's note
     # about it says nothing about correctness
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    norms = [f"{child}.{name}" for child, module in model.named_children()
+             if any(p.requires_grad for p in module.parameters())  # (trains: in train mode)
+             for name, m in module.named_modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if norms:
+        raise ValueError(f"{norms[0]} is a BatchNorm layer ({len(norms)} in all): each process "
+                         "would normalize its own share of the batch, so several processes "
+                         "would not take the steps of one; train this model in one process, "
+                         "or freeze the module that holds them (run.freeze)")
     ids = [world.device.index] if world.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(
         TrainedModules(model, token_head), device_ids=ids, find_unused_parameters=True)

@@ -57,7 +57,7 @@ def evaluate(
     """Metrics of `model` on `samples` (whole images; detection when the model has the
     `centre_map` output, sizes from `size_map`: the names the loss trained them under).
 
-    Returns iou_<name> per class, miou, miou_context (mean over `context_classes`),
+    Returns `iou_<name>` per class, miou, miou_context (mean over `context_classes`),
     pixel_accuracy and, for detection, det_precision, det_recall, det_f1.
     """
     confusion = ConfusionMatrix(num_classes)

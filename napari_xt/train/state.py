@@ -57,7 +57,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     py = json.loads(bytes(state["python"].numpy().tobytes()).decode())
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # the devices this process sees now (a resume on a machine, or under a
+        # CUDA_VISIBLE_DEVICES, with fewer GPUs than the run that saved them)
+        for index, saved in enumerate(list(state["cuda"])[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(saved, index)
 
 
 def save_training_state(

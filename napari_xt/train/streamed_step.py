@@ -1,6 +1,7 @@
 """Loss and gradients of one batch, streamed: the forward/backward half of `Trainer`.
 
 Memory stays bounded by three options of `RunSpec`:
+
 - `stream_rows`: the crop is processed in bands of region rows; the context state (e.g. the
   Transformer-XL memory, already detached by the encoder) is carried from band to band and
   every band is backpropagated on its own, so activations of one band live at a time. The loss

@@ -1,6 +1,7 @@
 """Angular-LSH HyperAttention (Han et al., 2023), deterministic variant.
 
 What is implemented:
+
 - Hashing: `P` random hyperplanes (a `(head_dim, P)` tensor the caller stores as a buffer);
   the sign pattern of a vector is read as a Gray code and decoded to an integer bucket in
   `[0, 2**P)`, so buckets adjacent in sort order differ by one hyperplane.
