@@ -84,6 +84,9 @@ def test_a_global_batch_the_processes_cannot_share_is_refused(tmp_path, capsys):
 def test_launches_that_cannot_work_are_refused_before_any_process_starts(
         tmp_path, capsys, monkeypatch):
     config, out = _config(tmp_path), tmp_path / "run"
+    for flag in ("--steps", "--threads"):  # (-1 trained nothing, or ended in a traceback)
+        assert main(["train", str(config), "--out", str(out), flag, "-1"]) == 2
+        assert f"{flag} must be at least 1, not -1" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["train", str(config), "--out", str(out), "--nproc", "2",
                      "--device", "cuda"]) == 2

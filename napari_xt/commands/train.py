@@ -90,6 +90,10 @@ def run(args: argparse.Namespace) -> int:
     from napari_xt.train.ddp import check_devices, check_global_batch, launched_world_size
 
     config_path = Path(args.config)
+    for option, value in (("--steps", args.steps), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            print(f"napari-xt train: {option} must be at least 1, not {value}", file=sys.stderr)
+            return EXIT_USAGE
     if not config_path.is_file():
         print(f"napari-xt train: no config file {config_path}", file=sys.stderr)
         return EXIT_USAGE
