@@ -161,6 +161,17 @@ def test_what_cannot_be_split_is_refused_before_any_work(scene, tmp_path):
     assert not out.exists()
 
 
+def test_a_part_of_a_classifiers_run_is_refused(scene, tmp_path):
+    from napari_xt.engine.parts import Part
+    from napari_xt.model import create_model
+
+    with torch.device("meta"):  # (refused before anything is read or built)
+        classifier = create_model("xt_tiny_demo")
+    with pytest.raises(EngineInputError, match="classifier's run is not split"):
+        run(str(scene), classifier, tmp_path / "x.zarr", part=Part("encode", "e0"))
+    assert not (tmp_path / "x.zarr").exists()
+
+
 def test_a_rebuild_refused_by_a_live_run_empties_nothing(tmp_path):
     """A cache rebuild waits for the lock before it empties: a live run's cache (and its
     parts) are left whole when the lock is refused."""

@@ -96,8 +96,9 @@ class PartStore(InMemory):
             self.failed[tuple(idx)] = reason
 
     def put_crop(self, index: int, logits: np.ndarray) -> None:
-        """Never called: classifiers are not split into parts (raises)."""
-        raise NotImplementedError("a classifier's run is not split into parts")
+        """Unreachable: `run` refuses a part of a classifier's run (its record is one per
+        image); raises should that ever change."""
+        raise RuntimeError("a classifier's run is not split into parts")
 
     def region_status(self) -> np.ndarray:
         """(rows, cols) uint8: DONE for regions outside the block or finished, FAILED for

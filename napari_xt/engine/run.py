@@ -147,6 +147,9 @@ def run(
         raise EngineInputError(f"blend must be one of {BLENDS}, not {blend!r}")
     if batch_size < 1:
         raise EngineInputError(f"batch_size must be >= 1, got {batch_size}")
+    if part is not None and cfg.head.kind == "classification":
+        raise EngineInputError("a classifier's run is not split into parts (it gives one "
+                               "record per image); run it in one process")
     context = context or cfg.context_mode
     if context not in CONTEXTS:
         raise EngineInputError(f"context must be one of {CONTEXTS}, not {context!r}")
