@@ -21,7 +21,7 @@ from _store_cases import (  # the autouse _small_shards: shards of 2 x 2 regions
 
 from napari_xt.cli import main
 from napari_xt.distributed import block_grid, run_distributed
-from napari_xt.distributed.image import default_block_side, make_schedule
+from napari_xt.distributed.schedule import default_block_side, make_schedule
 from napari_xt.engine import (
     Cancelled,
     EngineInputError,

@@ -27,215 +27,24 @@ Not split: classifiers (one record per image, cheap to run where it is), `carry_
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
-
-import numpy as np
 
 from napari_xt.engine import EngineInputError
 from napari_xt.engine import events as ev
 from napari_xt.engine.parts import Part
 from napari_xt.engine.regions import RegionBook
-from napari_xt.io.box import Box
 
-from .cluster import (
-    ClusterCancel,
-    as_they_end,
-    connect,
-    default_threads,
-    model_for,
-    tune_malloc,
-)
+from .cluster import ClusterCancel, as_they_end, connect, default_threads, model_for
+from .schedule import block_grid, default_block_side, make_schedule
+from .worker import PartResult, Shipped, run_part
 
 Index = tuple[int, int]
-
-
-@dataclass
-class PartResult:
-    """What a part hands back to the coordinating process."""
-
-    kind: str
-    block: int
-    outcome: str  # "finished" | "cancelled" | "failed"
-    message: str = ""
-    counts: dict[str, int] = field(default_factory=dict)
-    tiles: list[Any] = field(default_factory=list)  # RegionTiles of the block's regions
-    failed: dict[Index, str] = field(default_factory=dict)
-    scene: Any = None  # SceneTokens (the scene part)
-    scene_tainted: bool = False
-    notices: list[tuple[str, str]] = field(default_factory=list)  # (message, kind)
-    regions: tuple[Index, ...] = ()  # encode: the regions it encoded or read
-    refs: dict = field(default_factory=dict)  # encode: where their features are now
-    seconds: float = 0.0
-    worker: str = ""
-
-
-@dataclass(frozen=True)
-class Shipped:
-    """An image that is not a path (an array, a pyramid), sent to the workers once: dask
-    would take a bare dask array for work to schedule, not data to hand over."""
-
-    value: Any
-
-
-def run_part(image: str, model: tuple[str, int | None], store: str, part: Part,
-             options: dict[str, Any], threads: int | None = None,
-             devices: Sequence[str] | None = None, cancel: Any = None, block: int = -1,
-             scene: Any = None, after: Sequence[Any] = ()) -> PartResult:
-    """Run one part in this (worker) process. `model`: (choice, in_chans) as `model_for`
-    takes them; `scene`: the scene part's result, when the part reads whole-image context;
-    `after`: results of the parts it waited for (only the order matters)."""
-    import dask
-
-    from napari_xt.engine import run
-
-    t0 = time.perf_counter()
-    worker = f"{os.uname().nodename}:{os.getpid()}"
-    result = PartResult(part.kind, block, "cancelled", regions=part.regions, worker=worker)
-    if (cancel is not None and cancel()) or (scene is not None and
-                                             scene.outcome == "cancelled"):
-        return result  # (queued parts of a cancelled run do no set-up at all)
-    tune_malloc()
-    if threads:
-        import torch
-
-        torch.set_num_threads(int(threads))
-    options = dict(options)
-    if devices:
-        options["device"] = _worker_device(devices)
-    known = None
-    if part.kind != "encode":  # where the features it reads are: known before, or just made
-        known = dict(part.known or {})
-        for done in after:
-            known.update(getattr(done, "refs", None) or {})
-    tainted = part.scene_tainted
-    if scene is not None:
-        if scene.outcome != "finished":
-            raise RuntimeError(f"the scene part did not finish: {scene.message}")
-        tainted = scene.scene_tainted
-    part = Part(part.kind, part.segment, part.regions, part.block, part.done,
-                scene.scene if scene is not None else part.scene, tainted, known)
-    if isinstance(image, Shipped):
-        image = image.value
-    net, _ = model_for(*model)
-    result.outcome = "failed"
-    # the part's reads stay in this process: on a cluster worker dask would otherwise hand
-    # them to the cluster's scheduler (shipping every tile's pixels around)
-    with dask.config.set(scheduler="threads"):
-        execution = run(image, net, store, cancel=cancel, part=part, **options)
-        for e in execution:
-            if isinstance(e, ev.Notice):
-                result.notices.append((e.message, e.kind))
-            elif isinstance(e, ev.Finished):
-                result.outcome, result.counts = "finished", dict(e.counts)
-                result.scene = e.summary.get("scene")
-                result.scene_tainted = bool(e.summary.get("scene_tainted", False))
-            elif isinstance(e, ev.Cancelled):
-                result.outcome = "cancelled"
-            elif isinstance(e, ev.Failed):
-                result.outcome, result.message = "failed", e.message
-    sink = execution.store
-    own = (set(part.regions) if part.block is None else
-           {(r, c) for r in range(part.block.y0, part.block.y1)
-            for c in range(part.block.x0, part.block.x1)})
-    # (a region outside the part's own failing to read is the business of the part that owns
-    # it: reported once, never over a tile that part wrote)
-    result.tiles = sink.tiles
-    result.failed = {i: why for i, why in sink.failed.items() if i in own}
-    if part.kind == "encode" and execution.cache is not None:
-        result.refs = execution.cache.locations(part.regions)
-    if execution.book is not None and result.outcome != "finished":
-        result.counts = dict(execution.book.counts)
-    result.seconds = time.perf_counter() - t0
-    return result
-
-
-def _worker_device(devices: Sequence[str]) -> str:
-    """The device of this worker of a local cluster: `devices[worker number]` (a local
-    cluster numbers its workers 0, 1, ...; devices are refused for other clusters)."""
-    from distributed import get_worker
-
-    name = get_worker().name
-    if not isinstance(name, int):
-        raise RuntimeError(f"worker {name!r} has no number: devices are for the workers of "
-                           "a local cluster")
-    return str(devices[name % len(devices)])
-
-
-def block_grid(grid: tuple[int, int], side: int) -> list[Box]:
-    """Blocks of `side` x `side` regions (clipped at the grid's edges), raster order."""
-    rows, cols = grid
-    side = max(1, int(side))
-    return [Box(r, c, min(r + side, rows), min(c + side, cols))
-            for r in range(0, rows, side) for c in range(0, cols, side)]
-
-
-def default_block_side(grid: tuple[int, int], shard_regions: int, k: int, workers: int) -> int:
-    """Blocks of one store shard, halved (not below a crop) until there are at least two
-    per worker: fewer blocks than that would leave workers idle."""
-    side = max(1, int(shard_regions))
-    while side > k and len(block_grid(grid, side)) < 2 * max(1, workers):
-        side = max(k, side // 2)
-    return side
-
-
-@dataclass
-class Schedule:
-    """Which part does what, and what each regions part waits for."""
-
-    blocks: list[Box]
-    encode: dict[int, list[Index]]  # block -> regions it encodes (raster order)
-    reads: dict[int, list[Index]]  # block -> regions its crops read (raster order)
-    regions: dict[int, list[Index]]  # block -> regions of it finished before (to skip)
-    waits: dict[int, set[int]]  # regions part of block -> encode parts it waits for
-    from_cache: int = 0  # regions the run reads that were cached before it
-
-
-def make_schedule(plan: Any, book: RegionBook, cached: np.ndarray, blocks: list[Box],
-                  todo: Sequence[int], whole_image: bool) -> Schedule:
-    """The parts of a run: the regions each block encodes (those the `todo` crops read, or
-    every region with `whole_image` context, not `cached`; a region belongs to the block
-    that contains it), the finished regions of every block with work left, and the encode
-    parts each regions part waits for (the blocks its crops touch)."""
-    owner = np.zeros(plan.grid, np.int64)
-    for b, box in enumerate(blocks):
-        owner[box.slices] = b
-    need = np.zeros(plan.grid, bool)
-    waits: dict[int, set[int]] = {}
-    reads: dict[int, np.ndarray] = {}
-    for ci in todo:
-        crop = plan.crops[ci]
-        sl = (slice(crop.row0, crop.row0 + crop.rows), slice(crop.col0, crop.col0 + crop.cols))
-        need[sl] = True
-        touched = set(np.unique(owner[sl]).tolist())
-        for b in np.unique(owner[sl][~book.final[sl]]).tolist():
-            waits.setdefault(int(b), set()).update(touched)
-            if int(b) not in reads:
-                reads[int(b)] = np.zeros(plan.grid, bool)
-            reads[int(b)][sl] = True
-    if whole_image and len(todo):
-        need[:] = True  # the scene reads every region
-    missing = need & ~cached
-    from_cache = int((need & cached).sum())
-    encode = {}
-    for b, box in enumerate(blocks):
-        rr, cc = np.nonzero(missing[box.slices])
-        if len(rr):
-            encode[b] = [(int(r) + box.y0, int(c) + box.x0) for r, c in zip(rr, cc)]
-    regions = {}
-    for b in waits:
-        box = blocks[b]
-        rr, cc = np.nonzero(book.final[box.slices])
-        regions[b] = [(int(r) + box.y0, int(c) + box.x0) for r, c in zip(rr, cc)]
-    read_lists = {b: [(int(r), int(c)) for r, c in zip(*np.nonzero(m))]
-                  for b, m in reads.items()}
-    return Schedule(blocks, encode, read_lists, regions,
-                    {b: {e for e in w if e in encode} for b, w in waits.items()}, from_cache)
 
 
 _NOT_SPLIT = {"carry_state": True, "order": "viewport"}
@@ -323,13 +132,7 @@ def run_distributed(
     events = _coordinate(execution, client, cluster, image, (model, in_chans), store,
                          workers, scheduler, threads, devices, block, part_options)
 
-    def release() -> None:
-        try:
-            execution.release()
-        finally:
-            cluster.__exit__(None, None, None)
-
-    return DistributedRun(execution, events, release)
+    return DistributedRun(execution, events, lambda: _release(execution, cluster))
 
 
 def _check_devices(devices: Sequence[str] | None, scheduler: str | None) -> list[str] | None:
@@ -384,8 +187,6 @@ class DistributedRun:
 def _absolute(image: Any) -> Any:
     """A path (or an `ImagePath`, keeping how to read it) made absolute; other images
     (arrays) as they are."""
-    import dataclasses
-
     path = getattr(image, "path", None)
     if dataclasses.is_dataclass(image) and isinstance(path, str):
         return image if "://" in path else dataclasses.replace(image,
@@ -422,10 +223,7 @@ def _coordinate(execution: Any, client: Any, cluster: Any, image: Any,
         last = ev.Failed(f"{type(err).__name__}: {err}; finished regions are kept, run again "
                          "to resume")
     finally:
-        try:
-            execution.release()
-        finally:
-            cluster.__exit__(None, None, None)
+        _release(execution, cluster)
     if last is not None:
         yield last
 
@@ -461,6 +259,15 @@ def _run_blocks(execution, client, image, model, store, workers, scheduler, thre
     out.start()
     return (yield from _on_cluster(execution, client, book, schedule, image, model, store,
                                    threads, devices, options, t0, seen))
+
+
+def _release(execution: Any, cluster: Any) -> None:
+    """The store's and the cache's locks released, the cluster connection (and a local
+    cluster) closed."""
+    try:
+        execution.release()
+    finally:
+        cluster.__exit__(None, None, None)
 
 
 def _flush(execution: Any) -> None:

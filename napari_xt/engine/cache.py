@@ -207,6 +207,9 @@ class EmbeddingCache:
                         self.refs[idx] = BlobRef.from_list(ref)
                         self.where[idx] = packs
                         self.mask_side[idx] = int(side)
+        self._mark_done()
+
+    def _mark_done(self) -> None:
         self.done = np.zeros(self.grid, bool)  # (rows, cols) regions the index holds
         for r, c in self.refs:
             self.done[r, c] = True
@@ -225,9 +228,7 @@ class EmbeddingCache:
             self.where[idx] = readers[part]
             self.mask_side[idx] = int(side)
         self._readers = [r for name, r in readers.items() if name != self.segment]
-        self.done = np.zeros(self.grid, bool)
-        for r, c in self.refs:
-            self.done[r, c] = True
+        self._mark_done()
 
     def locations(self, indices: Sequence[Index]) -> dict[Index, tuple[str, list[int], int]]:
         """Where the blobs of `indices` are, for those the cache holds: region -> (its part's

@@ -76,14 +76,6 @@ class Execution:
         finally:
             release(self.spec.device)
 
-    def already_complete(self, t0: float):
-        """The events of a store that was complete before the run (returns `Finished`)."""
-        return (yield from self._already_complete(t0))
-
-    def drain(self) -> Iterator[Event]:
-        """Notices raised so far and `Written` for what the store made readable."""
-        return self._drain()
-
     # ------------------------------------------------------------------ the run
     def _run(self) -> Iterator[Event]:
         """The stream: the body's events, then its last event once the store's and the
@@ -131,7 +123,7 @@ class Execution:
             yield Notice(text, "warning")
         seen = len(store.notices)
         if store.complete:
-            return (yield from self._already_complete(t0))
+            return (yield from self.already_complete(t0))
         spec.model.eval()
         if spec.device.type == "cuda":
             spec.model.to(spec.device, memory_format=torch.channels_last)
@@ -201,7 +193,7 @@ class Execution:
                     group = []
             else:
                 yield from runner.run([crop])
-            yield from self._drain()
+            yield from self.drain()
         yield from runner.run(group)
         yield from runner.flush()
         yield from self._wind_down()
@@ -258,13 +250,14 @@ class Execution:
                     yield from self._wind_down()
                     return Cancelled(0, spec.plan.num_regions)
                 yield from features.ensure(regions[start:start + spec.batch_size])
-                yield from self._drain()
+                yield from self.drain()
         yield from self._wind_down()
         book.counts["failed"] = len(book.failed)
         return Finished(time.perf_counter() - t0, dict(book.counts), None,
                         {**summary, "complete": not book.failed})
 
-    def _already_complete(self, t0: float):
+    def already_complete(self, t0: float):
+        """The events of a store that was complete before the run (returns `Finished`)."""
         plan, store = self.spec.plan, self.store
         yield Planned(plan.num_regions, 0, plan.grid, plan.region_size, 0, plan.k,
                       self.spec.order, (plan.height, plan.width), True, str(store.path))
@@ -292,7 +285,8 @@ class Execution:
     def _done(self) -> int:
         return 0 if self.book is None else int(self.book.final.sum())
 
-    def _drain(self) -> Iterator[Event]:
+    def drain(self) -> Iterator[Event]:
+        """Notices raised so far and `Written` for what the store made readable."""
         yield from self.notices
         self.notices.clear()
         total = self.spec.plan.num_regions
@@ -302,7 +296,7 @@ class Execution:
 
     def _safe_drain(self) -> Iterator[Event]:
         try:
-            yield from self._drain()
+            yield from self.drain()
         except Exception:  # the first error is what gets reported
             pass
 
@@ -310,7 +304,7 @@ class Execution:
         if self._features is not None:
             self._features.stop()
         self.store.flush()
-        yield from self._drain()
+        yield from self.drain()
 
     def _abort(self) -> None:
         if self._features is not None:
