@@ -2,12 +2,17 @@
 
 README.md links its pictures and documents by paths inside the repository, which those
 pages cannot resolve. The description built into the sdist and the wheel is README.md with
-every relative link turned into plain text that names the file in the source distribution,
-and every relative picture into a line saying where it is; absolute links stay as they are.
+every relative link turned into plain text that names the file in the source distribution;
+absolute links stay as they are. Relative pictures become absolute links under the pictures
+URL where one is given (the environment variable NAPARI_XT_PICTURES_URL, else `pictures-url`
+under `[tool.hatch.metadata.hooks.custom]` in pyproject.toml; `{version}` in it becomes the
+package version, e.g. `https://raw.githubusercontent.com/OWNER/napari-xt/v{version}/`), so
+that they render on PyPI and the napari hub; without one, a line says where each picture is.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -25,11 +30,14 @@ def _relative(target: str) -> bool:
     return not re.match(r"^([a-z][a-z0-9+.-]*:|//|#)", target, re.IGNORECASE)
 
 
-def _rewrite(text: str) -> str:
+def _rewrite(text: str, pictures_url: str) -> str:
     def image(m: re.Match) -> str:
         alt, target = m.group(1), m.group(2).strip("<>")
         if not _relative(target):
             return m.group(0)
+        if pictures_url:
+            path = "/".join(p for p in target.split("/") if p not in ("", "."))
+            return f"![{alt}]({pictures_url.rstrip('/')}/{path.replace(' ', '%20')})"
         return f"*(picture: {alt}; `{target}` in the source distribution)*"
 
     def link(m: re.Match) -> str:
@@ -44,9 +52,11 @@ def _rewrite(text: str) -> str:
     return _LINK.sub(link, _IMAGE.sub(image, text))
 
 
-def package_description(text: str) -> str:
-    """README text with no link a package index cannot follow; code blocks and inline code
-    are left as they are."""
+def package_description(text: str, pictures_url: str = "") -> str:
+    """README text with no link a package index cannot follow; relative pictures under
+    `pictures_url` when given; code blocks and inline code are left as they are."""
+    if pictures_url and not re.match(r"^https://", pictures_url):
+        raise ValueError(f"the pictures URL must start with https://, got {pictures_url!r}")
     out, fenced = [], False
     for line in text.splitlines(keepends=True):
         if _FENCE.match(line):
@@ -58,10 +68,10 @@ def package_description(text: str) -> str:
             continue
         pieces, last = [], 0
         for m in _CODE.finditer(line):
-            pieces.append(_rewrite(line[last:m.start()]))
+            pieces.append(_rewrite(line[last:m.start()], pictures_url))
             pieces.append(m.group(0))
             last = m.end()
-        pieces.append(_rewrite(line[last:]))
+        pieces.append(_rewrite(line[last:], pictures_url))
         out.append("".join(pieces))
     return "".join(out)
 
@@ -71,5 +81,7 @@ class DescriptionHook(MetadataHookInterface):
 
     def update(self, metadata: dict) -> None:
         text = (Path(self.root) / "README.md").read_text(encoding="utf-8")
+        url = os.environ.get("NAPARI_XT_PICTURES_URL") or self.config.get("pictures-url", "")
+        url = str(url).replace("{version}", str(metadata.get("version", "")))
         metadata["readme"] = {"content-type": "text/markdown",
-                              "text": package_description(text)}
+                              "text": package_description(text, url)}

@@ -189,6 +189,36 @@ def test_package_description_rewrites_links_not_code():
         "*(picture: pic; `docs/p.png` in the source distribution)*"
 
 
+def test_readme_pictures_become_absolute_links_under_the_pictures_url(monkeypatch):
+    import re
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        from hatch_build import DescriptionHook, package_description
+    finally:
+        sys.path.remove(str(ROOT))
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    pictures = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", readme)
+    assert pictures, "README.md shows no picture"
+    monkeypatch.delenv("NAPARI_XT_PICTURES_URL", raising=False)
+    hook = DescriptionHook(str(ROOT), {"pictures-url": "https://example.org/xt/v{version}/"})
+    metadata = {"version": "9.8.7"}
+    hook.update(metadata)
+    text = metadata["readme"]["text"]
+    shown = re.findall(r"!\[[^\]]*\]\((https://example\.org/xt/v9\.8\.7/[^)]+)\)", text)
+    assert len(shown) == len(pictures)
+    for url in shown:  # each names a file the repository (and the sdist's docs/) holds
+        assert (ROOT / url.removeprefix("https://example.org/xt/v9.8.7/")).is_file(), url
+    assert "in the source distribution)*" not in text  # no picture left as a line of text
+    monkeypatch.setenv("NAPARI_XT_PICTURES_URL", "https://other.example/p")
+    hook.update(metadata)
+    assert "](https://other.example/p/docs/" in metadata["readme"]["text"]
+    assert package_description("![a](<./docs/p q.png>)", "https://h.example/") == \
+        "![a](https://h.example/docs/p%20q.png)"
+    with pytest.raises(ValueError, match="https://"):
+        package_description("![a](p.png)", "http://h.example/")
+
+
 def test_classifiers_are_known_and_match_requires_python():
     from trove_classifiers import classifiers as known
 
