@@ -22,7 +22,8 @@ def _with_scene(base: XT, seed: int = 0) -> XT:
     model.load_state_dict(base.state_dict(), strict=False)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.global_context.reader.proj.parameters():
+        reader = model.global_context.reader
+        for p in [*reader.proj.parameters(), *reader.at.parameters()]:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
     return model.eval()
 

@@ -105,3 +105,63 @@ def test_beacon_scenes_are_drawn_as_configured(tmp_path):
     picks = scenes.scenes_for_step(3, 2)
     assert picks == scenes.scenes_for_step(3, 2)  # a pure function of (seed, step)
     assert np.all([size == 512 for size, _ in picks])
+
+
+def test_tiling_crops_lie_where_the_engines_crops_start(tmp_path):
+    from napari_xt.engine.plan import RegionPlan
+
+    trainer = Trainer(_config([1024], pool=0), tmp_path / "run")
+    scenes = trainer.scenes
+    scenes.data = type(scenes.data)(**{**scenes.data.__dict__, "crop_places": "tiling",
+                                       "beacon_fraction": 0.0})
+    region = trainer.model_config.region.region_size
+    scene = SyntheticScene(5, SceneConfig(height=1024, width=1024))
+    _, origins = scenes.crops(scene, np.random.default_rng(0), 40, region)
+    plan = RegionPlan(1024, 1024, region, trainer.model_config.crop_regions)
+    starts = {(c.row0, c.col0) for c in plan.crops}
+    drawn = {tuple(int(v) for v in o) for o in origins}
+    assert drawn <= starts
+    assert len(drawn) > len(starts) // 2  # not one place over and over
+    with pytest.raises(ValueError, match="crop_places"):
+        TrainConfig.from_dict({"data": {"crop_places": "border"}})
+
+
+def test_crop_regions_carry_gradients_into_the_scene_with_its_values(tmp_path):
+    from napari_xt.train.data import collate
+    from napari_xt.train.whole_image import crop_cells
+
+    cfg = _config([512], pool=0)
+    cfg = TrainConfig.from_dict({**cfg.to_dict(), "run": {**cfg.to_dict()["run"], "freeze": []}})
+    trainer = Trainer(cfg, tmp_path / "run")
+    model, scenes = trainer.model, trainer.scenes
+    model.eval()  # the scene pass and the crops' encoder see the same weights and mode
+    scene = SyntheticScene(3, scenes.scene_config(512, 3))
+    region = trainer.model_config.region.region_size
+    samples, origins = scenes.crops(scene, np.random.default_rng(1), 2, region)
+    summary = scene_summary(model, scene, trainer.normalization)
+    images = collate(samples, 2.0)["image"]
+    cells = crop_cells(model, summary, images, origins)
+    torch.testing.assert_close(cells.detach(), summary.cells(), rtol=0, atol=0)
+    tokens = model.encode_scene(summary, cells).tokens
+    model.zero_grad(set_to_none=True)
+    tokens.square().sum().backward()
+    grads = [p.grad for p in model.region_encoder.parameters()]
+    assert any(g is not None and float(g.abs().sum()) > 0 for g in grads)
+    model.zero_grad(set_to_none=True)
+    model.encode_scene(summary).tokens.square().sum().backward()  # the plain scene: none
+    assert all(p.grad is None for p in model.region_encoder.parameters())
+
+
+def test_a_beacon_scenes_first_crop_holds_the_beacon(tmp_path):
+    trainer = Trainer(_config([2048], pool=0), tmp_path / "run")
+    scenes = trainer.scenes
+    scenes.data = type(scenes.data)(**{**scenes.data.__dict__, "crop_places": "tiling",
+                                       "beacon_crop": True})
+    region = trainer.model_config.region.region_size
+    k = trainer.model_config.crop_regions
+    for seed in range(4):
+        scene = SyntheticScene(seed, scenes.scene_config(2048, seed))
+        _, cy, cx = scene.beacon
+        _, origins = scenes.crops(scene, np.random.default_rng(seed), 2, region)
+        r0, c0 = origins[0]
+        assert r0 <= cy // region < r0 + k and c0 <= cx // region < c0 + k

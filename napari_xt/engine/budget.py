@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from .events import Notice
+from .plan import crop_starts
 from .spelling import Spelling, hint
 
 PLAN_BYTES_PER_REGION = 320
@@ -137,11 +138,6 @@ def _bytes_under(path: Path, limit: int = 100_000) -> int:
     return total
 
 
-def _starts(n: int, k: int, stride: int) -> int:
-    """How many crop starts an axis of n regions has (as `RegionPlan` lays them out)."""
-    return 1 if n <= k else -(-(n - k) // stride) + 1
-
-
 def region_memory(model: Any) -> int:
     """Bytes one region takes through the whole model: the outputs of every module of a
     forward of one zero region, counted as if all were kept at once (an upper bound)."""
@@ -198,7 +194,7 @@ def _need(height: int, width: int, cfg: Any, model: Any, outputs, layout, crop_s
     rows, cols = -(-height // size), -(-width // size)
     k = max(1, int(cfg.crop_regions or 1))
     stride = max(1, k // 2) if crop_stride is None else max(1, int(crop_stride))
-    crops = _starts(rows, k, stride) * _starts(cols, k, stride)
+    crops = len(crop_starts(rows, k, stride)) * len(crop_starts(cols, k, stride))
     regions = rows * cols
     pixels = height * width
     grow = 4 / 3 if pyramid else 1.0

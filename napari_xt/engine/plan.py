@@ -55,7 +55,9 @@ class Crop:
         return self.row0 <= row < self.row0 + self.rows and self.col0 <= col < self.col0 + self.cols
 
 
-def _starts(n: int, k: int, stride: int) -> list[int]:
+def crop_starts(n: int, k: int, stride: int) -> list[int]:
+    """First region of every crop along an axis of `n` regions: every `stride` regions,
+    the last one ending at the far border (one crop at 0 when the axis fits one)."""
     if n <= k:
         return [0]
     starts = list(range(0, n - k + 1, stride))
@@ -103,8 +105,8 @@ class RegionPlan:
             raise ValueError(f"strip_width must be >= 1, got {strip_width}")
         self.strip_width = int(strip_width)
         self.rows, self.cols = self.regions.rows, self.regions.cols
-        row_starts = _starts(self.rows, self.k, self.stride)
-        col_starts = _starts(self.cols, self.k, self.stride)
+        row_starts = crop_starts(self.rows, self.k, self.stride)
+        col_starts = crop_starts(self.cols, self.k, self.stride)
         kr, kc = min(self.k, self.rows), min(self.k, self.cols)
         self.crop_grid = (len(row_starts), len(col_starts))
         self.crops = [

@@ -14,8 +14,10 @@ config, an image is understood in two passes of bounded cost:
 3. **Reading.** Before a crop's context layers run, each of its tokens reads the scene by
    cross-attention (`GlobalReader`): the query is the token plus the same position code of
    its own place in the image (so it can find the cells around it and knows how far every
-   border is), keys and values are the scene tokens. The output projection starts at zero:
-   a model given whole-image context starts exactly as its crop model.
+   border is), keys and values are the scene tokens; a linear map of the same place code is
+   added too, so the context layers learn directly which of the crop's edges are the image's
+   borders. Both output maps start at zero: a model given whole-image context starts exactly
+   as its crop model.
 
 Memory is flat in the image size: the summary holds grid^2 cells whatever the number of
 regions (rows x cols); the scene encoder and the readers attend over at most grid^2 tokens.
@@ -142,6 +144,29 @@ class SceneSummary:
         return torch.cat([mean, peak], -1).to(torch.float32).reshape(gr, gc, -1)
 
 
+    def cells_through(self, rc: Any, vectors: torch.Tensor) -> torch.Tensor:
+        """`cells()` in value, with gradients reaching `vectors` (N, C): the summaries, computed
+        again with gradients, of regions at `rc` (N, 2) that were added already (training: the
+        scene pass runs without gradients; the regions of the step's crops let the region
+        encoder learn what the scene should hold). A region adds its share to its cell's mean
+        and, where it holds the cell's maximum, to the maximum; the values stay those of
+        `cells()` exactly (the gradient term is v - v.detach())."""
+        rc = torch.as_tensor(rc, dtype=torch.int64).reshape(-1, 2)
+        cells = self.cells()
+        gr, gc, two_c = cells.shape
+        c = two_c // 2
+        v = vectors.float().to("cpu")
+        live = v - v.detach()  # zero in value, the identity in gradient
+        idx = self.grid.cell_of(rc[:, 0], rc[:, 1])
+        n = self.counts.clamp_min(1).to(torch.float32)[idx, None]
+        peak = self.maxima.to(torch.float32)[idx]
+        # the region's own value is the cell's maximum (up to float noise between batchings)
+        holds = v.detach() >= peak - (1e-4 * peak.abs() + 1e-5)
+        mean = torch.zeros(gr * gc, c).index_add(0, idx, live / n)
+        top = torch.zeros(gr * gc, c).index_add(0, idx, live * holds)
+        return (cells.reshape(gr * gc, two_c) + torch.cat([mean, top], -1)).reshape(gr, gc, -1)
+
+
 def region_summary(last: torch.Tensor) -> torch.Tensor:
     """Deepest feature maps (N, C, h, w) -> one vector per region (N, C) (mean)."""
     return last.float().mean(dim=(-2, -1))
@@ -175,7 +200,9 @@ class SceneTokens:
 
 
 class GlobalReader(nn.Module):
-    """h = h + proj(attention(q = norm(h) + place, k, v = scene tokens)); proj starts at 0."""
+    """h = h + proj(attention(q = norm(h) + place, k, v = scene tokens)) + at(place);
+    proj and at start at 0. `at` hands the context layers the token's own place in the image
+    directly (how far every border is), not only through what its query finds."""
 
     def __init__(self, dim: int, head_dim: int, eps: float) -> None:
         super().__init__()
@@ -186,13 +213,16 @@ class GlobalReader(nn.Module):
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        self.at = nn.Linear(dim, dim)
+        for layer in (self.proj, self.at):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def forward(self, h: torch.Tensor, place: torch.Tensor, scene: torch.Tensor) -> torch.Tensor:
         """h (B, N, D), place (B, N, D), scene (1 or B, M, D) -> (B, N, D)."""
         b, n, d = h.shape
-        q = self.q(self.norm(h) + place.to(h.dtype))
+        place = place.to(h.dtype)
+        q = self.q(self.norm(h) + place)
         q = q.view(b, n, self.heads, self.head_dim).transpose(1, 2)
         kv = self.kv(scene.to(h.dtype))
         m = kv.shape[1]
@@ -200,7 +230,7 @@ class GlobalReader(nn.Module):
         if k.shape[0] != b:
             k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
         o = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, d)
-        return h + self.proj(o.transpose(1, 2).reshape(b, n, d))
+        return h + self.proj(o.transpose(1, 2).reshape(b, n, d)) + self.at(place)
 
 
 class GlobalContext(nn.Module):

@@ -312,11 +312,14 @@ class XT(nn.Module):
         """Deepest features of N regions (N, C, h, w) -> their summaries (N, C)."""
         return region_summary(last)
 
-    def encode_scene(self, summary: SceneSummary) -> SceneTokens:
-        """The summed region summaries of a whole image -> its scene tokens (1, M, D)."""
+    def encode_scene(self, summary: SceneSummary, cells: torch.Tensor | None = None
+                     ) -> SceneTokens:
+        """The summed region summaries of a whole image -> its scene tokens (1, M, D);
+        `cells` (default `summary.cells()`), e.g. `summary.cells_through(...)` in training."""
         g = self._global()
         device = next(g.parameters()).device
-        return g.encode(summary.cells().to(device), summary.grid)
+        cells = summary.cells() if cells is None else cells
+        return g.encode(cells.to(device), summary.grid)
 
     def read_scene(self, tokens: torch.Tensor, token_rc: torch.Tensor,
                    per_region: tuple[int, int], scene: SceneTokens) -> torch.Tensor:

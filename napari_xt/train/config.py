@@ -122,6 +122,10 @@ class DataSpec:
     beacon_fraction: float = 0.0  # synthetic: share of scenes in the beacon variant
     scene_pool: int = 0  # distinct scenes per size (0: a fresh scene every time)
     crops_per_scene: int = 2  # crops of a scene that carry the loss in a step
+    # where those crops lie: "random" (any region-aligned place) or "tiling" (where the
+    # engine's crops start: every k // 2 regions, the last at the far border)
+    crop_places: str = "random"
+    beacon_crop: bool = False  # in a beacon scene, the first of its crops holds the beacon
 
     def __post_init__(self) -> None:
         if self.kind not in ("synthetic", "zarr"):
@@ -133,6 +137,9 @@ class DataSpec:
         if not 0.0 <= self.beacon_fraction <= 1.0:
             raise ValueError(f"data.beacon_fraction must be in [0, 1], got "
                              f"{self.beacon_fraction}")
+        if self.crop_places not in ("random", "tiling"):
+            raise ValueError(f"data.crop_places must be 'random' or 'tiling', got "
+                             f"{self.crop_places!r}")
         if self.scene_pool < 0 or self.crops_per_scene < 1:
             raise ValueError("data.scene_pool must be >= 0 and data.crops_per_scene >= 1")
 

@@ -11,7 +11,10 @@ variant) and for each:
    (`run.freeze: [region_encoder]`) a scene's summary never changes, so it is kept and a
    pool of `data.scene_pool` scenes per size is reused (0: fresh scenes, summaries made
    every time);
-2. the scene tokens, with gradients (`XT.encode_scene`);
+2. the scene tokens, with gradients (`XT.encode_scene`); when the region encoder trains,
+   the summaries of the step's crop regions are computed again with gradients and passed
+   through the cells (`crop_cells`: same values, so the step's scene is the engine's), so
+   the region encoder learns what the scene should hold, not only what the crops need;
 3. `data.crops_per_scene` crops of k x k regions (k = the model's `crop_regions`) at random
    places, rendered alone (the scene renders any window lazily), run as in ordinary
    training but reading the scene at their place (`Trainer.forward_backward(..., scene,
@@ -31,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from napari_xt.engine.plan import crop_starts
 from napari_xt.model.global_context import SceneSummary
 from napari_xt.model.tokenizer import split_regions
 
@@ -65,6 +69,23 @@ def scene_summary(model: Any, scene: SyntheticScene, normalization: Any) -> Scen
                     summary = SceneSummary(model.scene_grid(rows, cols), vectors.shape[1])
                 summary.add(rc[start:start + ENCODE_BATCH], vectors)
     return summary
+
+
+def crop_cells(model: Any, summary: SceneSummary, images: torch.Tensor,
+               origins: np.ndarray) -> torch.Tensor:
+    """The scene's cells with gradients through the summaries of the crops' regions (the
+    region encoder run again on them, with gradients): equal in value to the scene pass's
+    cells, so the region encoder learns what the scene should hold from every crop that
+    reads it. images (B, C, H, W) normalized crops, origins (B, 2) first region of each."""
+    s = model.cfg.region.region_size
+    device = next(model.parameters()).device
+    regions, _, grid = split_regions(images.to(device), s)  # (B, R, C, S, S)
+    rc = np.concatenate([grid.order("raster") + o for o in np.asarray(origins)])
+    _, first = np.unique(rc, axis=0, return_index=True)  # a region shared by crops once
+    first = np.sort(first)
+    part = regions.flatten(0, 1)[torch.from_numpy(first).to(device)]
+    vectors = model.summarize(model.encode_regions(part)[-1])
+    return summary.cells_through(rc[first], vectors)
 
 
 class SceneCrops:
@@ -113,16 +134,28 @@ class SceneCrops:
 
     def crops(self, scene: SyntheticScene, rng: np.random.Generator, n: int,
               region: int) -> tuple[list[Sample], np.ndarray]:
-        """n crops of the scene at region-aligned random places: samples and origins (n, 2)
-        (first region row, col)."""
+        """n crops of the scene at random places (`data.crop_places`: any region-aligned
+        place, or one of the engine's crop starts; with `data.beacon_crop` the first crop of
+        a beacon scene holds the beacon): samples and origins (n, 2) (first region row,
+        col)."""
         h, w = scene.shape
         side_y, side_x = min(self.crop_px, h), min(self.crop_px, w)
         rows, cols = -(-h // region), -(-w // region)
         k_y, k_x = -(-side_y // region), -(-side_x // region)
         samples, origins = [], []
-        for _ in range(n):
-            r0 = int(rng.integers(0, rows - k_y + 1))
-            c0 = int(rng.integers(0, cols - k_x + 1))
+        if self.data.crop_places == "tiling":
+            row_starts = crop_starts(rows, k_y, max(1, k_y // 2))
+            col_starts = crop_starts(cols, k_x, max(1, k_x // 2))
+        else:
+            row_starts, col_starts = range(rows - k_y + 1), range(cols - k_x + 1)
+        for i in range(n):
+            rows_i, cols_i = row_starts, col_starts
+            if i == 0 and self.data.beacon_crop and scene.beacon is not None:
+                _, cy, cx = scene.beacon  # crops whose regions hold the beacon's centre
+                rows_i = [r for r in row_starts if r <= cy // region < r + k_y]
+                cols_i = [c for c in col_starts if c <= cx // region < c + k_x]
+            r0 = int(rows_i[int(rng.integers(0, len(rows_i)))])
+            c0 = int(cols_i[int(rng.integers(0, len(cols_i)))])
             y0, x0 = r0 * region, c0 * region
             y1, x1 = min(h, y0 + side_y), min(w, x0 + side_x)
             img, mask = scene.read(y0, x0, y1, x1)
@@ -162,7 +195,11 @@ class SceneCrops:
             counts = world.sum_counts(counts)
         total, parts = 0.0, {}
         for k, (size, seed, scene, batch, origins) in enumerate(work):
-            tokens = trainer.model.encode_scene(self.summary(trainer, size, seed, scene))
+            summary = self.summary(trainer, size, seed, scene)
+            cells = None
+            if not trainer.region_encoder_frozen():
+                cells = crop_cells(trainer.model, summary, batch["image"], origins)
+            tokens = trainer.model.encode_scene(summary, cells)
             extra = {} if world is None else {"sync": k == len(work) - 1}
             loss, terms = trainer.forward_backward(batch, step, counts, tokens, origins, **extra)
             total += loss
