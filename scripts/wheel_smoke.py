@@ -11,8 +11,9 @@ Jobs (all of them by default, in this order):
           declares (a constraints file generated from it; torch stays at the pin)
 
 Each install job checks that no GUI package came with the wheel and that torch is the pin,
-then runs `napari-xt --version`, `napari-xt demo --headless` (the built-in trained model:
-named in its output, and its labels agree with the generated scene's truth) and
+then runs `napari-xt --version`, `napari-xt demo --headless` (the built-in trained models,
+whole-image then crop context: named in its output, and their labels agree with the
+generated scene's truth) and
 `napari-xt predict` on a generated scene saved as .npy and as a tiled, compressed TIFF
 (exit code 0; the store opens with napari_xt.io and its labels agree with the truth), and
 `napari-xt convert` on a JPEG-compressed Aperio SVS (the same pixels through napari_xt.io,
@@ -280,12 +281,16 @@ def smoke(job: str, venv: Path, work: Path, svs: Path) -> None:
             raise SmokeError(f"napari-xt --version printed {out!r}")
     with timed(f"{job}: napari-xt demo --headless"):
         out = sh([cli, "demo", "--headless", "--out", "demo"], cwd=run, capture=True).stdout
-        if "model: built-in demo model" not in out:
-            raise SmokeError("demo did not report the built-in demo model")
-        if not (run / "demo" / "demo.png").is_file():
-            raise SmokeError("demo wrote no demo/demo.png")
-        sh([py, "-c", CHECK, run / "demo" / "demo.xt.zarr", 0, 512, venv, MIN_AGREEMENT],
-           cwd=run)
+        # the whole-image model on a 2048 px scene, then the crop model on the same scene
+        for said in ("model: built-in model demo-image (image context)",
+                     "model: built-in demo model (crop context)"):
+            if said not in out:
+                raise SmokeError(f"demo did not report {said!r}")
+        for picture in ("demo.png", "compare.png"):
+            if not (run / "demo" / picture).is_file():
+                raise SmokeError(f"demo wrote no demo/{picture}")
+        for store in ("demo.xt.zarr", "demo-crop.xt.zarr"):
+            sh([py, "-c", CHECK, run / "demo" / store, 0, 2048, venv, MIN_AGREEMENT], cwd=run)
     sh([py, "-c", SCENE, 7, 256, run / "scene"], cwd=run)
     for suffix in (".npy", ".tif"):
         with timed(f"{job}: napari-xt predict on a {suffix} scene"):
