@@ -36,7 +36,11 @@ def _rewrite(text: str, pictures_url: str) -> str:
         if not _relative(target):
             return m.group(0)
         if pictures_url:
-            path = "/".join(p for p in target.split("/") if p not in ("", "."))
+            parts = [p for p in target.split("/") if p not in ("", ".")]
+            if ".." in parts or re.search(r"[#?\\]", target):
+                raise ValueError(f"README picture {target!r}: a path inside the repository "
+                                 "without '..', '#', '?' or backslashes is needed for a URL")
+            path = "/".join(parts)
             return f"![{alt}]({pictures_url.rstrip('/')}/{path.replace(' ', '%20')})"
         return f"*(picture: {alt}; `{target}` in the source distribution)*"
 
@@ -55,8 +59,10 @@ def _rewrite(text: str, pictures_url: str) -> str:
 def package_description(text: str, pictures_url: str = "") -> str:
     """README text with no link a package index cannot follow; relative pictures under
     `pictures_url` when given; code blocks and inline code are left as they are."""
-    if pictures_url and not re.match(r"^https://", pictures_url):
-        raise ValueError(f"the pictures URL must start with https://, got {pictures_url!r}")
+    if pictures_url and (not re.match(r"^https://", pictures_url)
+                         or re.search(r"[?#]", pictures_url)):
+        raise ValueError(f"the pictures URL must start with https:// and hold no query or "
+                         f"fragment, got {pictures_url!r}")
     out, fenced = [], False
     for line in text.splitlines(keepends=True):
         if _FENCE.match(line):

@@ -217,6 +217,11 @@ def test_readme_pictures_become_absolute_links_under_the_pictures_url(monkeypatc
         "![a](https://h.example/docs/p%20q.png)"
     with pytest.raises(ValueError, match="https://"):
         package_description("![a](p.png)", "http://h.example/")
+    for bad in ("![a](../p.png)", "![a](<docs/p#1.png>)"):
+        with pytest.raises(ValueError, match="inside the repository"):
+            package_description(bad, "https://h.example/")
+    with pytest.raises(ValueError, match="query"):
+        package_description("![a](p.png)", "https://h.example/raw?ref=v1")
 
 
 def test_classifiers_are_known_and_match_requires_python():

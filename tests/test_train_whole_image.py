@@ -159,9 +159,29 @@ def test_a_beacon_scenes_first_crop_holds_the_beacon(tmp_path):
                                        "beacon_crop": True})
     region = trainer.model_config.region.region_size
     k = trainer.model_config.crop_regions
-    for seed in range(4):
+    for seed in range(24):
         scene = SyntheticScene(seed, scenes.scene_config(2048, seed))
         _, cy, cx = scene.beacon
         _, origins = scenes.crops(scene, np.random.default_rng(seed), 2, region)
         r0, c0 = origins[0]
-        assert r0 <= cy // region < r0 + k and c0 <= cx // region < c0 + k
+        half = scene.config.beacon_px / 2  # the whole mark, not only its centre
+        assert r0 * region <= cy - half and cy + half <= (r0 + k) * region
+        assert c0 * region <= cx - half and cx + half <= (c0 + k) * region
+
+
+def test_cells_through_keeps_the_values_and_splits_a_tied_maximum():
+    from napari_xt.model.global_context import SceneGrid, SceneSummary
+
+    summary = SceneSummary(SceneGrid.for_regions(4, 4, 2), 2)  # cells of 2 x 2 regions
+    rc = np.array([(r, c) for r in range(4) for c in range(4)])
+    v = torch.zeros(16, 2, dtype=torch.float64)
+    v[:, 1] = torch.arange(16.0)
+    summary.add(rc, v)
+    x = v.float().clone().requires_grad_(True)
+    cells = summary.cells_through(rc, x)
+    assert torch.equal(cells.detach(), summary.cells())
+    cells[..., 2].sum().backward()  # channel 0's maximum: all 4 regions of a cell tied
+    torch.testing.assert_close(x.grad[:, 0], torch.full((16,), 0.25))
+    x.grad = None
+    summary.cells_through(rc, x)[..., 3].sum().backward()  # channel 1: one holder per cell
+    assert float(x.grad[:, 1].sum()) == 4.0 and int((x.grad[:, 1] > 0).sum()) == 4

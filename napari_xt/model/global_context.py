@@ -162,8 +162,9 @@ class SceneSummary:
         peak = self.maxima.to(torch.float32)[idx]
         # the region's own value is the cell's maximum (up to float noise between batchings)
         holds = v.detach() >= peak - (1e-4 * peak.abs() + 1e-5)
+        ties = torch.zeros(gr * gc, c).index_add(0, idx, holds.float())[idx].clamp_min(1)
         mean = torch.zeros(gr * gc, c).index_add(0, idx, live / n)
-        top = torch.zeros(gr * gc, c).index_add(0, idx, live * holds)
+        top = torch.zeros(gr * gc, c).index_add(0, idx, live * holds / ties)  # ties share
         return (cells.reshape(gr * gc, two_c) + torch.cat([mean, top], -1)).reshape(gr, gc, -1)
 
 

@@ -151,9 +151,15 @@ class SceneCrops:
         for i in range(n):
             rows_i, cols_i = row_starts, col_starts
             if i == 0 and self.data.beacon_crop and scene.beacon is not None:
-                _, cy, cx = scene.beacon  # crops whose regions hold the beacon's centre
-                rows_i = [r for r in row_starts if r <= cy // region < r + k_y]
-                cols_i = [c for c in col_starts if c <= cx // region < c + k_x]
+                _, cy, cx = scene.beacon  # crops whose regions hold the whole mark
+                half = scene.config.beacon_px / 2
+                rows_i = [r for r in row_starts
+                          if r * region <= cy - half and cy + half <= (r + k_y) * region]
+                cols_i = [c for c in col_starts
+                          if c * region <= cx - half and cx + half <= (c + k_x) * region]
+                if not rows_i or not cols_i:  # a crop too small for the mark: its centre
+                    rows_i = [r for r in row_starts if r <= cy // region < r + k_y]
+                    cols_i = [c for c in col_starts if c <= cx // region < c + k_x]
             r0 = int(rows_i[int(rng.integers(0, len(rows_i)))])
             c0 = int(cols_i[int(rng.integers(0, len(cols_i)))])
             y0, x0 = r0 * region, c0 * region
