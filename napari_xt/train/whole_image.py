@@ -88,6 +88,13 @@ def crop_cells(model: Any, summary: SceneSummary, images: torch.Tensor,
     return summary.cells_through(rc[first], vectors)
 
 
+def _holding(starts: Any, k: int, region: int, centre: float, half: float) -> list[int]:
+    """The crop starts along one axis whose k regions hold [centre - half, centre + half]
+    (the whole beacon mark); those holding its centre when no crop holds all of it."""
+    whole = [s for s in starts if s * region <= centre - half and centre + half <= (s + k) * region]
+    return whole or [s for s in starts if s <= centre // region < s + k]
+
+
 class SceneCrops:
     """The scenes, summaries and crops of whole-image training (see the module docstring)."""
 
@@ -151,15 +158,10 @@ class SceneCrops:
         for i in range(n):
             rows_i, cols_i = row_starts, col_starts
             if i == 0 and self.data.beacon_crop and scene.beacon is not None:
-                _, cy, cx = scene.beacon  # crops whose regions hold the whole mark
+                _, cy, cx = scene.beacon
                 half = scene.config.beacon_px / 2
-                rows_i = [r for r in row_starts
-                          if r * region <= cy - half and cy + half <= (r + k_y) * region]
-                cols_i = [c for c in col_starts
-                          if c * region <= cx - half and cx + half <= (c + k_x) * region]
-                if not rows_i or not cols_i:  # a crop too small for the mark: its centre
-                    rows_i = [r for r in row_starts if r <= cy // region < r + k_y]
-                    cols_i = [c for c in col_starts if c <= cx // region < c + k_x]
+                rows_i = _holding(row_starts, k_y, region, cy, half)
+                cols_i = _holding(col_starts, k_x, region, cx, half)
             r0 = int(rows_i[int(rng.integers(0, len(rows_i)))])
             c0 = int(cols_i[int(rng.integers(0, len(cols_i)))])
             y0, x0 = r0 * region, c0 * region
