@@ -7,11 +7,19 @@
   (then the error propagates). The smaller batch size is kept for the rest of the run.
   Context/decode calls back off the same way in `crops.py` (crop groups split in halves,
   a crop's regions decoded in halved chunks).
+- `bound_heap()`: on glibc (Linux), buffers of 128 KiB and more are given back to the system
+  when freed (a fixed `M_MMAP_THRESHOLD`). By default glibc raises that threshold as large
+  buffers come and go, and a long run's region batches, feature maps and chunk buffers then
+  stay in the heap, fragmented: peak memory grew with the image (1.15x from 1024 to 4096 px
+  on the CPU) though the engine holds no more at once. Applied once per process when a run
+  starts, unless `MALLOC_MMAP_THRESHOLD_` is set (the user's choice is kept).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -114,3 +122,30 @@ def device_name(device: torch.device) -> str:
     """The device's kind as messages name it: "CUDA", "MPS" or "CPU" (others as torch names
     them)."""
     return {"cuda": "CUDA", "mps": "MPS", "cpu": "CPU"}.get(device.type, device.type)
+
+
+HEAP_MMAP_THRESHOLD = 128 * 1024  # bytes: larger buffers go back to the system when freed
+_heap_bounded: bool | None = None
+
+
+def bound_heap() -> bool:
+    """Fix glibc's mmap threshold at `HEAP_MMAP_THRESHOLD` (see the module docstring), once
+    per process; True when it is in force (set here or by `MALLOC_MMAP_THRESHOLD_`), False
+    where the C library is not glibc."""
+    global _heap_bounded
+    if _heap_bounded is None:
+        if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+            _heap_bounded = True
+        elif not sys.platform.startswith("linux"):
+            _heap_bounded = False
+        else:
+            import ctypes
+
+            try:
+                mallopt = ctypes.CDLL("libc.so.6").mallopt
+            except (OSError, AttributeError):  # not glibc (e.g. musl)
+                _heap_bounded = False
+            else:
+                m_mmap_threshold = -3  # from glibc's malloc.h
+                _heap_bounded = bool(mallopt(m_mmap_threshold, HEAP_MMAP_THRESHOLD))
+    return _heap_bounded

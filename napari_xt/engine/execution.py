@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .crops import CropRunner
-from .device import release
+from .device import bound_heap, release
 from .events import Cancelled, Event, Failed, Finished, Notice, Planned, Written
 from .features import FeatureSupply, RunStopped
 from .finish import classification_record, memory_summary, provenance
@@ -50,6 +50,7 @@ class Execution:
 
     def __init__(self, spec: Any, store: Any, cache: Any) -> None:
         self.spec, self.store, self.cache = spec, store, cache
+        bound_heap()  # freed buffers go back to the system: memory flat in the image size
         self.notices: list[Event] = []  # events raised inside stages, emitted between crops
         self.book: RegionBook | None = None  # made when the run starts (store state known)
         self._acc: Accumulators | None = None
