@@ -124,6 +124,55 @@ def test_every_context_encoder_kind_reads_the_scene_as_its_forward_does(kind):
     np.testing.assert_allclose(probs, ref, atol=2e-3)
 
 
+def test_shallow_summary_levels_stream_as_the_forward_and_start_silent(demo):
+    """With `summary_levels` a region's summary also holds shallow levels (mean and max over
+    space), with `whole_scene` every token adds a vector of the whole scene; the engine's
+    run still equals the model's forward, the new maps start silent (the outputs of the
+    model without them) and, once trained, change them."""
+    from napari_xt.model.global_context import region_summary
+
+    model = XT(apply_overrides(demo.cfg, global_context={
+        "grid": 8, "summary_levels": [0, 2], "whole_scene": True}))
+    assert model.summary_levels() == [0, 2, 3]
+    without = _with_scene(demo)
+    result = model.load_state_dict(without.state_dict(), strict=False)
+    assert sorted(result.missing_keys) == [
+        "global_context.cell_extra.bias", "global_context.cell_extra.weight",
+        "global_context.whole.proj.bias", "global_context.whole.proj.weight",
+        "global_context.whole.scale", "global_context.whole.shift"]
+    model.eval()
+    feats = model.encode_regions(torch.randn(6, 2, 64, 64))
+    vectors = model.summarize(feats)
+    c0, c2, c3 = (feats[i].shape[1] for i in (0, 2, 3))
+    assert vectors.shape == (6, c3 + 2 * (c0 + c2))
+    torch.testing.assert_close(vectors[:, :c3], feats[3].mean((-2, -1)))
+    torch.testing.assert_close(vectors[:, c3 + c0:c3 + 2 * c0], feats[0].amax((-2, -1)))
+    torch.testing.assert_close(model.summarize([feats[0], feats[2], feats[3]]), vectors)
+    torch.testing.assert_close(region_summary([feats[3]]), demo.summarize(feats))
+
+    img = _scene(4, 512)
+    silent = _probs(_run(img, model, context="image"))
+    np.testing.assert_array_equal(silent, _probs(_run(img, without, context="image")))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in [*model.global_context.cell_extra.parameters(),
+                  *model.global_context.whole.parameters()]:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    probs = _probs(_run(img, model, context="image"))
+    assert np.abs(probs - silent).max() > 1e-3
+    x = (torch.from_numpy(img) - torch.tensor(NORM[0])[:, None, None]) / 7.0
+    with torch.no_grad():
+        ref = torch.softmax(model(x[None])["logits"], 1)[0].numpy()
+    np.testing.assert_allclose(probs, ref, atol=2e-3)
+
+
+def test_summary_levels_must_be_shallower_than_the_deepest(demo):
+    with pytest.raises(ValueError, match="the deepest \\(3\\) is always summarized"):
+        XT(apply_overrides(demo.cfg, global_context={"summary_levels": [3]}))
+    with pytest.raises(ValueError, match="distinct level indices"):
+        XT(apply_overrides(demo.cfg, global_context={"summary_levels": [1, 1]}))
+
+
 def test_far_away_pixels_change_a_region_only_with_whole_image_context(demo_image):
     img = _scene(4, 1024)  # 16 x 16 regions; crops of 8 x 8 at stride 4
     far = img.copy()

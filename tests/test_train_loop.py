@@ -248,3 +248,26 @@ def test_training_starts_from_a_local_timm_backbone_file(tmp_path):
     with pytest.raises(ValueError, match="start a new model"):
         tiny(model={"zoo": None, "overrides": {}, "checkpoint": "demo",
                     "region_weights": str(path)}).model.build_config()
+
+
+def test_lr_scale_gives_the_named_parameters_their_own_rate(tmp_path):
+    """`optim.lr_scale` multiplies the rate of parameters by name prefix (the longest prefix
+    wins), through warm-up and decay; an unknown prefix or a factor <= 0 is an error."""
+    trainer = Trainer(tiny(optim={"lr_scale": {"context": 10.0, "context.layers.0.mlp": 0.5}}),
+                      tmp_path / "a")
+    rate = {id(p): g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    named = dict(trainer.model.named_parameters())
+    base = rate[id(named["head.outputs.centre.weight"])]
+    for name, p in named.items():
+        want = 0.5 if name.startswith("context.layers.0.mlp") else (
+            10.0 if name.startswith("context") else 1.0)
+        assert rate[id(p)] == pytest.approx(base * want), name
+    trainer.optimizer.step()
+    trainer.scheduler.step()
+    rate = {id(p): g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert rate[id(named["context.layers.0.attn.qkv.bias"])] == pytest.approx(
+        10 * rate[id(named["head.outputs.centre.weight"])])
+    with pytest.raises(ValueError, match="no parameter of the model starts with"):
+        Trainer(tiny(optim={"lr_scale": {"no_such_part": 2.0}}), tmp_path / "b")
+    with pytest.raises(ValueError, match="factors must be numbers > 0"):
+        tiny(optim={"lr_scale": {"context": 0}})

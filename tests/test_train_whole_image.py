@@ -185,3 +185,55 @@ def test_cells_through_keeps_the_values_and_splits_a_tied_maximum():
     x.grad = None
     summary.cells_through(rc, x)[..., 3].sum().backward()  # channel 1: one holder per cell
     assert float(x.grad[:, 1].sum()) == 4.0 and int((x.grad[:, 1] > 0).sum()) == 4
+
+
+def test_fine_tuning_a_whole_image_model_with_shallow_summary_levels_starts_as_it():
+    """Adding `summary_levels` and `whole_scene` to a whole-image checkpoint keeps every
+    weight it has; only their maps start (silent), so the model predicts what it predicted.
+    Any other change of its whole-image settings is refused."""
+    from dataclasses import replace
+
+    from napari_xt.model.checkpoint import load_checkpoint
+    from napari_xt.model.demo_weights import BUILT_IN
+    from napari_xt.train.loop import _fine_tuned
+
+    start = BUILT_IN["demo-image"]
+    saved = load_checkpoint(start)
+    gc = saved.cfg.global_context
+    cfg = replace(saved.cfg, global_context=replace(gc, summary_levels=(0, 1),
+                                                    whole_scene=True))
+    model = _fine_tuned(cfg, start).eval()
+    assert model.global_context.cell_extra is not None
+    assert model.global_context.whole is not None
+    x = torch.randn(1, 2, 256, 320)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)["logits"], saved(x)["logits"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="more than added summary_levels or whole_scene"):
+        _fine_tuned(replace(cfg, global_context=replace(gc, summary_levels=(0,), grid=32)),
+                    start)
+
+
+def test_a_fresh_whole_scene_map_is_standardized_on_training_scenes(tmp_path):
+    """A fresh `whole_scene` map takes the mean and spread of the pooled cells of the first
+    steps' scenes, so those scenes come to it centred; a map that has them keeps them."""
+    from napari_xt.model.global_context import pooled_cells
+
+    cfg = _config([512], grid=8, pool=1000)
+    data = cfg.to_dict()
+    data["model"]["overrides"]["global_context"] = {"grid": 8, "summary_levels": [0],
+                                                    "whole_scene": True}
+    data["optim"]["batch_size"] = 3
+    trainer = Trainer(TrainConfig.from_dict(data), tmp_path / "run")
+    whole = trainer.model.global_context.whole
+    assert whole.has_statistics
+    pooled = []
+    for size, seed in trainer.scenes.scenes_for_step(0, 3):
+        scene = SyntheticScene(seed, trainer.scenes.scene_config(size, seed))
+        cells = scene_summary(trainer.model, scene, trainer.normalization).cells()
+        pooled.append(pooled_cells(cells.reshape(1, -1, cells.shape[-1]))[0])
+    z = (torch.stack(pooled) - whole.shift) / whole.scale
+    assert z.mean(0).abs().max() < 1e-4
+    assert 0.3 < float(z.std(0).median()) <= 1.0
+    shift = whole.shift.clone()
+    trainer.scenes.__init__(trainer)  # statistics already there: kept
+    torch.testing.assert_close(whole.shift, shift, rtol=0, atol=0)

@@ -95,10 +95,13 @@ class FeatureSupply:
         else:
             self.lru.held.pop(idx, None)
 
-    def stack(self, indices: list[Index], deepest: bool = False) -> list[torch.Tensor]:
+    def stack(self, indices: list[Index], deepest: bool = False,
+              levels: list[int] | None = None) -> list[torch.Tensor]:
         """Features of `indices`: [(n, C_l, h_l, w_l)] shallow to deep (only the deepest
-        level, what the context step needs, with `deepest`)."""
-        return self.lru.stack(indices, [self.lru.levels - 1] if deepest else None)
+        level, what the context step needs, with `deepest`; only `levels` when given)."""
+        if deepest:
+            levels = [self.lru.levels - 1]
+        return self.lru.stack(indices, levels)
 
     # ------------------------------------------------------------------ ensure
     def ensure(self, regions: list[Index]) -> Iterator[Event]:

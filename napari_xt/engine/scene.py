@@ -51,8 +51,7 @@ def scene_pass(spec: Any, features: FeatureSupply) -> Iterator[Event]:
         ok = [i for i in batch if book.usable(i) and i in features]
         if not ok:
             continue
-        (last,) = features.stack(ok, deepest=True)  # (n, C, h, w)
-        vectors = model.summarize(last)
+        vectors = model.summarize(features.stack(ok, levels=model.summary_levels()))
         if summary is None:
             summary = SceneSummary(grid, vectors.shape[1])
         summary.add(ok, vectors)

@@ -45,9 +45,9 @@ class Scene:
             for start in range(0, len(self.rc), batch):
                 part = self.rc[start:start + batch]
                 pix = np.stack([source.read(plan.box(int(r), int(c)), s)[0] for r, c in part])
-                last = model.encode_regions(torch.from_numpy(pix).to(device))[-1]
-                sums.append(model.summarize(last))
-            self.blank_summary = model.summarize(torch.zeros_like(last[:1]))[0]
+                feats = model.encode_regions(torch.from_numpy(pix).to(device))
+                sums.append(model.summarize(feats))
+            self.blank_summary = model.summarize([torch.zeros_like(f[:1]) for f in feats])[0]
         self.summaries = torch.cat(sums)  # (N, C) float32
         self.cell = torch.as_tensor(self.grid.cell_of(torch.as_tensor(self.rc[:, 0]),
                                                       torch.as_tensor(self.rc[:, 1])),
@@ -57,8 +57,8 @@ class Scene:
                                 self.grid.cols, g.dim)
 
     def tokens(self, summaries: torch.Tensor) -> torch.Tensor:
-        """summaries (B, N, C) -> scene tokens (B, M, D), as `GlobalContext.encode` makes
-        them from `SceneSummary.cells` (differentiable)."""
+        """summaries (B, N, C) -> scene tokens (B, M, D) (M + 1 rows with `whole_scene`), as
+        `GlobalContext.encode` makes them from `SceneSummary.cells` (differentiable)."""
         b, _, c = summaries.shape
         idx = self.cell[None, :, None].expand(b, -1, c)
         counts = torch.zeros(self.m, device=summaries.device).index_add_(
@@ -70,9 +70,7 @@ class Scene:
         mean = (sums / counts.clamp_min(1)[None, :, None]).masked_fill(empty, 0.0)
         peak = peak.masked_fill(empty, 0.0)
         cells = torch.cat([mean, peak], -1)  # (B, M, 2C)
-        x = self.g.cell_norm(self.g.cell_proj(cells)) + self.place.to(cells.dtype)[None]
-        x, _ = self.g.encoder(x)
-        return x
+        return self.g.encode_cells(cells, self.place)
 
 
 def _read(model: Any, inputs: Any, tokens: torch.Tensor, scene: Scene,

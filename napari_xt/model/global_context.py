@@ -4,11 +4,15 @@ A k x k crop of regions sees only itself. With a `GlobalContextConfig` in the mo
 config, an image is understood in two passes of bounded cost:
 
 1. **Scene summary.** Every region's deepest feature map (C, h, w) is averaged to one
-   vector (C,) (`region_summary`). The region grid (rows x cols) is pooled into at most
+   vector (C,) (`region_summary`); with `summary_levels`, the mean and the maximum over
+   space of those shallower levels join it (a small mark's shape and colour live in the
+   shallow levels: a region encoder trained for other things may no longer tell two marks
+   apart in its deepest one). The region grid (rows x cols) is pooled into at most
    `grid` x `grid` cells of `cell` x `cell` regions each (`SceneGrid`); a cell keeps the
    mean and the maximum of its regions' vectors (2C,). The maximum keeps a small, strong
    cue (one bright marker) visible in a cell of many regions.
-2. **Scene encoding.** The cells become tokens (Linear(2C -> D) + LayerNorm + a fixed
+2. **Scene encoding.** The cells become tokens (Linear(2C -> D), plus a linear map of the
+   shallow part that starts at zero, + LayerNorm + a fixed
    position of the cell centre and of its distance to the far borders, in region units) and
    `depth` non-causal attention blocks mix them: `scene_tokens` (1, M, D), M <= grid^2.
 3. **Reading.** Before a crop's context layers run, each of its tokens reads the scene by
@@ -18,14 +22,22 @@ config, an image is understood in two passes of bounded cost:
    added too, so the context layers learn directly which of the crop's edges are the image's
    borders. Both output maps start at zero: a model given whole-image context starts exactly
    as its crop model.
+4. **The whole scene at once** (`whole_scene`): one more vector, a linear map (starting at
+   zero) of the mean and the maximum over all cells (standardized with statistics of
+   training scenes, `WholeScene`), is added to every token of every crop.
+   A cue in one cell of thousands (one mark) reaches every token without an attention that
+   must first learn to single that cell out (at first it gets 1 / M of the weight, and so
+   of the gradient). It rides as one extra row after the cells' tokens (M + 1 rows).
 
 Memory is flat in the image size: the summary holds grid^2 cells whatever the number of
 regions (rows x cols); the scene encoder and the readers attend over at most grid^2 tokens.
 Every context encoder kind (Hyper, Transformer-XL, Mamba) gets the same reader; the
 scene pass is bidirectional by construction (every cell sees every other).
 
-Layouts: region summaries (N, C); cells (Gr, Gc, 2C); scene tokens (1, M, D) with
-M = Gr * Gc row-major; token positions (B, N, 2) in token units of the image grid.
+Layouts: region summaries (N, C') with C' = C + 2 * (channels of `summary_levels`),
+deepest mean first; cells (Gr, Gc, 2C') = [mean, max] over the cell's regions; scene
+tokens (1, M, D) with M = Gr * Gc row-major (then the whole-scene row with `whole_scene`);
+token positions (B, N, 2) in token units of the image grid.
 """
 
 from __future__ import annotations
@@ -47,17 +59,27 @@ from .fields import from_mapping
 class GlobalContextConfig:
     """Whole-image context (see the module docstring). `grid`: at most grid x grid scene
     cells; `depth` scene-encoder layers; `head_dim`, `mlp_dim` of the scene encoder and the
-    reader (width = the context encoder's `dim`)."""
+    reader (width = the context encoder's `dim`); `summary_levels`: region encoder levels
+    shallower than the deepest (0 = the shallowest) whose mean and maximum over space join
+    each region's summary (none: the deepest level's mean alone); `whole_scene`: add the
+    whole-scene vector to every token (module docstring, 4.)."""
 
     grid: int = 64
     depth: int = 2
     head_dim: int = 32
     mlp_dim: int = 256
+    summary_levels: tuple[int, ...] = ()
+    whole_scene: bool = False
 
     def __post_init__(self) -> None:
         if self.grid < 1 or self.depth < 0 or self.head_dim < 1 or self.mlp_dim < 1:
             raise ValueError(f"global_context: grid, head_dim, mlp_dim >= 1 and depth >= 0, "
                              f"got {self}")
+        levels = tuple(int(v) for v in self.summary_levels)
+        if any(v < 0 for v in levels) or len(set(levels)) != len(levels):
+            raise ValueError(f"global_context.summary_levels must be distinct level indices "
+                             f">= 0 (0 = the shallowest), got {list(self.summary_levels)}")
+        object.__setattr__(self, "summary_levels", tuple(sorted(levels)))
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as a plain dict of its fields, as saved in checkpoints."""
@@ -168,9 +190,15 @@ class SceneSummary:
         return (cells.reshape(gr * gc, two_c) + torch.cat([mean, top], -1)).reshape(gr, gc, -1)
 
 
-def region_summary(last: torch.Tensor) -> torch.Tensor:
-    """Deepest feature maps (N, C, h, w) -> one vector per region (N, C) (mean)."""
-    return last.float().mean(dim=(-2, -1))
+def region_summary(levels: list[torch.Tensor]) -> torch.Tensor:
+    """Feature maps of N regions, [(N, C_l, h_l, w_l)], the `summary_levels` then the
+    deepest -> one vector per region (N, C'): the deepest level's mean over space, then the
+    mean and the maximum over space of each shallower level."""
+    *shallow, last = [lv.float() for lv in levels]
+    parts = [last.mean(dim=(-2, -1))]
+    for lv in shallow:
+        parts += [lv.mean(dim=(-2, -1)), lv.amax(dim=(-2, -1))]
+    return torch.cat(parts, -1)
 
 
 def place_code(where: torch.Tensor, rows: int, cols: int, dim: int) -> torch.Tensor:
@@ -234,17 +262,77 @@ class GlobalReader(nn.Module):
         return h + self.proj(o.transpose(1, 2).reshape(b, n, d)) + self.at(place)
 
 
+class WholeScene(nn.Module):
+    """The whole-scene vector: proj((pooled - shift) / scale), proj starting at zero. The
+    pooled mean and maximum of a scene's cells differ between scenes far less than they
+    are large (a mark moves one feature by a few of its standard deviations among hundreds
+    of features that sit well away from zero), so they are standardized with statistics
+    of training scenes (`set_statistics`, kept in the checkpoint) before the map."""
+
+    def __init__(self, channels: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(channels, dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        self.register_buffer("shift", torch.zeros(channels))
+        self.register_buffer("scale", torch.ones(channels))
+
+    @property
+    def has_statistics(self) -> bool:
+        """False while shift and scale are those of a fresh map (0 and 1)."""
+        return not (bool((self.shift == 0).all()) and bool((self.scale == 1).all()))
+
+    def set_statistics(self, pooled: torch.Tensor) -> None:
+        """Standardize with the mean and standard deviation of `pooled` (S, channels), the
+        pooled vectors of S scenes; a feature that hardly varies is not blown up (its scale
+        is at least a tenth of the median one, and 1e-3)."""
+        pooled = pooled.detach().to(self.shift.device, torch.float32)
+        if pooled.ndim != 2 or pooled.shape[0] < 2 or pooled.shape[1] != self.shift.numel():
+            raise ValueError(f"whole-scene statistics need (>= 2, {self.shift.numel()}) "
+                             f"pooled vectors, got {tuple(pooled.shape)}")
+        sd = pooled.std(0)
+        with torch.no_grad():
+            self.shift.copy_(pooled.mean(0))
+            self.scale.copy_(sd.clamp_min(max(0.1 * float(sd.median()), 1e-3)))
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled (B, channels) -> (B, dim)."""
+        return self.proj((pooled - self.shift) / self.scale)
+
+
+def pooled_cells(cells: torch.Tensor) -> torch.Tensor:
+    """cells (B, M, 2C') [mean, max] -> (B, 2C'): the mean over cells of the means, the
+    maximum over cells of the maxima."""
+    two = cells.shape[-1] // 2
+    return torch.cat([cells[..., :two].mean(1), cells[..., two:].amax(1)], -1)
+
+
 class GlobalContext(nn.Module):
     """Scene encoder and reader (see the module docstring); `channels` C of the region
-    encoder's deepest level, `dim` D of the context tokens."""
+    encoder's deepest level, `shallow` the channels of its `summary_levels` (in order),
+    `dim` D of the context tokens."""
 
     def __init__(self, cfg: GlobalContextConfig, channels: int, dim: int,
-                 eps: float = 1e-5) -> None:
+                 eps: float = 1e-5, shallow: tuple[int, ...] = ()) -> None:
         super().__init__()
+        if len(shallow) != len(cfg.summary_levels):
+            raise ValueError(f"global_context: {len(cfg.summary_levels)} summary_levels, "
+                             f"channels given for {len(shallow)}")
         self.cfg = cfg
         self.dim = dim
+        self.channels = channels
         self.cell_proj = nn.Linear(2 * channels, dim)
+        # the shallow levels' part of the cells (mean, max of each): starts silent, so the
+        # model reads its scene as without them until it learns to use them
+        self.cell_extra: nn.Linear | None = None
+        if shallow:
+            self.cell_extra = nn.Linear(2 * 2 * sum(shallow), dim)
+            nn.init.zeros_(self.cell_extra.weight)
+            nn.init.zeros_(self.cell_extra.bias)
         self.cell_norm = nn.LayerNorm(dim)
+        self.whole: WholeScene | None = None  # the whole-scene vector (starts silent)
+        if cfg.whole_scene:
+            self.whole = WholeScene(2 * (channels + 2 * sum(shallow)), dim)
         self.encoder = HyperContextEncoder(ContextConfig(
             kind="hyper", dim=dim, depth=cfg.depth, head_dim=cfg.head_dim,
             mlp_dim=cfg.mlp_dim, causal=False, lsh_threshold=max(4096, cfg.grid ** 2),
@@ -260,11 +348,23 @@ class GlobalContext(nn.Module):
         gr, gc, _ = cells.shape
         if (gr, gc) != grid.shape:
             raise ValueError(f"cells {tuple(cells.shape[:2])} do not match grid {grid.shape}")
-        x = self.cell_norm(self.cell_proj(cells.reshape(1, gr * gc, -1)))
         place = place_code(grid.cell_centres(cells.device), grid.rows, grid.cols, self.dim)
-        x = x + place.to(x.dtype)[None]
-        x, _ = self.encoder(x)
-        return SceneTokens(x, grid)
+        return SceneTokens(self.encode_cells(cells.reshape(1, gr * gc, -1), place), grid)
+
+    def encode_cells(self, cells: torch.Tensor, place: torch.Tensor) -> torch.Tensor:
+        """cells (B, M, 2C') [mean, max] of the region summaries, place (M, D) the cells'
+        place codes -> scene tokens (B, M, D), then the whole-scene row with `whole_scene`
+        (B, M + 1, D)."""
+        two = cells.shape[-1] // 2
+        c = self.channels
+        mean, peak = cells[..., :two], cells[..., two:]
+        x = self.cell_proj(torch.cat([mean[..., :c], peak[..., :c]], -1))
+        if self.cell_extra is not None:
+            x = x + self.cell_extra(torch.cat([mean[..., c:], peak[..., c:]], -1))
+        x, _ = self.encoder(self.cell_norm(x) + place.to(x.dtype)[None])
+        if self.whole is not None:
+            x = torch.cat([x, self.whole(pooled_cells(cells))[:, None]], 1)
+        return x
 
     def read(self, tokens: torch.Tensor, token_rc: torch.Tensor, per_region: tuple[int, int],
              scene: SceneTokens) -> torch.Tensor:
@@ -274,4 +374,8 @@ class GlobalContext(nn.Module):
         where = torch.stack([(token_rc[..., 0].to(torch.float64) + 0.5) / h - 0.5,
                              (token_rc[..., 1].to(torch.float64) + 0.5) / w - 0.5], -1)
         place = place_code(where, scene.grid.rows, scene.grid.cols, self.dim)
-        return self.reader(tokens, place.to(tokens.device), scene.tokens)
+        cells = scene.tokens
+        if self.whole is None:
+            return self.reader(tokens, place.to(tokens.device), cells)
+        out = self.reader(tokens, place.to(tokens.device), cells[:, :-1])
+        return out + cells[:, -1:].to(out.dtype)

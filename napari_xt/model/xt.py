@@ -246,8 +246,15 @@ class XT(nn.Module):
             self.input_proj = nn.Linear(channels, cfg.context.dim)
             self.context = build_context_encoder(cfg.context)
             if cfg.global_context is not None:
-                self.global_context = GlobalContext(cfg.global_context, channels,
-                                                    cfg.context.dim, cfg.context.norm_eps)
+                levels = self.region_encoder.feature_channels
+                extra = cfg.global_context.summary_levels
+                if extra and extra[-1] >= len(levels) - 1:
+                    raise ValueError(f"global_context.summary_levels {list(extra)}: the "
+                                     f"region encoder has levels 0 to {len(levels) - 1}, "
+                                     f"the deepest ({len(levels) - 1}) is always summarized")
+                self.global_context = GlobalContext(
+                    cfg.global_context, channels, cfg.context.dim, cfg.context.norm_eps,
+                    shallow=tuple(levels[i] for i in extra))
             if self.classification:
                 self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.context.dim))
                 nn.init.normal_(self.cls_token, std=1e-6)
@@ -307,10 +314,20 @@ class XT(nn.Module):
         """How an image of rows x cols regions is pooled into scene cells."""
         return self._global().grid_for(rows, cols)
 
-    @staticmethod
-    def summarize(last: torch.Tensor) -> torch.Tensor:
-        """Deepest features of N regions (N, C, h, w) -> their summaries (N, C)."""
-        return region_summary(last)
+    def summary_levels(self) -> list[int]:
+        """The region encoder levels a region's scene summary is made of, the deepest last
+        (the deepest alone unless `global_context.summary_levels`)."""
+        deepest = len(self.region_encoder.feature_channels) - 1
+        extra = () if self.cfg.global_context is None else self.cfg.global_context.summary_levels
+        return [*extra, deepest]
+
+    def summarize(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """Features of N regions -> their summaries (N, C'): `feats` is every level of
+        `encode_regions`, or only the `summary_levels()`, in that order."""
+        levels = self.summary_levels()
+        if len(feats) != len(levels):
+            feats = [feats[i] for i in levels]
+        return region_summary(list(feats))
 
     def encode_scene(self, summary: SceneSummary, cells: torch.Tensor | None = None
                      ) -> SceneTokens:
@@ -396,8 +413,9 @@ class XT(nn.Module):
             cells = self.scene_grid(grid.rows, grid.cols)
             read = []
             for i in range(b):  # summaries are detached: the scene is a pass of its own
-                summary = SceneSummary(cells, last.shape[1])
-                summary.add(rc, self.summarize(last[i * r:(i + 1) * r]))
+                vectors = self.summarize([f[i * r:(i + 1) * r] for f in feats])
+                summary = SceneSummary(cells, vectors.shape[1])
+                summary.add(rc, vectors)
                 scene = self.encode_scene(summary)
                 read.append(self.read_scene(tokens[i:i + 1], pos[i:i + 1],
                                             tuple(last.shape[-2:]), scene))

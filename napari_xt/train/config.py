@@ -3,7 +3,7 @@
 Top-level sections: `model`, `data`, `optim`, `loss`, `run`, `eval` (see the dataclasses).
 The model is a zoo name with overrides (`model: {zoo: NAME, overrides: {...}}`), a whole
 `XTConfig` as a dict (`model: {config: {...}}`), or a checkpoint to fine-tune
-(`model: {checkpoint: PATH | demo}`). Unknown keys are errors.
+(`model: {checkpoint: PATH | demo | demo-image}`). Unknown keys are errors.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ class ModelSpec:
         """The checkpoint file to start from, or None."""
         if self.checkpoint is None:
             return None
-        if self.checkpoint == "demo":
-            from napari_xt.model.demo_weights import demo_weights_path
+        from napari_xt.model.demo_weights import BUILT_IN
 
-            return demo_weights_path()
+        if self.checkpoint in BUILT_IN:  # a built-in model by name (demo, demo-image, ...)
+            return BUILT_IN[self.checkpoint]
         path = Path(self.checkpoint).expanduser()
         if not path.is_file():
             raise ValueError(f"model.checkpoint: no file {path}")
@@ -149,7 +149,9 @@ class OptimSpec:
     """Optimizer and schedule: AdamW with `lr`, `betas` and `weight_decay` (not applied to
     biases, norms and tokens), `steps` optimizer steps of `batch_size` samples (the global
     batch over all ranks), a linear warm-up over `warmup_steps` then a cosine decay to
-    `min_lr_ratio * lr`, and gradients clipped to norm `grad_clip` (None or 0: no clipping)."""
+    `min_lr_ratio * lr`, and gradients clipped to norm `grad_clip` (None or 0: no clipping).
+    `lr_scale`: parameter-name prefix -> factor on `lr` for those parameters (e.g. a new map
+    of a fine-tuned model that must move further than the rest; the longest prefix wins)."""
 
     steps: int = 1000
     batch_size: int = 4
@@ -159,6 +161,13 @@ class OptimSpec:
     warmup_steps: int = 50
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float | None = 1.0
+    lr_scale: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = {k: v for k, v in self.lr_scale.items()
+               if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0}
+        if bad:
+            raise ValueError(f"optim.lr_scale factors must be numbers > 0, got {bad}")
 
 
 @dataclass(frozen=True)

@@ -61,14 +61,21 @@ def cosine_with_warmup(warmup: int, total: int, min_ratio: float) -> Callable[[i
     return factor
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def _param_groups(model: torch.nn.Module, weight_decay: float, lr: float,
+                  lr_scale: dict[str, float] | None = None) -> list[dict]:
+    """AdamW groups: weight decay or not (biases, norms, tokens), and per `lr_scale` factor
+    (parameter-name prefix -> factor on `lr`, the longest matching prefix)."""
+    groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {
+        (True, 1.0): [], (False, 1.0): []}
+    prefixes = sorted((lr_scale or {}).items(), key=lambda kv: -len(kv[0]))
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or name.endswith("token") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+        scale = next((float(f) for k, f in prefixes if name.startswith(k)), 1.0)
+        decays = not (p.ndim < 2 or name.endswith("token"))
+        groups.setdefault((decays, scale), []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay if decays else 0.0, "lr": lr * scale}
+            for (decays, scale), ps in groups.items() if ps or scale == 1.0]
 
 
 def _normalization(cfg: TrainConfig, start: Path | None) -> Normalization:
@@ -138,13 +145,17 @@ class Trainer(StreamedStep):
         # training-only token classifier (deep supervision, `loss.token_weight`); not part of
         # the saved model, kept in the training state for resume
         self.token_head: torch.nn.Linear | None = None
-        groups = _param_groups(self.model, cfg.optim.weight_decay)
+        o = cfg.optim
+        unused = [k for k in o.lr_scale
+                  if not any(n.startswith(k) for n, _ in self.model.named_parameters())]
+        if unused:
+            raise ValueError(f"optim.lr_scale: no parameter of the model starts with {unused}")
+        groups = _param_groups(self.model, o.weight_decay, o.lr, o.lr_scale)
         if cfg.loss.token_weight > 0:
             self.token_head = torch.nn.Linear(
                 self.model.token_dim, self.model_config.num_classes
             ).to(self.device)
-            groups += _param_groups(self.token_head, cfg.optim.weight_decay)
-        o = cfg.optim
+            groups += _param_groups(self.token_head, o.weight_decay, o.lr)
         self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_with_warmup(o.warmup_steps, o.steps, o.min_lr_ratio)
@@ -384,6 +395,8 @@ def _fine_tuned(cfg, start: Path):
     """The model of `cfg` with the weights of checkpoint `start`. A model that adds
     whole-image context to a crop model's checkpoint takes every weight of the checkpoint;
     its new `global_context` part starts fresh (its reader silent: the crop model's
+    outputs at first). So does a model that adds `summary_levels` to a whole-image
+    checkpoint: only the map of the new levels starts fresh (silent: the checkpoint's
     outputs at first)."""
     from napari_xt.model.checkpoint import load_weights
     from napari_xt.model.xt import XT
@@ -397,12 +410,23 @@ def _fine_tuned(cfg, start: Path):
     from napari_xt.model.xt import XTConfig
 
     saved = XTConfig.from_dict(json.loads(read_metadata(start)[CONFIG_KEY]))
-    if saved.global_context is not None:
+    if saved.global_context == cfg.global_context:
         return load_weights(model, start)
-    base = load_weights(XT(replace(cfg, global_context=None)), start)
+    if saved.global_context is None:
+        new: tuple[str, ...] = ("global_context.",)
+    else:
+        old, want = saved.global_context, cfg.global_context
+        added = replace(old, summary_levels=want.summary_levels, whole_scene=want.whole_scene)
+        if added != want or (old.summary_levels and old.summary_levels != want.summary_levels) \
+                or (old.whole_scene and not want.whole_scene):
+            raise ValueError(f"{start}: its whole-image context {old} differs from the "
+                             f"config's {want} in more than added summary_levels or "
+                             "whole_scene; start from its crop model or keep its settings")
+        new = ("global_context.cell_extra.", "global_context.whole.")
+    base = load_weights(XT(replace(cfg, global_context=saved.global_context)), start)
     result = model.load_state_dict(base.state_dict(), strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
-    assert all(k.startswith("global_context.") for k in result.missing_keys), result
+    assert all(k.startswith(new) for k in result.missing_keys), result
     return model
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from napari_xt.engine.plan import crop_starts
-from napari_xt.model.global_context import SceneSummary
+from napari_xt.model.global_context import SceneSummary, pooled_cells
 from napari_xt.model.tokenizer import split_regions
 
 from .data import Sample, collate
@@ -63,8 +63,7 @@ def scene_summary(model: Any, scene: SyntheticScene, normalization: Any) -> Scen
             rc = grid.order("raster") + np.array([y0 // s, 0])
             for start in range(0, len(regions), ENCODE_BATCH):
                 part = regions[start:start + ENCODE_BATCH].to(device)
-                last = model.encode_regions(part)[-1]
-                vectors = model.summarize(last)
+                vectors = model.summarize(model.encode_regions(part))
                 if summary is None:
                     summary = SceneSummary(model.scene_grid(rows, cols), vectors.shape[1])
                 summary.add(rc[start:start + ENCODE_BATCH], vectors)
@@ -84,7 +83,7 @@ def crop_cells(model: Any, summary: SceneSummary, images: torch.Tensor,
     _, first = np.unique(rc, axis=0, return_index=True)  # a region shared by crops once
     first = np.sort(first)
     part = regions.flatten(0, 1)[torch.from_numpy(first).to(device)]
-    vectors = model.summarize(model.encode_regions(part)[-1])
+    vectors = model.summarize(model.encode_regions(part))
     return summary.cells_through(rc[first], vectors)
 
 
@@ -112,6 +111,21 @@ class SceneCrops:
         self.normalization = trainer.normalization
         self.seed = int(cfg.run.seed)
         self.kept: dict[tuple[int, int], SceneSummary] = {}
+        whole = trainer.model.global_context.whole
+        if whole is not None and not whole.has_statistics:
+            self.set_whole_statistics(trainer)
+
+    def set_whole_statistics(self, trainer: Any) -> None:
+        """Standardize a fresh whole-scene map (`WholeScene`) with the pooled cells of the
+        first steps' scenes (`optim.batch_size` of every size; the same on every rank)."""
+        count = max(2, trainer.cfg.optim.batch_size)
+        pooled = []
+        for step in range(len(self.sizes)):
+            for size, seed in self.scenes_for_step(step, count):
+                scene = SyntheticScene(seed, self.scene_config(size, seed))
+                cells = scene_summary(trainer.model, scene, self.normalization).cells()
+                pooled.append(pooled_cells(cells.reshape(1, -1, cells.shape[-1]))[0])
+        trainer.model.global_context.whole.set_statistics(torch.stack(pooled))
 
     def scene_config(self, size: int, seed: int) -> SceneConfig:
         """Scene `seed` of side `size`, in the beacon variant for a share of the seeds."""
