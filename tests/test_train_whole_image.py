@@ -3,6 +3,8 @@ steps lower the loss, and what backward keeps does not grow with the scene."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -187,7 +189,7 @@ def test_cells_through_keeps_the_values_and_splits_a_tied_maximum():
     assert float(x.grad[:, 1].sum()) == 4.0 and int((x.grad[:, 1] > 0).sum()) == 4
 
 
-def test_fine_tuning_a_whole_image_model_with_shallow_summary_levels_starts_as_it():
+def test_fine_tuning_a_whole_image_model_with_shallow_summary_levels_starts_as_it(tmp_path):
     """Adding `summary_levels` and `whole_scene` to a whole-image checkpoint keeps every
     weight it has; only their maps start (silent), so the model predicts what it predicted.
     Any other change of its whole-image settings is refused."""
@@ -208,9 +210,29 @@ def test_fine_tuning_a_whole_image_model_with_shallow_summary_levels_starts_as_i
     x = torch.randn(1, 2, 256, 320)
     with torch.no_grad():
         torch.testing.assert_close(model(x)["logits"], saved(x)["logits"], rtol=0, atol=0)
-    with pytest.raises(ValueError, match="more than added summary_levels or whole_scene"):
-        _fine_tuned(replace(cfg, global_context=replace(gc, summary_levels=(0,), grid=32)),
-                    start)
+    from napari_xt.model.checkpoint import save_checkpoint
+
+    image = save_checkpoint(model, Path(tmp_path) / "levels.safetensors")  # has whole_scene
+    # settings that hold no weights may change as before (a coarser scene grid)
+    coarse = _fine_tuned(replace(cfg, global_context=replace(cfg.global_context, grid=32)),
+                         start)
+    assert coarse.global_context.cfg.grid == 32
+    with pytest.raises(ValueError, match="can be added to, not changed"):
+        _fine_tuned(replace(cfg, global_context=replace(gc, summary_levels=())), image)
+    whole_only = replace(saved.cfg, global_context=replace(gc, whole_scene=True))
+    whole = save_checkpoint(_fine_tuned(whole_only, start), Path(tmp_path) / "whole.safetensors")
+    with pytest.raises(ValueError, match="would change the width of its whole-scene map"):
+        _fine_tuned(cfg, whole)
+
+
+def test_a_whole_image_model_saved_before_the_summary_options_keeps_its_hash():
+    """Configs leave out the later global_context fields at their defaults, so the shipped
+    demo-image keeps the hash its runs, caches and stores were made with."""
+    from napari_xt.model.checkpoint import HASH_KEY, load_checkpoint, model_hash, read_metadata
+    from napari_xt.model.demo_weights import BUILT_IN
+
+    path = BUILT_IN["demo-image"]
+    assert model_hash(load_checkpoint(path)) == read_metadata(path)[HASH_KEY]
 
 
 def test_a_fresh_whole_scene_map_is_standardized_on_training_scenes(tmp_path):

@@ -7,12 +7,16 @@
   (then the error propagates). The smaller batch size is kept for the rest of the run.
   Context/decode calls back off the same way in `crops.py` (crop groups split in halves,
   a crop's regions decoded in halved chunks).
-- `bound_heap()`: on glibc (Linux), buffers of 128 KiB and more are given back to the system
+- `bound_heap()`: on glibc (Linux), buffers of 4 MiB and more are given back to the system
   when freed (a fixed `M_MMAP_THRESHOLD`). By default glibc raises that threshold as large
-  buffers come and go, and a long run's region batches, feature maps and chunk buffers then
-  stay in the heap, fragmented: peak memory grew with the image (1.15x from 1024 to 4096 px
-  on the CPU) though the engine holds no more at once. Applied once per process when a run
-  starts, unless `MALLOC_MMAP_THRESHOLD_` is set (the user's choice is kept).
+  buffers come and go (up to 32 MiB), and a long run's region batches, feature maps and
+  chunk buffers then stay in the heap, fragmented: peak memory grew with the image (1.15x
+  from 1024 to 4096 px on the CPU) though the engine holds no more at once. Smaller buffers
+  stay in the heap (a lower threshold, e.g. 128 KiB, gives the same peak but makes every
+  mid-sized temporary a system call: slower runs, and slower for the rest of the process,
+  napari included). Applied once per process when a run starts, unless the environment sets
+  the threshold (`MALLOC_MMAP_THRESHOLD_`, or `glibc.malloc.mmap_threshold` in
+  `GLIBC_TUNABLES`: the user's choice is kept).
 """
 
 from __future__ import annotations
@@ -124,18 +128,19 @@ def device_name(device: torch.device) -> str:
     return {"cuda": "CUDA", "mps": "MPS", "cpu": "CPU"}.get(device.type, device.type)
 
 
-HEAP_MMAP_THRESHOLD = 128 * 1024  # bytes: larger buffers go back to the system when freed
+HEAP_MMAP_THRESHOLD = 4 << 20  # bytes: larger buffers go back to the system when freed
 _heap_bounded: bool | None = None
 
 
 def bound_heap() -> bool:
     """Fix glibc's mmap threshold at `HEAP_MMAP_THRESHOLD` (see the module docstring), once
-    per process; True when it is in force (set here or by `MALLOC_MMAP_THRESHOLD_`), False
-    where the C library is not glibc."""
+    per process; True when a fixed threshold is in force (set here or by the environment),
+    False where the C library is not glibc."""
     global _heap_bounded
     if _heap_bounded is None:
-        if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-            _heap_bounded = True
+        if "MALLOC_MMAP_THRESHOLD_" in os.environ or "glibc.malloc.mmap_threshold" in \
+                os.environ.get("GLIBC_TUNABLES", ""):
+            _heap_bounded = True  # the environment's own threshold (read by glibc at start)
         elif not sys.platform.startswith("linux"):
             _heap_bounded = False
         else:

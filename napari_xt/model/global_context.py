@@ -55,6 +55,9 @@ from .context.hyper import HyperContextEncoder
 from .fields import from_mapping
 
 
+LATER_FIELDS = ("summary_levels", "whole_scene")  # not in configs saved before them
+
+
 @dataclass(frozen=True)
 class GlobalContextConfig:
     """Whole-image context (see the module docstring). `grid`: at most grid x grid scene
@@ -82,8 +85,14 @@ class GlobalContextConfig:
         object.__setattr__(self, "summary_levels", tuple(sorted(levels)))
 
     def to_dict(self) -> dict[str, Any]:
-        """The configuration as a plain dict of its fields, as saved in checkpoints."""
-        return asdict(self)
+        """The configuration as a plain dict of its fields, as saved in checkpoints; fields
+        added later are left out at their defaults, so a model saved before them keeps its
+        config and its hash (runs, caches and stores made with it stay its own)."""
+        out = asdict(self)
+        for name in LATER_FIELDS:
+            if out[name] == asdict(GlobalContextConfig())[name]:
+                del out[name]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GlobalContextConfig:
@@ -194,6 +203,8 @@ def region_summary(levels: list[torch.Tensor]) -> torch.Tensor:
     """Feature maps of N regions, [(N, C_l, h_l, w_l)], the `summary_levels` then the
     deepest -> one vector per region (N, C'): the deepest level's mean over space, then the
     mean and the maximum over space of each shallower level."""
+    if isinstance(levels, torch.Tensor):
+        raise TypeError("region_summary takes a list of feature levels, the deepest last")
     *shallow, last = [lv.float() for lv in levels]
     parts = [last.mean(dim=(-2, -1))]
     for lv in shallow:
@@ -344,7 +355,8 @@ class GlobalContext(nn.Module):
         return SceneGrid.for_regions(rows, cols, self.cfg.grid)
 
     def encode(self, cells: torch.Tensor, grid: SceneGrid) -> SceneTokens:
-        """cells (Gr, Gc, 2C) -> the scene's tokens (1, Gr*Gc, D)."""
+        """cells (Gr, Gc, 2C') -> the scene's tokens (1, Gr*Gc, D) (one row more with
+        `whole_scene`)."""
         gr, gc, _ = cells.shape
         if (gr, gc) != grid.shape:
             raise ValueError(f"cells {tuple(cells.shape[:2])} do not match grid {grid.shape}")

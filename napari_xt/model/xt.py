@@ -125,7 +125,8 @@ class XTConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (tuples become lists); `from_dict` restores an equal config."""
         return {
-            f.name: asdict(v) if is_dataclass(v) else v
+            f.name: (v.to_dict() if isinstance(v, GlobalContextConfig)
+                     else asdict(v) if is_dataclass(v) else v)
             for f in fields(self)
             for v in (getattr(self, f.name),)
         }
@@ -331,7 +332,8 @@ class XT(nn.Module):
 
     def encode_scene(self, summary: SceneSummary, cells: torch.Tensor | None = None
                      ) -> SceneTokens:
-        """The summed region summaries of a whole image -> its scene tokens (1, M, D);
+        """The summed region summaries of a whole image -> its scene tokens (1, M, D), M + 1
+        rows with `whole_scene`;
         `cells` (default `summary.cells()`), e.g. `summary.cells_through(...)` in training."""
         g = self._global()
         device = next(g.parameters()).device

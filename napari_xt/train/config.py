@@ -48,7 +48,9 @@ class ModelSpec:
         from napari_xt.model.demo_weights import BUILT_IN
 
         if self.checkpoint in BUILT_IN:  # a built-in model by name (demo, demo-image, ...)
-            return BUILT_IN[self.checkpoint]
+            from napari_xt.model.demo_weights import demo_weights_path
+
+            return demo_weights_path(name=self.checkpoint)
         path = Path(self.checkpoint).expanduser()
         if not path.is_file():
             raise ValueError(f"model.checkpoint: no file {path}")

@@ -414,16 +414,24 @@ def _fine_tuned(cfg, start: Path):
         return load_weights(model, start)
     if saved.global_context is None:
         new: tuple[str, ...] = ("global_context.",)
+        base_gc = None
     else:
         old, want = saved.global_context, cfg.global_context
-        added = replace(old, summary_levels=want.summary_levels, whole_scene=want.whole_scene)
-        if added != want or (old.summary_levels and old.summary_levels != want.summary_levels) \
-                or (old.whole_scene and not want.whole_scene):
-            raise ValueError(f"{start}: its whole-image context {old} differs from the "
-                             f"config's {want} in more than added summary_levels or "
-                             "whole_scene; start from its crop model or keep its settings")
+        if (old.summary_levels and old.summary_levels != want.summary_levels) or (
+                old.whole_scene and not want.whole_scene):
+            raise ValueError(f"{start}: its summary_levels {list(old.summary_levels)} and "
+                             f"whole_scene {old.whole_scene} can be added to, not changed "
+                             f"(the config asks for {list(want.summary_levels)} and "
+                             f"{want.whole_scene})")
+        if old.whole_scene and want.summary_levels != old.summary_levels:
+            raise ValueError(f"{start}: adding summary_levels to a model with whole_scene "
+                             "would change the width of its whole-scene map; start from a "
+                             "model without whole_scene")
         new = ("global_context.cell_extra.", "global_context.whole.")
-    base = load_weights(XT(replace(cfg, global_context=saved.global_context)), start)
+        # the checkpoint's own parts as they were; any other setting as the config says (a
+        # change that alters a weight's shape is refused when the weights load)
+        base_gc = replace(want, summary_levels=old.summary_levels, whole_scene=old.whole_scene)
+    base = load_weights(XT(replace(cfg, global_context=base_gc)), start)
     result = model.load_state_dict(base.state_dict(), strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
     assert all(k.startswith(new) for k in result.missing_keys), result

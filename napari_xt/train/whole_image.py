@@ -120,12 +120,18 @@ class SceneCrops:
         first steps' scenes (`optim.batch_size` of every size; the same on every rank)."""
         count = max(2, trainer.cfg.optim.batch_size)
         pooled = []
-        for step in range(len(self.sizes)):
-            for size, seed in self.scenes_for_step(step, count):
-                scene = SyntheticScene(seed, self.scene_config(size, seed))
-                cells = scene_summary(trainer.model, scene, self.normalization).cells()
-                pooled.append(pooled_cells(cells.reshape(1, -1, cells.shape[-1]))[0])
-        trainer.model.global_context.whole.set_statistics(torch.stack(pooled))
+        model = trainer.model
+        was_training = model.training
+        model.eval()  # the summaries the engine makes (no dropout, no norm statistics kept)
+        try:
+            for step in range(len(self.sizes)):
+                for size, seed in self.scenes_for_step(step, count):
+                    scene = SyntheticScene(seed, self.scene_config(size, seed))
+                    cells = scene_summary(model, scene, self.normalization).cells()
+                    pooled.append(pooled_cells(cells.reshape(1, -1, cells.shape[-1]))[0])
+        finally:
+            model.train(was_training)
+        model.global_context.whole.set_statistics(torch.stack(pooled))
 
     def scene_config(self, size: int, seed: int) -> SceneConfig:
         """Scene `seed` of side `size`, in the beacon variant for a share of the seeds."""
