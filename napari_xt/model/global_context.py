@@ -54,7 +54,6 @@ from .context.base import ContextConfig, RMSNorm
 from .context.hyper import HyperContextEncoder
 from .fields import from_mapping
 
-
 LATER_FIELDS = ("summary_levels", "whole_scene")  # not in configs saved before them
 
 
