@@ -45,8 +45,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", default=DEFAULT_OUT,
                    help=f"folder for the store and the screenshot (default ./{DEFAULT_OUT})")
     p.add_argument("--model", default=None,
-                   help="built-in model (demo, demo-image, demo-region-only), zoo model name "
-                        "or checkpoint file (default: demo-image, then demo for comparison)")
+                   help="built-in model (demo, demo-image, demo-beacon, demo-region-only), "
+                        "zoo model name or checkpoint file (default: demo-image, then demo "
+                        "for comparison)")
     p.add_argument("--render", choices=("auto", "napari", "numpy"), default="auto",
                    help="headless screenshot: napari on a (virtual) display, or numpy "
                         "composition (auto: napari when a display or Xvfb is available)")

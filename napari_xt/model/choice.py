@@ -1,10 +1,11 @@
 """How a user's model choice becomes a loaded model, for the CLI, the demo and the widgets.
 
 A choice is a plain string: `DEMO_MODEL` (or the short alias "demo") for the shipped demo
-model, "demo-image" for its whole-image context version, "demo-region-only" for its
-region-only baseline, a zoo name, or a path to a checkpoint file. A loaded model comes with
-the input normalization it was trained with (per-channel mean and std, from the
-checkpoint's training config) or None (raw pixels). Zoo models get random weights from a
+model, "demo-image" for its whole-image context version, "demo-beacon" for that version
+taught the beacon variant too, "demo-region-only" for its region-only baseline, a zoo name,
+or a path to a checkpoint file. A loaded model comes with the input normalization it was
+trained with (per-channel mean and std, from the checkpoint's training config) or None (raw
+pixels). Zoo models get random weights from a
 fixed seed, so the same choice gives the same model every time and a rerun can resume its
 store.
 """

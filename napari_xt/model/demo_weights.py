@@ -3,7 +3,9 @@
 The package ships `weights/xt_demo_sar.safetensors` (the demo model, trained by
 `napari-xt train configs/demo.yaml` then `configs/demo_wide.yaml` on the synthetic SAR task
 of `napari_xt.train.synthetic`) and `weights/xt_demo_sar_region_only.safetensors` (the same
-architecture without context, its baseline). Both carry their config and training config in
+architecture without context, its baseline), `xt_demo_sar_image.safetensors` (whole-image
+context, `configs/demo_image.yaml`) and `xt_demo_sar_beacon.safetensors` (that model taught
+the beacon variant too, `configs/demo_beacon.yaml`). All carry their config and training config in
 the header, so they rebuild themselves; the task's class names are added here when a file
 predates names in configs.
 """
@@ -17,9 +19,10 @@ WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DEMO_WEIGHTS = WEIGHTS_DIR / "xt_demo_sar.safetensors"
 REGION_ONLY_WEIGHTS = WEIGHTS_DIR / "xt_demo_sar_region_only.safetensors"
 IMAGE_WEIGHTS = WEIGHTS_DIR / "xt_demo_sar_image.safetensors"  # whole-image context
+BEACON_WEIGHTS = WEIGHTS_DIR / "xt_demo_sar_beacon.safetensors"  # ... and the beacon task
 #: built-in models by the names a user types: the demo model, its whole-image context
-#: version and its region-only baseline
-BUILT_IN = {"demo": DEMO_WEIGHTS, "demo-image": IMAGE_WEIGHTS,
+#: version, that version taught the beacon variant too, and its region-only baseline
+BUILT_IN = {"demo": DEMO_WEIGHTS, "demo-image": IMAGE_WEIGHTS, "demo-beacon": BEACON_WEIGHTS,
             "demo-region-only": REGION_ONLY_WEIGHTS}
 DEMO_METRICS = WEIGHTS_DIR / "demo_metrics.json"
 #: the synthetic SAR task's classes (label values 0, 1, 2) and detection class

@@ -147,8 +147,9 @@ class RunWidget(QWidget):
         self.level_note.setVisible(False)
         self.model_combo = QComboBox()
         self.model_combo.setToolTip("Model: the built-in demo model (crop context), its "
-                                    "whole-image context version (demo-image) or its "
-                                    "region-only baseline, a zoo model (random weights) or a "
+                                    "whole-image context version (demo-image), that "
+                                    "version taught the beacon task too (demo-beacon) or "
+                                    "its region-only baseline, a zoo model (random weights) or a "
                                     "checkpoint file (Load checkpoint…).")
         self.model_combo.addItem(DEMO_MODEL)
         self.model_combo.addItems(built_in_names())
