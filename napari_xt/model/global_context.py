@@ -88,8 +88,9 @@ class GlobalContextConfig:
         added later are left out at their defaults, so a model saved before them keeps its
         config and its hash (runs, caches and stores made with it stay its own)."""
         out = asdict(self)
+        defaults = asdict(GlobalContextConfig())
         for name in LATER_FIELDS:
-            if out[name] == asdict(GlobalContextConfig())[name]:
+            if out[name] == defaults[name]:
                 del out[name]
         return out
 

@@ -61,6 +61,12 @@ def cosine_with_warmup(warmup: int, total: int, min_ratio: float) -> Callable[[i
     return factor
 
 
+def _by_prefix(model: torch.nn.Module, prefixes: tuple[str, ...]) -> list[torch.nn.Parameter]:
+    """The parameters whose names start with one of `prefixes`."""
+    return [p for name, p in model.named_parameters()
+            if any(name.startswith(k) for k in prefixes)]
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float, lr: float,
                   lr_scale: dict[str, float] | None = None) -> list[dict]:
     """AdamW groups: weight decay or not (biases, norms, tokens), and per `lr_scale` factor
@@ -146,8 +152,7 @@ class Trainer(StreamedStep):
         # the saved model, kept in the training state for resume
         self.token_head: torch.nn.Linear | None = None
         o = cfg.optim
-        unused = [k for k in o.lr_scale
-                  if not any(n.startswith(k) for n, _ in self.model.named_parameters())]
+        unused = [k for k in o.lr_scale if not _by_prefix(self.model, (k,))]
         if unused:
             raise ValueError(f"optim.lr_scale: no parameter of the model starts with {unused}")
         groups = _param_groups(self.model, o.weight_decay, o.lr, o.lr_scale)
@@ -182,13 +187,11 @@ class Trainer(StreamedStep):
     def _freeze(self, prefixes: tuple[str, ...]) -> None:
         if not prefixes:
             return
-        hit = False
-        for name, p in self.model.named_parameters():
-            if any(name.startswith(prefix) for prefix in prefixes):
-                p.requires_grad_(False)
-                hit = True
+        hit = _by_prefix(self.model, prefixes)
         if not hit:
             raise ValueError(f"run.freeze {list(prefixes)} matches no parameter")
+        for p in hit:
+            p.requires_grad_(False)
 
     def _keep_frozen_eval(self) -> None:
         """A module with no trainable parameter stays in eval mode (its norms do not move)."""
@@ -203,14 +206,12 @@ class Trainer(StreamedStep):
     def _zero_init(self, prefixes: tuple[str, ...]) -> None:
         if not prefixes:
             return
-        hit = False
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                if any(name.startswith(prefix) for prefix in prefixes):
-                    p.zero_()
-                    hit = True
+        hit = _by_prefix(self.model, prefixes)
         if not hit:
             raise ValueError(f"model.zero_init {list(prefixes)} matches no parameter")
+        with torch.no_grad():
+            for p in hit:
+                p.zero_()
 
     # ------------------------------------------------------------------ data
 
@@ -395,9 +396,9 @@ def _fine_tuned(cfg, start: Path):
     """The model of `cfg` with the weights of checkpoint `start`. A model that adds
     whole-image context to a crop model's checkpoint takes every weight of the checkpoint;
     its new `global_context` part starts fresh (its reader silent: the crop model's
-    outputs at first). So does a model that adds `summary_levels` to a whole-image
-    checkpoint: only the map of the new levels starts fresh (silent: the checkpoint's
-    outputs at first)."""
+    outputs at first). So does a model that adds `summary_levels` or `whole_scene` to a
+    whole-image checkpoint: only their maps start fresh (silent: the checkpoint's outputs at
+    first). Other settings may change as far as the weights still fit."""
     from napari_xt.model.checkpoint import load_weights
     from napari_xt.model.xt import XT
 
@@ -410,13 +411,13 @@ def _fine_tuned(cfg, start: Path):
     from napari_xt.model.xt import XTConfig
 
     saved = XTConfig.from_dict(json.loads(read_metadata(start)[CONFIG_KEY]))
-    if saved.global_context == cfg.global_context:
-        return load_weights(model, start)
-    if saved.global_context is None:
+    old, want = saved.global_context, cfg.global_context
+    if old is None:
         new: tuple[str, ...] = ("global_context.",)
         base_gc = None
+    elif (old.summary_levels, old.whole_scene) == (want.summary_levels, want.whole_scene):
+        return load_weights(model, start)  # nothing added: every weight is the checkpoint's
     else:
-        old, want = saved.global_context, cfg.global_context
         if (old.summary_levels and old.summary_levels != want.summary_levels) or (
                 old.whole_scene and not want.whole_scene):
             raise ValueError(f"{start}: its summary_levels {list(old.summary_levels)} and "
