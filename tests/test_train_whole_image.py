@@ -235,10 +235,12 @@ def test_a_whole_image_model_saved_before_the_summary_options_keeps_its_hash():
     assert model_hash(load_checkpoint(path)) == read_metadata(path)[HASH_KEY]
 
 
-def test_a_fresh_whole_scene_map_is_standardized_on_training_scenes(tmp_path):
+def test_a_fresh_whole_scene_map_is_standardized_on_training_scenes(tmp_path, monkeypatch):
     """A fresh `whole_scene` map takes the mean and spread of the pooled cells of the first
-    steps' scenes, so those scenes come to it centred; a map that has them keeps them."""
+    steps' scenes at the first step, so those scenes come to it centred; a resumed run keeps
+    the statistics of its checkpoint and does not compute them again."""
     from napari_xt.model.global_context import pooled_cells
+    from napari_xt.train import whole_image
 
     cfg = _config([512], grid=8, pool=1000)
     data = cfg.to_dict()
@@ -247,15 +249,25 @@ def test_a_fresh_whole_scene_map_is_standardized_on_training_scenes(tmp_path):
     data["optim"]["batch_size"] = 3
     trainer = Trainer(TrainConfig.from_dict(data), tmp_path / "run")
     whole = trainer.model.global_context.whole
-    assert whole.has_statistics
+    assert not whole.has_statistics  # not before the first step needs them
     pooled = []
     for size, seed in trainer.scenes.scenes_for_step(0, 3):
         scene = SyntheticScene(seed, trainer.scenes.scene_config(size, seed))
         cells = scene_summary(trainer.model, scene, trainer.normalization).cells()
         pooled.append(pooled_cells(cells.reshape(1, -1, cells.shape[-1]))[0])
+    trainer.train_step()
+    assert whole.has_statistics
     z = (torch.stack(pooled) - whole.shift) / whole.scale
     assert z.mean(0).abs().max() < 1e-4
     assert 0.3 < float(z.std(0).median()) <= 1.0
     shift = whole.shift.clone()
-    trainer.scenes.__init__(trainer)  # statistics already there: kept
-    torch.testing.assert_close(whole.shift, shift, rtol=0, atol=0)
+    trainer.save()
+
+    def computed_again(*args, **kwargs):
+        raise AssertionError("a resumed run computed its whole-scene statistics again")
+
+    monkeypatch.setattr(whole_image, "pooled_cells", computed_again)
+    again = Trainer(TrainConfig.from_dict(data), tmp_path / "run")
+    assert again.resume() == 1
+    again.train_step()
+    torch.testing.assert_close(again.model.global_context.whole.shift, shift, rtol=0, atol=0)

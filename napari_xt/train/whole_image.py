@@ -111,17 +111,19 @@ class SceneCrops:
         self.normalization = trainer.normalization
         self.seed = int(cfg.run.seed)
         self.kept: dict[tuple[int, int], SceneSummary] = {}
-        whole = trainer.model.global_context.whole
-        if whole is not None and not whole.has_statistics:
-            self.set_whole_statistics(trainer)
 
-    def set_whole_statistics(self, trainer: Any) -> None:
+    def ensure_whole_statistics(self, trainer: Any) -> None:
         """Standardize a fresh whole-scene map (`WholeScene`) with the pooled cells of the
-        first steps' scenes (`optim.batch_size` of every size; the same on every rank)."""
+        first steps' scenes (`optim.batch_size` of every size; the same on every rank); a
+        map that has statistics (from its checkpoint, or a resumed run) keeps them. Called
+        by the first step, so a resumed run does not compute what it loads."""
+        whole = trainer.model.global_context.whole
+        if whole is None or whole.has_statistics:
+            return
         count = max(2, trainer.cfg.optim.batch_size)
         pooled = []
         model = trainer.model
-        was_training = model.training
+        modes = [(m, m.training) for m in model.modules()]  # frozen parts stay in eval
         model.eval()  # the summaries the engine makes (no dropout, no norm statistics kept)
         try:
             for step in range(len(self.sizes)):
@@ -130,7 +132,8 @@ class SceneCrops:
                     cells = scene_summary(model, scene, self.normalization).cells()
                     pooled.append(pooled_cells(cells.reshape(1, -1, cells.shape[-1]))[0])
         finally:
-            model.train(was_training)
+            for m, training in modes:
+                m.training = training
         model.global_context.whole.set_statistics(torch.stack(pooled))
 
     def scene_config(self, size: int, seed: int) -> SceneConfig:
@@ -204,6 +207,7 @@ class SceneCrops:
         as the draws follow one another), each rank summarizes and backpropagates only its
         share of the scenes, the loss is normalized by the counts of all the step's crops
         (summed over the ranks), and gradients are reduced after its last scene."""
+        self.ensure_whole_statistics(trainer)
         region = trainer.model_config.region.region_size
         rng = np.random.default_rng([self.seed, step, 13])
         picks = self.scenes_for_step(step, trainer.cfg.optim.batch_size)
