@@ -204,10 +204,11 @@ def count_files(path: Path) -> int:
 def files_for_slide(side: int, region_size: int, crop_regions: int, cache_bytes: int) -> int:
     """Files of a finished store of a side x side slide (labels + detections, with cache),
     from the layout: metadata, shards per pyramid level, the preview, the private state."""
+    from napari_xt.engine.plan import default_stride
     from napari_xt.engine.store.layout import MIN_PYRAMID, Tiling
     from napari_xt.io.pyramid import pyramid_shapes
 
-    stride = max(1, crop_regions // 2)
+    stride = default_stride(crop_regions)
     t = Tiling.for_grid(side, side, region_size, 16 * stride * region_size)
     shapes = pyramid_shapes(side, side, min_size=MIN_PYRAMID)
     shard_files = 0

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from .events import Notice
-from .plan import crop_starts
+from .plan import crop_starts, default_stride
 from .spelling import Spelling, hint
 
 PLAN_BYTES_PER_REGION = 320
@@ -193,7 +193,7 @@ def _need(height: int, width: int, cfg: Any, model: Any, outputs, layout, crop_s
     size = int(cfg.region.region_size)
     rows, cols = -(-height // size), -(-width // size)
     k = max(1, int(cfg.crop_regions or 1))
-    stride = max(1, k // 2) if crop_stride is None else max(1, int(crop_stride))
+    stride = default_stride(k) if crop_stride is None else max(1, int(crop_stride))
     crops = len(crop_starts(rows, k, stride)) * len(crop_starts(cols, k, stride))
     regions = rows * cols
     pixels = height * width

@@ -55,6 +55,12 @@ class Crop:
         return self.row0 <= row < self.row0 + self.rows and self.col0 <= col < self.col0 + self.cols
 
 
+def default_stride(k: int) -> int:
+    """The default crop stride of k-region crops: max(1, k // 2) regions (every interior
+    region boundary lies inside some crop, away from its edges)."""
+    return max(1, int(k) // 2)
+
+
 def crop_starts(n: int, k: int, stride: int) -> list[int]:
     """First region of every crop along an axis of `n` regions: every `stride` regions,
     the last one ending at the far border (one crop at 0 when the axis fits one)."""
@@ -98,7 +104,7 @@ class RegionPlan:
         self.regions = RegionGrid(int(height), int(width), int(region_size))  # rows, boxes
         self.height, self.width, self.region_size = int(height), int(width), int(region_size)
         self.k = max(1, int(crop_regions or 1))
-        self.stride = max(1, self.k // 2) if stride is None else int(stride)
+        self.stride = default_stride(self.k) if stride is None else int(stride)
         if not 1 <= self.stride <= self.k:
             raise ValueError(f"crop stride must be in [1, {self.k}] regions, got {stride}")
         if strip_width < 1:

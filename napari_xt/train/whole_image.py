@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from napari_xt.engine.plan import crop_starts
+from napari_xt.engine.plan import crop_starts, default_stride
 from napari_xt.model.global_context import SceneSummary, pooled_cells
 from napari_xt.model.tokenizer import split_regions
 
@@ -174,8 +174,8 @@ class SceneCrops:
         k_y, k_x = -(-side_y // region), -(-side_x // region)
         samples, origins = [], []
         if self.data.crop_places == "tiling":
-            row_starts = crop_starts(rows, k_y, max(1, k_y // 2))
-            col_starts = crop_starts(cols, k_x, max(1, k_x // 2))
+            row_starts = crop_starts(rows, k_y, default_stride(k_y))
+            col_starts = crop_starts(cols, k_x, default_stride(k_x))
         else:
             row_starts, col_starts = range(rows - k_y + 1), range(cols - k_x + 1)
         for i in range(n):
