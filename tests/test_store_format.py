@@ -162,3 +162,11 @@ def test_the_plugins_writers_make_stores_that_reopen(make_napari_viewer, tmp_pat
     np.testing.assert_array_equal(np.asarray(viewer.layers["drawn"].data), labels)
     np.testing.assert_allclose(viewer.layers["picked"].features["score"], [0.2, 0.7])
     assert os.path.isdir(tmp_path / "a.zarr" / "labels" / "drawn")
+
+
+def test_a_class_index_without_a_name_is_named_by_its_index_not_by_another_class():
+    from napari_xt.engine.store.publish import class_names
+
+    got = class_names(np.array([0, 1, 2, -1], np.int64), ("vessel", "buoy"))
+    assert list(got) == ["vessel", "buoy", "class 2", "class -1"]
+    assert class_names(np.empty(0, np.int64), ("vessel",)).shape == (0,)

@@ -129,6 +129,17 @@ def write_pyramid(store: Any, name: str, method: str) -> None:
     store.record_published(f"pyramid:{name}", files)
 
 
+def class_names(classes: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
+    """(N,) object array: the name of each class index, "class <i>" for an index the names
+    do not cover (never another class's name)."""
+    classes = np.asarray(classes).astype(np.int64).reshape(-1)
+    known = (classes >= 0) & (classes < len(names))
+    out = np.array([f"class {int(i)}" for i in classes], dtype=object)
+    if known.any():
+        out[known] = np.asarray(names, dtype=object)[classes[known]]
+    return out
+
+
 def write_table(store: Any, points: np.ndarray, scale: tuple[float, float]) -> int:
     """Writes the detection table of `points` (level pixels; `scale`: level-0 pixels per level
     pixel) as zarr columns and Parquet, with class names when the spec has them, and records it
@@ -140,9 +151,7 @@ def write_table(store: Any, points: np.ndarray, scale: tuple[float, float]) -> i
     spec = store.spec
     table = detection_table(points, scale)
     if spec.point_classes:
-        names = np.asarray(spec.point_classes, dtype=object)
-        table["class_name"] = names[np.clip(table["class"], 0, len(names) - 1)] if len(
-            table["class"]) else np.empty(0, dtype=object)
+        table["class_name"] = class_names(table["class"], spec.point_classes)
     write_detections(store.path, spec.name, table, overwrite=True, parquet=True,
                      attrs={"source": "napari-xt predict",
                             "classes": list(spec.point_classes)})
