@@ -134,7 +134,7 @@ class SceneCrops:
         finally:
             for m, training in modes:
                 m.training = training
-        model.global_context.whole.set_statistics(torch.stack(pooled))
+        whole.set_statistics(torch.stack(pooled))
 
     def scene_config(self, size: int, seed: int) -> SceneConfig:
         """Scene `seed` of side `size`, in the beacon variant for a share of the seeds."""

@@ -132,12 +132,8 @@ def write_pyramid(store: Any, name: str, method: str) -> None:
 def class_names(classes: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
     """(N,) object array: the name of each class index, "class <i>" for an index the names
     do not cover (never another class's name)."""
-    classes = np.asarray(classes).astype(np.int64).reshape(-1)
-    known = (classes >= 0) & (classes < len(names))
-    out = np.array([f"class {int(i)}" for i in classes], dtype=object)
-    if known.any():
-        out[known] = np.asarray(names, dtype=object)[classes[known]]
-    return out
+    return np.array([names[i] if 0 <= i < len(names) else f"class {i}"
+                     for i in np.asarray(classes, np.int64).reshape(-1).tolist()], dtype=object)
 
 
 def write_table(store: Any, points: np.ndarray, scale: tuple[float, float]) -> int:
