@@ -260,6 +260,19 @@ def test_integer_images_for_a_model_trained_on_db(scene, tmp_path, capsys):
         capsys.readouterr().err
 
 
+def test_an_image_with_no_finite_value_is_refused(tmp_path, capsys):
+    # all NaN / inf: every pixel would be read as missing, so there is nothing to predict from
+    for model, fill in (("demo", np.nan), ("xt_tiny_demo_seg", np.inf)):
+        img = tmp_path / f"blank-{model}.npy"
+        np.save(img, np.full((96, 96, 3) if model != "demo" else (2, 96, 96), fill,
+                             np.float32))
+        out = tmp_path / f"{model}.zarr"
+        run = ["predict", str(img), "--model", model, "--out", str(out)]
+        line = refused(capsys, run, "no sampled value of channels 0, 1", "is finite",
+                       "--accept-range")
+        assert not out.exists(), line
+
+
 def test_a_model_without_normalization_takes_values_unchanged(tmp_path, capsys):
     img = tmp_path / "rgb.npy"
     np.save(img, np.random.default_rng(1).integers(0, 255, (96, 96, 3), dtype=np.uint8))

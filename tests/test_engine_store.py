@@ -102,6 +102,11 @@ def test_a_store_with_corrections_is_never_wiped(tmp_path):
         run(img, model, out, resume=False)  # a fresh start of the same run
     with pytest.raises(StoreError, match="corrections"):
         run(img, model, out, threshold=0.9, overwrite=True)
+    from napari_xt.engine.spelling import CLI
+
+    # the refusal names the interface's own remedy: no flag allows deleting corrections
+    with pytest.raises(StoreError, match="no option allows that: choose another --out"):
+        run(img, model, out, threshold=0.9, overwrite=True, spelling=CLI)
     # resuming the finished run is harmless: it keeps the correction as it was
     events = list(run(img, model, out))
     assert isinstance(events[-1], Finished)

@@ -10,7 +10,9 @@ patches of the level that will be predicted) and refuses, naming the remedy
 - more than `FAR_SHARE` of the sampled values of a channel lie over `FAR_STD` std from that
   channel's training mean, or
 - the image is unsigned integer while the model's training values of a channel were mostly
-  negative (mean + 2 std < 0), which such an image cannot hold.
+  negative (mean + 2 std < 0), which such an image cannot hold, or
+- no sampled value of a channel is finite (all NaN or inf: such pixels are read as missing,
+  so the run would predict from nothing), with or without a recorded normalization.
 
 Nothing is rescaled: the values go to the model as they are (normalized as it was trained),
 or, with `accept=True`, as they are anyway. A model without a recorded normalization takes
@@ -68,14 +70,21 @@ def check_value_range(source: Any, normalize: tuple[Sequence[float], Sequence[fl
     ranges = _ranges(values)
     seen = "[" + ", ".join(f"{lo:.4g}..{hi:.4g}" for lo, hi in ranges) + "]"
     dtype = np.dtype(source.dtype)
+    empty = [c for c in range(values.shape[0]) if not np.isfinite(values[c]).any()]
+    missing = (f"no sampled value of channel{'s' * (len(empty) > 1)} "
+               f"{', '.join(map(str, empty))} is finite (NaN or inf are read as missing "
+               "pixels)") if empty else None
     if normalize is None:
+        if missing and not accept:
+            raise ImageIOError(f"{where}: its values ({dtype}, sampled {seen}) cannot be "
+                               f"predicted from: {missing}", remedy="accept_range")
         return (f"input values: {dtype}, sampled {seen}; the model records no input "
                 "normalization, so they go in unchanged")
     channels = values.shape[0]
     mean = np.resize(np.asarray(normalize[0], np.float64), channels)
     std = np.resize(np.asarray(normalize[1], np.float64), channels)
     trained = ", ".join(f"{m:.4g} +/- {s:.4g}" for m, s in zip(mean, std))
-    reasons = []
+    reasons = [missing] if missing else []
     with np.errstate(invalid="ignore"):
         z = np.abs((values - mean[:, None]) / std[:, None])
     finite = np.isfinite(z)

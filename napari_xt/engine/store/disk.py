@@ -170,7 +170,7 @@ class DiskStore:
             self._replay(attrs)
             return
         if kind in ("store", "legacy"):
-            guard.refuse_to_drop_corrections(self.path)
+            guard.refuse_to_drop_corrections(self.path, self.spelling)
             guard.clear_store(self.path, kind, cache_signature=self.cache_signature)
         guard.refuse_foreign_results(self.path, self._created()[:4], self.spelling)
         self._fresh()

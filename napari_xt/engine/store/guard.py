@@ -60,16 +60,18 @@ def check_writable_kind(path: Path, spelling: Spelling) -> str:
     return kind
 
 
-def refuse_to_drop_corrections(path: Path) -> None:
+def refuse_to_drop_corrections(path: Path, spelling: Spelling | None = None) -> None:
     """Raises StoreError when the store at `path` holds an annotator's corrections, which
-    replacing the store would delete."""
+    replacing the store would delete (no flag allows it: the remedy named, in `spelling`'s
+    words, is another output, or moving the store away)."""
     from napari_xt.io.corrections import corrections_in
 
     found = corrections_in(path)
     if found:
         raise StoreError(f"{path} holds an annotator's corrections ({', '.join(found)}); a "
-                         "fresh run would delete them. Write the new run to another output, "
-                         "or move the store away first")
+                         f"fresh run would delete them and no option allows that: "
+                         f"{hint(spelling or Spelling(), 'out')}, or move the store away "
+                         "first")
 
 
 def created_entries(path: Path, kind: str) -> list[str]:
