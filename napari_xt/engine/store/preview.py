@@ -186,8 +186,10 @@ def write_preview(store: Any, source: Any, sums: PreviewSums | None = None) -> N
                               chunks=chunks, dtype=data.dtype, fill_value=0,
                               dimension_names=dims, overwrite=True)
         a[...] = data
-    files = {k: (list(v) if v else None) for k, v in store.zstore.take("").items()
-             if k.split("/", 1)[0].isdigit()}
+    files = {}
+    for level in range(len(levels)):  # only the preview's own digests: others stay recorded
+        files.update({k: (list(v) if v else None)
+                      for k, v in store.zstore.take(f"{level}/").items()})
     store.record_published("preview", files)
     last = levels[-1]
     ranges = []
