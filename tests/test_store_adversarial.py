@@ -456,3 +456,24 @@ def test_regions_whose_centre_map_stays_below_the_threshold_lose_no_detection(
     _run(scene, demo, tmp_path / "all.zarr", threshold=threshold, min_distance=3)
     _same_table(tmp_path / "skip.zarr", tmp_path / "all.zarr")
     assert len(read_detections(tmp_path / "skip.zarr", "prediction")["y"]) > 0
+
+
+def test_the_preview_takes_only_its_own_digests(scene, demo, tmp_path, monkeypatch):
+    # a digest of another array, recorded but not yet journaled when the preview is written,
+    # must stay recorded (taking it would leave that file unverifiable)
+    from napari_xt.engine.store import preview, publish
+
+    seen = {}
+    real = preview.write_preview
+
+    def spy(store, source, sums=None):
+        store.zstore._digests["labels/other/c/0/0"] = (123, 4)
+        real(store, source, sums)
+        seen["kept"] = store.zstore.take("labels/other/")
+        seen["preview"] = list(store.published["preview"]["files"])
+
+    monkeypatch.setattr(publish, "write_preview", spy)
+    out = tmp_path / "o.zarr"
+    assert isinstance(_run(scene, demo, out)[-1], Finished)
+    assert seen["kept"] == {"labels/other/c/0/0": (123, 4)}
+    assert seen["preview"] and all(k.split("/", 1)[0].isdigit() for k in seen["preview"])
