@@ -221,8 +221,8 @@ def test_a_cancelled_image_run_resumes_to_the_same_results(demo_image, tmp_path)
 
 def test_context_bench_ranks_the_crop_model_above_region_only(tmp_path, capsys):
     """`napari-xt bench context` through the engine on held-out scenes: the shipped crop
-    model beats its region-only baseline on the sea/lake question; unknown rows are usage
-    errors."""
+    model beats its region-only baseline on the sea/lake question; unknown rows, sizes that
+    are not positive numbers and a count below 1 are usage errors that name the flag."""
     import json
 
     from napari_xt.cli import main
@@ -237,3 +237,7 @@ def test_context_bench_ranks_the_crop_model_above_region_only(tmp_path, capsys):
     assert crop["iou_land"] > 0.9 and crop["scenes"] == 2 and crop["mp_per_s"] > 0
     assert "crop model, crop" in capsys.readouterr().out
     assert main(["bench", "context", "--rows", "crop,nonsense"]) == 2
+    for bad in (["--beacon-sizes", "2048,big"], ["--coast-sizes", "0"], ["--count", "0"]):
+        capsys.readouterr()
+        assert main(["bench", "context", *bad]) == 2
+        assert bad[0] in capsys.readouterr().err

@@ -111,4 +111,7 @@ def test_the_shipped_beacon_model_reads_a_mark_far_away():
     crop, image = measure({"beacon": [1024]}, 2, rows, HELD_OUT_SEED + 700_000)
     assert image["far_water_accuracy"] >= 0.9, image
     assert crop["far_water_accuracy"] <= 0.75, crop
+    assert len(image["far_water_per_scene"]) == 2  # each scene's share, for the docs' counts
+    assert min(image["far_water_per_scene"]) <= image["far_water_accuracy"] <= max(
+        image["far_water_per_scene"]), image
     assert image["iou_land"] >= 0.97, image

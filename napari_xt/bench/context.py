@@ -76,6 +76,7 @@ def measure(sizes: dict[str, list[int]], count: int, rows: list[tuple[str, str, 
                 reach = (model.cfg.crop_regions or 1) * model.cfg.region.region_size
                 conf, det = ConfusionMatrix(3), DetectionCounts(radius=4.0)
                 far_ok = far_n = 0
+                far_each: list[float] = []  # a scene's far water is nearly all right or wrong
                 seconds = 0.0
                 for scene, img, mask, vessels in rendered:
                     t0 = time.perf_counter()
@@ -94,8 +95,10 @@ def measure(sizes: dict[str, list[int]], count: int, rows: list[tuple[str, str, 
                                table["score"], vessels)
                     if task == "beacon":
                         far = _far_water(scene, mask, reach)
-                        far_ok += int((labels[far] == mask[far]).sum())
+                        right = int((labels[far] == mask[far]).sum())
+                        far_ok += right
                         far_n += int(far.sum())
+                        far_each.append(right / max(1, int(far.sum())))
                 iou = conf.iou()
                 result = {
                     "task": task, "size": size, "row": label, "model": choice,
@@ -103,6 +106,7 @@ def measure(sizes: dict[str, list[int]], count: int, rows: list[tuple[str, str, 
                     "miou_sea_lake": float(np.nanmean(iou[[1, 2]])),
                     "iou_land": float(iou[0]), "vessel_f1": float(det.f1),
                     "far_water_accuracy": far_ok / far_n if far_n else None,
+                    "far_water_per_scene": far_each if task == "beacon" else None,
                     "seconds_per_scene": seconds / count,
                     "mp_per_s": count * size * size / 1e6 / seconds,
                 }
@@ -123,14 +127,16 @@ HEADER = (f"{'task':>6} {'size':>5} {'model / context':>26} {'s/l':>7} {'land':>
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--coast-sizes", default="256,512,1024,2048,4096")
-    p.add_argument("--beacon-sizes", default="2048,8192")
+    p.add_argument("--coast-sizes", default="256,512,1024,2048,4096",
+                   help="comma list of square scene sides (px) of the coast task; '' for none")
+    p.add_argument("--beacon-sizes", default="2048,8192",
+                   help="comma list of square scene sides (px) of the beacon task; '' for none")
     p.add_argument("--count", type=int, default=4, help="held-out scenes per task and size")
     p.add_argument("--model", default="demo-image",
                    help="the model with whole-image context (a name or a checkpoint)")
     p.add_argument("--rows", default="region-only,crop,image-as-crop,image",
                    help="comma list of: region-only, crop, image-as-crop, image")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--json", help="also write the results to this JSON file")
 
 
@@ -150,8 +156,21 @@ def run_benchmark(args: argparse.Namespace) -> int:
               f"{', '.join(known)})", file=sys.stderr)
         return 2
     rows = [known[r.strip()] for r in args.rows.split(",") if r.strip()]
-    sizes = {t: [int(s) for s in v.split(",") if s] for t, v in
-             (("coast", args.coast_sizes), ("beacon", args.beacon_sizes))}
+    sizes = {}
+    for task, flag, text in (("coast", "--coast-sizes", args.coast_sizes),
+                             ("beacon", "--beacon-sizes", args.beacon_sizes)):
+        try:
+            sizes[task] = [int(s) for s in text.split(",") if s.strip()]
+        except ValueError:
+            sizes[task] = [0]
+        if any(s < 1 for s in sizes[task]):
+            print(f"napari-xt bench context: {flag} takes a comma list of positive scene "
+                  f"sides in px, got {text!r}", file=sys.stderr)
+            return 2
+    if args.count < 1:
+        print(f"napari-xt bench context: --count must be at least 1, got {args.count}",
+              file=sys.stderr)
+        return 2
     print(f"held-out scenes from seed {HELD_OUT_SEED + 700_000}, {args.count} per task and "
           f"size, CPU, {args.threads} thread(s); s/l = sea/lake mIoU, far = accuracy on water "
           "farther than one crop from the beacon (%)")
