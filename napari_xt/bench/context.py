@@ -95,10 +95,9 @@ def measure(sizes: dict[str, list[int]], count: int, rows: list[tuple[str, str, 
                                table["score"], vessels)
                     if task == "beacon":
                         far = _far_water(scene, mask, reach)
-                        right = int((labels[far] == mask[far]).sum())
-                        far_ok += right
-                        far_n += int(far.sum())
-                        far_each.append(right / max(1, int(far.sum())))
+                        right, n = int((labels[far] == mask[far]).sum()), int(far.sum())
+                        far_ok, far_n = far_ok + right, far_n + n
+                        far_each.append(right / max(1, n))
                 iou = conf.iou()
                 result = {
                     "task": task, "size": size, "row": label, "model": choice,
@@ -140,6 +139,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="also write the results to this JSON file")
 
 
+def _sides(text: str) -> list[int] | None:
+    """'2048,8192' -> [2048, 8192] ('' -> []); None unless every item is a positive integer."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not all(p.isascii() and p.isdigit() and int(p) > 0 for p in parts):
+        return None
+    return [int(p) for p in parts]
+
+
 def run_benchmark(args: argparse.Namespace) -> int:
     import torch
 
@@ -159,11 +166,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
     sizes = {}
     for task, flag, text in (("coast", "--coast-sizes", args.coast_sizes),
                              ("beacon", "--beacon-sizes", args.beacon_sizes)):
-        try:
-            sizes[task] = [int(s) for s in text.split(",") if s.strip()]
-        except ValueError:
-            sizes[task] = [0]
-        if any(s < 1 for s in sizes[task]):
+        sizes[task] = _sides(text)
+        if sizes[task] is None:
             print(f"napari-xt bench context: {flag} takes a comma list of positive scene "
                   f"sides in px, got {text!r}", file=sys.stderr)
             return 2
