@@ -241,3 +241,65 @@ def test_context_bench_ranks_the_crop_model_above_region_only(tmp_path, capsys):
         capsys.readouterr()
         assert main(["bench", "context", *bad]) == 2
         assert bad[0] in capsys.readouterr().err
+
+
+def test_scene_detectors_score_every_region_and_stream_as_the_forward(demo):
+    """With `scene_detectors` the whole-scene vector adds learned detectors, each read at
+    its best region of the whole image (the scene pass keeps each score's running maximum,
+    in any order of regions); silent at first, and the engine's run equals the forward."""
+    from napari_xt.model.global_context import GlobalContextConfig
+
+    with pytest.raises(ValueError, match="needs whole_scene: true"):
+        GlobalContextConfig(scene_detectors=4)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        GlobalContextConfig(whole_scene=True, scene_detectors=-1)
+    assert "scene_detectors" not in GlobalContextConfig(whole_scene=True).to_dict()
+
+    plain = XT(apply_overrides(demo.cfg, global_context={"grid": 8, "whole_scene": True}))
+    plain.load_state_dict(_with_scene(demo).state_dict(), strict=False)
+    model = XT(apply_overrides(demo.cfg, global_context={
+        "grid": 8, "whole_scene": True, "scene_detectors": 3}))
+    result = model.load_state_dict(plain.state_dict(), strict=False)
+    assert {k for k in result.missing_keys} == {
+        "global_context.whole.detect.shift", "global_context.whole.detect.scale",
+        "global_context.whole.detect.net.0.weight", "global_context.whole.detect.net.0.bias",
+        "global_context.whole.detect.net.2.weight", "global_context.whole.detect.net.2.bias",
+        "global_context.whole.detect.out.weight", "global_context.whole.detect.out.bias"}
+    plain.eval(), model.eval()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in plain.global_context.whole.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    model.global_context.whole.load_state_dict(plain.global_context.whole.state_dict(),
+                                               strict=False)
+    img = _scene(6, 512)
+    x = (torch.from_numpy(img) - torch.tensor(NORM[0])[:, None, None]) / 7.0
+    with torch.no_grad():  # fresh detectors are silent: the model without them
+        torch.testing.assert_close(model(x[None])["logits"], plain(x[None])["logits"],
+                                   rtol=0, atol=0)
+        for p in model.global_context.whole.detect.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        assert (model(x[None])["logits"] - plain(x[None])["logits"]).abs().max() > 1e-3
+
+    detect = model.global_context.whole.detect
+    channels = detect.shift.numel()
+    vectors = torch.randn(30, channels, generator=gen)
+    rc = torch.stack(torch.meshgrid(torch.arange(5), torch.arange(6), indexing="ij"), -1)
+    rc = rc.reshape(-1, 2)
+    one = model.new_summary(5, 6, channels)
+    one.add(rc, vectors)
+    parts = model.new_summary(5, 6, channels)
+    for idx in torch.randperm(30, generator=gen).split(7):
+        parts.add(rc[idx], vectors[idx])
+    with torch.no_grad():
+        scores = detect.scores(vectors)  # (30, 3)
+    torch.testing.assert_close(one.peaks(), scores.amax(0))
+    torch.testing.assert_close(parts.peaks(), one.peaks(), rtol=1e-5, atol=1e-5)  # batching
+    assert model.new_summary(5, 6, channels).peaks() is None
+    with pytest.raises(ValueError, match="needs the scene's detector peaks"):
+        model.global_context.whole(one.cells().reshape(1, 30, -1))
+
+    probs = _probs(_run(img, model, context="image"))
+    with torch.no_grad():
+        ref = torch.softmax(model(x[None])["logits"], 1)[0].numpy()
+    np.testing.assert_allclose(probs, ref, atol=2e-3)

@@ -271,3 +271,80 @@ def test_a_fresh_whole_scene_map_is_standardized_on_training_scenes(tmp_path, mo
     assert again.resume() == 1
     again.train_step()
     torch.testing.assert_close(again.model.global_context.whole.shift, shift, rtol=0, atol=0)
+
+
+def test_scene_detectors_added_to_a_whole_scene_model_keep_its_weights(tmp_path):
+    """Adding `scene_detectors` to a checkpoint with `whole_scene` (the shipped demo-beacon)
+    keeps every weight it has and adds only the detectors; a checkpoint's detectors may not
+    change in number."""
+    from dataclasses import replace
+
+    from napari_xt.model.checkpoint import load_checkpoint, save_checkpoint
+    from napari_xt.model.demo_weights import BUILT_IN
+    from napari_xt.train.loop import _fine_tuned
+
+    start = BUILT_IN["demo-beacon"]
+    saved = load_checkpoint(start)
+    gc = saved.cfg.global_context
+    cfg = replace(saved.cfg, global_context=replace(gc, scene_detectors=4))
+    model = _fine_tuned(cfg, start)
+    ours, theirs = model.state_dict(), saved.state_dict()
+    assert sorted(set(ours) - set(theirs)) == sorted(
+        f"global_context.whole.detect.{k}" for k in model.global_context.whole.detect
+        .state_dict())
+    for name, value in theirs.items():
+        torch.testing.assert_close(ours[name], value, rtol=0, atol=0)
+    assert not model.global_context.whole.detect.has_statistics
+    with_four = save_checkpoint(model, Path(tmp_path) / "four.safetensors")
+    with pytest.raises(ValueError, match="can be added to, not changed"):
+        _fine_tuned(replace(cfg, global_context=replace(gc, scene_detectors=2)), with_four)
+
+
+def test_fresh_scene_detectors_are_standardized_on_training_regions(tmp_path):
+    """Fresh detectors take the mean and spread of every region summary of the first
+    steps' scenes; the training step scores every region of a scene with gradients, to the
+    peaks the engine's streamed summary keeps; a size with its own pool
+    (`data.scene_pools`) keeps its scenes' summaries, a size without one does not."""
+    from napari_xt.train.whole_image import scene_peaks
+
+    data = _config([256, 512], grid=8, pool=0).to_dict()
+    data["data"]["scene_pools"] = [0, 2]
+    data["model"]["overrides"]["global_context"] = {"grid": 8, "whole_scene": True,
+                                                    "scene_detectors": 2}
+    data["optim"]["batch_size"] = 2
+    trainer = Trainer(TrainConfig.from_dict(data), tmp_path / "run")
+    detect = trainer.model.global_context.whole.detect
+    assert not detect.has_statistics
+    trainer.train_step()
+    assert detect.has_statistics and trainer.model.global_context.whole.has_statistics
+    assert trainer.scenes.kept and {size for size, _ in trainer.scenes.kept} == {512}
+    vectors = []
+    for step in range(2):
+        for size, seed in trainer.scenes.scenes_for_step(step, 2):
+            scene = SyntheticScene(seed, trainer.scenes.scene_config(size, seed))
+            vectors.append(scene_summary(trainer.model, scene, trainer.normalization).kept())
+    z = detect.standardized(torch.cat(vectors))
+    assert z.mean(0).abs().max() < 1e-3
+    assert 0.3 < float(z.std(0).median()) <= 1.01
+
+    summary = next(iter(trainer.scenes.kept.values()))
+    assert len(summary.kept()) == summary.regions == 64
+    peaks = scene_peaks(trainer.model, summary)
+    assert peaks.requires_grad
+    streamed = trainer.model.new_summary(8, 8, summary.kept().shape[1])
+    for part in summary.kept().split(10):
+        streamed.add(torch.zeros(len(part), 2, dtype=torch.int64), part)
+    torch.testing.assert_close(peaks.detach(), streamed.peaks(), rtol=1e-5, atol=1e-5)
+    peaks.sum().backward()
+    assert detect.net[0].weight.grad is not None and detect.net[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("pools", [[1], [1, 2, 3], [1, -1], [0, 0, 2]])
+def test_scene_pools_are_one_per_size(pools):
+    data = _config([256, 512, 256]).to_dict()
+    data["data"]["scene_pools"] = pools
+    with pytest.raises(ValueError, match="scene_pools must give one pool"):
+        TrainConfig.from_dict(data)
+    data["data"]["scene_pools"] = [3, 0, 3]
+    cfg = TrainConfig.from_dict(data).data
+    assert (cfg.pool_for(256), cfg.pool_for(512)) == (3, 0)

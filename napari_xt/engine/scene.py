@@ -53,7 +53,7 @@ def scene_pass(spec: Any, features: FeatureSupply) -> Iterator[Event]:
             continue
         vectors = model.summarize(features.stack(ok, levels=model.summary_levels()))
         if summary is None:
-            summary = SceneSummary(grid, vectors.shape[1])
+            summary = model.new_summary(rows, cols, vectors.shape[1])
         summary.add(ok, vectors)
     if summary is None:
         raise RuntimeError("no region of the image could be read for the scene pass")

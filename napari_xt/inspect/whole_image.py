@@ -70,7 +70,9 @@ class Scene:
         mean = (sums / counts.clamp_min(1)[None, :, None]).masked_fill(empty, 0.0)
         peak = peak.masked_fill(empty, 0.0)
         cells = torch.cat([mean, peak], -1)  # (B, M, 2C)
-        return self.g.encode_cells(cells, self.place)
+        scorer = self.g.scorer()  # scene detectors: their maxima over the regions
+        peaks = None if scorer is None else scorer(summaries).amax(1)
+        return self.g.encode_cells(cells, self.place, peaks)
 
 
 def _read(model: Any, inputs: Any, tokens: torch.Tensor, scene: Scene,

@@ -28,6 +28,14 @@ config, an image is understood in two passes of bounded cost:
    A cue in one cell of thousands (one mark) reaches every token without an attention that
    must first learn to single that cell out (at first it gets 1 / M of the weight, and so
    of the gradient). It rides as one extra row after the cells' tokens (M + 1 rows).
+   With `scene_detectors` K, K learned detectors are added (`SceneDetectors`): a small MLP
+   scores every region's standardized summary as the scene pass streams it, and the
+   maximum over all regions of each score (kept like the cells' sums: K numbers) is mapped
+   to every token. The per-feature maximum drifts with the number of regions (the maximum
+   of 16384 plain regions lies higher than that of 1024, and a weak cue is one feature a
+   few standard deviations up); a detector that singles out the cue by a margin reads the
+   same at every size. Scored per region, not per cell, a detector sees the same input
+   whatever the cell size. Its map starts at zero (the model starts as without them).
 
 Memory is flat in the image size: the summary holds grid^2 cells whatever the number of
 regions (rows x cols); the scene encoder and the readers attend over at most grid^2 tokens.
@@ -35,7 +43,8 @@ Every context encoder kind (Hyper, Transformer-XL, Mamba) gets the same reader; 
 scene pass is bidirectional by construction (every cell sees every other).
 
 Layouts: region summaries (N, C') with C' = C + 2 * (channels of `summary_levels`),
-deepest mean first; cells (Gr, Gc, 2C') = [mean, max] over the cell's regions; scene
+deepest mean first; cells (Gr, Gc, 2C') = [mean, max] over the cell's regions; detector
+peaks (K,) (the maximum over regions of each score, (B, K) batched); scene
 tokens (1, M, D) with M = Gr * Gc row-major (then the whole-scene row with `whole_scene`);
 token positions (B, N, 2) in token units of the image grid.
 """
@@ -54,7 +63,8 @@ from .context.base import ContextConfig, RMSNorm
 from .context.hyper import HyperContextEncoder
 from .fields import from_mapping
 
-LATER_FIELDS = ("summary_levels", "whole_scene")  # not in configs saved before them
+# fields not in configs saved before them
+LATER_FIELDS = ("summary_levels", "whole_scene", "scene_detectors")
 
 
 @dataclass(frozen=True)
@@ -64,7 +74,9 @@ class GlobalContextConfig:
     reader (width = the context encoder's `dim`); `summary_levels`: region encoder levels
     shallower than the deepest (0 = the shallowest) whose mean and maximum over space join
     each region's summary (none: the deepest level's mean alone); `whole_scene`: add the
-    whole-scene vector to every token (module docstring, 4.)."""
+    whole-scene vector to every token (module docstring, 4.); `scene_detectors`: that many
+    learned detectors over the regions added to it, each read at its maximum over regions
+    (0: none; needs `whole_scene`)."""
 
     grid: int = 64
     depth: int = 2
@@ -72,11 +84,16 @@ class GlobalContextConfig:
     mlp_dim: int = 256
     summary_levels: tuple[int, ...] = ()
     whole_scene: bool = False
+    scene_detectors: int = 0
 
     def __post_init__(self) -> None:
         if self.grid < 1 or self.depth < 0 or self.head_dim < 1 or self.mlp_dim < 1:
             raise ValueError(f"global_context: grid, head_dim, mlp_dim >= 1 and depth >= 0, "
                              f"got {self}")
+        if self.scene_detectors < 0 or (self.scene_detectors and not self.whole_scene):
+            raise ValueError(f"global_context.scene_detectors must be >= 0 and needs "
+                             f"whole_scene: true, got {self.scene_detectors} with whole_scene "
+                             f"{self.whole_scene}")
         levels = tuple(int(v) for v in self.summary_levels)
         if any(v < 0 for v in levels) or len(set(levels)) != len(levels):
             raise ValueError(f"global_context.summary_levels must be distinct level indices "
@@ -140,14 +157,21 @@ class SceneGrid:
 
 class SceneSummary:
     """Running sums of region summaries per cell (streamed: regions come in any order, each
-    counted once): `add(rc (N, 2), vectors (N, C))`, then `cells()` -> (Gr, Gc, 2C)."""
+    counted once): `add(rc (N, 2), vectors (N, C))`, then `cells()` -> (Gr, Gc, 2C).
+    With a `scorer` (the model's `SceneDetectors.scores`), the running maximum over regions
+    of each score too (`peaks()` -> (K,)); with `keep`, every added vector (`kept()`; for
+    training, which scores them again with gradients: not flat in the image size)."""
 
-    def __init__(self, grid: SceneGrid, channels: int) -> None:
+    def __init__(self, grid: SceneGrid, channels: int, scorer: Any = None,
+                 keep: bool = False) -> None:
         self.grid = grid
         m = grid.shape[0] * grid.shape[1]
         self.sums = torch.zeros(m, channels, dtype=torch.float64)
         self.maxima = torch.full((m, channels), float("-inf"), dtype=torch.float64)
         self.counts = torch.zeros(m, dtype=torch.float64)
+        self.scorer = scorer
+        self.score_peaks: torch.Tensor | None = None
+        self.vectors: list[torch.Tensor] | None = [] if keep else None
 
     def add(self, rc: Any, vectors: torch.Tensor) -> None:
         """Add the summaries `vectors` (N, C) of the regions at `rc` (N, 2) (row, col) to
@@ -158,6 +182,24 @@ class SceneSummary:
         self.sums.index_add_(0, idx, v)
         self.counts.index_add_(0, idx, torch.ones(len(idx), dtype=torch.float64))
         self.maxima.scatter_reduce_(0, idx[:, None].expand_as(v), v, "amax")
+        if self.scorer is not None and len(v):
+            with torch.no_grad():
+                peak = self.scorer(vectors.detach().float()).amax(0).to("cpu", torch.float64)
+            self.score_peaks = (peak if self.score_peaks is None
+                                else torch.maximum(self.score_peaks, peak))
+        if self.vectors is not None:
+            self.vectors.append(vectors.detach().to("cpu", torch.float32))
+
+    def peaks(self) -> torch.Tensor | None:
+        """(K,) float32: the maximum over the added regions of each detector score; None
+        without a scorer or before any region."""
+        return None if self.score_peaks is None else self.score_peaks.to(torch.float32)
+
+    def kept(self) -> torch.Tensor:
+        """(N, C) float32: every added vector, in the order added (needs `keep`)."""
+        if self.vectors is None:
+            raise ValueError("this SceneSummary was made without keep=True")
+        return torch.cat(self.vectors)
 
     @property
     def regions(self) -> int:
@@ -273,18 +315,12 @@ class GlobalReader(nn.Module):
         return h + self.proj(o.transpose(1, 2).reshape(b, n, d)) + self.at(place)
 
 
-class WholeScene(nn.Module):
-    """The whole-scene vector: proj((pooled - shift) / scale), proj starting at zero. The
-    pooled mean and maximum of a scene's cells differ between scenes far less than they
-    are large (a mark moves one feature by a few of its standard deviations among hundreds
-    of features that sit well away from zero), so they are standardized with statistics
-    of training scenes (`set_statistics`, kept in the checkpoint) before the map."""
+class _Standardized(nn.Module):
+    """Holds `shift` and `scale` buffers (kept in the checkpoint) that standardize its input
+    with statistics of training scenes (`set_statistics`)."""
 
-    def __init__(self, channels: int, dim: int) -> None:
+    def __init__(self, channels: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(channels, dim)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
         self.register_buffer("shift", torch.zeros(channels))
         self.register_buffer("scale", torch.ones(channels))
 
@@ -293,22 +329,78 @@ class WholeScene(nn.Module):
         """False while shift and scale are those of a fresh map (0 and 1)."""
         return not (bool((self.shift == 0).all()) and bool((self.scale == 1).all()))
 
-    def set_statistics(self, pooled: torch.Tensor) -> None:
-        """Standardize with the mean and standard deviation of `pooled` (S, channels), the
-        pooled vectors of S scenes; a feature that hardly varies is not blown up (its scale
-        is at least a tenth of the median one, and 1e-3)."""
-        pooled = pooled.detach().to(self.shift.device, torch.float32)
-        if pooled.ndim != 2 or pooled.shape[0] < 2 or pooled.shape[1] != self.shift.numel():
-            raise ValueError(f"whole-scene statistics need (>= 2, {self.shift.numel()}) "
-                             f"pooled vectors, got {tuple(pooled.shape)}")
-        sd = pooled.std(0)
+    def set_statistics(self, values: torch.Tensor) -> None:
+        """Standardize with the mean and standard deviation of `values` (S, channels); a
+        feature that hardly varies is not blown up (its scale is at least a tenth of the
+        median one, and 1e-3)."""
+        values = values.detach().to(self.shift.device, torch.float32)
+        if values.ndim != 2 or values.shape[0] < 2 or values.shape[1] != self.shift.numel():
+            raise ValueError(f"{type(self).__name__} statistics need (>= 2, "
+                             f"{self.shift.numel()}) vectors, got {tuple(values.shape)}")
+        sd = values.std(0)
         with torch.no_grad():
-            self.shift.copy_(pooled.mean(0))
+            self.shift.copy_(values.mean(0))
             self.scale.copy_(sd.clamp_min(max(0.1 * float(sd.median()), 1e-3)))
 
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        """pooled (B, channels) -> (B, dim)."""
-        return self.proj((pooled - self.shift) / self.scale)
+    def standardized(self, x: torch.Tensor) -> torch.Tensor:
+        """(x - shift) / scale."""
+        return (x - self.shift) / self.scale
+
+
+class SceneDetectors(_Standardized):
+    """`count` learned detectors over a scene's regions: `scores` (net(standardized region
+    summary), one per detector and region) is what the scene pass keeps the maximum of over
+    all regions (`SceneSummary` with this as its scorer), and `forward` maps those maxima
+    to the token width (`out`, starting at zero). The summaries are standardized with the
+    statistics of the regions of training scenes (`set_statistics` on summaries
+    (S, channels))."""
+
+    HIDDEN = 64
+
+    def __init__(self, channels: int, dim: int, count: int) -> None:
+        super().__init__(channels)
+        self.net = nn.Sequential(nn.Linear(channels, self.HIDDEN), nn.GELU(),
+                                 nn.Linear(self.HIDDEN, count))
+        self.out = nn.Linear(count, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def scores(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Region summaries (..., channels) -> their scores (..., count)."""
+        return self.net(self.standardized(vectors.to(self.shift.dtype)))
+
+    def forward(self, peaks: torch.Tensor) -> torch.Tensor:
+        """peaks (B, count), each score's maximum over a scene's regions -> (B, dim)."""
+        return self.out(peaks.to(self.out.weight.dtype))
+
+
+class WholeScene(_Standardized):
+    """The whole-scene vector: proj((pooled - shift) / scale), proj starting at zero. The
+    pooled mean and maximum of a scene's cells differ between scenes far less than they
+    are large (a mark moves one feature by a few of its standard deviations among hundreds
+    of features that sit well away from zero), so they are standardized with statistics
+    of training scenes (`set_statistics` on pooled vectors (S, channels)) before the map.
+    With `detectors` (`SceneDetectors` over the region summaries, `region_channels` wide),
+    their map of the scene's detector peaks is added."""
+
+    def __init__(self, channels: int, dim: int, detectors: int = 0,
+                 region_channels: int = 0) -> None:
+        super().__init__(channels)
+        self.proj = nn.Linear(channels, dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        self.detect = (SceneDetectors(region_channels or channels // 2, dim, detectors)
+                       if detectors else None)
+
+    def forward(self, cells: torch.Tensor, peaks: torch.Tensor | None = None) -> torch.Tensor:
+        """cells (B, M, channels) [mean, max], peaks (B, K) with detectors -> (B, dim)."""
+        out = self.proj(self.standardized(pooled_cells(cells)))
+        if self.detect is None:
+            return out
+        if peaks is None:
+            raise ValueError("a whole-scene vector with scene_detectors needs the scene's "
+                             "detector peaks (a SceneSummary made with the model's scorer)")
+        return out + self.detect(peaks.reshape(out.shape[0], -1))
 
 
 def pooled_cells(cells: torch.Tensor) -> torch.Tensor:
@@ -343,7 +435,8 @@ class GlobalContext(nn.Module):
         self.cell_norm = nn.LayerNorm(dim)
         self.whole: WholeScene | None = None  # the whole-scene vector (starts silent)
         if cfg.whole_scene:
-            self.whole = WholeScene(2 * (channels + 2 * sum(shallow)), dim)
+            self.whole = WholeScene(2 * (channels + 2 * sum(shallow)), dim,
+                                    cfg.scene_detectors, channels + 2 * sum(shallow))
         self.encoder = HyperContextEncoder(ContextConfig(
             kind="hyper", dim=dim, depth=cfg.depth, head_dim=cfg.head_dim,
             mlp_dim=cfg.mlp_dim, causal=False, lsh_threshold=max(4096, cfg.grid ** 2),
@@ -354,19 +447,29 @@ class GlobalContext(nn.Module):
         """The `SceneGrid` of a `rows` x `cols` region grid under this config's `grid`."""
         return SceneGrid.for_regions(rows, cols, self.cfg.grid)
 
-    def encode(self, cells: torch.Tensor, grid: SceneGrid) -> SceneTokens:
-        """cells (Gr, Gc, 2C') -> the scene's tokens (1, Gr*Gc, D) (one row more with
-        `whole_scene`)."""
+    def scorer(self) -> Any:
+        """What a `SceneSummary` scores each region with (`SceneDetectors.scores`), or None
+        without `scene_detectors`."""
+        return None if self.whole is None or self.whole.detect is None else self.whole.detect.scores
+
+    def encode(self, cells: torch.Tensor, grid: SceneGrid,
+               peaks: torch.Tensor | None = None) -> SceneTokens:
+        """cells (Gr, Gc, 2C') (and the detector peaks (K,) with `scene_detectors`) -> the
+        scene's tokens (1, Gr*Gc, D) (one row more with `whole_scene`)."""
         gr, gc, _ = cells.shape
         if (gr, gc) != grid.shape:
             raise ValueError(f"cells {tuple(cells.shape[:2])} do not match grid {grid.shape}")
         place = place_code(grid.cell_centres(cells.device), grid.rows, grid.cols, self.dim)
-        return SceneTokens(self.encode_cells(cells.reshape(1, gr * gc, -1), place), grid)
+        if peaks is not None:
+            peaks = peaks.reshape(1, -1).to(cells.device)
+        return SceneTokens(self.encode_cells(cells.reshape(1, gr * gc, -1), place, peaks),
+                           grid)
 
-    def encode_cells(self, cells: torch.Tensor, place: torch.Tensor) -> torch.Tensor:
+    def encode_cells(self, cells: torch.Tensor, place: torch.Tensor,
+                     peaks: torch.Tensor | None = None) -> torch.Tensor:
         """cells (B, M, 2C') [mean, max] of the region summaries, place (M, D) the cells'
-        place codes -> scene tokens (B, M, D), then the whole-scene row with `whole_scene`
-        (B, M + 1, D)."""
+        place codes (peaks (B, K) with `scene_detectors`) -> scene tokens (B, M, D), then
+        the whole-scene row with `whole_scene` (B, M + 1, D)."""
         two = cells.shape[-1] // 2
         c = self.channels
         mean, peak = cells[..., :two], cells[..., two:]
@@ -375,7 +478,7 @@ class GlobalContext(nn.Module):
             x = x + self.cell_extra(torch.cat([mean[..., c:], peak[..., c:]], -1))
         x, _ = self.encoder(self.cell_norm(x) + place.to(x.dtype)[None])
         if self.whole is not None:
-            x = torch.cat([x, self.whole(pooled_cells(cells))[:, None]], 1)
+            x = torch.cat([x, self.whole(cells, peaks)[:, None]], 1)
         return x
 
     def read(self, tokens: torch.Tensor, token_rc: torch.Tensor, per_region: tuple[int, int],

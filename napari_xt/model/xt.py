@@ -315,6 +315,15 @@ class XT(nn.Module):
         """How an image of rows x cols regions is pooled into scene cells."""
         return self._global().grid_for(rows, cols)
 
+    def new_summary(self, rows: int, cols: int, channels: int, keep: bool = False
+                    ) -> SceneSummary:
+        """An empty `SceneSummary` of an image of rows x cols regions with summaries
+        `channels` wide, scoring each region with the scene detectors when the model has
+        them; `keep`: keep every summary, unscored (training scores them with gradients)."""
+        g = self._global()
+        return SceneSummary(self.scene_grid(rows, cols), channels,
+                            scorer=None if keep else g.scorer(), keep=keep)
+
     def summary_levels(self) -> list[int]:
         """The region encoder levels a region's scene summary is made of, the deepest last
         (the deepest alone unless `global_context.summary_levels`)."""
@@ -330,15 +339,17 @@ class XT(nn.Module):
             feats = [feats[i] for i in levels]
         return region_summary(list(feats))
 
-    def encode_scene(self, summary: SceneSummary, cells: torch.Tensor | None = None
-                     ) -> SceneTokens:
+    def encode_scene(self, summary: SceneSummary, cells: torch.Tensor | None = None,
+                     peaks: torch.Tensor | None = None) -> SceneTokens:
         """The summed region summaries of a whole image -> its scene tokens (1, M, D), M + 1
         rows with `whole_scene`;
-        `cells` (default `summary.cells()`), e.g. `summary.cells_through(...)` in training."""
+        `cells` (default `summary.cells()`), e.g. `summary.cells_through(...)` in training;
+        `peaks` (default `summary.peaks()`) the scene detectors' maxima."""
         g = self._global()
         device = next(g.parameters()).device
         cells = summary.cells() if cells is None else cells
-        return g.encode(cells.to(device), summary.grid)
+        peaks = summary.peaks() if peaks is None else peaks
+        return g.encode(cells.to(device), summary.grid, peaks)
 
     def read_scene(self, tokens: torch.Tensor, token_rc: torch.Tensor,
                    per_region: tuple[int, int], scene: SceneTokens) -> torch.Tensor:
@@ -412,11 +423,10 @@ class XT(nn.Module):
         rc = grid.order("raster")
         tokens, pos = self.region_tokens(last.reshape(b, r, *last.shape[1:]), rc)
         if self.global_context is not None:  # one scene per image of the batch
-            cells = self.scene_grid(grid.rows, grid.cols)
             read = []
             for i in range(b):  # summaries are detached: the scene is a pass of its own
                 vectors = self.summarize([f[i * r:(i + 1) * r] for f in feats])
-                summary = SceneSummary(cells, vectors.shape[1])
+                summary = self.new_summary(grid.rows, grid.cols, vectors.shape[1])
                 summary.add(rc, vectors)
                 scene = self.encode_scene(summary)
                 read.append(self.read_scene(tokens[i:i + 1], pos[i:i + 1],

@@ -123,6 +123,9 @@ class DataSpec:
     # whole-image context training (a model with global_context; see train/whole_image.py)
     beacon_fraction: float = 0.0  # synthetic: share of scenes in the beacon variant
     scene_pool: int = 0  # distinct scenes per size (0: a fresh scene every time)
+    # per entry of scene_sizes, its own scene_pool (a large scene's summary is costly, a
+    # small one's is not); empty: scene_pool for every size
+    scene_pools: list[int] = field(default_factory=list)
     crops_per_scene: int = 2  # crops of a scene that carry the loss in a step
     # where those crops lie: "random" (any region-aligned place) or "tiling" (where the
     # engine's crops start: every k // 2 regions, the last at the far border)
@@ -144,6 +147,22 @@ class DataSpec:
                              f"{self.crop_places!r}")
         if self.scene_pool < 0 or self.crops_per_scene < 1:
             raise ValueError("data.scene_pool must be >= 0 and data.crops_per_scene >= 1")
+        if self.scene_pools:
+            pools: dict[int, int] = {}
+            for size, pool in zip(self.scene_sizes, self.scene_pools):
+                pools.setdefault(int(size), int(pool))
+            if (len(self.scene_pools) != len(self.scene_sizes) or min(self.scene_pools) < 0
+                    or any(pools[int(s)] != int(p)
+                           for s, p in zip(self.scene_sizes, self.scene_pools))):
+                raise ValueError(f"data.scene_pools must give one pool >= 0 per entry of "
+                                 f"data.scene_sizes, the same for a size listed twice; got "
+                                 f"{self.scene_pools} for sizes {self.scene_sizes}")
+
+    def pool_for(self, size: int) -> int:
+        """Distinct scenes of side `size` (0: a fresh scene every time)."""
+        if self.scene_pools:
+            return int(self.scene_pools[[int(s) for s in self.scene_sizes].index(int(size))])
+        return self.scene_pool
 
 
 @dataclass(frozen=True)

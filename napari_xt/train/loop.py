@@ -398,7 +398,8 @@ def _fine_tuned(cfg, start: Path):
     its new `global_context` part starts fresh (its reader silent: the crop model's
     outputs at first). So does a model that adds `summary_levels` or `whole_scene` to a
     whole-image checkpoint: only their maps start fresh (silent: the checkpoint's outputs at
-    first). Other settings may change as far as the weights still fit."""
+    first), and so do `scene_detectors` added to a whole-scene checkpoint. Other settings
+    may change as far as the weights still fit."""
     from napari_xt.model.checkpoint import load_weights
     from napari_xt.model.xt import XT
 
@@ -415,15 +416,18 @@ def _fine_tuned(cfg, start: Path):
     if old is None:
         new: tuple[str, ...] = ("global_context.",)
         base_gc = None
-    elif (old.summary_levels, old.whole_scene) == (want.summary_levels, want.whole_scene):
+    elif (old.summary_levels, old.whole_scene, old.scene_detectors) == (
+            want.summary_levels, want.whole_scene, want.scene_detectors):
         return load_weights(model, start)  # nothing added: every weight is the checkpoint's
     else:
         if (old.summary_levels and old.summary_levels != want.summary_levels) or (
-                old.whole_scene and not want.whole_scene):
-            raise ValueError(f"{start}: its summary_levels {list(old.summary_levels)} and "
-                             f"whole_scene {old.whole_scene} can be added to, not changed "
-                             f"(the config asks for {list(want.summary_levels)} and "
-                             f"{want.whole_scene})")
+                old.whole_scene and not want.whole_scene) or (
+                old.scene_detectors and old.scene_detectors != want.scene_detectors):
+            raise ValueError(f"{start}: its summary_levels {list(old.summary_levels)}, "
+                             f"whole_scene {old.whole_scene} and scene_detectors "
+                             f"{old.scene_detectors} can be added to, not changed (the config "
+                             f"asks for {list(want.summary_levels)}, {want.whole_scene} and "
+                             f"{want.scene_detectors})")
         if old.whole_scene and want.summary_levels != old.summary_levels:
             raise ValueError(f"{start}: adding summary_levels to a model with whole_scene "
                              "would change the width of its whole-scene map; start from a "
@@ -431,7 +435,8 @@ def _fine_tuned(cfg, start: Path):
         new = ("global_context.cell_extra.", "global_context.whole.")
         # the checkpoint's own parts as they were; any other setting as the config says (a
         # change that alters a weight's shape is refused when the weights load)
-        base_gc = replace(want, summary_levels=old.summary_levels, whole_scene=old.whole_scene)
+        base_gc = replace(want, summary_levels=old.summary_levels, whole_scene=old.whole_scene,
+                          scene_detectors=old.scene_detectors)
     base = load_weights(XT(replace(cfg, global_context=base_gc)), start)
     result = model.load_state_dict(base.state_dict(), strict=False)
     assert not result.unexpected_keys, result.unexpected_keys

@@ -10,8 +10,10 @@ variant) and for each:
    exactly as the engine's scene pass does. With a frozen region encoder
    (`run.freeze: [region_encoder]`) a scene's summary never changes, so it is kept and a
    pool of `data.scene_pool` scenes per size is reused (0: fresh scenes, summaries made
-   every time);
-2. the scene tokens, with gradients (`XT.encode_scene`); when the region encoder trains,
+   every time; `data.scene_pools`: a pool per size);
+2. the scene tokens, with gradients (`XT.encode_scene`); with `scene_detectors` the summary
+   keeps every region's vector and the detectors score them all with gradients (their
+   maximum over regions is what the engine's scene pass keeps); when the region encoder trains,
    the summaries of the step's crop regions are computed again with gradients and passed
    through the cells (`crop_cells`: same values, so the step's scene is the engine's), so
    the region encoder learns what the scene should hold, not only what the crops need;
@@ -22,7 +24,8 @@ variant) and for each:
    counts of the whole step, so it is the mean over every crop of the step.
 
 What a step holds at once: one scene's cells (at most grid^2), one scene's crops and their
-activations; never the scene's pixels beyond one band of rows, nor its regions' features.
+activations; never the scene's pixels beyond one band of rows, nor its regions' features
+(with `scene_detectors`: their summaries, C' numbers per region).
 Determinism: scenes and crop places derive from (run.seed, step).
 """
 
@@ -65,9 +68,26 @@ def scene_summary(model: Any, scene: SyntheticScene, normalization: Any) -> Scen
                 part = regions[start:start + ENCODE_BATCH].to(device)
                 vectors = model.summarize(model.encode_regions(part))
                 if summary is None:
-                    summary = SceneSummary(model.scene_grid(rows, cols), vectors.shape[1])
+                    summary = model.new_summary(rows, cols, vectors.shape[1],
+                                                keep=detectors(model) is not None)
                 summary.add(rc[start:start + ENCODE_BATCH], vectors)
     return summary
+
+
+def detectors(model: Any) -> Any:
+    """The model's `SceneDetectors`, or None."""
+    whole = model.global_context.whole
+    return None if whole is None else whole.detect
+
+
+def scene_peaks(model: Any, summary: SceneSummary) -> torch.Tensor | None:
+    """The detector peaks of a scene (K,), with gradients into the detectors: every kept
+    region summary scored, the maximum over regions (None without detectors)."""
+    detect = detectors(model)
+    if detect is None:
+        return None
+    device = next(detect.parameters()).device
+    return detect.scores(summary.kept().to(device)).amax(0)
 
 
 def crop_cells(model: Any, summary: SceneSummary, images: torch.Tensor,
@@ -114,14 +134,20 @@ class SceneCrops:
 
     def ensure_whole_statistics(self, trainer: Any) -> None:
         """Standardize a fresh whole-scene map (`WholeScene`) with the pooled cells of the
-        first steps' scenes (`optim.batch_size` of every size; the same on every rank); a
-        map that has statistics (from its checkpoint, or a resumed run) keeps them. Called
-        by the first step, so a resumed run does not compute what it loads."""
+        first steps' scenes (`optim.batch_size` of every size; the same on every rank), and
+        fresh scene detectors (`SceneDetectors`) with those scenes' region summaries; a map that has
+        statistics (from its checkpoint, or a resumed run) keeps them. Called by the first
+        step, so a resumed run does not compute what it loads."""
         whole = trainer.model.global_context.whole
-        if whole is None or whole.has_statistics:
+        if whole is None:
+            return
+        detect = whole.detect
+        need_pooled = not whole.has_statistics
+        need_regions = detect is not None and not detect.has_statistics
+        if not (need_pooled or need_regions):
             return
         count = max(2, trainer.cfg.optim.batch_size)
-        pooled = []
+        pooled, every_region = [], []
         model = trainer.model
         modes = [(m, m.training) for m in model.modules()]  # frozen parts stay in eval
         model.eval()  # the summaries the engine makes (no dropout, no norm statistics kept)
@@ -129,12 +155,18 @@ class SceneCrops:
             for step in range(len(self.sizes)):
                 for size, seed in self.scenes_for_step(step, count):
                     scene = SyntheticScene(seed, self.scene_config(size, seed))
-                    cells = scene_summary(model, scene, self.normalization).cells()
+                    summary = self.summary(trainer, size, seed, scene)
+                    cells = summary.cells()
                     pooled.append(pooled_cells(cells.reshape(1, -1, cells.shape[-1]))[0])
+                    if need_regions:
+                        every_region.append(summary.kept())
         finally:
             for m, training in modes:
                 m.training = training
-        whole.set_statistics(torch.stack(pooled))
+        if need_pooled:
+            whole.set_statistics(torch.stack(pooled))
+        if need_regions:
+            detect.set_statistics(torch.cat(every_region))
 
     def scene_config(self, size: int, seed: int) -> SceneConfig:
         """Scene `seed` of side `size`, in the beacon variant for a share of the seeds."""
@@ -145,7 +177,7 @@ class SceneCrops:
         """(size, seed) of the step's scenes."""
         size = self.sizes[step % len(self.sizes)]
         rng = np.random.default_rng([self.seed, step, 11])
-        pool = self.data.scene_pool or self.data.train_count
+        pool = self.data.pool_for(size) or self.data.train_count
         picks = rng.integers(0, pool, count)
         base = self.data.train_seed + 10_000_000 * self.sizes.index(size)
         return [(size, base + int(i)) for i in picks]
@@ -158,7 +190,7 @@ class SceneCrops:
         if key in self.kept:
             return self.kept[key]
         out = scene_summary(trainer.model, scene, self.normalization)
-        if trainer.region_encoder_frozen() and self.data.scene_pool:
+        if trainer.region_encoder_frozen() and self.data.pool_for(size):
             self.kept[key] = out
         return out
 
@@ -231,7 +263,8 @@ class SceneCrops:
             cells = None
             if not trainer.region_encoder_frozen():
                 cells = crop_cells(trainer.model, summary, batch["image"], origins)
-            tokens = trainer.model.encode_scene(summary, cells)
+            tokens = trainer.model.encode_scene(summary, cells,
+                                                scene_peaks(trainer.model, summary))
             extra = {} if world is None else {"sync": k == len(work) - 1}
             loss, terms = trainer.forward_backward(batch, step, counts, tokens, origins, **extra)
             total += loss
