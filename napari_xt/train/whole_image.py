@@ -48,8 +48,13 @@ BAND = 512  # pixel rows rendered at a time for a scene summary
 ENCODE_BATCH = 64  # regions per no-grad encoder call of a scene summary
 
 
-def scene_summary(model: Any, scene: SyntheticScene, normalization: Any) -> SceneSummary:
-    """The summary of a whole synthetic scene, as the engine's scene pass makes it."""
+def scene_summary(model: Any, scene: SyntheticScene, normalization: Any,
+                  keep: bool | None = None) -> SceneSummary:
+    """The summary of a whole synthetic scene, as the engine's scene pass makes it; `keep`
+    every region's summary too, in raster order (default: when the model has scene
+    detectors)."""
+    if keep is None:
+        keep = detectors(model) is not None
     s = model.cfg.region.region_size
     h, w = scene.shape
     rows, cols = -(-h // s), -(-w // s)
@@ -68,8 +73,7 @@ def scene_summary(model: Any, scene: SyntheticScene, normalization: Any) -> Scen
                 part = regions[start:start + ENCODE_BATCH].to(device)
                 vectors = model.summarize(model.encode_regions(part))
                 if summary is None:
-                    summary = model.new_summary(rows, cols, vectors.shape[1],
-                                                keep=detectors(model) is not None)
+                    summary = model.new_summary(rows, cols, vectors.shape[1], keep=keep)
                 summary.add(rc[start:start + ENCODE_BATCH], vectors)
     return summary
 
