@@ -348,3 +348,55 @@ def test_scene_pools_are_one_per_size(pools):
     data["data"]["scene_pools"] = [3, 0, 3]
     cfg = TrainConfig.from_dict(data).data
     assert (cfg.pool_for(256), cfg.pool_for(512)) == (3, 0)
+
+
+def _kind_config(weight: float, detectors: int = 2) -> TrainConfig:
+    data = _config([256], grid=8, pool=2).to_dict()
+    data["model"]["overrides"]["global_context"] = {"grid": 8, "whole_scene": True,
+                                                    "scene_detectors": detectors}
+    data["optim"]["batch_size"] = 2
+    data["loss"]["scene_weight"] = weight
+    return TrainConfig.from_dict(data)
+
+
+def test_the_scene_kind_loss_reads_the_detector_peaks_and_resumes(tmp_path):
+    """`loss.scene_weight`: each beacon scene's detector peaks are read by a training-only
+    Linear(K -> 1) against the scene's kind; the step's "scene" term is the mean binary
+    cross-entropy over its beacon scenes, its gradient reaches the detectors, and the
+    reader is saved with the training state and restored on resume."""
+    from napari_xt.train.whole_image import scene_kind_loss, scene_peaks
+
+    trainer = Trainer(_kind_config(1.0), tmp_path / "run")
+    head = trainer.scene_head
+    assert head is not None and head.in_features == 2
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    picks = trainer.scenes.scenes_for_step(0, 2)
+    trainer.scenes.ensure_whole_statistics(trainer)
+    want = []
+    with torch.no_grad():
+        for size, seed in picks:
+            scene = SyntheticScene(seed, trainer.scenes.scene_config(size, seed))
+            summary = scene_summary(trainer.model, scene, trainer.normalization)
+            want.append(float(scene_kind_loss(head, scene_peaks(trainer.model, summary),
+                                              scene.beacon[0])))
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.model.train()
+    trainer._keep_frozen_eval()
+    loss, terms = trainer.scenes.forward_backward(trainer, 0)
+    assert terms["scene"] == pytest.approx(np.mean(want), rel=1e-4)
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    net = trainer.model.global_context.whole.detect.net[0].weight
+    assert net.grad is not None and net.grad.abs().sum() > 0
+
+    trainer.train_step()
+    assert any(not torch.equal(before[k], v) for k, v in head.state_dict().items())
+    trainer.save()
+    again = Trainer(_kind_config(1.0), tmp_path / "run")
+    again.resume()
+    for k, v in head.state_dict().items():
+        torch.testing.assert_close(again.scene_head.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_the_scene_kind_loss_needs_scene_detectors(tmp_path):
+    with pytest.raises(ValueError, match="scene_weight needs a model with"):
+        Trainer(_kind_config(1.0, detectors=0), tmp_path / "run")

@@ -161,6 +161,17 @@ class Trainer(StreamedStep):
                 self.model.token_dim, self.model_config.num_classes
             ).to(self.device)
             groups += _param_groups(self.token_head, o.weight_decay, o.lr)
+        # training-only reader of a scene's kind from its detector peaks (`loss.scene_weight`)
+        self.scene_head: torch.nn.Linear | None = None
+        if cfg.loss.scene_weight > 0:
+            gc = self.model_config.global_context
+            if gc is None or not gc.scene_detectors:
+                raise ValueError("loss.scene_weight needs a model with "
+                                 "global_context.scene_detectors (it reads their peaks)")
+            if world is not None:
+                raise ValueError("loss.scene_weight runs in one process only (--nproc 1)")
+            self.scene_head = torch.nn.Linear(gc.scene_detectors, 1).to(self.device)
+            groups += _param_groups(self.scene_head, o.weight_decay, o.lr)
         self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_with_warmup(o.warmup_steps, o.steps, o.min_lr_ratio)
@@ -309,6 +320,8 @@ class Trainer(StreamedStep):
         extra = {}
         if self.token_head is not None:
             extra["token_head"] = self.token_head.state_dict()
+        if self.scene_head is not None:
+            extra["scene_head"] = self.scene_head.state_dict()
         run_state.save_training_state(
             state_path, self.optimizer, self.scheduler, self.step, extra,
             global_batch=self.cfg.optim.batch_size,
@@ -339,6 +352,8 @@ class Trainer(StreamedStep):
         self.model.load_state_dict(loaded.state_dict())
         if self.token_head is not None:
             self.token_head.load_state_dict(payload["extra"]["token_head"])
+        if self.scene_head is not None:
+            self.scene_head.load_state_dict(payload["extra"]["scene_head"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         run_state.set_rng_state(payload["rng"])

@@ -27,6 +27,10 @@ class LossConfig:
     # deep supervision of the token sequence: a training-only Linear(D -> K) on the tokens the
     # head receives, against the class fractions of each token's pixels (0 disables it)
     token_weight: float = 0.0
+    # whole-image training with scene detectors: a training-only Linear(K -> 1) on a scene's
+    # detector peaks against the scene's kind where it is known (a beacon scene: ring or
+    # cross), binary cross-entropy, mean over the step's beacon scenes (0 disables it)
+    scene_weight: float = 0.0
     logits_map: str = "logits"
     centre_map: str = "centre"
     size_map: str = "size"

@@ -21,7 +21,10 @@ variant) and for each:
    places, rendered alone (the scene renders any window lazily), run as in ordinary
    training but reading the scene at their place (`Trainer.forward_backward(..., scene,
    origins)`), and backpropagated; then the next scene. The loss is normalized by the
-   counts of the whole step, so it is the mean over every crop of the step.
+   counts of the whole step, so it is the mean over every crop of the step. With
+   `loss.scene_weight` a beacon scene's detector peaks are also read by a training-only
+   `Trainer.scene_head` against the scene's kind (ring or cross), a scene-level target
+   that trains the detectors directly, not only through the pixels of the step's crops.
 
 What a step holds at once: one scene's cells (at most grid^2), one scene's crops and their
 activations; never the scene's pixels beyond one band of rows, nor its regions' features
@@ -92,6 +95,14 @@ def scene_peaks(model: Any, summary: SceneSummary) -> torch.Tensor | None:
         return None
     device = next(detect.parameters()).device
     return detect.scores(summary.kept().to(device)).amax(0)
+
+
+def scene_kind_loss(head: torch.nn.Module, peaks: torch.Tensor, kind: int) -> torch.Tensor:
+    """Binary cross-entropy of the scene-kind reader `head` (Linear(K -> 1)) on a scene's
+    detector peaks (K,) against its beacon kind (1 ring, 0 cross)."""
+    logit = head(peaks.to(head.weight.dtype))[0]
+    return torch.nn.functional.binary_cross_entropy_with_logits(
+        logit, logit.new_tensor(float(kind)))
 
 
 def crop_cells(model: Any, summary: SceneSummary, images: torch.Tensor,
@@ -255,6 +266,8 @@ class SceneCrops:
             if i in mine:
                 work.append((size, seed, scene, collate(samples, trainer.cfg.data.heatmap_sigma),
                              origins))
+        head = getattr(trainer, "scene_head", None)
+        beacons = sum(scene.beacon is not None for _, _, scene, _, _ in work)
         counts: dict[str, float] = {}
         for *_, batch, _ in work:
             for name, v in trainer.loss_counts(batch).items():
@@ -262,13 +275,20 @@ class SceneCrops:
         if world is not None:
             counts = world.sum_counts(counts)
         total, parts = 0.0, {}
+        if head is not None and beacons:
+            parts["scene"] = 0.0
         for k, (size, seed, scene, batch, origins) in enumerate(work):
             summary = self.summary(trainer, size, seed, scene)
             cells = None
             if not trainer.region_encoder_frozen():
                 cells = crop_cells(trainer.model, summary, batch["image"], origins)
-            tokens = trainer.model.encode_scene(summary, cells,
-                                                scene_peaks(trainer.model, summary))
+            peaks = scene_peaks(trainer.model, summary)
+            if head is not None and scene.beacon is not None:
+                kind = scene_kind_loss(head, peaks, scene.beacon[0]) / beacons
+                (trainer.cfg.loss.scene_weight * kind).backward(retain_graph=True)
+                total += trainer.cfg.loss.scene_weight * float(kind.detach())
+                parts["scene"] = parts.get("scene", 0.0) + float(kind.detach())
+            tokens = trainer.model.encode_scene(summary, cells, peaks)
             extra = {} if world is None else {"sync": k == len(work) - 1}
             loss, terms = trainer.forward_backward(batch, step, counts, tokens, origins, **extra)
             total += loss
