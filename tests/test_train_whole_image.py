@@ -400,3 +400,23 @@ def test_the_scene_kind_loss_reads_the_detector_peaks_and_resumes(tmp_path):
 def test_the_scene_kind_loss_needs_scene_detectors(tmp_path):
     with pytest.raises(ValueError, match="scene_weight needs a model with"):
         Trainer(_kind_config(1.0, detectors=0), tmp_path / "run")
+
+
+def test_scene_kinds_alone_train_only_the_detectors(tmp_path):
+    """`data.crops_per_scene: 0` with `loss.scene_weight`: a step is the scene-kind term of
+    its beacon scenes alone; the detectors and the reader move, no other weight does; 0
+    crops without the scene-level target is refused."""
+    data = _kind_config(1.0).to_dict()
+    data["data"]["crops_per_scene"] = 0
+    trainer = Trainer(TrainConfig.from_dict(data), tmp_path / "run")
+    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    loss, terms = trainer.train_step()
+    assert set(terms) == {"scene"} and loss == pytest.approx(terms["scene"]) and loss > 0
+    after = dict(trainer.model.named_parameters())
+    moved = {k for k, v in after.items() if not torch.equal(before[k], v)}
+    detect = "global_context.whole.detect."
+    assert moved and all(k.startswith(detect) for k in moved), moved
+    assert any(k.startswith(detect + "net.") for k in moved)
+    data["loss"]["scene_weight"] = 0.0
+    with pytest.raises(ValueError, match="crops_per_scene 0 leaves only"):
+        Trainer(TrainConfig.from_dict(data), tmp_path / "other")

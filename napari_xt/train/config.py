@@ -126,7 +126,8 @@ class DataSpec:
     # per entry of scene_sizes, its own scene_pool (a large scene's summary is costly, a
     # small one's is not); empty: scene_pool for every size
     scene_pools: list[int] = field(default_factory=list)
-    crops_per_scene: int = 2  # crops of a scene that carry the loss in a step
+    crops_per_scene: int = 2  # crops of a scene that carry the loss in a step (0: only
+    # the scene-level target of loss.scene_weight)
     # where those crops lie: "random" (any region-aligned place) or "tiling" (where the
     # engine's crops start: every k // 2 regions, the last at the far border)
     crop_places: str = "random"
@@ -145,8 +146,8 @@ class DataSpec:
         if self.crop_places not in ("random", "tiling"):
             raise ValueError(f"data.crop_places must be 'random' or 'tiling', got "
                              f"{self.crop_places!r}")
-        if self.scene_pool < 0 or self.crops_per_scene < 1:
-            raise ValueError("data.scene_pool must be >= 0 and data.crops_per_scene >= 1")
+        if self.scene_pool < 0 or self.crops_per_scene < 0:
+            raise ValueError("data.scene_pool and data.crops_per_scene must be >= 0")
         if self.scene_pools:
             pools: dict[int, int] = {}
             for size, pool in zip(self.scene_sizes, self.scene_pools):

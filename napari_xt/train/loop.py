@@ -172,6 +172,9 @@ class Trainer(StreamedStep):
                 raise ValueError("loss.scene_weight runs in one process only (--nproc 1)")
             self.scene_head = torch.nn.Linear(gc.scene_detectors, 1).to(self.device)
             groups += _param_groups(self.scene_head, o.weight_decay, o.lr)
+        elif cfg.data.crops_per_scene == 0:
+            raise ValueError("data.crops_per_scene 0 leaves only the scene-level target; "
+                             "it needs loss.scene_weight > 0")
         self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_with_warmup(o.warmup_steps, o.steps, o.min_lr_ratio)

@@ -24,7 +24,10 @@ variant) and for each:
    counts of the whole step, so it is the mean over every crop of the step. With
    `loss.scene_weight` a beacon scene's detector peaks are also read by a training-only
    `Trainer.scene_head` against the scene's kind (ring or cross), a scene-level target
-   that trains the detectors directly, not only through the pixels of the step's crops.
+   that trains the detectors directly, not only through the pixels of the step's crops;
+   with `data.crops_per_scene` 0 it is the only loss (the detectors learn the scene's
+   kind before a second run teaches the model to use them), and a step summarizes only
+   its beacon scenes.
 
 What a step holds at once: one scene's cells (at most grid^2), one scene's crops and their
 activations; never the scene's pixels beyond one band of rows, nor its regions' features
@@ -260,14 +263,17 @@ class SceneCrops:
         picks = self.scenes_for_step(step, trainer.cfg.optim.batch_size)
         mine = range(len(picks)) if world is None else range(len(picks))[world.share(len(picks))]
         work = []
+        n_crops = self.data.crops_per_scene
         for i, (size, seed) in enumerate(picks):
             scene = SyntheticScene(seed, self.scene_config(size, seed))
-            samples, origins = self.crops(scene, rng, self.data.crops_per_scene, region)
-            if i in mine:
-                work.append((size, seed, scene, collate(samples, trainer.cfg.data.heatmap_sigma),
-                             origins))
+            samples, origins = self.crops(scene, rng, n_crops, region)
+            if i in mine and (n_crops or scene.beacon is not None):
+                batch = collate(samples, trainer.cfg.data.heatmap_sigma) if n_crops else None
+                work.append((size, seed, scene, batch, origins))
         head = getattr(trainer, "scene_head", None)
         beacons = sum(scene.beacon is not None for _, _, scene, _, _ in work)
+        if not n_crops:  # the scene-level target alone: the detectors and their reader
+            return self._scene_kinds(trainer, work, beacons)
         counts: dict[str, float] = {}
         for *_, batch, _ in work:
             for name, v in trainer.loss_counts(batch).items():
@@ -295,3 +301,16 @@ class SceneCrops:
             for name, v in terms.items():
                 parts[name] = parts.get(name, 0.0) + v
         return total, parts
+
+    def _scene_kinds(self, trainer: Any, work: list, beacons: int
+                     ) -> tuple[float, dict[str, float]]:
+        """The step's loss with `data.crops_per_scene` 0: the scene-kind term of its
+        beacon scenes alone (`loss.scene_weight`), gradients into the detectors only."""
+        weight, total = trainer.cfg.loss.scene_weight, 0.0
+        for size, seed, scene, _, _ in work:
+            summary = self.summary(trainer, size, seed, scene)
+            kind = scene_kind_loss(trainer.scene_head, scene_peaks(trainer.model, summary),
+                                   scene.beacon[0]) / beacons
+            (weight * kind).backward()
+            total += float(kind.detach())
+        return weight * total, {"scene": total}
