@@ -12,6 +12,11 @@ positive = right), for several seeds of the probe.
 
 Run: python benchmarks/beacon_probe.py [--model demo-beacon] [--train-sizes 1024,2048]
      [--train-count 200,80] [--test-sizes 1024,2048,4096,8192] [--test-count 4]
+
+With `--run RUN` (a training run with `loss.scene_weight`, e.g. of
+configs/demo_beacon_detect.yaml) nothing is trained here: the run's own detectors and its
+training-only reader of their peaks (from its latest training state) read the same
+held-out scenes.
 """
 
 from __future__ import annotations
@@ -46,6 +51,47 @@ def cell_vectors(vectors, grid):
     return cells.reshape(-1, cells.shape[-1])
 
 
+def read_run(a) -> int:
+    """Margins of a training run's detectors and scene reader on the held-out scenes."""
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from napari_xt.train.config import load_config
+    from napari_xt.train.loop import Trainer
+
+    torch.set_num_threads(a.threads)
+    run = Path(a.run)
+    trainer = Trainer(load_config(run / "train_config.yaml"), run)
+    if trainer.scene_head is None:
+        print(f"{run}: its config has no loss.scene_weight (no scene reader to read with)",
+              file=sys.stderr)
+        return 2
+    step = trainer.resume()
+    trainer.model.eval()
+    margins: dict[int, list[float]] = {}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for size in (int(v) for v in a.test_sizes.split(",")):
+            for i in range(a.test_count):
+                v, kind, grid = summaries(trainer.model, trainer.normalization, size,
+                                          2_000_700_000 + i)
+                peaks = trainer.model.global_context.whole.detect.scores(v).amax(0)
+                z = float(trainer.scene_head(peaks)[0])
+                margins.setdefault(size, []).append(round(z if kind == 1 else -z, 2))
+            print(f"{size} px: {np.mean(np.array(margins[size]) > 0):.0%} right, margins "
+                  f"{margins[size]} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"run": str(run), "step": step, "threads": a.threads,
+                       "held_out_seeds": [2_000_700_000, 2_000_700_000 + a.test_count - 1],
+                       "margins": margins,
+                       "right": {s: float(np.mean(np.array(m) > 0))
+                                 for s, m in margins.items()}}, f, indent=1)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="demo-beacon")
@@ -59,8 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--cells", action="store_true", help="score cells, not regions")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--run", default=None, help="a training run's folder: read its own "
+                   "detectors and scene reader, train nothing")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
+    if a.run:
+        return read_run(a)
 
     import numpy as np
     import torch

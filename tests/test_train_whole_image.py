@@ -274,18 +274,23 @@ def test_a_fresh_whole_scene_map_is_standardized_on_training_scenes(tmp_path, mo
 
 
 def test_scene_detectors_added_to_a_whole_scene_model_keep_its_weights(tmp_path):
-    """Adding `scene_detectors` to a checkpoint with `whole_scene` (the shipped demo-beacon)
-    keeps every weight it has and adds only the detectors; a checkpoint's detectors may not
-    change in number."""
+    """Adding `scene_detectors` to a checkpoint with `whole_scene` (the shipped demo-beacon
+    less its detectors) keeps every weight it has and adds only the detectors; a
+    checkpoint's detectors may not change in number."""
     from dataclasses import replace
 
     from napari_xt.model.checkpoint import load_checkpoint, save_checkpoint
     from napari_xt.model.demo_weights import BUILT_IN
+    from napari_xt.model.xt import XT
     from napari_xt.train.loop import _fine_tuned
 
-    start = BUILT_IN["demo-beacon"]
-    saved = load_checkpoint(start)
-    gc = saved.cfg.global_context
+    shipped = load_checkpoint(BUILT_IN["demo-beacon"])
+    gc = replace(shipped.cfg.global_context, scene_detectors=0)
+    saved = XT(replace(shipped.cfg, global_context=gc)).eval()
+    result = saved.load_state_dict(shipped.state_dict(), strict=False)
+    assert not result.missing_keys and all(
+        k.startswith("global_context.whole.detect.") for k in result.unexpected_keys)
+    start = save_checkpoint(saved, Path(tmp_path) / "whole.safetensors")
     cfg = replace(saved.cfg, global_context=replace(gc, scene_detectors=4))
     model = _fine_tuned(cfg, start)
     ours, theirs = model.state_dict(), saved.state_dict()

@@ -5,7 +5,9 @@ The package ships `weights/xt_demo_sar.safetensors` (the demo model, trained by
 of `napari_xt.train.synthetic`) and `weights/xt_demo_sar_region_only.safetensors` (the same
 architecture without context, its baseline), `xt_demo_sar_image.safetensors` (whole-image
 context, `configs/demo_image.yaml`) and `xt_demo_sar_beacon.safetensors` (that model taught
-the beacon variant too, `configs/demo_beacon.yaml`). All carry their config and training config in
+the beacon variant too, `configs/demo_beacon.yaml`, with scene detectors trained by
+`configs/demo_beacon_detect.yaml` and read after `configs/demo_beacon_read.yaml`). All
+carry their config and training config in
 the header, so they rebuild themselves; the task's class names are added here when a file
 predates names in configs.
 """
