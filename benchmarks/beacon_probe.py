@@ -77,7 +77,8 @@ def read_run(a) -> int:
             for i in range(a.test_count):
                 v, kind, grid = summaries(trainer.model, trainer.normalization, size,
                                           2_000_700_000 + i)
-                peaks = trainer.model.global_context.whole.detect.scores(v).amax(0)
+                detect = trainer.model.global_context.whole.detect
+                peaks = detect.scores(v.to(detect.shift.device)).amax(0)
                 z = float(trainer.scene_head(peaks)[0])
                 margins.setdefault(size, []).append(round(z if kind == 1 else -z, 2))
             print(f"{size} px: {np.mean(np.array(margins[size]) > 0):.0%} right, margins "

@@ -355,8 +355,9 @@ def test_scene_pools_are_one_per_size(pools):
     assert (cfg.pool_for(256), cfg.pool_for(512)) == (3, 0)
 
 
-def _kind_config(weight: float, detectors: int = 2) -> TrainConfig:
-    data = _config([256], grid=8, pool=2).to_dict()
+def _kind_config(weight: float, detectors: int = 2, beacons: float = 1.0) -> TrainConfig:
+    data = _config([256], grid=8, pool=4).to_dict()
+    data["data"]["beacon_fraction"] = beacons
     data["model"]["overrides"]["global_context"] = {"grid": 8, "whole_scene": True,
                                                     "scene_detectors": detectors}
     data["optim"]["batch_size"] = 2
@@ -371,40 +372,55 @@ def test_the_scene_kind_loss_reads_the_detector_peaks_and_resumes(tmp_path):
     reader is saved with the training state and restored on resume."""
     from napari_xt.train.whole_image import scene_kind_loss, scene_peaks
 
-    trainer = Trainer(_kind_config(1.0), tmp_path / "run")
+    trainer = Trainer(_kind_config(0.5, beacons=0.5), tmp_path / "run")
     head = trainer.scene_head
     assert head is not None and head.in_features == 2
     before = {k: v.clone() for k, v in head.state_dict().items()}
-    picks = trainer.scenes.scenes_for_step(0, 2)
     trainer.scenes.ensure_whole_statistics(trainer)
+
+    def kinds(step):
+        return [trainer.scenes.scene_config(size, seed).beacon
+                for size, seed in trainer.scenes.scenes_for_step(step, 2)]
+
+    step = next(t for t in range(50) if sorted(kinds(t)) == [False, True])  # one of each
     want = []
     with torch.no_grad():
-        for size, seed in picks:
+        for size, seed in trainer.scenes.scenes_for_step(step, 2):
             scene = SyntheticScene(seed, trainer.scenes.scene_config(size, seed))
+            if scene.beacon is None:
+                continue
             summary = scene_summary(trainer.model, scene, trainer.normalization)
             want.append(float(scene_kind_loss(head, scene_peaks(trainer.model, summary),
                                               scene.beacon[0])))
+    assert len(want) == 1
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.model.train()
     trainer._keep_frozen_eval()
-    loss, terms = trainer.scenes.forward_backward(trainer, 0)
-    assert terms["scene"] == pytest.approx(np.mean(want), rel=1e-4)
+    loss, terms = trainer.scenes.forward_backward(trainer, step)
+    assert terms["scene"] == pytest.approx(0.5 * want[0], rel=1e-4)  # weighted, beacon only
+    assert loss == pytest.approx(sum(terms.values()), rel=1e-5)
     assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
     net = trainer.model.global_context.whole.detect.net[0].weight
     assert net.grad is not None and net.grad.abs().sum() > 0
 
+    trainer.step = step
     trainer.train_step()
     assert any(not torch.equal(before[k], v) for k, v in head.state_dict().items())
     trainer.save()
-    again = Trainer(_kind_config(1.0), tmp_path / "run")
+    again = Trainer(_kind_config(0.5, beacons=0.5), tmp_path / "run")
     again.resume()
     for k, v in head.state_dict().items():
         torch.testing.assert_close(again.scene_head.state_dict()[k], v, rtol=0, atol=0)
+    Trainer(_kind_config(0.0), tmp_path / "plain").save()  # a run without the reader
+    with pytest.raises(ValueError, match="saved without loss.scene_weight"):
+        Trainer(_kind_config(0.5, beacons=0.5), tmp_path / "plain").resume()
 
 
-def test_the_scene_kind_loss_needs_scene_detectors(tmp_path):
+def test_the_scene_kind_loss_needs_scene_detectors_and_beacon_scenes(tmp_path):
     with pytest.raises(ValueError, match="scene_weight needs a model with"):
         Trainer(_kind_config(1.0, detectors=0), tmp_path / "run")
+    with pytest.raises(ValueError, match="scene_weight needs scenes whose kind is known"):
+        Trainer(_kind_config(1.0, beacons=0.0), tmp_path / "run")
 
 
 def test_scene_kinds_alone_train_only_the_detectors(tmp_path):

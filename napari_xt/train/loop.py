@@ -170,6 +170,9 @@ class Trainer(StreamedStep):
                                  "global_context.scene_detectors (it reads their peaks)")
             if world is not None:
                 raise ValueError("loss.scene_weight runs in one process only (--nproc 1)")
+            if cfg.data.kind != "synthetic" or cfg.data.beacon_fraction <= 0:
+                raise ValueError("loss.scene_weight needs scenes whose kind is known: "
+                                 "synthetic data with data.beacon_fraction > 0")
             self.scene_head = torch.nn.Linear(gc.scene_detectors, 1).to(self.device)
             groups += _param_groups(self.scene_head, o.weight_decay, o.lr)
         elif cfg.data.crops_per_scene == 0:
@@ -356,6 +359,9 @@ class Trainer(StreamedStep):
         if self.token_head is not None:
             self.token_head.load_state_dict(payload["extra"]["token_head"])
         if self.scene_head is not None:
+            if "scene_head" not in payload.get("extra", {}):
+                raise ValueError(f"{state_path} was saved without loss.scene_weight; resume "
+                                 "it with the config it was saved with")
             self.scene_head.load_state_dict(payload["extra"]["scene_head"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])

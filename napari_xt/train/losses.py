@@ -29,7 +29,8 @@ class LossConfig:
     token_weight: float = 0.0
     # whole-image training with scene detectors: a training-only Linear(K -> 1) on a scene's
     # detector peaks against the scene's kind where it is known (a beacon scene: ring or
-    # cross), binary cross-entropy, mean over the step's beacon scenes (0 disables it)
+    # cross), binary cross-entropy, mean over the step's beacon scenes, logged weighted as
+    # "scene" (0 disables it)
     scene_weight: float = 0.0
     logits_map: str = "logits"
     centre_map: str = "centre"

@@ -292,8 +292,9 @@ class SceneCrops:
             if head is not None and scene.beacon is not None:
                 kind = scene_kind_loss(head, peaks, scene.beacon[0]) / beacons
                 (trainer.cfg.loss.scene_weight * kind).backward(retain_graph=True)
-                total += trainer.cfg.loss.scene_weight * float(kind.detach())
-                parts["scene"] = parts.get("scene", 0.0) + float(kind.detach())
+                weighted = trainer.cfg.loss.scene_weight * float(kind.detach())
+                total += weighted
+                parts["scene"] = parts.get("scene", 0.0) + weighted
             tokens = trainer.model.encode_scene(summary, cells, peaks)
             extra = {} if world is None else {"sync": k == len(work) - 1}
             loss, terms = trainer.forward_backward(batch, step, counts, tokens, origins, **extra)
@@ -312,5 +313,5 @@ class SceneCrops:
             kind = scene_kind_loss(trainer.scene_head, scene_peaks(trainer.model, summary),
                                    scene.beacon[0]) / beacons
             (weight * kind).backward()
-            total += float(kind.detach())
-        return weight * total, {"scene": total}
+            total += weight * float(kind.detach())
+        return total, ({"scene": total} if work else {})  # no beacon scene: no term
