@@ -26,6 +26,15 @@ import json
 import sys
 import time
 
+from napari_xt.train.demo import HELD_OUT_SEED
+
+FIRST_HELD_OUT = HELD_OUT_SEED + 700_000  # the held-out beacon scenes of `napari-xt bench context`
+
+
+def _right(margins: dict) -> dict:
+    """Per size, the share of scenes read right (margin > 0)."""
+    return {size: sum(m > 0 for m in ms) / len(ms) for size, ms in margins.items()}
+
 
 def summaries(model, normalization, size: int, seed: int):
     """(vectors (N, C') in raster order, kind, grid) of beacon scene `seed` of side `size`."""
@@ -55,7 +64,6 @@ def read_run(a) -> int:
     """Margins of a training run's detectors and scene reader on the held-out scenes."""
     from pathlib import Path
 
-    import numpy as np
     import torch
 
     from napari_xt.train.config import load_config
@@ -75,21 +83,19 @@ def read_run(a) -> int:
     with torch.no_grad():
         for size in (int(v) for v in a.test_sizes.split(",")):
             for i in range(a.test_count):
-                v, kind, grid = summaries(trainer.model, trainer.normalization, size,
-                                          2_000_700_000 + i)
+                v, kind, _ = summaries(trainer.model, trainer.normalization, size,
+                                       FIRST_HELD_OUT + i)
                 detect = trainer.model.global_context.whole.detect
                 peaks = detect.scores(v.to(detect.shift.device)).amax(0)
                 z = float(trainer.scene_head(peaks)[0])
                 margins.setdefault(size, []).append(round(z if kind == 1 else -z, 2))
-            print(f"{size} px: {np.mean(np.array(margins[size]) > 0):.0%} right, margins "
+            print(f"{size} px: {_right(margins)[size]:.0%} right, margins "
                   f"{margins[size]} ({time.perf_counter() - t0:.0f} s)", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"run": str(run), "step": step, "threads": a.threads,
-                       "held_out_seeds": [2_000_700_000, 2_000_700_000 + a.test_count - 1],
-                       "margins": margins,
-                       "right": {s: float(np.mean(np.array(m) > 0))
-                                 for s, m in margins.items()}}, f, indent=1)
+                       "held_out_seeds": [FIRST_HELD_OUT, FIRST_HELD_OUT + a.test_count - 1],
+                       "margins": margins, "right": _right(margins)}, f, indent=1)
     return 0
 
 
@@ -138,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         train = [scene(size, 60_000_000 + size * 1000 + i)
                  for size, n in zip(train_sizes, counts) for i in range(n)]
-        test = [scene(int(size), 2_000_700_000 + i)
+        test = [scene(int(size), FIRST_HELD_OUT + i)
                 for size in a.test_sizes.split(",") for i in range(a.test_count)]
     print(f"{len(train)} training and {len(test)} held-out scenes summarized in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
@@ -170,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             for v, kind, size in test:
                 z = float(logit(v))
                 margins.setdefault(size, []).append(round(z if kind == 1 else -z, 2))
-        row = {"seed": seed, "margins": margins,
-               "right": {s: float(np.mean(np.array(m) > 0)) for s, m in margins.items()}}
+        row = {"seed": seed, "margins": margins, "right": _right(margins)}
         results.append(row)
         print(f"probe seed {seed}: " + ", ".join(
             f"{s} px {row['right'][s]:.0%} {m}" for s, m in sorted(margins.items())),

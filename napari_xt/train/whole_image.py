@@ -270,7 +270,7 @@ class SceneCrops:
             if i in mine and (n_crops or scene.beacon is not None):
                 batch = collate(samples, trainer.cfg.data.heatmap_sigma) if n_crops else None
                 work.append((size, seed, scene, batch, origins))
-        head = getattr(trainer, "scene_head", None)
+        head = trainer.scene_head
         beacons = sum(scene.beacon is not None for _, _, scene, _, _ in work)
         if not n_crops:  # the scene-level target alone: the detectors and their reader
             return self._scene_kinds(trainer, work, beacons)
@@ -281,8 +281,6 @@ class SceneCrops:
         if world is not None:
             counts = world.sum_counts(counts)
         total, parts = 0.0, {}
-        if head is not None and beacons:
-            parts["scene"] = 0.0
         for k, (size, seed, scene, batch, origins) in enumerate(work):
             summary = self.summary(trainer, size, seed, scene)
             cells = None
@@ -290,9 +288,7 @@ class SceneCrops:
                 cells = crop_cells(trainer.model, summary, batch["image"], origins)
             peaks = scene_peaks(trainer.model, summary)
             if head is not None and scene.beacon is not None:
-                kind = scene_kind_loss(head, peaks, scene.beacon[0]) / beacons
-                (trainer.cfg.loss.scene_weight * kind).backward(retain_graph=True)
-                weighted = trainer.cfg.loss.scene_weight * float(kind.detach())
+                weighted = _scene_kind_backward(trainer, peaks, scene, beacons, retain=True)
                 total += weighted
                 parts["scene"] = parts.get("scene", 0.0) + weighted
             tokens = trainer.model.encode_scene(summary, cells, peaks)
@@ -307,11 +303,19 @@ class SceneCrops:
                      ) -> tuple[float, dict[str, float]]:
         """The step's loss with `data.crops_per_scene` 0: the scene-kind term of its
         beacon scenes alone (`loss.scene_weight`), gradients into the detectors only."""
-        weight, total = trainer.cfg.loss.scene_weight, 0.0
+        total = 0.0
         for size, seed, scene, _, _ in work:
-            summary = self.summary(trainer, size, seed, scene)
-            kind = scene_kind_loss(trainer.scene_head, scene_peaks(trainer.model, summary),
-                                   scene.beacon[0]) / beacons
-            (weight * kind).backward()
-            total += weight * float(kind.detach())
+            peaks = scene_peaks(trainer.model, self.summary(trainer, size, seed, scene))
+            total += _scene_kind_backward(trainer, peaks, scene, beacons, retain=False)
         return total, ({"scene": total} if work else {})  # no beacon scene: no term
+
+
+def _scene_kind_backward(trainer: Any, peaks: torch.Tensor, scene: SyntheticScene,
+                         beacons: int, retain: bool) -> float:
+    """Backpropagate a beacon scene's share of the step's scene-kind term (weighted by
+    `loss.scene_weight`, divided by the step's `beacons`); `retain` the graph of `peaks`
+    for the crops that read them. Returns the weighted share."""
+    kind = scene_kind_loss(trainer.scene_head, peaks, scene.beacon[0])
+    share = trainer.cfg.loss.scene_weight * kind / beacons
+    share.backward(retain_graph=retain)
+    return float(share.detach())
