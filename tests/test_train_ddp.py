@@ -212,7 +212,8 @@ def test_a_failing_rank_ends_the_launch_promptly(tmp_path, capfd):
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_every_rank(tmp_path):
+@pytest.mark.parametrize(("signum", "expected"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_stops_every_rank(tmp_path, signum, expected):
     code = ("import sys; from napari_xt.train.launch import run_ranks; "
             f"r = run_ranks([sys.executable, {str(HERE)!r}, 'wait', {str(tmp_path)!r}], 2, "
             "grace_s=2.0); print(r.code, r.cancelled); sys.exit(r.code)")
@@ -223,9 +224,9 @@ def test_ctrl_c_stops_every_rank(tmp_path):
     while not all(p.exists() for p in pids):
         assert time.monotonic() < deadline and launcher.poll() is None
         time.sleep(0.05)
-    launcher.send_signal(signal.SIGINT)
+    launcher.send_signal(signum)
     out, _ = launcher.communicate(timeout=20)
-    assert launcher.returncode == 130 and out.split() == ["130", "True"]
+    assert launcher.returncode == expected and out.split() == [str(expected), "True"]
     assert not any(_alive(int(p.read_text())) for p in pids)
 
 

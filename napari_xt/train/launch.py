@@ -26,7 +26,8 @@ LAUNCHER_ENV = "NAPARI_XT_LAUNCHER_PID"  # set for the ranks this module starts
 @dataclass(frozen=True)
 class LaunchResult:
     """How a launch ended. `code`: 0 when every rank succeeded, else the exit code of the
-    first rank that failed (1 for a rank killed by a signal), 130 when cancelled. `failed`:
+    first rank that failed (1 for a rank killed by a signal), 130 when cancelled by Ctrl-C,
+    143 (128 + SIGTERM, as a shell reports it) when the launcher got SIGTERM. `failed`:
     (rank, exit code) of the ranks found failed first (several when they ended together)."""
 
     code: int
@@ -74,8 +75,10 @@ def run_ranks(argv: Sequence[str], nproc: int, grace_s: float = 10.0, poll_s: fl
             procs.append(subprocess.Popen(list(argv), env=rank_env(rank, nproc, port),
                                           start_new_session=True))
         return _wait(procs, poll_s)
-    except (KeyboardInterrupt, _Terminated):
+    except KeyboardInterrupt:
         return LaunchResult(130, cancelled=True)
+    except _Terminated:
+        return LaunchResult(128 + signal.SIGTERM, cancelled=True)
     finally:
         stop(procs, grace_s)
         if previous is not None:
