@@ -102,6 +102,31 @@ def test_launches_that_cannot_work_are_refused_before_any_process_starts(
     assert not out.exists()
 
 
+def test_cpu_ranks_share_the_cores_unless_threads_is_given(tmp_path, monkeypatch):
+    """N CPU ranks get cores // N threads each (at most run.threads), not N x run.threads."""
+    import napari_xt.commands.train as train_command
+    import napari_xt.train.launch as launch
+
+    seen = []
+    monkeypatch.setattr(launch, "run_ranks",
+                        lambda argv, n: seen.append(list(argv)) or launch.LaunchResult(0))
+    monkeypatch.setattr(train_command.os, "cpu_count", lambda: 8)
+    config = _config(tmp_path, run={"threads": 6})
+    out = str(tmp_path / "run")
+
+    def threads_of(argv):
+        return int(argv[argv.index("--threads") + 1])
+
+    assert main(["train", str(config), "--out", out, "--nproc", "2"]) == 0
+    assert threads_of(seen[-1]) == 4  # 8 cores // 2 ranks, below run.threads 6
+    assert main(["train", str(config), "--out", out, "--nproc", "4"]) == 0
+    assert threads_of(seen[-1]) == 2
+    assert main(["train", str(config), "--out", out, "--nproc", "2", "--threads", "3"]) == 0
+    assert threads_of(seen[-1]) == 3  # given: kept
+    assert train_command.rank_threads(1, 2, 8) == 1  # never more than run.threads
+    assert train_command.rank_threads(None, 16, 8) == 1  # at least one
+
+
 @pytest.mark.slow
 def test_two_processes_take_the_steps_of_one_and_resume_with_any_number(tmp_path):
     config = _config(tmp_path)

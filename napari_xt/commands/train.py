@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -39,7 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="stop after this many steps (the schedule keeps its length)")
     parser.add_argument("--device", default=None, help="override run.device (cpu, cuda, ...)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="override run.threads (torch CPU threads, per process)")
+                        help="override run.threads (torch CPU threads, per process; with "
+                             "--nproc N on the CPU the default is each process's share of "
+                             "the cores, at most run.threads)")
     parser.add_argument("--nproc", type=int, default=None,
                         help="train with N local processes (data parallel: gloo on the CPU, "
                              "NCCL with one GPU each on cuda); optim.batch_size stays the "
@@ -125,21 +128,32 @@ def run(args: argparse.Namespace) -> int:
         print(f"napari-xt train: {config_path}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.nproc is not None and args.nproc > 1:
-        return _launch(args, config_path, out)
+        return _launch(args, cfg, config_path, out)
     if launched is None:
         return _train(args, cfg, config_path, out, None)
     return _rank(args, cfg, config_path, out)
 
 
-def _launch(args: argparse.Namespace, config_path: Path, out: Path) -> int:
+def rank_threads(configured: int | None, nproc: int, cores: int | None) -> int:
+    """Torch threads of each of `nproc` CPU ranks when `--threads` is not given: its share of
+    the machine's `cores` (at least 1), and no more than `configured` (`run.threads`), so
+    that N ranks do not each take the threads meant for one process."""
+    share = max(1, (cores or 1) // nproc)
+    return share if not configured else max(1, min(int(configured), share))
+
+
+def _launch(args: argparse.Namespace, cfg, config_path: Path, out: Path) -> int:
     """Run this command as `args.nproc` local ranks; their exit decides ours."""
     from napari_xt.train.launch import run_ranks
 
     argv = [sys.executable, "-m", "napari_xt", "train", str(config_path), "--out", str(out)]
     if args.resume:
         argv.append("--resume")
+    threads = args.threads
+    if threads is None and str(cfg.run.device).startswith("cpu"):
+        threads = rank_threads(cfg.run.threads, args.nproc, os.cpu_count())
     for flag, value in (("--steps", args.steps), ("--device", args.device),
-                        ("--threads", args.threads)):
+                        ("--threads", threads)):
         if value is not None:
             argv += [flag, str(value)]
     result = run_ranks(argv, args.nproc)
