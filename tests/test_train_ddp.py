@@ -110,7 +110,7 @@ def test_cpu_ranks_share_the_cores_unless_threads_is_given(tmp_path, monkeypatch
     seen = []
     monkeypatch.setattr(launch, "run_ranks",
                         lambda argv, n: seen.append(list(argv)) or launch.LaunchResult(0))
-    monkeypatch.setattr(train_command.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
     config = _config(tmp_path, run={"threads": 6})
     out = str(tmp_path / "run")
 
@@ -123,8 +123,8 @@ def test_cpu_ranks_share_the_cores_unless_threads_is_given(tmp_path, monkeypatch
     assert threads_of(seen[-1]) == 2
     assert main(["train", str(config), "--out", out, "--nproc", "2", "--threads", "3"]) == 0
     assert threads_of(seen[-1]) == 3  # given: kept
-    assert train_command.rank_threads(1, 2, 8) == 1  # never more than run.threads
-    assert train_command.rank_threads(None, 16, 8) == 1  # at least one
+    assert train_command.rank_threads(1, 2) == 1  # never more than run.threads
+    assert train_command.rank_threads(None, 16) == 1  # at least one
 
 
 @pytest.mark.slow

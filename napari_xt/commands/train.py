@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -134,12 +133,15 @@ def run(args: argparse.Namespace) -> int:
     return _rank(args, cfg, config_path, out)
 
 
-def rank_threads(configured: int | None, nproc: int, cores: int | None) -> int:
+def rank_threads(configured: int | None, nproc: int) -> int:
     """Torch threads of each of `nproc` CPU ranks when `--threads` is not given: its share of
-    the machine's `cores` (at least 1), and no more than `configured` (`run.threads`), so
-    that N ranks do not each take the threads meant for one process."""
-    share = max(1, (cores or 1) // nproc)
-    return share if not configured else max(1, min(int(configured), share))
+    the cores (`default_threads`, as local workers of a distributed run get), and no more
+    than `configured` (`run.threads`), so that N ranks do not each take the threads meant
+    for one process."""
+    from napari_xt.distributed.cluster import default_threads
+
+    share = default_threads(nproc)
+    return min(configured or share, share)
 
 
 def _launch(args: argparse.Namespace, cfg, config_path: Path, out: Path) -> int:
@@ -151,7 +153,7 @@ def _launch(args: argparse.Namespace, cfg, config_path: Path, out: Path) -> int:
         argv.append("--resume")
     threads = args.threads
     if threads is None and str(cfg.run.device).startswith("cpu"):
-        threads = rank_threads(cfg.run.threads, args.nproc, os.cpu_count())
+        threads = rank_threads(cfg.run.threads, args.nproc)
     for flag, value in (("--steps", args.steps), ("--device", args.device),
                         ("--threads", threads)):
         if value is not None:
