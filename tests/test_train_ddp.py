@@ -110,7 +110,7 @@ def test_cpu_ranks_share_the_cores_unless_threads_is_given(tmp_path, monkeypatch
     seen = []
     monkeypatch.setattr(launch, "run_ranks",
                         lambda argv, n: seen.append(list(argv)) or launch.LaunchResult(0))
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setattr("napari_xt.distributed.cluster.usable_cpus", lambda: 8)
     config = _config(tmp_path, run={"threads": 6})
     out = str(tmp_path / "run")
 
@@ -125,6 +125,24 @@ def test_cpu_ranks_share_the_cores_unless_threads_is_given(tmp_path, monkeypatch
     assert threads_of(seen[-1]) == 3  # given: kept
     assert train_command.rank_threads(1, 2) == 1  # never more than run.threads
     assert train_command.rank_threads(None, 16) == 1  # at least one
+
+
+def test_usable_cpus_are_the_affinity_mask_capped_by_the_cgroup_quota(tmp_path, monkeypatch):
+    from napari_xt.distributed import cluster
+
+    monkeypatch.setattr("os.cpu_count", lambda: 64)  # the machine: not what this process gets
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
+    monkeypatch.setattr(cluster, "CPU_QUOTA", str(tmp_path / "absent"))
+    assert cluster.usable_cpus() == 6
+    quota = tmp_path / "cpu.max"
+    monkeypatch.setattr(cluster, "CPU_QUOTA", str(quota))
+    quota.write_text("250000 100000\n")  # docker --cpus 2.5
+    assert cluster.usable_cpus() == 2
+    assert cluster.default_threads(2) == 1
+    quota.write_text("max 100000\n")  # no quota
+    assert cluster.usable_cpus() == 6
+    quota.write_text("50000 100000\n")  # half a CPU: still one thread
+    assert cluster.usable_cpus() == 1
 
 
 @pytest.mark.slow

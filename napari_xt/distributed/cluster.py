@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+CPU_QUOTA = "/sys/fs/cgroup/cpu.max"  # cgroup v2: "<quota> <period>" or "max <period>"
 _MODELS: dict[tuple[str, int | None], tuple[Any, Any]] = {}  # per process
 _MODELS_LOCK = threading.Lock()
 
@@ -90,10 +91,28 @@ def tune_malloc() -> None:
     libc.mallopt(m_trim_threshold, 256 * 2**20)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (taskset, a batch scheduler's
+    cpuset), capped by a cgroup v2 CPU quota (a container's `--cpus`), not the machine's
+    core count."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity call on this platform
+        cpus = os.cpu_count() or 1
+    try:
+        with open(CPU_QUOTA) as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max" and int(period) > 0:
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):  # no cgroup v2 limit here
+        pass
+    return max(1, cpus)
+
+
 def default_threads(workers: int) -> int:
-    """Torch threads per local worker: the machine's cores shared out (dask starts its
-    workers with OMP_NUM_THREADS=1, which would leave the rest idle)."""
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
+    """Torch threads per local worker: the usable CPUs (`usable_cpus`) shared out (dask
+    starts its workers with OMP_NUM_THREADS=1, which would leave the rest idle)."""
+    return max(1, usable_cpus() // max(1, workers))
 
 
 @contextmanager
