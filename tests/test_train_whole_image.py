@@ -441,3 +441,82 @@ def test_scene_kinds_alone_train_only_the_detectors(tmp_path):
     data["loss"]["scene_weight"] = 0.0
     with pytest.raises(ValueError, match="crops_per_scene 0 leaves only"):
         Trainer(TrainConfig.from_dict(data), tmp_path / "other")
+
+
+def test_class_scale_weighs_each_sample_by_its_own_class_weights():
+    from napari_xt.train.data import IGNORE_INDEX
+    from napari_xt.train.losses import LossConfig, loss_terms
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8)
+    mask = torch.randint(0, 3, (2, 8, 8))
+    mask[0, :2] = IGNORE_INDEX
+    zeros = torch.zeros(2, 1, 8, 8)
+    batch = {"mask": mask, "centre": zeros, "size": zeros, "size_weight": zeros}
+    same = torch.tensor([[1.0, 3.0, 0.5]] * 2)
+    fixed = loss_terms({"logits": logits}, batch, LossConfig(class_weights=(1.0, 3.0, 0.5)))
+    scaled = loss_terms({"logits": logits}, dict(batch, class_scale=same), LossConfig())
+    for a, b in zip(fixed["ce"], scaled["ce"]):
+        torch.testing.assert_close(a, b)
+    # a second sample weighed twice as much on class 2 weighs its class-2 pixels twice
+    own = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 2.0]])
+    ce = torch.nn.functional.cross_entropy(logits, mask, ignore_index=IGNORE_INDEX,
+                                           reduction="none")
+    valid = mask != IGNORE_INDEX
+    pixel = torch.where((mask == 2) & (torch.arange(2)[:, None, None] == 1), 2.0, 1.0) * valid
+    s, n = loss_terms({"logits": logits}, dict(batch, class_scale=own), LossConfig())["ce"]
+    torch.testing.assert_close(s, (ce * pixel).sum())
+    torch.testing.assert_close(n, pixel.sum())
+
+
+def test_class_growth_follows_the_scene_side():
+    from napari_xt.train.losses import LossConfig
+
+    cfg = LossConfig(class_weights=(1.0, 2.0, 1.0), class_growth=(0.5, 0.0, 1.0))
+    torch.testing.assert_close(cfg.class_scale(256, 3), torch.tensor([1.0, 2.0, 1.0]))
+    torch.testing.assert_close(cfg.class_scale(2048, 3), torch.tensor([2.0, 2.0, 4.0]))
+    assert LossConfig().class_scale(4096, 3) is None
+    with pytest.raises(ValueError, match="class_growth must be >= 0"):
+        LossConfig(class_growth=(0.5, float("nan"), 0.0))
+    with pytest.raises(ValueError, match="growth_from must be a positive"):
+        LossConfig(growth_from=0)
+
+
+def _growth_config(growth, sizes=(1024,)) -> TrainConfig:
+    cfg = _config(list(sizes)).to_dict()
+    cfg["data"]["beacon_fraction"] = 0.0
+    cfg["loss"]["class_growth"] = growth
+    return TrainConfig.from_dict(cfg)
+
+
+def test_class_growth_weighs_the_crops_of_a_larger_scene(tmp_path):
+    seen = []
+    trainer = Trainer(_growth_config([1.0, 0.0, 0.0]), tmp_path / "run")
+    real = trainer.forward_backward
+
+    def keep(batch, step, counts, *args, **kwargs):
+        seen.append((batch, counts))
+        return real(batch, step, counts, *args, **kwargs)
+
+    trainer.forward_backward = keep
+    grown, _ = trainer.scenes.forward_backward(trainer, 0)
+    batch, counts = seen[0]
+    assert batch["class_scale"].tolist() == [[2.0, 1.0, 1.0]] * 2  # 1024 px = 2 x 512
+    from napari_xt.train.data import IGNORE_INDEX
+
+    mask = batch["mask"]
+    weights = torch.tensor([2.0, 1.0, 1.0])[mask.clamp(0, 2)][mask != IGNORE_INDEX]
+    assert counts["ce"] == pytest.approx(float(weights.sum()))
+    plain = Trainer(_growth_config([0.0, 0.0, 0.0]), tmp_path / "plain")
+    same, _ = plain.scenes.forward_backward(plain, 0)  # the same scene and crops, unweighted
+    assert grown != pytest.approx(same)
+
+
+def test_class_growth_needs_whole_image_training_and_one_exponent_per_class(tmp_path):
+    with pytest.raises(ValueError, match="class_growth has 2 entries for 3 classes"):
+        Trainer(_growth_config([0.5, 0.0]), tmp_path / "run")
+    cfg = _growth_config([0.5, 0.0, 0.5]).to_dict()
+    cfg["model"]["overrides"] = {}
+    cfg["data"]["scene_sizes"] = []
+    with pytest.raises(ValueError, match="class_growth weighs pixels by the size"):
+        Trainer(TrainConfig.from_dict(cfg), tmp_path / "run2")

@@ -189,6 +189,13 @@ class Trainer(StreamedStep):
             from .whole_image import SceneCrops
 
             self.scenes = SceneCrops(self)
+        growth = cfg.loss.class_growth
+        if growth is not None and self.scenes is None:
+            raise ValueError("loss.class_growth weighs pixels by the size of their scene: it "
+                             "needs whole-image training (a model with global_context)")
+        if growth is not None and len(growth) != self.model_config.num_classes:
+            raise ValueError(f"loss.class_growth has {len(growth)} entries for "
+                             f"{self.model_config.num_classes} classes")
         # data parallel: every band's forward goes through the DDP module (after freezing:
         # DDP reduces the parameters that train)
         self.ddp = None if world is None else data_parallel(self.model, self.token_head, world)

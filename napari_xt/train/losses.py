@@ -32,9 +32,39 @@ class LossConfig:
     # cross), binary cross-entropy, mean over the step's beacon scenes, logged weighted as
     # "scene" (0 disables it)
     scene_weight: float = 0.0
+    # whole-image training: the weight of class k's pixels in a scene of side L (the square
+    # root of its area) grows as max(1, L / growth_from) ** class_growth[k] (on top of
+    # class_weights). A class of fixed extent (a coastal strip of fixed depth) covers a
+    # smaller share of a larger scene, so its IoU pays more for every pixel of another class
+    # read as it; growing the other classes' weights teaches that size-dependent prior.
+    class_growth: tuple[float, ...] | None = None
+    growth_from: int = 512
     logits_map: str = "logits"
     centre_map: str = "centre"
     size_map: str = "size"
+
+    def __post_init__(self) -> None:
+        if self.class_growth is not None:
+            growth = tuple(float(g) for g in self.class_growth)
+            if any(not g >= 0 for g in growth):  # NaN too
+                raise ValueError(f"loss.class_growth must be >= 0 per class: {growth}")
+            object.__setattr__(self, "class_growth", growth)
+        if isinstance(self.growth_from, bool) or not isinstance(self.growth_from, int) \
+                or self.growth_from <= 0:
+            raise ValueError(f"loss.growth_from must be a positive number of pixels, got "
+                             f"{self.growth_from!r}")
+
+    def class_scale(self, side: float, num_classes: int) -> torch.Tensor | None:
+        """Per-class weights (K,) of a scene of side `side` px (class_weights times the
+        growth), or None when neither is set."""
+        if self.class_weights is None and self.class_growth is None:
+            return None
+        w = torch.ones(num_classes) if self.class_weights is None else \
+            torch.tensor(self.class_weights, dtype=torch.float32)
+        if self.class_growth is not None:
+            g = torch.tensor(self.class_growth, dtype=torch.float32)
+            w = w * max(1.0, float(side) / self.growth_from) ** g
+        return w
 
 
 def focal_heatmap_sum(logits: torch.Tensor, target: torch.Tensor, alpha: float, beta: float,
@@ -64,23 +94,32 @@ def loss_terms(
     """maps {name: (N, K, h, w)} against batch targets of the same layout -> {term: (sum, n)}.
 
     batch: "mask" (N, h, w) int64, and when the model predicts them "centre", "size",
-    "size_weight" (N, 1, h, w) float32.
+    "size_weight" (N, 1, h, w) float32; optionally "class_scale" (N, K) float32, the
+    per-class weights of each sample (`LossConfig.class_scale`), which then replace
+    class_weights.
     """
     terms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     logits = maps[cfg.logits_map]
     mask = batch["mask"]
-    weight = None
-    if cfg.class_weights is not None:
-        weight = torch.tensor(cfg.class_weights, dtype=torch.float32, device=logits.device)
-    ce = F.cross_entropy(
-        logits.float(), mask, weight=weight, ignore_index=IGNORE_INDEX, reduction="none"
-    )
     valid = mask != IGNORE_INDEX
-    if weight is not None:
-        count = weight[mask.clamp(max=len(weight) - 1)][valid].sum()
+    if "class_scale" in batch:  # per-sample class weights: each pixel weighed by its sample's
+        ce = F.cross_entropy(logits.float(), mask, ignore_index=IGNORE_INDEX, reduction="none")
+        scale = batch["class_scale"].to(ce)  # (N, K)
+        pixel = scale.gather(1, mask.clamp(0, scale.shape[1] - 1).flatten(1)).view_as(ce)
+        pixel = pixel * valid
+        terms["ce"] = ((ce * pixel).sum(), pixel.sum())
     else:
-        count = valid.sum().to(torch.float32)
-    terms["ce"] = (ce.sum(), count)
+        weight = None
+        if cfg.class_weights is not None:
+            weight = torch.tensor(cfg.class_weights, dtype=torch.float32, device=logits.device)
+        ce = F.cross_entropy(
+            logits.float(), mask, weight=weight, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        if weight is not None:
+            count = weight[mask.clamp(max=len(weight) - 1)][valid].sum()
+        else:
+            count = valid.sum().to(torch.float32)
+        terms["ce"] = (ce.sum(), count)
     if cfg.centre_map in maps and cfg.heatmap_weight > 0:
         s, n = focal_heatmap_sum(maps[cfg.centre_map], batch["centre"], cfg.focal_alpha,
                                  cfg.focal_beta, valid[:, None] if not valid.all() else None)

@@ -82,6 +82,9 @@ class StreamedStep:
         out["mask"] = regions.masked_fill(~valid, IGNORE_INDEX)[:, :, 0]  # (B, R, S, S)
         for key in ("centre", "size", "size_weight"):
             out[key] = split_regions(batch[key], size)[0]
+        if "class_scale" in batch:  # (B, K) -> every region of a sample: (B, R, K)
+            scale = batch["class_scale"]
+            out["class_scale"] = scale[:, None].expand(-1, out["mask"].shape[1], -1)
         return out
 
     def loss_counts(self, batch: dict) -> dict[str, float]:
@@ -97,9 +100,13 @@ class StreamedStep:
             stride = self.model.region_encoder.feature_strides[-1]
             counts["token"] = float(token_class_targets(
                 batch["mask"], stride, self.model_config.num_classes).sum())
-        if self.cfg.loss.class_weights is not None:
+        m = targets["mask"]
+        if "class_scale" in targets:  # per-sample class weights (B, R, K)
+            scale = targets["class_scale"].flatten(0, 1)
+            pixel = scale.gather(1, m.flatten(0, 1).clamp(0, scale.shape[1] - 1).flatten(1))
+            counts["ce"] = float(pixel[(m != IGNORE_INDEX).flatten(0, 1).flatten(1)].sum())
+        elif self.cfg.loss.class_weights is not None:
             w = torch.tensor(self.cfg.loss.class_weights)
-            m = targets["mask"]
             counts["ce"] = float(w[m.clamp(max=len(w) - 1)][m != IGNORE_INDEX].sum())
         return counts
 

@@ -37,6 +37,7 @@ Determinism: scenes and crop places derive from (run.seed, step).
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -269,6 +270,10 @@ class SceneCrops:
             samples, origins = self.crops(scene, rng, n_crops, region)
             if i in mine and (n_crops or scene.beacon is not None):
                 batch = collate(samples, trainer.cfg.data.heatmap_sigma) if n_crops else None
+                if batch is not None and trainer.cfg.loss.class_growth is not None:
+                    side = math.sqrt(scene.shape[0] * scene.shape[1])
+                    scale = trainer.cfg.loss.class_scale(side, trainer.model_config.num_classes)
+                    batch["class_scale"] = scale[None].expand(len(samples), -1)
                 work.append((size, seed, scene, batch, origins))
         head = trainer.scene_head
         beacons = sum(scene.beacon is not None for _, _, scene, _, _ in work)
