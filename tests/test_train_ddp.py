@@ -145,6 +145,26 @@ def test_usable_cpus_are_the_affinity_mask_capped_by_the_cgroup_quota(tmp_path, 
     assert cluster.usable_cpus() == 1
 
 
+def test_the_launcher_holds_the_rendezvous_port_the_ranks_join_on(tmp_path):
+    """No port is picked free and bound later: while the ranks run, the launcher's store is
+    bound to MASTER_PORT (nobody else can take it) and the ranks form their group there."""
+    code = (
+        "import os, socket, sys, torch, torch.distributed as dist\n"
+        "s = socket.socket()\n"
+        "try:\n"
+        "    s.bind(('127.0.0.1', int(os.environ['MASTER_PORT']))); held = 0\n"
+        "except OSError:\n"
+        "    held = 1\n"
+        "dist.init_process_group('gloo')\n"
+        "t = torch.tensor([float(held)]); dist.all_reduce(t)\n"
+        "open(os.path.join(sys.argv[1], os.environ['RANK']), 'w').write(str(int(t.item())))\n"
+        "dist.destroy_process_group()\n"
+    )
+    result = run_ranks([sys.executable, "-c", code, str(tmp_path)], 2)
+    assert result.code == 0, result
+    assert [(tmp_path / r).read_text() for r in ("0", "1")] == ["2", "2"]
+
+
 @pytest.mark.slow
 def test_two_processes_take_the_steps_of_one_and_resume_with_any_number(tmp_path):
     config = _config(tmp_path)

@@ -1,8 +1,11 @@
 """N local processes of one data-parallel run, started as torchrun starts them.
 
 `run_ranks(argv, n)` starts `argv` n times with torchrun's environment (RANK, LOCAL_RANK,
-WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT on a free local port), so a rank runs
-exactly the code it runs under ``torchrun --nproc_per_node N``. It waits for all of them;
+WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), so a rank runs exactly the code it
+runs under ``torchrun --nproc_per_node N``. As torchrun's agent does, the launcher itself
+hosts the group's rendezvous store on a port the system picks while binding it, and tells
+the ranks so (TORCHELASTIC_USE_AGENT_STORE): no port is chosen first and bound later, so
+no other process can take it in between. It waits for all of them;
 the first rank that fails, a Ctrl-C or a SIGTERM to the launcher stops the others (SIGTERM,
 then SIGKILL after a grace period): a failing rank never leaves the others waiting in a
 collective. The ranks run in a session of their own, so a Ctrl-C reaches the launcher alone
@@ -13,12 +16,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
 
 LAUNCHER_ENV = "NAPARI_XT_LAUNCHER_PID"  # set for the ranks this module starts
 
@@ -35,11 +39,12 @@ class LaunchResult:
     cancelled: bool = False
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def rendezvous_store() -> Any:
+    """A rendezvous store (torch's TCPStore server) on 127.0.0.1, bound to a port the
+    system picks (its `.port`); the ranks connect to it as clients."""
+    from torch.distributed import TCPStore
+
+    return TCPStore("127.0.0.1", 0, None, True, timedelta(minutes=30), wait_for_workers=False)
 
 
 def rank_env(rank: int, nproc: int, port: int, base: dict[str, str] | None = None
@@ -48,6 +53,9 @@ def rank_env(rank: int, nproc: int, port: int, base: dict[str, str] | None = Non
     env = dict(os.environ if base is None else base)
     env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
                LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # the launcher hosts the store at MASTER_ADDR:MASTER_PORT (`rendezvous_store`); every
+    # rank, rank 0 too, connects to it as a client
+    env.update(TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="0")
     env[LAUNCHER_ENV] = str(os.getpid())
     return env
 
@@ -62,7 +70,8 @@ def run_ranks(argv: Sequence[str], nproc: int, grace_s: float = 10.0, poll_s: fl
     Their standard streams are this process's."""
     if nproc < 1:
         raise ValueError(f"the number of processes must be >= 1, got {nproc}")
-    port = free_port()
+    store = rendezvous_store()  # held (served) until the ranks have ended
+    port = int(store.port)
     procs: list[subprocess.Popen] = []
     previous = None
     if threading.current_thread() is threading.main_thread():
@@ -81,6 +90,7 @@ def run_ranks(argv: Sequence[str], nproc: int, grace_s: float = 10.0, poll_s: fl
         return LaunchResult(128 + signal.SIGTERM, cancelled=True)
     finally:
         stop(procs, grace_s)
+        del store
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
