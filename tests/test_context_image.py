@@ -191,9 +191,13 @@ def test_a_crop_model_cannot_run_with_whole_image_context(demo):
         run(_scene(1, 256), demo, None, normalize=NORM, context="everything")
 
 
-def test_a_cancelled_image_run_resumes_to_the_same_results(demo_image, tmp_path):
+@pytest.mark.parametrize("blend", ["tokens", "outputs"])
+def test_a_cancelled_image_run_resumes_to_the_same_results(demo_image, tmp_path, blend):
+    """Bit for bit with either blend: decode calls have one fixed size (blend="outputs"
+    decodes a crop's unfinished regions, fewer in a resumed run, padded to that size)."""
     img = _scene(5, 768)
-    whole = _run(img, demo_image, context="image", store=tmp_path / "whole.zarr", cache=True)
+    whole = _run(img, demo_image, context="image", store=tmp_path / "whole.zarr", cache=True,
+                 blend=blend)
     assert isinstance(whole[-1], Finished)
     crops = 0
 
@@ -202,12 +206,12 @@ def test_a_cancelled_image_run_resumes_to_the_same_results(demo_image, tmp_path)
 
     out = tmp_path / "part.zarr"
     events = []
-    for e in run(img, demo_image, out, normalize=NORM, context="image",
+    for e in run(img, demo_image, out, normalize=NORM, context="image", blend=blend,
                  outputs=("labels", "probabilities"), cancel=cancel):
         events.append(e)
         crops += type(e).__name__ == "ContextStep"
     assert isinstance(events[-1], Cancelled)
-    again = _run(img, demo_image, context="image", store=out, cache=True)
+    again = _run(img, demo_image, context="image", store=out, cache=True, blend=blend)
     assert isinstance(again[-1], Finished)
     from napari_xt.io import read_labels, read_probabilities
 

@@ -148,7 +148,6 @@ def test_what_cannot_be_split_is_refused_before_any_work(scene, tmp_path):
     for kw, words in (({"carry_state": True}, "carry_state"),
                       ({"order": "viewport"}, "viewport"),
                       ({"cache": False}, "needs the cache"),
-                      ({"blend": "outputs"}, "blend='outputs' runs in one process"),
                       ({"block": 0}, "block must be at least 1"),
                       ({"devices": ["cuda0"]}, "device 'cuda0'"),
                       ({"devices": ["cuda:0", "cuda:1"]}, "CUDA device"),
@@ -221,6 +220,21 @@ def test_one_image_over_two_workers_equals_one_process(scene, reference, tmp_pat
     unused.close()
     assert isinstance(list(run(str(scene), model, tmp_path / "other.zarr", normalize=norm,
                                outputs=OUTPUTS))[-1], Finished)
+
+
+def test_blended_outputs_over_two_workers_equal_one_process(scene, tmp_path, cluster, demo):
+    """blend="outputs" decodes a region in each of its crops; over workers, in the blocks'
+    parts, it gives the single process's results bit for bit (fixed-size decode calls)."""
+    model, norm = demo
+    single = tmp_path / "single.zarr"
+    with small_shards():
+        last = list(run(str(scene), model, single, normalize=norm, outputs=OUTPUTS,
+                        blend="outputs"))[-1]
+    assert isinstance(last, Finished) and last.summary["complete"], last
+    out = tmp_path / "dist.zarr"
+    last = _events(scene, out, cluster, blend="outputs")[-1]
+    assert isinstance(last, Finished) and last.summary["complete"], last
+    assert_same_results(out, single)
 
 
 @pytest.mark.slow

@@ -97,10 +97,6 @@ def run_distributed(
     if options.get("point") is not None or options.get("priority") is not None:
         raise EngineInputError("a run over several workers visits crops in raster order; "
                                "point and priority are for the viewport order")
-    if options.get("blend") == "outputs":
-        raise EngineInputError("blend='outputs' runs in one process (its decode calls are not "
-                               "of one fixed size, so a split run would differ in the last "
-                               "bits); the default blend='tokens' splits")
     if block is not None and int(block) < 1:
         raise EngineInputError(f"block must be at least 1 region, got {block}")
     devices = _check_devices(devices, scheduler)

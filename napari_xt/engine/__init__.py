@@ -49,9 +49,8 @@ Design choices where the engine departs from the first sketch, and why:
   not a fixed cap that a larger image would fill.
 - When the embedding cache is on, features are rounded to fp16 (what the cache stores)
   before use, so a resumed or re-run prediction equals an uninterrupted one exactly (with
-  the default blend="tokens", whose decode calls have one fixed size; blend="outputs"
-  decodes calls of varying size, so there a resumed run may differ in the last bits, and
-  a run over several workers refuses it).
+  either blend: every decode call holds one fixed number of regions, padded, whichever
+  regions a crop has left to decode).
 - Regions whose pixels cannot be read are never zero-filled: with on_error="continue" the
   crops around them run without their tokens and the region stays "failed" (label 0) until
   a rerun resumes it.

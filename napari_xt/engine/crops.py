@@ -120,7 +120,6 @@ class CropRunner:
         t = time.perf_counter()
         b, r = len(group), len(regions[0])
         everything = [i for regs in regions for i in regs]
-        outputs_batch = b > 1 and self.spec.blend == "outputs"  # every region decoded here
         try:
             # the context step reads only the deepest level; blend="outputs" decodes here
             flat = features.stack(everything,
@@ -138,10 +137,6 @@ class CropRunner:
                 tokens, state = self.model.contextualize(tokens, state)  # (B, N[+1], D)
             if self.spec.carry_state:
                 self.context_state = state
-            maps = None
-            if outputs_batch:
-                with torch.inference_mode(), autocast(self.spec.device):
-                    maps = self.model.decode(tokens, [lv.flatten(0, 1) for lv in levels], rc)
         except Exception as err:
             if not is_oom(err) or len(group) == 1:
                 raise
@@ -157,7 +152,7 @@ class CropRunner:
         elif self.spec.blend == "tokens":
             yield from self._blend_tokens(group, regions, rc, tokens, levels)
         else:
-            yield from self._blend_outputs(group, regions, rc, tokens, pos, levels, maps)
+            yield from self._blend_outputs(group, regions, rc, tokens, levels)
 
     def _split(self, group: list[Any]) -> Iterator[Event]:
         half = len(group) // 2
@@ -183,28 +178,26 @@ class CropRunner:
                                          maps[b * r:(b + 1) * r][todo])
         yield from self._decode_blended(complete)
 
-    def _blend_outputs(self, group, regions, rc, tokens, pos, levels, maps) -> Iterator[Event]:
-        if maps is not None:  # a batch of whole crops was decoded together
-            seconds = 0.0
-            for b, (crop, regs) in enumerate(zip(group, regions)):
-                with torch.inference_mode():
-                    values = blendable({k: v[b] for k, v in maps.items()}, self.spec.layout)
-                self.book.counts["decoded"] += len(regs)
-                yield RegionDecoded(tuple(regs), seconds)
-                self._finish(self._accumulate(crop, regs, values))
-            return
-        crop, regs = group[0], regions[0]
-        sub = [n for n, i in enumerate(regs) if not self.book.final[i]]
-        if not sub:
-            return
-        t = time.perf_counter()
-        whole = len(sub) == len(regs)
-        values = self._chunked(sub, lambda part: self._decode_part(
-            crop, tokens, pos, levels, rc, part, whole and len(part) == len(regs)))
-        decoded = [regs[n] for n in sub]
-        self.book.counts["decoded"] += len(decoded)
-        yield RegionDecoded(tuple(decoded), time.perf_counter() - t)
-        self._finish(self._accumulate(crop, decoded, values))
+    def _blend_outputs(self, group, regions, rc, tokens, levels) -> Iterator[Event]:
+        """Decode each crop's unfinished regions from the crop's own tokens (in calls of
+        exactly `decode_chunk` regions, as `_decode_queued`) and add their output maps to the
+        regions' accumulators; regions whose covering crops are now all done are finalised."""
+        h, w = levels[-1].shape[-2:]
+        r = len(rc)
+        with torch.inference_mode():
+            deep = token_maps(tokens, rc, h, w)  # (B*R, D, h, w)
+        flat = [lv.flatten(0, 1) for lv in levels]  # [(B*R, C_l, h_l, w_l)]
+        for b, (crop, regs) in enumerate(zip(group, regions)):
+            sub = [n for n, i in enumerate(regs) if not self.book.final[i]]
+            if not sub:
+                continue
+            t = time.perf_counter()
+            rows = [b * r + n for n in sub]
+            values = self._decode_fixed(deep[rows], [lv[rows] for lv in flat], rc[sub])
+            decoded = [regs[n] for n in sub]
+            self.book.counts["decoded"] += len(decoded)
+            yield RegionDecoded(tuple(decoded), time.perf_counter() - t)
+            self._finish(self._accumulate(crop, decoded, values))
 
     def _finish(self, complete: list[Index]) -> None:
         """Finalise accumulated regions (blend="outputs"): sum / weight, in one batch."""
@@ -285,28 +278,38 @@ class CropRunner:
         blended = torch.stack([m for _, m in batch])  # (R, D, h, w)
         feats = self.features.stack(regions)  # [(R, C_l, h_l, w_l)]
         rc = np.array(regions, np.int64)  # global (row, col): only orders the tokens
-
-        def part(sel: list[int]) -> torch.Tensor:
-            n, pad = len(sel), self.decode_chunk - len(sel)
-            whole = n == len(regions)
-            levels = feats if whole else [lv[sel] for lv in feats]
-            deep = (blended if whole else blended[sel]).to(levels[-1].dtype)
-            where = rc[sel]
-            if pad > 0:  # zero regions at positions after every real one
-                levels = [torch.cat([lv, lv.new_zeros((pad, *lv.shape[1:]))]) for lv in levels]
-                deep = torch.cat([deep, deep.new_zeros((pad, *deep.shape[1:]))])
-                extra = np.stack([np.full(pad, PAD_ROW), np.arange(pad)], axis=1)
-                where = np.concatenate([where, extra])
-            with torch.inference_mode(), autocast(self.spec.device):
-                maps = self.model.decode(token_sequence(deep, where), levels, where)
-                return blendable({k: v[0, :n] for k, v in maps.items()}, self.spec.layout)
-
-        values = self._chunked(list(range(len(regions))), part)
+        values = self._decode_fixed(blended, feats, rc)
         for idx in regions:
             self.features.release(idx)
         self.book.counts["decoded"] += len(regions)
         yield RegionDecoded(tuple(regions), time.perf_counter() - t)
         self.finalize(regions, values)
+
+    def _decode_fixed(self, deep: torch.Tensor, feats: list[torch.Tensor],
+                      rc: np.ndarray) -> torch.Tensor:
+        """Blendable maps (n, C, S, S) of n regions from their token maps `deep` (n, D, h, w),
+        their features `feats` [(n, C_l, h_l, w_l)] and distinct positions `rc` (n, 2) (they
+        only order the tokens), decoded in calls of exactly `decode_chunk` regions, the last
+        padded with zero regions: a region's output then does not depend on which regions
+        share its call."""
+        n_all = len(rc)
+
+        def part(sel: list[int]) -> torch.Tensor:
+            n, pad = len(sel), self.decode_chunk - len(sel)
+            whole = n == n_all
+            levels = feats if whole else [lv[sel] for lv in feats]
+            maps_in = (deep if whole else deep[sel]).to(levels[-1].dtype)
+            where = rc[sel]
+            if pad > 0:  # zero regions at positions after every real one
+                levels = [torch.cat([lv, lv.new_zeros((pad, *lv.shape[1:]))]) for lv in levels]
+                maps_in = torch.cat([maps_in, maps_in.new_zeros((pad, *maps_in.shape[1:]))])
+                extra = np.stack([np.full(pad, PAD_ROW), np.arange(pad)], axis=1)
+                where = np.concatenate([where, extra])
+            with torch.inference_mode(), autocast(self.spec.device):
+                maps = self.model.decode(token_sequence(maps_in, where), levels, where)
+                return blendable({k: v[0, :n] for k, v in maps.items()}, self.spec.layout)
+
+        return self._chunked(list(range(n_all)), part)
 
     def _chunked(self, sub: list[int], decode: Any) -> torch.Tensor:
         """`decode(part)` -> blendable maps (R', C, S, S) of the regions `sub`, called
@@ -331,21 +334,6 @@ class CropRunner:
                 continue
             start += len(part)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def _decode_part(self, crop: Any, tokens: torch.Tensor, pos: torch.Tensor,
-                     levels: list[torch.Tensor], rc: np.ndarray, part: list[int],
-                     whole: bool) -> torch.Tensor:
-        """Decode regions `part` of one crop (B = 1) from the crop's tokens."""
-        h, w = levels[-1].shape[-2:]
-        if not whole:  # keep the tokens of the regions being decoded
-            keep = torch.zeros(crop.rows, crop.cols, dtype=torch.bool, device=pos.device)
-            keep[torch.as_tensor(rc[part, 0]), torch.as_tensor(rc[part, 1])] = True
-            mask = keep[pos[0, :, 0] // h, pos[0, :, 1] // w]
-            tokens = tokens[:, : pos.shape[1]][:, mask]
-        with torch.inference_mode(), autocast(self.spec.device):
-            feats = [lv[0, part] for lv in levels]
-            maps = self.model.decode(tokens, feats, rc[part])
-            return blendable({k: v[0] for k, v in maps.items()}, self.spec.layout)
 
     def _window(self, crop: Any, idx: Index, hw: tuple[int, int]) -> torch.Tensor:
         """The crop's blending window over region idx, (S, S) pixels averaged to hw."""
