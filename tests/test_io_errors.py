@@ -96,7 +96,7 @@ def test_unsupported_axes(tmp_path, rng):
     with pytest.raises(ImageIOError, match="plane names axis 'Z'"):
         open_image(rng.random((20, 20)), plane={"z": 0})
     tifffile.imwrite(tmp_path / "stack.tif", rng.integers(0, 9, (4, 30, 30), dtype=np.uint8),
-                     metadata={"axes": "ZYX"})
+                     photometric="minisblack", metadata={"axes": "ZYX"})
     with pytest.raises(ImageIOError, match=r"Z=4.*plane=\{'z': 0\}"):
         open_image(tmp_path / "stack.tif")
     assert open_image(tmp_path / "stack.tif", plane={"z": 2}).axes == "YX"
