@@ -121,7 +121,8 @@ class CropRunner:
         b, r = len(group), len(regions[0])
         everything = [i for regs in regions for i in regs]
         try:
-            # the context step reads only the deepest level; blend="outputs" decodes here
+            # the context step reads only the deepest level; blend="outputs" decodes the
+            # crop's regions after it and needs every level
             flat = features.stack(everything,
                                   deepest=self.classify or self.spec.blend == "tokens")
             levels = [lv.reshape(b, r, *lv.shape[1:]) for lv in flat]  # [(B, R, C_l, h, w)]

@@ -67,6 +67,21 @@ class LossConfig:
         return w
 
 
+def pixel_weights(mask: torch.Tensor, cfg: LossConfig,
+                  class_scale: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Cross-entropy weights of the pixels of `mask` (N, h, w), 0 where ignored: each
+    sample's `class_scale` (N, K) when given, else `cfg.class_weights`; None when neither
+    (every pixel that counts weighs 1)."""
+    if class_scale is None:
+        if cfg.class_weights is None:
+            return None
+        class_scale = torch.tensor(cfg.class_weights, dtype=torch.float32,
+                                   device=mask.device)[None].expand(mask.shape[0], -1)
+    scale = class_scale.to(device=mask.device, dtype=torch.float32)
+    pixel = scale.gather(1, mask.clamp(0, scale.shape[1] - 1).flatten(1)).view(mask.shape)
+    return pixel * (mask != IGNORE_INDEX)
+
+
 def focal_heatmap_sum(logits: torch.Tensor, target: torch.Tensor, alpha: float, beta: float,
                       valid: torch.Tensor | None = None):
     """Penalty-reduced pixel focal loss; logits/target (N, 1, H, W) -> (sum, number of centres).
@@ -102,24 +117,12 @@ def loss_terms(
     logits = maps[cfg.logits_map]
     mask = batch["mask"]
     valid = mask != IGNORE_INDEX
-    if "class_scale" in batch:  # per-sample class weights: each pixel weighed by its sample's
-        ce = F.cross_entropy(logits.float(), mask, ignore_index=IGNORE_INDEX, reduction="none")
-        scale = batch["class_scale"].to(ce)  # (N, K)
-        pixel = scale.gather(1, mask.clamp(0, scale.shape[1] - 1).flatten(1)).view_as(ce)
-        pixel = pixel * valid
-        terms["ce"] = ((ce * pixel).sum(), pixel.sum())
+    ce = F.cross_entropy(logits.float(), mask, ignore_index=IGNORE_INDEX, reduction="none")
+    pixel = pixel_weights(mask, cfg, batch.get("class_scale"))
+    if pixel is None:
+        terms["ce"] = (ce.sum(), valid.sum().to(torch.float32))
     else:
-        weight = None
-        if cfg.class_weights is not None:
-            weight = torch.tensor(cfg.class_weights, dtype=torch.float32, device=logits.device)
-        ce = F.cross_entropy(
-            logits.float(), mask, weight=weight, ignore_index=IGNORE_INDEX, reduction="none"
-        )
-        if weight is not None:
-            count = weight[mask.clamp(max=len(weight) - 1)][valid].sum()
-        else:
-            count = valid.sum().to(torch.float32)
-        terms["ce"] = (ce.sum(), count)
+        terms["ce"] = ((ce * pixel.to(ce)).sum(), pixel.sum())
     if cfg.centre_map in maps and cfg.heatmap_weight > 0:
         s, n = focal_heatmap_sum(maps[cfg.centre_map], batch["centre"], cfg.focal_alpha,
                                  cfg.focal_beta, valid[:, None] if not valid.all() else None)

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint as recompute
 from napari_xt.model.tokenizer import split_regions
 
 from .data import IGNORE_INDEX
-from .losses import combine, loss_terms, token_class_targets, token_loss_sum
+from .losses import combine, loss_terms, pixel_weights, token_class_targets, token_loss_sum
 
 
 class StreamedStep:
@@ -100,14 +100,11 @@ class StreamedStep:
             stride = self.model.region_encoder.feature_strides[-1]
             counts["token"] = float(token_class_targets(
                 batch["mask"], stride, self.model_config.num_classes).sum())
-        m = targets["mask"]
-        if "class_scale" in targets:  # per-sample class weights (B, R, K)
-            scale = targets["class_scale"].flatten(0, 1)
-            pixel = scale.gather(1, m.flatten(0, 1).clamp(0, scale.shape[1] - 1).flatten(1))
-            counts["ce"] = float(pixel[(m != IGNORE_INDEX).flatten(0, 1).flatten(1)].sum())
-        elif self.cfg.loss.class_weights is not None:
-            w = torch.tensor(self.cfg.loss.class_weights)
-            counts["ce"] = float(w[m.clamp(max=len(w) - 1)][m != IGNORE_INDEX].sum())
+        scale = targets.get("class_scale")  # (B, R, K) or None
+        pixel = pixel_weights(targets["mask"].flatten(0, 1), self.cfg.loss,
+                              None if scale is None else scale.flatten(0, 1))
+        if pixel is not None:
+            counts["ce"] = float(pixel.sum())
         return counts
 
     def forward_backward(self, batch: dict, step: int, counts: dict[str, float] | None = None,
