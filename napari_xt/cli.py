@@ -1,4 +1,5 @@
-"""Command line: ``napari-xt predict | convert | train | export-pairs | inspect | bench | demo``.
+"""Command line: ``napari-xt predict | sieve | convert | train | export-pairs | inspect | bench |
+demo``.
 
 Each subcommand lives in its own module under :mod:`napari_xt.commands` and exposes
 ``register(subparsers)``, which adds its parser and sets ``func(args) -> int`` as the
@@ -22,7 +23,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("predict", "convert", "train", "export_pairs", "inspect", "bench",
+SUBCOMMANDS = ("predict", "sieve", "convert", "train", "export_pairs", "inspect", "bench",
                "demo")  # modules
 
 EXIT_OK = 0

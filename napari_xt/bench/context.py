@@ -53,9 +53,12 @@ def _far_water(scene: Any, mask: np.ndarray, reach: float) -> np.ndarray:
 
 
 def measure(sizes: dict[str, list[int]], count: int, rows: list[tuple[str, str, str]],
-            first_seed: int) -> list[dict[str, Any]]:
-    """rows: (label, model choice, context). Returns one result per task, size and row."""
+            first_seed: int, sieve_size: int = 0) -> list[dict[str, Any]]:
+    """rows: (label, model choice, context). Returns one result per task, size and row, and
+    with `sieve_size` > 1 also one per row whose labels were sieved (`napari_xt.io.sieve`,
+    pieces under `sieve_size` px relabelled) after the engine; their seconds include it."""
     from napari_xt.engine import Finished, run
+    from napari_xt.io.sieve import sieve
     from napari_xt.train.metrics import ConfusionMatrix, DetectionCounts
 
     models: dict[str, Any] = {}
@@ -75,9 +78,10 @@ def measure(sizes: dict[str, list[int]], count: int, rows: list[tuple[str, str, 
                 model, norm = models[choice]
                 reach = (model.cfg.crop_regions or 1) * model.cfg.region.region_size
                 conf, det = ConfusionMatrix(3), DetectionCounts(radius=4.0)
+                sieved = ConfusionMatrix(3)
                 far_ok = far_n = 0
                 far_each: list[float] = []  # a scene's far water is nearly all right or wrong
-                seconds = 0.0
+                seconds = sieve_seconds = 0.0
                 for scene, img, mask, vessels in rendered:
                     t0 = time.perf_counter()
                     fin = None
@@ -90,6 +94,10 @@ def measure(sizes: dict[str, list[int]], count: int, rows: list[tuple[str, str, 
                         raise RuntimeError(f"{label} on a {size}^2 {task} scene: {fin}")
                     labels = np.asarray(fin.summary["arrays"]["labels"])
                     conf.update(mask, labels)
+                    if sieve_size > 1:
+                        t0 = time.perf_counter()
+                        sieved.update(mask, sieve(labels, sieve_size))
+                        sieve_seconds += time.perf_counter() - t0
                     table = fin.summary["arrays"]["detections"]
                     det.update(np.stack([table["y"], table["x"]], -1).reshape(-1, 2),
                                table["score"], vessels)
@@ -111,17 +119,28 @@ def measure(sizes: dict[str, list[int]], count: int, rows: list[tuple[str, str, 
                 }
                 out.append(result)
                 print(_line(result), flush=True)
+                if sieve_size > 1:
+                    iou = sieved.iou()
+                    total = seconds + sieve_seconds
+                    result = {**result, "row": f"{label} + sieve {sieve_size}",
+                              "sieve": sieve_size,
+                              "miou_sea_lake": float(np.nanmean(iou[[1, 2]])),
+                              "iou_land": float(iou[0]), "seconds_per_scene": total / count,
+                              "sieve_seconds_per_scene": sieve_seconds / count,
+                              "mp_per_s": count * size * size / 1e6 / total}
+                    out.append(result)
+                    print(_line(result), flush=True)
     return out
 
 
 def _line(r: dict[str, Any]) -> str:
     far = "" if r["far_water_accuracy"] is None else f"{100 * r['far_water_accuracy']:6.1f}"
-    return (f"{r['task']:>6} {r['size']:>5} {r['row']:>26} {100 * r['miou_sea_lake']:7.1f} "
+    return (f"{r['task']:>6} {r['size']:>5} {r['row']:>32} {100 * r['miou_sea_lake']:7.1f} "
             f"{100 * r['iou_land']:6.1f} {100 * r['vessel_f1']:6.1f} {far:>6} "
             f"{r['seconds_per_scene']:8.2f} {r['mp_per_s']:6.2f}")
 
 
-HEADER = (f"{'task':>6} {'size':>5} {'model / context':>26} {'s/l':>7} {'land':>6} "
+HEADER = (f"{'task':>6} {'size':>5} {'model / context':>32} {'s/l':>7} {'land':>6} "
           f"{'F1':>6} {'far':>6} {'s/scene':>8} {'MP/s':>6}")
 
 
@@ -135,6 +154,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the model with whole-image context (a name or a checkpoint)")
     p.add_argument("--rows", default="region-only,crop,image-as-crop,image",
                    help="comma list of: region-only, crop, image-as-crop, image")
+    p.add_argument("--sieve", type=int, default=0, metavar="N",
+                   help="also report each row with its labels sieved (pieces under N px take "
+                        "the label around them, as `napari-xt sieve` does); 0 for none")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--json", help="also write the results to this JSON file")
 
@@ -171,6 +193,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
             print(f"napari-xt bench context: {flag} takes a comma list of positive scene "
                   f"sides in px, got {text!r}", file=sys.stderr)
             return 2
+    if args.sieve < 0:
+        print(f"napari-xt bench context: --sieve takes a piece size in px (0 for none), got "
+              f"{args.sieve}", file=sys.stderr)
+        return 2
     if args.count < 1:
         print(f"napari-xt bench context: --count must be at least 1, got {args.count}",
               file=sys.stderr)
@@ -179,11 +205,11 @@ def run_benchmark(args: argparse.Namespace) -> int:
           f"size, CPU, {args.threads} thread(s); s/l = sea/lake mIoU, far = accuracy on water "
           "farther than one crop from the beacon (%)")
     print(HEADER)
-    out = measure(sizes, args.count, rows, HELD_OUT_SEED + 700_000)
+    out = measure(sizes, args.count, rows, HELD_OUT_SEED + 700_000, args.sieve)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"count": args.count, "threads": args.threads, "model": args.model,
-                       "results": out}, f, indent=1)
+                       "sieve": args.sieve, "results": out}, f, indent=1)
     return 0
 
 

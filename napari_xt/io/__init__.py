@@ -1,5 +1,6 @@
 """Image input/output: open any supported image lazily, build pyramids, convert to OME-Zarr,
-write and read results (labels, detection tables, classification records).
+write and read results (labels, detection tables, classification records), sieve label
+images.
 
 This package never imports Qt or napari.
 """
@@ -23,6 +24,7 @@ from .results import (
     write_detections,
     write_labels,
 )
+from .sieve import sieve, sieve_lazy
 from .stats import ImageStats, check_finite, contrast_limits, image_stats
 
 __all__ = [
@@ -50,6 +52,8 @@ __all__ = [
     "read_detections",
     "read_labels",
     "read_probabilities",
+    "sieve",
+    "sieve_lazy",
     "write_classification",
     "write_detections",
     "write_labels",

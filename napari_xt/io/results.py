@@ -98,20 +98,26 @@ def write_labels(
     method: str = "mode",
     workers: int = 2,
     progress: ProgressCallback | None = None,
+    match_image: bool = True,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a (Y, X) integer label image as `labels/<name>` with a display pyramid.
 
     colors: label value -> RGBA (0-255 ints or 0-1 floats, 3 or 4 values).
     properties: label value -> mapping of JSON values (class, score, area, ...).
     The pyramid uses `mode` (or `nearest`) downsampling so no label value is invented.
-    Pixel size defaults to the store image's. Returns the label group's path.
+    The labels must have the shape of the store image's level 0, whose pixel size is then
+    the default; `match_image=False` skips that (a result store's image is a preview that
+    may be downsampled: the caller passes the labels' own pixel size).
+    extra: JSON values kept under the group's "napari-xt" attribute (provenance).
+    Returns the label group's path.
     """
     if method not in ("mode", "nearest"):
         raise ImageIOError(f"labels are downsampled with 'mode' or 'nearest', not {method!r}")
     labels = _as_label_array(labels, chunk)
     root = Path(store)
     image = _root_image(root)
-    if image is not None:
+    if image is not None and match_image:
         h, w, image_px, image_unit = image
         if labels.shape != (h, w):
             raise ImageIOError(
@@ -146,9 +152,16 @@ def write_labels(
             "YX", [(py * 2.0**i, px * 2.0**i) for i in range(len(shapes))],
             unit=unit if pixel_size else None, name=name, version=version, method=method,
         )
+        for i, ds in enumerate(ms["datasets"][1:], 1):  # a level-i pixel's centre is the
+            f = 2.0**i  # centre of the f x f level-0 pixels it summarises
+            ds["coordinateTransformations"].append(
+                {"type": "translation", "translation": [(f - 1) / 2 * py, (f - 1) / 2 * px]})
         block = {"multiscales": [ms], "image-label": _image_label(
             colors, properties, source_image if image is not None else None, version)}
-        group.attrs.update(wrap_ome(block, version))
+        attrs = wrap_ome(block, version)
+        if extra:
+            attrs["napari-xt"] = json.loads(json.dumps(dict(extra), default=json_default))
+        group.attrs.update(attrs)
     register(root, "labels", name, "labels")
     return root / "labels" / name
 

@@ -1,0 +1,110 @@
+"""``napari-xt sieve STORE --min-size N``: remove specks from a label result of a store.
+
+Pieces (4-connected pixels of one label) smaller than N pixels take the label most of their
+surroundings carry (`napari_xt.io.sieve`); larger pieces are never changed. The sieved
+labels are written beside the model's own as a separate label image,
+``labels/<name>_sieve<N>`` unless ``--out-name`` says otherwise, with the same classes and
+colours, block by block with bounded memory, under a temporary name renamed when complete.
+The model's labels are only read: nothing else in the store changes, and an existing result
+of the output name is replaced only with ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "sieve",
+        help="relabel specks smaller than N px in a store's label result (a separate result)",
+        description=__doc__,
+    )
+    p.add_argument("store", help="a result store (OME-Zarr) with a label result")
+    p.add_argument("--min-size", type=int, required=True, metavar="N",
+                   help="pieces smaller than N pixels take the label around them (64 suits "
+                        "the built-in models)")
+    p.add_argument("--name", default="prediction", help="the label result to sieve")
+    p.add_argument("--out-name", default=None,
+                   help="name of the sieved label result (default: NAME_sieveN)")
+    p.add_argument("--chunk", type=int, default=1024, help="block edge in pixels (256-4096)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing label result of the output name")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def sieve_result(store, name: str, min_size: int, out_name: str | None = None, *,
+                 chunk: int = 1024, overwrite: bool = False, progress=None):
+    """Write the sieved copy of label result `name` of `store` as `labels/<out_name>`;
+    returns its path. Raises `ImageIOError` for a store, result or option it must refuse."""
+    from pathlib import Path
+
+    from napari_xt.io import ImageIOError
+    from napari_xt.io.result_store import check_name, group_attrs, store_lock, zarr_format
+    from napari_xt.io.results import read_labels, write_labels
+    from napari_xt.io.sieve import check_min_size, sieve_lazy
+
+    root = Path(store)
+    try:
+        min_size = check_min_size(min_size)
+    except ValueError as err:
+        raise ImageIOError(f"--min-size: {err}") from None
+    if min_size < 2:
+        raise ImageIOError("--min-size 1 would change nothing; pass the smallest piece size "
+                           "to keep, e.g. --min-size 64")
+    if not 256 <= chunk <= 4096:
+        raise ImageIOError(f"--chunk must be 256-4096 pixels, got {chunk}")
+    out_name = check_name(out_name or f"{name}_sieve{min_size}")
+    if out_name == name:
+        raise ImageIOError(f"--out-name {out_name!r} is the result being sieved; the model's "
+                           "own labels are never replaced: choose another --out-name")
+    fmt = zarr_format(root)
+    if fmt is None:
+        raise ImageIOError(f"{root}: not a zarr store (pass a result store of napari-xt "
+                           "predict, or an OME-Zarr with labels)")
+    with store_lock(root):  # no run writes into the store meanwhile
+        ours = group_attrs(root, fmt).get("napari-xt")
+        if isinstance(ours, dict) and "complete" in ours and ours["complete"] is not True:
+            raise ImageIOError(f"{root}: its run is not finished; run the same napari-xt "
+                               "predict command again to finish it, then sieve")
+        source = read_labels(root, name)
+        labels = source.levels[0]
+        if labels.ndim != 2:
+            raise ImageIOError(f"{source.path}: labels of shape {labels.shape} are not (Y, X)")
+        sieved = sieve_lazy(labels, min_size, chunk=chunk)
+        return write_labels(
+            root, out_name, sieved, colors=source.colors or None,
+            properties=source.properties or None,
+            source_image=(source.source or {}).get("image", "../../"),
+            pixel_size=source.pixel_size, unit=source.unit, overwrite=overwrite,
+            chunk=chunk, progress=progress, match_image=False,
+            extra={"sieve": {"labels": name, "min_size": min_size,
+                             "created": (ours or {}).get("created")
+                             if isinstance(ours, dict) else None}},
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    state = {"last": 0.0, "shown": False}
+
+    def progress(event) -> None:
+        now = time.perf_counter()
+        if args.quiet or (now - state["last"] < 0.2 and event.done != event.total):
+            return
+        state["last"], state["shown"] = now, True
+        bar = "#" * int(30 * event.fraction)
+        print(f"\r[{bar:<30}] {event.done}/{event.total} blocks, level "
+              f"{event.level + 1}/{event.num_levels}", end="", file=sys.stderr)
+
+    try:
+        path = sieve_result(args.store, args.name, args.min_size, args.out_name,
+                            chunk=args.chunk, overwrite=args.overwrite, progress=progress)
+    finally:
+        if state["shown"]:
+            print(file=sys.stderr)
+    print(f"wrote {path} in {time.perf_counter() - start:.1f} s")
+    return 0
