@@ -164,3 +164,57 @@ def test_a_store_opened_from_disk_uses_its_pixel_size(make_napari_viewer, qtbot,
     _wait(qtbot, widget)
     assert "not classes" in widget.status.text()
     assert widget.dirty  # the edits are still there to fix
+
+
+def test_remove_specks_writes_shows_and_chooses_the_sieved_copy(make_napari_viewer, qtbot,
+                                                                 tmp_path, rng, monkeypatch):
+    import napari.utils.notifications as notifications
+
+    from napari_xt.io import list_results, read_labels, sieve, write_labels
+    from napari_xt.widgets import correct_widget as cw
+
+    warnings = []
+    monkeypatch.setattr(notifications, "show_warning", warnings.append)
+    store = tmp_path / "labels.zarr"
+    labels = np.zeros((200, 300), np.uint8)
+    labels[:, 150:] = 1
+    labels[rng.random((200, 300)) < 0.01] = 2  # specks everywhere
+    write_labels(store, "prediction", labels, pixel_size=(0.5, 0.5), unit="micrometer",
+                 properties={k: {"class": k} for k in range(3)})
+    viewer = make_napari_viewer()
+    widget = cw.CorrectWidget(viewer)
+    widget.store_edit.setText(str(store))
+    widget.refresh_results()
+    widget.sieve_spin.setValue(8)
+    assert widget.remove_specks()
+    _wait(qtbot, widget)
+    expected = sieve(labels, 8)
+    assert (expected != 2).all() and (expected[:, :150] == 0).all()
+    np.testing.assert_array_equal(np.asarray(read_labels(store, "prediction_sieve8").levels[0]),
+                                  expected)
+    np.testing.assert_array_equal(np.asarray(read_labels(store, "prediction").levels[0]),
+                                  labels)  # the prediction is kept
+    layer = viewer.layers["prediction_sieve8"]
+    assert tuple(layer.scale) == (0.5, 0.5)
+    np.testing.assert_array_equal(np.asarray(layer.data), expected)
+    assert widget.result == "prediction_sieve8"  # and it is the one corrected now
+    widget.size_spin.setValue(64)
+    assert widget.edit_view((10.0, 10.0))
+    _wait(qtbot, widget)
+    np.testing.assert_array_equal(viewer.layers[cw.LAYER_EDIT].data, expected[:64, :64])
+    widget.discard()
+
+    # again: the copy is reused, not written twice; a copy of another origin is refused
+    widget.result_combo.setCurrentText("prediction")
+    stamp = (store / "labels/prediction_sieve8/0").stat().st_mtime_ns
+    assert widget.remove_specks() and widget.worker is None
+    assert (store / "labels/prediction_sieve8/0").stat().st_mtime_ns == stamp
+    write_labels(store, "prediction_sieve16", labels)  # a user's own result of that name
+    widget.result_combo.setCurrentText("prediction")
+    widget.sieve_spin.setValue(16)
+    assert not widget.remove_specks()
+    assert "never replaced" in warnings[-1] and "--overwrite" in warnings[-1]
+    np.testing.assert_array_equal(
+        np.asarray(read_labels(store, "prediction_sieve16").levels[0]), labels)
+    assert set(list_results(store)["labels"]) == {"prediction", "prediction_sieve8",
+                                                  "prediction_sieve16"}

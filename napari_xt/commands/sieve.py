@@ -36,6 +36,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def sieved_name(name: str, min_size: int) -> str:
+    """The default name of the sieved copy of label result `name`."""
+    return f"{name}_sieve{int(min_size)}"
+
+
+def _provenance(name: str, min_size: int, ours) -> dict:
+    created = ours.get("created") if isinstance(ours, dict) else None
+    return {"labels": name, "min_size": int(min_size), "created": created}
+
+
+def up_to_date(store, out_name: str, name: str, min_size: int) -> bool:
+    """True when label result `out_name` of `store` is the sieve of `name` with `min_size`
+    as `name` is now (same run, by the store's creation time; a store not of napari-xt
+    has none: then the recorded result and size must match)."""
+    from pathlib import Path
+
+    from napari_xt.io.result_store import group_attrs, zarr_format
+
+    root = Path(store)
+    fmt, out_fmt = zarr_format(root), zarr_format(root / "labels" / out_name)
+    if fmt is None or out_fmt is None:
+        return False
+    recorded = (group_attrs(root / "labels" / out_name, out_fmt).get("napari-xt") or {})
+    return recorded.get("sieve") == _provenance(name, min_size,
+                                                group_attrs(root, fmt).get("napari-xt"))
+
+
 def sieve_result(store, name: str, min_size: int, out_name: str | None = None, *,
                  chunk: int = 1024, overwrite: bool = False, progress=None):
     """Write the sieved copy of label result `name` of `store` as `labels/<out_name>`;
@@ -57,7 +84,7 @@ def sieve_result(store, name: str, min_size: int, out_name: str | None = None, *
                            "to keep, e.g. --min-size 64")
     if not 256 <= chunk <= 4096:
         raise ImageIOError(f"--chunk must be 256-4096 pixels, got {chunk}")
-    out_name = check_name(out_name or f"{name}_sieve{min_size}")
+    out_name = check_name(out_name or sieved_name(name, min_size))
     if out_name == name:
         raise ImageIOError(f"--out-name {out_name!r} is the result being sieved; the model's "
                            "own labels are never replaced: choose another --out-name")
@@ -81,9 +108,7 @@ def sieve_result(store, name: str, min_size: int, out_name: str | None = None, *
             source_image=(source.source or {}).get("image", "../../"),
             pixel_size=source.pixel_size, unit=source.unit, overwrite=overwrite,
             chunk=chunk, progress=progress, match_image=False,
-            extra={"sieve": {"labels": name, "min_size": min_size,
-                             "created": (ours or {}).get("created")
-                             if isinstance(ours, dict) else None}},
+            extra={"sieve": _provenance(name, min_size, ours)},
         )
 
 

@@ -8,6 +8,10 @@ and records the edit; the model's prediction is never modified. Detections load 
 editable Points layer with the window; saving writes the whole corrected table
 (`tables/<name>-corrected`). Points added by hand get score 1.
 
+"Remove specks" first writes a sieved copy of the result (`labels/<name>_sieve<N>`, as
+`napari-xt sieve` does: pieces under N px take the label around them), shows it and makes
+it the result to correct; the prediction is kept as it is.
+
 Unsaved edits are never dropped: "Edit view" refuses while the current window has changes
 (save or discard them first). Reads and writes run in a napari thread worker; layers change
 on the main thread only.
@@ -106,6 +110,21 @@ class CorrectWidget(WorkerPanel, QWidget):
         buttons = QHBoxLayout()
         for b in (self.edit_button, self.save_button, self.discard_button):
             buttons.addWidget(b)
+        self.sieve_spin = QSpinBox()
+        self.sieve_spin.setRange(2, 1_000_000)
+        self.sieve_spin.setValue(64)
+        self.sieve_spin.setSuffix(" px")
+        self.sieve_spin.setToolTip("Pieces of one label smaller than this take the label "
+                                   "around them (64 px suits the built-in models).")
+        self.sieve_button = QPushButton("Remove specks")
+        self.sieve_button.setToolTip(
+            "Write a copy of the result in which small pieces take the label around them "
+            "(labels/<result>_sieve<N>), show it and choose it for correcting; the result "
+            "itself is kept as it is.")
+        specks = QHBoxLayout()
+        specks.addWidget(self.sieve_spin, 1)
+        specks.addWidget(self.sieve_button)
+        form.addRow("specks under", specks)
         self.export_button = QPushButton("Export training pairs…")
         self.export_button.setToolTip(
             "Write the saved corrections as training pairs (image around the corrected "
@@ -126,6 +145,7 @@ class CorrectWidget(WorkerPanel, QWidget):
         self.save_button.clicked.connect(self.save)
         self.discard_button.clicked.connect(self.discard)
         self.export_button.clicked.connect(self._export_clicked)
+        self.sieve_button.clicked.connect(lambda: self.remove_specks())
         self.pick_check.toggled.connect(self._toggle_pick)
         self.use_last_run()
         self._set_busy(False)
@@ -289,6 +309,54 @@ class CorrectWidget(WorkerPanel, QWidget):
         self.status.setText("edits discarded")
         self._set_busy(False)
 
+    def remove_specks(self) -> bool:
+        """Write (or, when it is there already for this result, reuse) the sieved copy of
+        the chosen result, show it as a Labels layer and choose it. False when it cannot."""
+        from napari.utils.notifications import show_warning
+
+        from napari_xt.commands.sieve import sieve_result, sieved_name, up_to_date
+
+        if self.worker is not None:
+            return False
+        if not self.store or not self.result:
+            show_warning("Correct results: choose a result store with a label result first")
+            return False
+        if self.dirty:
+            show_warning("Correct results: save or discard the edits of the current window "
+                         "first")
+            return False
+        n, source = self.sieve_spin.value(), self.result
+        out = sieved_name(source, n)
+        if (Path(self.store) / "labels" / out).exists():
+            if not up_to_date(self.store, out, source, n):
+                show_warning(f"Correct results: {out} is in the store but was not sieved "
+                             f"from {source!r} as it is now; it is never replaced here "
+                             "(napari-xt sieve --overwrite replaces it)")
+                return False
+            self._show_sieved(out)
+            return True
+        self.status.setText(f"removing specks under {n} px from {source!r}…")
+        self.worker = start_worker(sieve_result, self.store, source, n)
+        self.worker.returned.connect(lambda _: self._show_sieved(out))
+        self._start_worker()
+        return True
+
+    def _show_sieved(self, name: str) -> None:
+        from napari_xt.io import read_labels
+
+        labels = read_labels(self.store, name)
+        (sy, sx), (ty, tx) = self._world_transform(labels)
+        if name in self.viewer.layers:
+            self.viewer.layers.remove(name)
+        data = labels.levels if len(labels.levels) > 1 else labels.levels[0]
+        self.viewer.add_labels(data, name=name, scale=(sy, sx), translate=(ty, tx),
+                               multiscale=len(labels.levels) > 1,
+                               colormap=label_colormap(labels.colors))
+        self.refresh_results()
+        self.result_combo.setCurrentText(name)
+        self.status.setText(f"{name} written beside the prediction; it is the result to "
+                            "correct now")
+
     def save(self) -> bool:
         """Save the edited window (and the detections) into the store's correction."""
         from napari.utils.notifications import show_warning
@@ -432,6 +500,7 @@ class CorrectWidget(WorkerPanel, QWidget):
         self.save_button.setEnabled(not busy and self.window is not None)
         self.discard_button.setEnabled(not busy and self.window is not None)
         self.export_button.setEnabled(not busy)
+        self.sieve_button.setEnabled(not busy)
 
     def _picked(self, world) -> None:
         self.edit_view(world)
