@@ -226,9 +226,9 @@ class CorrectWidget(WorkerPanel, QWidget):
         x0 = int(np.clip(round(cx - nx / 2), 0, w - nx))
         return Box(y0, x0, y0 + ny, x0 + nx)
 
-    def edit_view(self, world=None) -> bool:
-        """Load the window around `world` (default: the camera centre) for editing.
-        Returns False (and says why) when it cannot."""
+    def _ready(self) -> bool:
+        """True when a new job may start: no job running, a result chosen, no unsaved edits
+        (says why not)."""
         from napari.utils.notifications import show_warning
 
         if self.worker is not None:
@@ -239,6 +239,15 @@ class CorrectWidget(WorkerPanel, QWidget):
         if self.dirty:
             show_warning("Correct results: save or discard the edits of the current window "
                          "first")
+            return False
+        return True
+
+    def edit_view(self, world=None) -> bool:
+        """Load the window around `world` (default: the camera centre) for editing.
+        Returns False (and says why) when it cannot."""
+        from napari.utils.notifications import show_warning
+
+        if not self._ready():
             return False
         if world is None:
             world = camera_of(self.viewer).center
@@ -316,14 +325,7 @@ class CorrectWidget(WorkerPanel, QWidget):
 
         from napari_xt.commands.sieve import sieve_result, sieved_name, up_to_date
 
-        if self.worker is not None:
-            return False
-        if not self.store or not self.result:
-            show_warning("Correct results: choose a result store with a label result first")
-            return False
-        if self.dirty:
-            show_warning("Correct results: save or discard the edits of the current window "
-                         "first")
+        if not self._ready():
             return False
         n, source = self.sieve_spin.value(), self.result
         out = sieved_name(source, n)
