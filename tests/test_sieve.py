@@ -298,3 +298,35 @@ def test_sieve_command_refuses_what_it_must_not_touch(store, tmp_path, capsys):
     finally:
         lock.release()
     assert not (work / "labels/prediction_sieve32").exists()
+
+
+def test_predict_sieve_writes_the_copy_when_the_run_is_finished(store, tmp_path, capsys):
+    from napari_xt.cli import main
+    from napari_xt.io import list_results, read_labels
+
+    image = str(store.parent / "scene.npy")
+    assert main(["predict", image, "--model", "demo", "--out", str(tmp_path / "x.zarr"),
+                 "--sieve", "1"]) == 2
+    assert "--sieve" in capsys.readouterr().err
+    assert not (tmp_path / "x.zarr").exists()
+    out = tmp_path / "one.xt.zarr"
+    assert main(["predict", image, "--model", "demo", "--out", str(out), "--sieve", "16",
+                 "--quiet"]) == 0
+    assert "wrote labels/prediction_sieve16" in capsys.readouterr().err
+    raw = np.asarray(read_labels(out, "prediction").levels[0])
+    np.testing.assert_array_equal(np.asarray(read_labels(out, "prediction_sieve16").levels[0]),
+                                  sieve(raw, 16))
+    stamp = (out / "labels/prediction_sieve16/zarr.json").stat().st_mtime_ns
+    assert main(["predict", image, "--model", "demo", "--out", str(out), "--sieve", "16",
+                 "--quiet"]) == 0  # the same command again: verified, the copy kept
+    assert "kept labels/prediction_sieve16" in capsys.readouterr().err
+    assert (out / "labels/prediction_sieve16/zarr.json").stat().st_mtime_ns == stamp
+
+    # many images (--out-dir): every finished store gets its copy
+    folder = tmp_path / "many"
+    assert main(["predict", image, "--model", "demo", "--out-dir", str(folder), "--sieve",
+                 "16", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "wrote labels/prediction_sieve16" in text
+    (many,) = folder.glob("*.zarr")
+    assert list_results(many)["labels"] == ["prediction", "prediction_sieve16"]

@@ -82,6 +82,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(a summary of the whole image, read by every crop; models trained "
                         "for it). Default: the mode the model was trained for")
     p.add_argument("--threshold", type=float, default=0.5, help="detection score threshold")
+    p.add_argument("--sieve", type=int, default=None, metavar="N",
+                   help="when the run is finished, also write labels/prediction_sieveN: its "
+                        "labels with every piece under N px relabelled to what surrounds it "
+                        "(as napari-xt sieve does; 64 suits the built-in models)")
     p.add_argument("--no-cache", action="store_true", help="do not keep region embeddings")
     p.add_argument("--rebuild-cache", action="store_true",
                    help="replace an embedding cache made for another image or model")
@@ -129,6 +133,10 @@ class Progress:
 def run_command(args: argparse.Namespace) -> int:
     from napari_xt.cli import EXIT_USAGE
 
+    if args.sieve is not None and args.sieve < 2:
+        print(f"napari-xt predict: --sieve takes the smallest piece size to keep (2 px or "
+              f"more, e.g. --sieve 64), not {args.sieve}", file=sys.stderr)
+        return EXIT_USAGE
     for option, value in (("--threads", args.threads), ("--workers", args.workers)):
         if value is not None and value < 1:
             print(f"napari-xt predict: {option} must be at least 1, not {value}",
@@ -252,6 +260,19 @@ def run_many(args: argparse.Namespace) -> int:
                       else o.message)
             print(f"[{n}/{total}] {o.outcome:<9} {o.image} -> {o.store} ({o.seconds:.1f} s; "
                   f"{detail})", flush=True)
+            if o.outcome == "finished" and args.sieve and _has_labels(o.store):
+                from napari_xt.cli import bad_input_line, is_bad_input
+                from napari_xt.commands.sieve import sieve_after_run
+
+                try:
+                    print(f"[{n}/{total}] {o.store}: " + sieve_after_run(
+                        o.store, "prediction", args.sieve, overwrite=args.overwrite),
+                        flush=True)
+                except Exception as err:  # a sieved copy it must not replace: say so, go on
+                    if not is_bad_input(err):
+                        raise
+                    print(bad_input_line("predict", err), file=sys.stderr, flush=True)
+                    refused.add(o.image)
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, the stores keep finished regions
         cancel.set()
         print("cancelled; finished regions are kept, run the same command again to resume",
@@ -275,6 +296,12 @@ def run_many(args: argparse.Namespace) -> int:
     if counts.get("cancelled") or counts.get("skipped"):
         return EXIT_CANCELLED
     return EXIT_USAGE if refused else EXIT_OK  # (the images left out were bad input)
+
+
+def _has_labels(store: str) -> bool:
+    from napari_xt.io import list_results
+
+    return "prediction" in list_results(store)["labels"]
 
 
 def run_one(args: argparse.Namespace) -> int:
@@ -355,6 +382,12 @@ def run_one(args: argparse.Namespace) -> int:
                     rec = e.summary["classification"]
                     print(f"class {rec['class']} (score {rec['score']:.3f})")
                 code = EXIT_OK if e.summary.get("complete", True) else EXIT_FAILED
+                if code == EXIT_OK and args.sieve and "labels" in e.summary:
+                    from napari_xt.commands.sieve import sieve_after_run
+
+                    name = str(e.summary["labels"]).rsplit("/", 1)[-1]
+                    bar.line(sieve_after_run(e.store, name, args.sieve,
+                                             overwrite=args.overwrite))
             elif isinstance(e, ev.Failed):
                 bar.line(f"napari-xt predict: failed: {e.message}")
                 code = EXIT_FAILED

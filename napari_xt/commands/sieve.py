@@ -112,6 +112,19 @@ def sieve_result(store, name: str, min_size: int, out_name: str | None = None, *
         )
 
 
+def sieve_after_run(store, name: str, min_size: int, *, overwrite: bool = False) -> str:
+    """After a finished `predict`: the sieved copy of its labels, kept when the one in the
+    store was sieved from this run's labels with this size, else written (an existing one
+    of another origin only with `overwrite`). Returns the line to show."""
+    from pathlib import Path
+
+    out = sieved_name(name, min_size)
+    if (Path(store) / "labels" / out).exists() and up_to_date(store, out, name, min_size):
+        return f"kept labels/{out} (sieved from these labels)"
+    sieve_result(store, name, min_size, overwrite=overwrite)
+    return f"wrote labels/{out} (pieces under {min_size} px take the label around them)"
+
+
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     state = {"last": 0.0, "shown": False}
