@@ -144,6 +144,42 @@ def test_sieve_is_the_documented_rule(seed):
                 assert (got[list(ys), list(xs)] == labels[ys[0], xs[0]]).all()
 
 
+@pytest.mark.parametrize("dtype,values", [
+    (np.int8, (-128, -2, -1, 0, 5)), (np.int64, (2**62, 1, -(2**62))),
+    (np.uint64, (0, 2**63 + 5, 2**64 - 1)), (np.uint16, (60000, 0, 7))])
+def test_any_integer_values(dtype, values):
+    labels = np.asarray(values, dtype)[blobs((29, 31), len(values), 7)]
+    for min_size in (2, 9):
+        got = sieve(labels, min_size)
+        assert got.dtype == labels.dtype and set(np.unique(got)) <= set(values)
+        np.testing.assert_array_equal(got, reference_sieve(labels, min_size))
+        tiled = sieve_lazy(labels, min_size, chunk=10).compute()
+        np.testing.assert_array_equal(tiled, got)
+
+
+def test_many_values_take_the_graph_path_and_agree():
+    from napari_xt.io.sieve import MANY_VALUES, piece_ids
+
+    labels = blobs((33, 35), MANY_VALUES + 8, 3, smooth=2).astype(np.int32) * 1000
+    assert len(np.unique(labels)) >= MANY_VALUES
+    np.testing.assert_array_equal(sieve(labels, 6), reference_sieve(labels, 6))
+    # both ways of numbering pieces give the same partition
+    rank = np.unique(labels, return_inverse=True)[1].reshape(labels.shape)
+    few, n_few = piece_ids(rank, 1)  # (forced: the per-value loop)
+    many, n_many = piece_ids(rank, MANY_VALUES)
+    assert n_few == n_many == len(_pieces(labels))
+    pairs = set(zip(few.ravel().tolist(), many.ravel().tolist()))
+    assert len(pairs) == n_few
+
+
+def test_lazy_names_differ_with_every_argument():
+    labels = da.from_array(blobs((64, 64), 3, 1), chunks=32)
+    names = {sieve_lazy(labels, m, chunk=c).name for m in (4, 8) for c in (16, 32)}
+    assert len(names) == 4
+    with pytest.raises(ValueError, match="chunk"):
+        sieve_lazy(labels, 4, chunk=0)
+
+
 @pytest.mark.parametrize("min_size,block", [(4, 50), (16, 64), (64, 100), (64, 333)])
 def test_blockwise_equals_the_whole_image(min_size, block):
     labels = blobs((420, 390), 4, min_size + block, smooth=7)
@@ -255,6 +291,7 @@ def test_sieve_command_refuses_what_it_must_not_touch(store, tmp_path, capsys):
     import shutil
 
     from napari_xt.cli import main
+    from napari_xt.io import read_labels
 
     work = tmp_path / "s.xt.zarr"
     shutil.copytree(store, work)
@@ -274,6 +311,26 @@ def test_sieve_command_refuses_what_it_must_not_touch(store, tmp_path, capsys):
     refused([str(work), "--min-size", "1"], "--min-size")
     refused([str(work), "--min-size", "8", "--name", "nope"], "no label result 'nope'")
     refused([str(work), "--min-size", "8", "--out-name", "../evil"], "evil")
+    refused([str(work), "--min-size", "8", "--out-name", "zarr.json"], "metadata file")
+    refused([str(work), "--min-size", "8", "--out-name", "x" * 200], "longer than")
+    refused([str(work), "--min-size", "300"], "--min-size")
+    # --overwrite replaces an earlier sieved copy only, never another result
+    refused([str(work), "--min-size", "8", "--name", "prediction_sieve8", "--out-name",
+             "prediction", "--overwrite"], "never replaced")
+    from napari_xt.io import write_labels
+
+    write_labels(work, "mine", np.zeros((300, 260), np.uint8))
+    refused([str(work), "--min-size", "8", "--out-name", "mine", "--overwrite"],
+            "never replaced")
+    assert (np.asarray(read_labels(work, "mine").levels[0]) == 0).all()
+    assert (np.asarray(read_labels(work, "prediction").levels[0]) != 0).any()
+    garbled = tmp_path / "garbled.xt.zarr"
+    shutil.copytree(work, garbled)
+    (garbled / "labels/prediction/zarr.json").write_text("{not json")
+    refused([str(garbled), "--min-size", "8", "--out-name", "g"], "cannot read")
+    (garbled / "labels/prediction/zarr.json").write_text("[]")
+    refused([str(garbled), "--min-size", "8", "--out-name", "g"], "prediction")
+    assert not (garbled / "labels/g").exists()
     plain = tmp_path / "folder"
     plain.mkdir()
     refused([str(plain), "--min-size", "8"], "not a zarr store")
@@ -321,6 +378,17 @@ def test_predict_sieve_writes_the_copy_when_the_run_is_finished(store, tmp_path,
                  "--quiet"]) == 0  # the same command again: verified, the copy kept
     assert "kept labels/prediction_sieve16" in capsys.readouterr().err
     assert (out / "labels/prediction_sieve16/zarr.json").stat().st_mtime_ns == stamp
+
+    # a fresh run into the store (other labels): the old copy is named as stale, kept
+    assert main(["predict", image, "--model", "demo", "--out", str(out), "--overwrite",
+                 "--crop-stride", "2", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "labels/prediction_sieve16 was sieved from earlier labels" in err
+    assert "--min-size 16 --out-name prediction_sieve16 --overwrite" in err
+    assert main(["sieve", str(out), "--min-size", "16", "--overwrite", "--quiet"]) == 0
+    raw = np.asarray(read_labels(out, "prediction").levels[0])
+    np.testing.assert_array_equal(np.asarray(read_labels(out, "prediction_sieve16").levels[0]),
+                                  sieve(raw, 16))
 
     # many images (--out-dir): every finished store gets its copy
     folder = tmp_path / "many"

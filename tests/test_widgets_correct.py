@@ -213,7 +213,7 @@ def test_remove_specks_writes_shows_and_chooses_the_sieved_copy(make_napari_view
     widget.result_combo.setCurrentText("prediction")
     widget.sieve_spin.setValue(16)
     assert not widget.remove_specks()
-    assert "never replaced" in warnings[-1] and "--overwrite" in warnings[-1]
+    assert "never replaced" in warnings[-1] and "another result" in warnings[-1]
     np.testing.assert_array_equal(
         np.asarray(read_labels(store, "prediction_sieve16").levels[0]), labels)
     assert set(list_results(store)["labels"]) == {"prediction", "prediction_sieve8",

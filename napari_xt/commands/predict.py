@@ -382,12 +382,17 @@ def run_one(args: argparse.Namespace) -> int:
                     rec = e.summary["classification"]
                     print(f"class {rec['class']} (score {rec['score']:.3f})")
                 code = EXIT_OK if e.summary.get("complete", True) else EXIT_FAILED
-                if code == EXIT_OK and args.sieve and "labels" in e.summary:
-                    from napari_xt.commands.sieve import sieve_after_run
+                if code == EXIT_OK and "labels" in e.summary:
+                    from napari_xt.commands.sieve import sieve_after_run, stale_copies
 
                     name = str(e.summary["labels"]).rsplit("/", 1)[-1]
-                    bar.line(sieve_after_run(e.store, name, args.sieve,
-                                             overwrite=args.overwrite))
+                    if args.sieve:
+                        bar.line(sieve_after_run(e.store, name, args.sieve,
+                                                 overwrite=args.overwrite))
+                    for stale, size in stale_copies(e.store, name):
+                        bar.line(f"note: labels/{stale} was sieved from earlier labels of "
+                                 f"this store; napari-xt sieve {e.store} --min-size {size} "
+                                 f"--out-name {stale} --overwrite renews it")
             elif isinstance(e, ev.Failed):
                 bar.line(f"napari-xt predict: failed: {e.message}")
                 code = EXIT_FAILED

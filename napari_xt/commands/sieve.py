@@ -24,14 +24,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("store", help="a result store (OME-Zarr) with a label result")
     p.add_argument("--min-size", type=int, required=True, metavar="N",
-                   help="pieces smaller than N pixels take the label around them (64 suits "
-                        "the built-in models)")
+                   help="pieces smaller than N pixels (2-256) take the label most of their "
+                        "surroundings carry, in two passes (64 suits the built-in models)")
     p.add_argument("--name", default="prediction", help="the label result to sieve")
     p.add_argument("--out-name", default=None,
                    help="name of the sieved label result (default: NAME_sieveN)")
     p.add_argument("--chunk", type=int, default=1024, help="block edge in pixels (256-4096)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing label result of the output name")
+                   help="replace an earlier sieved copy of the output name (never another "
+                        "result)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -63,10 +64,27 @@ def up_to_date(store, out_name: str, name: str, min_size: int) -> bool:
                                                 group_attrs(root, fmt).get("napari-xt"))
 
 
+MAX_MIN_SIZE = 256  # a block is read with a margin of 4 x min_size px (`halo`)
+
+
+def is_sieved(path) -> bool:
+    """True when the label group at `path` was written by a sieve (it records one)."""
+    from napari_xt.io.result_store import group_attrs, zarr_format
+
+    fmt = zarr_format(path)
+    try:
+        ours = group_attrs(path, fmt).get("napari-xt") if fmt else None
+    except (OSError, ValueError):
+        return False
+    return isinstance(ours, dict) and isinstance(ours.get("sieve"), dict)
+
+
 def sieve_result(store, name: str, min_size: int, out_name: str | None = None, *,
                  chunk: int = 1024, overwrite: bool = False, progress=None):
     """Write the sieved copy of label result `name` of `store` as `labels/<out_name>`;
-    returns its path. Raises `ImageIOError` for a store, result or option it must refuse."""
+    returns its path. `overwrite` replaces only an earlier sieved copy, never another
+    result. Raises `ImageIOError` for a store, result or option it must refuse."""
+    import os
     from pathlib import Path
 
     from napari_xt.io import ImageIOError
@@ -82,22 +100,43 @@ def sieve_result(store, name: str, min_size: int, out_name: str | None = None, *
     if min_size < 2:
         raise ImageIOError("--min-size 1 would change nothing; pass the smallest piece size "
                            "to keep, e.g. --min-size 64")
+    if min_size > MAX_MIN_SIZE:
+        raise ImageIOError(f"--min-size {min_size} is more than {MAX_MIN_SIZE} px: the "
+                           "sieve removes specks, not regions; pass a smaller --min-size")
     if not 256 <= chunk <= 4096:
         raise ImageIOError(f"--chunk must be 256-4096 pixels, got {chunk}")
+    try:
+        check_name(name)
+    except ImageIOError as err:
+        raise ImageIOError(f"--name: {err}") from None
     out_name = check_name(out_name or sieved_name(name, min_size))
-    if out_name == name:
-        raise ImageIOError(f"--out-name {out_name!r} is the result being sieved; the model's "
-                           "own labels are never replaced: choose another --out-name")
+    if out_name.lower() == name.lower():
+        raise ImageIOError(f"--out-name {out_name!r} is the result being sieved; it is never "
+                           "replaced: choose another --out-name")
     fmt = zarr_format(root)
     if fmt is None:
         raise ImageIOError(f"{root}: not a zarr store (pass a result store of napari-xt "
                            "predict, or an OME-Zarr with labels)")
+    if not os.access(root, os.W_OK):
+        raise ImageIOError(f"{root}: the store is read-only; copy it somewhere writable and "
+                           "sieve the copy")
+    target = root / "labels" / out_name
+    if (target.exists() or target.is_symlink()) and (
+            target.is_symlink() or not is_sieved(target)):
+        raise ImageIOError(f"{target}: a result that is not a sieved copy; it is never "
+                           "replaced: choose another --out-name")
     with store_lock(root):  # no run writes into the store meanwhile
         ours = group_attrs(root, fmt).get("napari-xt")
         if isinstance(ours, dict) and "complete" in ours and ours["complete"] is not True:
             raise ImageIOError(f"{root}: its run is not finished; run the same napari-xt "
                                "predict command again to finish it, then sieve")
-        source = read_labels(root, name)
+        try:
+            source = read_labels(root, name)
+        except ImageIOError:
+            raise
+        except Exception as err:  # garbled metadata, a level that is not there
+            raise ImageIOError(f"{root / 'labels' / name}: cannot read the label result "
+                               f"({type(err).__name__}: {err})") from err
         labels = source.levels[0]
         if labels.ndim != 2:
             raise ImageIOError(f"{source.path}: labels of shape {labels.shape} are not (Y, X)")
@@ -110,6 +149,32 @@ def sieve_result(store, name: str, min_size: int, out_name: str | None = None, *
             chunk=chunk, progress=progress, match_image=False,
             extra={"sieve": _provenance(name, min_size, ours)},
         )
+
+
+def stale_copies(store, name: str) -> list[tuple[str, int]]:
+    """(name, min_size) of the sieved copies of label result `name` in `store` that were
+    not made from it as it is now (an earlier run's labels)."""
+    from pathlib import Path
+
+    from napari_xt.io.result_store import group_attrs, zarr_format
+
+    folder = Path(store) / "labels"
+    out = []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        fmt = zarr_format(path)
+        if not fmt or path.name == name:
+            continue
+        try:
+            recorded = (group_attrs(path, fmt).get("napari-xt") or {}).get("sieve")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if not isinstance(recorded, dict) or recorded.get("labels") != name:
+            continue
+        size = recorded.get("min_size")
+        size = size if isinstance(size, int) else 0
+        if not up_to_date(store, path.name, name, size):
+            out.append((path.name, size))
+    return out
 
 
 def sieve_after_run(store, name: str, min_size: int, *, overwrite: bool = False) -> str:
@@ -141,8 +206,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         path = sieve_result(args.store, args.name, args.min_size, args.out_name,
                             chunk=args.chunk, overwrite=args.overwrite, progress=progress)
+    except KeyboardInterrupt:
+        if state["shown"]:
+            print(file=sys.stderr)
+        print("napari-xt sieve: cancelled; nothing was written (a partial copy is never "
+              "listed), run it again to sieve", file=sys.stderr)
+        return 130
     finally:
         if state["shown"]:
             print(file=sys.stderr)
+            state["shown"] = False
     print(f"wrote {path} in {time.perf_counter() - start:.1f} s")
     return 0

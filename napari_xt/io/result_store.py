@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import uuid
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +21,8 @@ from .ngff import ome_attrs, wrap_ome
 from .store import atomic_directory
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+RESERVED_NAMES = ("zarr.json",)  # (names starting with '.' are refused anyway)
+MAX_NAME = 128  # leaves room for the temporary names beside a result in a 255-byte file name
 
 
 def zarr_format(root: Path) -> int | None:
@@ -40,15 +43,24 @@ def check_name(name: str) -> str:
             f"result name {name!r} must be letters, digits, '.', '_' or '-' (not starting "
             "with '.' or '-')"
         )
+    if name.lower() in RESERVED_NAMES:
+        raise ImageIOError(f"result name {name!r} is the name of a zarr metadata file")
+    if len(name) > MAX_NAME:
+        raise ImageIOError(f"result name {name[:20]!r}... is longer than {MAX_NAME} characters")
     return name
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Write `data` as JSON to `path` atomically (a temporary file renamed into place);
+    """Write `data` as JSON to `path` atomically (a temporary file of its own renamed into
+    place);
     numpy values are converted by `json_default`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=json_default))
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:  # a name of its own: two writers of one file never rename each other's
+        tmp.write_text(json.dumps(data, indent=2, default=json_default))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def json_default(value: Any) -> Any:

@@ -67,18 +67,13 @@ def sieve(labels: np.ndarray, min_size: int,
 
 def sieve_pass(labels: np.ndarray, min_size: int,
                cut: tuple[bool, bool, bool, bool] = (False, False, False, False)) -> np.ndarray:
-    """One pass of the rule (module docstring) over a (Y, X) integer array, as a copy."""
-    from scipy import ndimage as ndi
+    """One pass of the rule (module docstring) over a (Y, X) integer array, as a copy.
 
-    out = labels.copy()
-    # one id per piece over all labels (pieces of different labels never touch as one)
-    ids = np.zeros(labels.shape, np.int64)
-    count = 0
-    for value in np.unique(labels):
-        lab, n = ndi.label(labels == value)
-        if n:
-            ids[lab > 0] = lab[lab > 0] + count
-            count += n
+    Votes are counted on the ranks of the label values (any integer dtype and range,
+    negative values included), then mapped back."""
+    values, rank = np.unique(labels, return_inverse=True)
+    rank = rank.reshape(labels.shape)
+    ids, count = piece_ids(rank, len(values))
     sizes = np.bincount(ids.ravel(), minlength=count + 1)
     large = sizes >= min_size
     large[0] = True  # no piece has id 0 (every pixel has a label)
@@ -86,16 +81,17 @@ def sieve_pass(labels: np.ndarray, min_size: int,
     for flag, edge in ((top, ids[0]), (left, ids[:, 0]), (bottom, ids[-1]), (right, ids[:, -1])):
         if flag:
             large[edge] = True
+    out = labels.copy()
     if large.all():
         return out
-    # votes: (small piece, neighbour label, neighbour in a large piece) over 4-neighbour pairs
+    # votes: (small piece, neighbour rank, neighbour in a large piece) over 4-neighbour pairs
     a_ids, b_vals, b_large = [], [], []
     for axis in (0, 1):
         n = labels.shape[axis]
         lo = (slice(0, n - 1), slice(None)) if axis == 0 else (slice(None), slice(0, n - 1))
         hi = (slice(1, n), slice(None)) if axis == 0 else (slice(None), slice(1, n))
         i_lo, i_hi = ids[lo].ravel(), ids[hi].ravel()
-        v_lo, v_hi = labels[lo].ravel(), labels[hi].ravel()
+        v_lo, v_hi = rank[lo].ravel(), rank[hi].ravel()
         differ = i_lo != i_hi
         for src, dst, val in ((i_lo, i_hi, v_hi), (i_hi, i_lo, v_lo)):
             keep = differ & ~large[src]
@@ -113,10 +109,10 @@ def sieve_pass(labels: np.ndarray, min_size: int,
     has_large[piece[near_large]] = True
     use = near_large | ~has_large[piece]
     piece, value = piece[use], value[use]
-    span = int(value.max()) + 1
+    span = len(values)  # ranks are 0 .. span - 1; piece * span stays far below 2**63
     keys, votes = np.unique(piece * span + value, return_counts=True)
     k_piece, k_value = keys // span, keys % span
-    # per piece: most votes, then the lower label (keys are sorted by piece, then label)
+    # per piece: most votes, then the lower label (ranks keep the order of the values)
     order = np.lexsort((k_value, -votes, k_piece))
     first = np.ones(len(order), bool)
     first[1:] = k_piece[order][1:] != k_piece[order][:-1]
@@ -128,8 +124,43 @@ def sieve_pass(labels: np.ndarray, min_size: int,
     change = np.zeros(count + 1, bool)
     change[small] = decided[small]
     mask = change[ids]
-    out[mask] = winner[ids[mask]].astype(labels.dtype)
+    out[mask] = values[winner[ids[mask]]]
     return out
+
+
+MANY_VALUES = 32  # from this many distinct values on, pieces are found as graph components
+
+
+def piece_ids(rank: np.ndarray, n_values: int) -> tuple[np.ndarray, int]:
+    """(ids, count): every piece of a (Y, X) array of ranks 0 .. n_values - 1 numbered
+    1 .. count. Few values: one labelling per value, inside that value's bounding box;
+    many: the connected components of the graph of equal 4-neighbours, in one go."""
+    from scipy import ndimage as ndi
+
+    ids = np.zeros(rank.shape, np.int64)
+    if n_values < MANY_VALUES:
+        count = 0
+        for value, box in enumerate(ndi.find_objects(rank + 1)):
+            if box is None:
+                continue
+            lab, n = ndi.label(rank[box] == value)
+            part = ids[box]
+            inside = lab > 0
+            part[inside] = lab[inside] + count
+            count += n
+        return ids, count
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    index = np.arange(rank.size, dtype=np.int64).reshape(rank.shape)
+    same_y = rank[1:] == rank[:-1]
+    same_x = rank[:, 1:] == rank[:, :-1]
+    src = np.concatenate([index[1:][same_y], index[:, 1:][same_x]])
+    dst = np.concatenate([index[:-1][same_y], index[:, :-1][same_x]])
+    graph = coo_matrix((np.ones(src.size, np.int8), (src, dst)), shape=(rank.size, rank.size))
+    count, component = connected_components(graph, directed=False)
+    ids[:] = component.reshape(rank.shape) + 1
+    return ids, int(count)
 
 
 def sieve_box(read: Callable[[Bounds], np.ndarray], shape: tuple[int, int], min_size: int,
@@ -170,12 +201,17 @@ def sieve_blocks(read: Callable[[Bounds], np.ndarray], shape: tuple[int, int], m
 
 
 def sieve_lazy(labels, min_size: int, chunk: int = 1024):
-    """The sieved image of a (Y, X) dask label array as a dask array of `chunk`-sized blocks,
-    each computed by `sieve_box` from a window of `labels` (so a block reads only its window
-    and the result is exactly `sieve` of the whole image)."""
+    """The sieved image of a (Y, X) label array (dask or numpy) as a dask array of
+    `chunk`-sized blocks, each computed by `sieve_box` from a window of `labels` (so a block
+    reads only its window and the result is exactly `sieve` of the whole image)."""
     import dask.array as da
 
     min_size = check_min_size(min_size)
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise ValueError(f"chunk must be a whole number of pixels >= 1, got {chunk!r}")
+    chunk = int(chunk)
+    if not isinstance(labels, da.Array):
+        labels = da.from_array(np.asarray(labels), chunks=chunk)
     shape = tuple(int(s) for s in labels.shape)
     if len(shape) != 2:
         raise ValueError(f"labels must be 2-D (Y, X), got shape {shape}")
@@ -189,5 +225,5 @@ def sieve_lazy(labels, min_size: int, chunk: int = 1024):
         return sieve_box(read, shape, min_size, (y0, x0, y1, x1))
 
     chunks = tuple(tuple(min(chunk, n - i) for i in range(0, n, chunk)) for n in shape)
-    return da.map_blocks(block, dtype=labels.dtype, chunks=chunks,
-                         name=f"sieve-{min_size}-{da.core.tokenize(labels)}")
+    token = da.core.tokenize(labels, min_size, chunk, PASSES)
+    return da.map_blocks(block, dtype=labels.dtype, chunks=chunks, name=f"sieve-{token}")

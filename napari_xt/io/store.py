@@ -37,6 +37,9 @@ def atomic_directory(dst: str | os.PathLike, *, overwrite: bool, what: str) -> I
     the next write of the same target, and those of a live process are left alone.
     """
     dst = Path(dst)
+    if dst.is_symlink() or (dst.exists() and not dst.is_dir()):
+        raise ImageIOError(f"{dst}: is not a folder (a file or a link), never replaced by "
+                           f"a {what}; choose another name")
     if dst.exists() and not overwrite:
         raise ImageIOError(f"{dst}: {what} already exists", remedy="overwrite_it")
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
     from napari_xt.io.box import Box
 
+from napari_xt.commands.sieve import MAX_MIN_SIZE
+
 from .controls import WorkerPanel, status_label
 from .correction_jobs import load_window, recorded_image, save_edits
 from .correction_points import add_points_layer, points_table
@@ -111,7 +113,7 @@ class CorrectWidget(WorkerPanel, QWidget):
         for b in (self.edit_button, self.save_button, self.discard_button):
             buttons.addWidget(b)
         self.sieve_spin = QSpinBox()
-        self.sieve_spin.setRange(2, 1_000_000)
+        self.sieve_spin.setRange(2, MAX_MIN_SIZE)
         self.sieve_spin.setValue(64)
         self.sieve_spin.setSuffix(" px")
         self.sieve_spin.setToolTip("Pieces of one label smaller than this take the label "
@@ -323,7 +325,7 @@ class CorrectWidget(WorkerPanel, QWidget):
         the chosen result, show it as a Labels layer and choose it. False when it cannot."""
         from napari.utils.notifications import show_warning
 
-        from napari_xt.commands.sieve import sieve_result, sieved_name, up_to_date
+        from napari_xt.commands.sieve import is_sieved, sieve_result, sieved_name, up_to_date
 
         if not self._ready():
             return False
@@ -331,9 +333,12 @@ class CorrectWidget(WorkerPanel, QWidget):
         out = sieved_name(source, n)
         if (Path(self.store) / "labels" / out).exists():
             if not up_to_date(self.store, out, source, n):
+                renew = (f"napari-xt sieve STORE --name {source} --min-size {n} --overwrite "
+                         "renews it" if is_sieved(Path(self.store) / "labels" / out)
+                         else "it is another result, never replaced; choose another size")
                 show_warning(f"Correct results: {out} is in the store but was not sieved "
                              f"from {source!r} as it is now; it is never replaced here "
-                             "(napari-xt sieve --overwrite replaces it)")
+                             f"({renew})")
                 return False
             self._show_sieved(out)
             return True
