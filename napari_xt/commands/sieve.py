@@ -5,8 +5,9 @@ surroundings carry (`napari_xt.io.sieve`); larger pieces are never changed. The 
 labels are written beside the model's own as a separate label image,
 ``labels/<name>_sieve<N>`` unless ``--out-name`` says otherwise, with the same classes and
 colours, block by block with bounded memory, under a temporary name renamed when complete.
-The model's labels are only read: nothing else in the store changes, and an existing result
-of the output name is replaced only with ``--overwrite``.
+The model's labels are only read: nothing else in the store changes; ``--overwrite``
+replaces an earlier sieved copy of the output name and nothing else.
+``napari-xt predict ... --sieve N`` does the same when a run finishes.
 """
 
 from __future__ import annotations
