@@ -390,6 +390,14 @@ def test_predict_sieve_writes_the_copy_when_the_run_is_finished(store, tmp_path,
     np.testing.assert_array_equal(np.asarray(read_labels(out, "prediction_sieve16").levels[0]),
                                   sieve(raw, 16))
 
+    # a sieved copy whose metadata is garbled is not trusted, and not replaced either
+    (out / "labels/prediction_sieve16/zarr.json").write_text("{garbled")
+    assert main(["predict", image, "--model", "demo", "--out", str(out), "--sieve", "16",
+                 "--crop-stride", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "never replaced" in err[-1] and "Traceback" not in "".join(err), err
+    assert (out / "labels/prediction_sieve16/zarr.json").read_text() == "{garbled"
+
     # many images (--out-dir): every finished store gets its copy
     folder = tmp_path / "many"
     assert main(["predict", image, "--model", "demo", "--out-dir", str(folder), "--sieve",

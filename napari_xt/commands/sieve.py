@@ -60,9 +60,13 @@ def up_to_date(store, out_name: str, name: str, min_size: int) -> bool:
     fmt, out_fmt = zarr_format(root), zarr_format(root / "labels" / out_name)
     if fmt is None or out_fmt is None:
         return False
-    recorded = (group_attrs(root / "labels" / out_name, out_fmt).get("napari-xt") or {})
-    return recorded.get("sieve") == _provenance(name, min_size,
-                                                group_attrs(root, fmt).get("napari-xt"))
+    try:  # garbled metadata is not up to date
+        recorded = group_attrs(root / "labels" / out_name, out_fmt).get("napari-xt")
+        ours = group_attrs(root, fmt).get("napari-xt")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (isinstance(recorded, dict)
+            and recorded.get("sieve") == _provenance(name, min_size, ours))
 
 
 MAX_MIN_SIZE = 256  # a block is read with a margin of 4 x min_size px (`halo`)
@@ -75,7 +79,7 @@ def is_sieved(path) -> bool:
     fmt = zarr_format(path)
     try:
         ours = group_attrs(path, fmt).get("napari-xt") if fmt else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return False
     return isinstance(ours, dict) and isinstance(ours.get("sieve"), dict)
 
@@ -89,7 +93,13 @@ def sieve_result(store, name: str, min_size: int, out_name: str | None = None, *
     from pathlib import Path
 
     from napari_xt.io import ImageIOError
-    from napari_xt.io.result_store import check_name, group_attrs, store_lock, zarr_format
+    from napari_xt.io.result_store import (
+        check_name,
+        check_new_name,
+        group_attrs,
+        store_lock,
+        zarr_format,
+    )
     from napari_xt.io.results import read_labels, write_labels
     from napari_xt.io.sieve import check_min_size, sieve_lazy
 
@@ -110,7 +120,10 @@ def sieve_result(store, name: str, min_size: int, out_name: str | None = None, *
         check_name(name)
     except ImageIOError as err:
         raise ImageIOError(f"--name: {err}") from None
-    out_name = check_name(out_name or sieved_name(name, min_size))
+    try:
+        out_name = check_new_name(out_name or sieved_name(name, min_size))
+    except ImageIOError as err:
+        raise ImageIOError(f"--out-name: {err}") from None
     if out_name.lower() == name.lower():
         raise ImageIOError(f"--out-name {out_name!r} is the result being sieved; it is never "
                            "replaced: choose another --out-name")
@@ -172,7 +185,8 @@ def stale_copies(store, name: str) -> list[tuple[str, int]]:
         if not isinstance(recorded, dict) or recorded.get("labels") != name:
             continue
         size = recorded.get("min_size")
-        size = size if isinstance(size, int) else 0
+        if not isinstance(size, int) or isinstance(size, bool) or size < 2:
+            continue  # not a copy this command wrote
         if not up_to_date(store, path.name, name, size):
             out.append((path.name, size))
     return out

@@ -43,6 +43,13 @@ def check_name(name: str) -> str:
             f"result name {name!r} must be letters, digits, '.', '_' or '-' (not starting "
             "with '.' or '-')"
         )
+    return name
+
+
+def check_new_name(name: str) -> str:
+    """`check_name`, and for a result about to be written also: not a zarr metadata file's
+    name, at most `MAX_NAME` characters (results of longer names still read)."""
+    check_name(name)
     if name.lower() in RESERVED_NAMES:
         raise ImageIOError(f"result name {name!r} is the name of a zarr metadata file")
     if len(name) > MAX_NAME:
@@ -144,7 +151,7 @@ def result_dir(store: str | os.PathLike, kind: str, name: str, overwrite: bool):
 
 def _result_dir(store: str | os.PathLike, kind: str, name: str, overwrite: bool):
     root = Path(store)
-    name = check_name(name)
+    name = check_new_name(name)
     what = f"{kind.rstrip('s')} result {name!r}"
     fmt = zarr_format(root)
     if root.exists() and fmt is None:
