@@ -304,8 +304,18 @@ def test_sieve_command_refuses_what_it_must_not_touch(store, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, err
 
-    refused([str(work), "--min-size", "8"], "--overwrite")
+    assert main(["sieve", str(work), "--min-size", "8"]) == 0  # again: kept as it is
+    assert "kept" in capsys.readouterr().out
     assert (work / "labels/prediction_sieve8/0/zarr.json").read_bytes() == mine
+    # a sieved copy of something else under that name is replaced only with --overwrite
+    assert main(["sieve", str(work), "--min-size", "4", "--out-name", "other",
+                 "--quiet"]) == 0
+    refused([str(work), "--min-size", "8", "--out-name", "other"], "--overwrite")
+    assert main(["sieve", str(work), "--min-size", "8", "--out-name", "other", "--overwrite",
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    np.testing.assert_array_equal(np.asarray(read_labels(work, "other").levels[0]),
+                                  np.asarray(read_labels(work, "prediction_sieve8").levels[0]))
     refused([str(work), "--min-size", "8", "--out-name", "prediction"], "--out-name")
     refused([str(work), "--min-size", "0"], "min_size")
     refused([str(work), "--min-size", "1"], "--min-size")

@@ -7,6 +7,7 @@ labels are written beside the model's own as a separate label image,
 colours, block by block with bounded memory, under a temporary name renamed when complete.
 The model's labels are only read: nothing else in the store changes; ``--overwrite``
 replaces an earlier sieved copy of the output name and nothing else.
+The same command again keeps a copy that is already the sieve of the result as it is now.
 ``napari-xt predict ... --sieve N`` does the same when a run finishes.
 """
 
@@ -218,12 +219,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"\r[{bar:<30}] {event.done}/{event.total} blocks, level "
               f"{event.level + 1}/{event.num_levels}", end="", file=sys.stderr)
 
+    from napari_xt.io.result_store import NAME_PATTERN
+
+    out = args.out_name or sieved_name(args.name, args.min_size)
+    if (not args.overwrite and all(NAME_PATTERN.match(n) for n in (out, args.name))
+            and up_to_date(args.store, out, args.name, args.min_size)):
+        print(f"kept {args.store}/labels/{out}: already the sieve of {args.name!r} with "
+              f"{args.min_size} px")
+        return 0
     try:
         path = sieve_result(args.store, args.name, args.min_size, args.out_name,
                             chunk=args.chunk, overwrite=args.overwrite, progress=progress)
     except KeyboardInterrupt:
         if state["shown"]:
             print(file=sys.stderr)
+            state["shown"] = False
         print("napari-xt sieve: cancelled; nothing was written (a partial copy is never "
               "listed), run it again to sieve", file=sys.stderr)
         return 130
