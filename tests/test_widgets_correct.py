@@ -126,18 +126,27 @@ def test_correct_a_window_and_the_detections_of_a_run(make_napari_viewer, qtbot,
                           expected)
 
 
-def test_a_store_opened_from_disk_uses_its_pixel_size(make_napari_viewer, qtbot, tmp_path, rng):
+def _widget_on_labels(make_napari_viewer, store, labels):
+    """A Correct results widget on a store holding `labels` as "prediction" (0.5 um pixels,
+    classes 0-2), as a user opens it from disk."""
     from napari_xt.io import write_labels
     from napari_xt.widgets import correct_widget as cw
 
-    store = tmp_path / "labels.zarr"
-    labels = rng.integers(0, 3, (200, 300)).astype(np.uint8)
     write_labels(store, "prediction", labels, pixel_size=(0.5, 0.5), unit="micrometer",
                  properties={k: {"class": k} for k in range(3)})
     viewer = make_napari_viewer()
     widget = cw.CorrectWidget(viewer)
     widget.store_edit.setText(str(store))
     widget.refresh_results()
+    return viewer, widget
+
+
+def test_a_store_opened_from_disk_uses_its_pixel_size(make_napari_viewer, qtbot, tmp_path, rng):
+    from napari_xt.widgets import correct_widget as cw
+
+    store = tmp_path / "labels.zarr"
+    labels = rng.integers(0, 3, (200, 300)).astype(np.uint8)
+    viewer, widget = _widget_on_labels(make_napari_viewer, store, labels)
     widget.size_spin.setValue(64)
     assert widget.edit_view((25.0, 149.0))  # label pixel (50, 298): moved inside the image
     _wait(qtbot, widget)
@@ -179,12 +188,7 @@ def test_remove_specks_writes_shows_and_chooses_the_sieved_copy(make_napari_view
     labels = np.zeros((200, 300), np.uint8)
     labels[:, 150:] = 1
     labels[rng.random((200, 300)) < 0.01] = 2  # specks everywhere
-    write_labels(store, "prediction", labels, pixel_size=(0.5, 0.5), unit="micrometer",
-                 properties={k: {"class": k} for k in range(3)})
-    viewer = make_napari_viewer()
-    widget = cw.CorrectWidget(viewer)
-    widget.store_edit.setText(str(store))
-    widget.refresh_results()
+    viewer, widget = _widget_on_labels(make_napari_viewer, store, labels)
     widget.sieve_spin.setValue(8)
     assert widget.remove_specks()
     _wait(qtbot, widget)

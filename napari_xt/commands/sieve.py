@@ -49,40 +49,47 @@ def _provenance(name: str, min_size: int, ours) -> dict:
     return {"labels": name, "min_size": int(min_size), "created": created}
 
 
-def up_to_date(store, out_name: str, name: str, min_size: int) -> bool:
-    """True when label result `out_name` of `store` is the sieve of `name` with `min_size`
-    as `name` is now (same run, by the store's creation time; a store not of napari-xt
-    has none: then the recorded result and size must match)."""
-    from pathlib import Path
-
-    from napari_xt.io.result_store import group_attrs, zarr_format
-
-    root = Path(store)
-    fmt, out_fmt = zarr_format(root), zarr_format(root / "labels" / out_name)
-    if fmt is None or out_fmt is None:
-        return False
-    try:  # garbled metadata is not up to date
-        recorded = group_attrs(root / "labels" / out_name, out_fmt).get("napari-xt")
-        ours = group_attrs(root, fmt).get("napari-xt")
-    except (OSError, ValueError, AttributeError):
-        return False
-    return (isinstance(recorded, dict)
-            and recorded.get("sieve") == _provenance(name, min_size, ours))
-
-
-MAX_MIN_SIZE = 256  # a block is read with a margin of 4 x min_size px (`halo`)
-
-
-def is_sieved(path) -> bool:
-    """True when the label group at `path` was written by a sieve (it records one)."""
+def recorded_sieve(path) -> dict | None:
+    """The sieve record a label group at `path` carries (what a sieve wrote in it), or None:
+    no group, no record, or metadata that does not read (never trusted)."""
     from napari_xt.io.result_store import group_attrs, zarr_format
 
     fmt = zarr_format(path)
     try:
         ours = group_attrs(path, fmt).get("napari-xt") if fmt else None
+        record = ours.get("sieve") if isinstance(ours, dict) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def is_sieved(path) -> bool:
+    """True when the label group at `path` was written by a sieve (it records one)."""
+    return recorded_sieve(path) is not None
+
+
+def up_to_date(store, out_name: str, name: str, min_size: int) -> bool:
+    """True when label result `out_name` of `store` is the sieve of `name` with `min_size`
+    as `name` is now (same run, by the store's creation time; a store not of napari-xt
+    has none: then the recorded result and size must match). Names that are not result
+    names are never up to date."""
+    from pathlib import Path
+
+    from napari_xt.io.result_store import NAME_PATTERN, group_attrs, zarr_format
+
+    root = Path(store)
+    fmt = zarr_format(root)
+    if fmt is None or not all(NAME_PATTERN.match(str(n)) for n in (out_name, name)):
+        return False
+    recorded = recorded_sieve(root / "labels" / out_name)
+    try:
+        ours = group_attrs(root, fmt).get("napari-xt")
     except (OSError, ValueError, AttributeError):
         return False
-    return isinstance(ours, dict) and isinstance(ours.get("sieve"), dict)
+    return recorded is not None and recorded == _provenance(name, min_size, ours)
+
+
+MAX_MIN_SIZE = 256  # a block is read with a margin of 4 x min_size px (`halo`)
 
 
 def sieve_result(store, name: str, min_size: int, out_name: str | None = None, *,
@@ -136,8 +143,7 @@ def sieve_result(store, name: str, min_size: int, out_name: str | None = None, *
         raise ImageIOError(f"{root}: the store is read-only; copy it somewhere writable and "
                            "sieve the copy")
     target = root / "labels" / out_name
-    if (target.exists() or target.is_symlink()) and (
-            target.is_symlink() or not is_sieved(target)):
+    if target.is_symlink() or (target.exists() and not is_sieved(target)):
         raise ImageIOError(f"{target}: a result that is not a sieved copy; it is never "
                            "replaced: choose another --out-name")
     with store_lock(root):  # no run writes into the store meanwhile
@@ -171,19 +177,11 @@ def stale_copies(store, name: str) -> list[tuple[str, int]]:
     not made from it as it is now (an earlier run's labels)."""
     from pathlib import Path
 
-    from napari_xt.io.result_store import group_attrs, zarr_format
-
     folder = Path(store) / "labels"
     out = []
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-        fmt = zarr_format(path)
-        if not fmt or path.name == name:
-            continue
-        try:
-            recorded = (group_attrs(path, fmt).get("napari-xt") or {}).get("sieve")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if not isinstance(recorded, dict) or recorded.get("labels") != name:
+        recorded = recorded_sieve(path) if path.name != name else None
+        if recorded is None or recorded.get("labels") != name:
             continue
         size = recorded.get("min_size")
         if not isinstance(size, int) or isinstance(size, bool) or size < 2:
@@ -193,16 +191,24 @@ def stale_copies(store, name: str) -> list[tuple[str, int]]:
     return out
 
 
-def sieve_after_run(store, name: str, min_size: int, *, overwrite: bool = False) -> str:
-    """After a finished `predict`: the sieved copy of its labels, kept when the one in the
-    store was sieved from this run's labels with this size, else written (an existing one
-    of another origin only with `overwrite`). Returns the line to show."""
+def sieve_or_keep(store, name: str, min_size: int, out_name: str | None = None, *,
+                  rewrite: bool = False, **options) -> tuple[str, bool]:
+    """(path, kept): the sieved copy of `name` kept as it is when it is already the sieve of
+    `name` as it is now (unless `rewrite`), else written by `sieve_result` with `options`."""
     from pathlib import Path
 
+    out = out_name or sieved_name(name, min_size)
+    if not rewrite and up_to_date(store, out, name, min_size):
+        return str(Path(store) / "labels" / out), True
+    return str(sieve_result(store, name, min_size, out_name, **options)), False
+
+
+def sieve_after_run(store, name: str, min_size: int, *, overwrite: bool = False) -> str:
+    """After a finished `predict`: `sieve_or_keep` of its labels; the line to show."""
+    _, kept = sieve_or_keep(store, name, min_size, overwrite=overwrite)
     out = sieved_name(name, min_size)
-    if (Path(store) / "labels" / out).exists() and up_to_date(store, out, name, min_size):
+    if kept:
         return f"kept labels/{out} (sieved from these labels)"
-    sieve_result(store, name, min_size, overwrite=overwrite)
     return f"wrote labels/{out} (pieces under {min_size} px take the label around them)"
 
 
@@ -219,17 +225,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"\r[{bar:<30}] {event.done}/{event.total} blocks, level "
               f"{event.level + 1}/{event.num_levels}", end="", file=sys.stderr)
 
-    from napari_xt.io.result_store import NAME_PATTERN
-
-    out = args.out_name or sieved_name(args.name, args.min_size)
-    if (not args.overwrite and all(NAME_PATTERN.match(n) for n in (out, args.name))
-            and up_to_date(args.store, out, args.name, args.min_size)):
-        print(f"kept {args.store}/labels/{out}: already the sieve of {args.name!r} with "
-              f"{args.min_size} px")
-        return 0
     try:
-        path = sieve_result(args.store, args.name, args.min_size, args.out_name,
-                            chunk=args.chunk, overwrite=args.overwrite, progress=progress)
+        path, kept = sieve_or_keep(args.store, args.name, args.min_size, args.out_name,
+                                   rewrite=args.overwrite, chunk=args.chunk,
+                                   overwrite=args.overwrite, progress=progress)
     except KeyboardInterrupt:
         if state["shown"]:
             print(file=sys.stderr)
@@ -241,5 +240,8 @@ def run(args: argparse.Namespace) -> int:
         if state["shown"]:
             print(file=sys.stderr)
             state["shown"] = False
-    print(f"wrote {path} in {time.perf_counter() - start:.1f} s")
+    if kept:
+        print(f"kept {path}: already the sieve of {args.name!r} with {args.min_size} px")
+    else:
+        print(f"wrote {path} in {time.perf_counter() - start:.1f} s")
     return 0
